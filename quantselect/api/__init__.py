@@ -1,0 +1,1 @@
+"""REST edge: FastAPI routes over the service layer."""

@@ -1,0 +1,116 @@
+"""The REST API (FastAPI; OpenAPI at /docs). Routes parse and render; the service does the work.
+Jobs run in a background thread of this process, which stays free to answer while they run."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantselect.domain.dataset import FieldMapping
+from quantselect.domain.results import DEFAULT_GPU_HOUR_USD, DEFAULT_THRESHOLD
+from quantselect.errors import QuantselectError
+from quantselect.service import Service, SubmitRequest
+
+log = logging.getLogger(__name__)
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A Hugging Face folder or .gguf file the server can read, or 'demo'.")
+    dataset: str | None = Field(None, description="Path of a JSONL/CSV dataset the server can read.")
+    items: list[dict[str, Any]] | None = Field(None, description="Or the items inline, in the canonical format.")
+    map: list[str] = Field(default_factory=list, description="Field mapping, as the CLI's --map KEY=VALUE.")
+    labels: str | None = Field(None, description="Path of a file with one answer index per line.")
+    metric: str | None = None
+    limit: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    candidates: list[str] | None = None
+    gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
+    deploy: bool = False
+
+
+class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidate: str | None = None
+
+
+def create_app(service: Service | None = None, *, connect_ray: bool = True) -> FastAPI:
+    svc = service or Service()
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantselect-job")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc.repo  # migrate on first use, before the first request
+        if connect_ray:
+            from quantselect.orchestration.cluster import connect
+
+            connect(svc.settings, persistent=True)
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="quantselect", version="0.1.0", lifespan=lifespan,
+                  description="Which precision should I deploy? Measured on your own task.")
+
+    @app.exception_handler(QuantselectError)
+    async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
+        return JSONResponse(status_code=e.http_status, content={"detail": str(e)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        msgs = ["{}: {}".format(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(msgs)})
+
+    def _run(job_id: str) -> None:
+        try:
+            svc.run_job(job_id)
+        except Exception:  # the job row carries the error; keep the server up
+            log.exception("job %s failed", job_id)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/v1/jobs", status_code=202)
+    def submit_job(body: JobRequest) -> dict[str, Any]:
+        req = SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
+                            mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
+                            limit=body.limit, threshold=body.threshold, candidates=body.candidates,
+                            gpu_hour_usd=body.gpu_hour_usd, deploy=body.deploy)
+        job = svc.submit(req)
+        executor.submit(_run, job.id)
+        return job.to_dict()
+
+    @app.get("/api/v1/jobs")
+    def list_jobs() -> list[dict[str, Any]]:
+        return [j.to_dict() for j in svc.list_jobs()]
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        job, rows, _ = svc.results_table(job_id)
+        return {**job.to_dict(), "results": rows}
+
+    @app.get("/api/v1/jobs/{job_id}/results")
+    def get_results(job_id: str, items: bool = False) -> list[dict[str, Any]]:
+        if items:
+            svc.get_job(job_id)
+            return [{"candidate": n, **i.to_dict()} for n, rows in svc.item_results(job_id).items() for i in rows]
+        return svc.results_table(job_id)[1]
+
+    @app.get("/api/v1/jobs/{job_id}/recommendation")
+    def get_recommendation(job_id: str, threshold: float | None = None) -> dict[str, Any]:
+        return svc.recommend(job_id, threshold).to_dict()
+
+    @app.post("/api/v1/jobs/{job_id}/deploy")
+    def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:
+        url = svc.deploy(job_id, body.candidate if body else None)
+        return {"job_id": job_id, "candidate": svc.get_job(job_id).deployed_candidate, "base_url": url}
+
+    return app

@@ -1,0 +1,317 @@
+"""The ``quantselect`` command line. Parsing and rendering only: the work is in ``service``.
+
+Imports stay light at module level (no torch, ray, sqlalchemy, fastapi) so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from quantselect.domain.dataset import FieldMapping
+from quantselect.domain.results import DEFAULT_GPU_HOUR_USD, DEFAULT_THRESHOLD, FAILED, SUCCEEDED
+from quantselect.errors import QuantselectError
+
+
+class Group(click.Group):
+    """Turns our errors into one-line messages and exit codes (2 for bad input), no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QuantselectError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if os.environ.get("QUANTSELECT_DEBUG"):
+                raise
+            msg = " ".join(str(e).split())[:300]
+            raise click.ClickException(f"internal error: {type(e).__name__}: {msg} (QUANTSELECT_DEBUG=1 shows the traceback)") from None
+
+
+def _service():
+    from quantselect.service import Service
+
+    return Service()
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="quantselect")
+def cli() -> None:
+    """Which precision should I deploy? quantselect quantizes candidates of your model in parallel on
+    Ray, measures each on your own task, recommends the cheapest that keeps quality, and serves it.
+
+    State lives under $QUANTSELECT_HOME (default ~/.quantselect); the database is
+    $QUANTSELECT_DB_URL (default SQLite under the home); $QUANTSELECT_RAY_ADDRESS joins a Ray
+    cluster (unset: a local one)."""
+
+
+class Progress:
+    """One line per candidate event: a new phase, or every quarter of its items."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.t0 = time.monotonic()
+
+    def status(self, text: str) -> None:
+        click.echo(f"[{time.monotonic() - self.t0:6.1f}s] {text}")
+
+    def update(self, snapshot: dict[str, tuple[str, int, int]]) -> None:
+        for name, (phase, done, total) in sorted(snapshot.items()):
+            if phase in (SUCCEEDED, FAILED):
+                continue
+            quarter = (4 * done // total) if total else 0
+            if self.seen.get(name) != (phase, quarter):
+                self.seen[name] = (phase, quarter)
+                self.status(f"{name:<10} {phase:<11} {done}/{total} items")
+
+    def outcome(self, r: Any) -> None:
+        if r.status == SUCCEEDED:
+            self.status(f"{r.name:<10} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating")
+        else:
+            self.status(f"{r.name:<10} FAILED      {r.error}")
+
+
+def _run_and_report(svc: Any, job_id: str, deploy: bool) -> None:
+    from quantselect.service import Events
+
+    progress = Progress()
+    svc.run_job(job_id, Events(on_progress=progress.update, on_outcome=progress.outcome, on_status=progress.status))
+    _print_results(svc, job_id)
+    if deploy:
+        _print_deployment(svc.get_job(job_id).base_url, svc.get_job(job_id).deployed_candidate)
+
+
+def _print_results(svc: Any, job_id: str, threshold: float | None = None) -> None:
+    from quantselect.render import recommendation_text, results_table
+
+    job, rows, rec = svc.results_table(job_id, threshold)
+    click.echo(f"\nJob {job.id} ({job.status}): {job.model} on {job.dataset_source} ({job.n_items} items, {job.metric})\n")
+    click.echo(results_table(rows))
+    click.echo()
+    click.echo(recommendation_text(rec, {r["throughput_engine"] for r in rows}))
+
+
+def _print_deployment(url: str | None, candidate: str | None) -> None:
+    model = url.rstrip("/").split("/")[-2] if url else ""
+    click.echo(f"\nServing {candidate} at {url}  (OpenAI-compatible)")
+    click.echo("Try it:")
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                       "max_tokens": 32})
+    click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+
+
+@cli.command()
+@click.option("--deploy", is_flag=True, help="Serve the recommended candidate when the job is done.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Items of the example dataset to use (default 60).")
+def demo(deploy: bool, limit: int | None) -> None:
+    """Run the whole job on the embedded default: a local Ray, SQLite, the bundled SmolLM2-135M-
+    Instruct model and 60 PIQA items from examples/."""
+    svc = _service()
+    req = svc.demo_request(deploy=deploy) if limit is None else svc.demo_request(deploy=deploy, limit=limit)
+    job = svc.submit(req)
+    click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
+    _run_and_report(svc, job.id, deploy)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("dataset", type=click.Path(dir_okay=False))
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="Minimum quality relative to the baseline, in (0, 1.5].")
+@click.option("--candidates", default=None, help="Comma-separated candidate names (see `quantselect candidates`).")
+@click.option("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD, show_default=True,
+              help="Price of one GPU-hour, for the cost per 1M tokens.")
+@click.option("--map", "mapping", multiple=True, metavar="KEY=VALUE",
+              help="Read another dataset shape: prompt=TEMPLATE|FIELD, choices=F1,F2, answer=F, reference=F, category=F.")
+@click.option("--labels", type=click.Path(dir_okay=False), default=None, help="File with one answer index per line.")
+@click.option("--metric", type=click.Choice(["accuracy", "exact_match", "final_number"]), default=None,
+              help="Scoring (default: accuracy for multiple choice; final_number when references hold '####').")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N items.")
+@click.option("--address", default=None, help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API.")
+@click.option("--wait/--no-wait", default=None, help="Wait for the job (the default without --address).")
+@click.option("--deploy", is_flag=True, help="Serve the recommended candidate when the job is done.")
+def submit(model: str, dataset: str, threshold: float, candidates: str | None, gpu_hour_usd: float,
+           mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
+           address: str | None, wait: bool | None, deploy: bool) -> None:
+    """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
+    (JSONL or CSV)."""
+    from quantselect.service import SubmitRequest
+
+    svc = _service()
+    req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
+                        limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, deploy=deploy,
+                        candidates=candidates.split(",") if candidates is not None else None)
+    job = svc.submit(req)
+    click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
+    if address:
+        sid = svc.submit_remote(job.id, address)
+        click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")
+        if wait:
+            _wait_remote(svc, job.id)
+        return
+    if wait is False:
+        click.echo("Not waiting: without --address the job runs in this process; use --wait (the default).")
+        return
+    _run_and_report(svc, job.id, deploy)
+
+
+def _wait_remote(svc: Any, job_id: str) -> None:
+    last: dict[str, str] = {}
+    while True:
+        job = svc.get_job(job_id)
+        for r in svc.results(job_id):
+            if last.get(r.name) != r.status:
+                last[r.name] = r.status
+                click.echo(f"{r.name:<10} {r.status}" + (f": {r.error}" if r.error else ""))
+        if job.status in (SUCCEEDED, FAILED):
+            break
+        time.sleep(2)
+    if job.status == FAILED:
+        raise QuantselectError(f"job {job_id} failed: {job.error}")
+    _print_results(svc, job_id)
+
+
+@cli.command("run-job", hidden=True)
+@click.argument("job_id")
+def run_job(job_id: str) -> None:
+    """Run a stored job (the driver; used by the Ray Jobs API entrypoint)."""
+    svc = _service()
+    _run_and_report(svc, job_id, deploy=False)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def jobs(fmt: str) -> None:
+    """List jobs, newest first."""
+    from quantselect.render import table
+
+    all_jobs = _service().list_jobs()
+    if fmt == "json":
+        return _echo_json([j.to_dict() for j in all_jobs])
+    click.echo(table(["id", "status", "model", "dataset", "items", "candidates", "created"],
+                     [[j.id, j.status, j.model, j.dataset_source, j.n_items, ",".join(j.candidate_names),
+                       j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in all_jobs]))
+
+
+@cli.command()
+@click.argument("job_id")
+def status(job_id: str) -> None:
+    """A job's status and its candidates' statuses."""
+    svc = _service()
+    job = svc.get_job(job_id)
+    click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+    for r in svc.results(job_id):
+        click.echo(f"  {r.name:<10} {r.status}" + (f": {r.error}" if r.error else ""))
+    if job.base_url:
+        click.echo(f"  deployed {job.deployed_candidate} at {job.base_url}")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--items", "with_items", is_flag=True, help="Export every per-item result instead (JSON).")
+def results(job_id: str, fmt: str, with_items: bool) -> None:
+    """Measurements per candidate (quality, memory, speed, cost)."""
+    svc = _service()
+    if with_items:
+        items = svc.item_results(job_id)
+        return _echo_json([{"candidate": name, **i.to_dict()} for name, rows in items.items() for i in rows])
+    if fmt == "json":
+        return _echo_json(svc.results_table(job_id)[1])
+    _print_results(svc, job_id)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--threshold", type=float, default=None, help="Recompute for another threshold (default: the job's).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def recommend(job_id: str, threshold: float | None, fmt: str) -> None:
+    """The cheapest candidate that meets the threshold, from stored results (nothing re-evaluated)."""
+    from quantselect.render import recommendation_text
+
+    svc = _service()
+    rec = svc.recommend(job_id, threshold)
+    if fmt == "json":
+        return _echo_json(rec.to_dict())
+    click.echo(recommendation_text(rec, set()))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--candidate", default=None, help="Serve this candidate instead of the recommended one.")
+def deploy(job_id: str, candidate: str | None) -> None:
+    """Serve a job's recommended candidate (Ray Serve, OpenAI-compatible)."""
+    svc = _service()
+    url = svc.deploy(job_id, candidate)
+    _print_deployment(url, svc.get_job(job_id).deployed_candidate)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+def api(host: str, port: int) -> None:
+    """Serve the REST API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from quantselect.api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to $QUANTSELECT_DB_URL."""
+    from quantselect.db import current_revision, upgrade
+    from quantselect.settings import get_settings
+
+    settings = get_settings()
+    if settings.db_url.startswith("sqlite:///"):
+        settings.ensure_home()
+    upgrade(settings.db_url)
+    click.echo(f"database at revision {current_revision(settings.db_url)}")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def candidates(fmt: str) -> None:
+    """Every candidate, whether it can run on this machine, and why not."""
+    from quantselect.domain.candidates import CATALOG, DEFAULT_CANDIDATES
+    from quantselect.engines.quantize import availability
+    from quantselect.render import table
+
+    rows = []
+    for name, config in CATALOG.items():
+        reason = availability(config)
+        rows.append({"name": name, "available": reason is None, "reason": reason, "default": name in DEFAULT_CANDIDATES
+                     or name == "baseline", "description": config.description, "config": config.to_dict()})
+    if fmt == "json":
+        return _echo_json(rows)
+    click.echo(table(["candidate", "available", "default", "description / why not"],
+                     [[r["name"], "yes" if r["available"] else "no", "yes" if r["default"] else "",
+                       r["description"] if r["available"] else r["reason"]] for r in rows]))
+
+
+def main() -> None:
+    cli(prog_name="quantselect")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Engine factory and Alembic migrations run from code (no alembic.ini needed)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+
+from quantselect.errors import SchemaError
+
+_PG_LOCK_ID = 0x5153_4442  # "QSDB": serializes concurrent first-use migrations on PostgreSQL
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` / ``postgres://`` -> ``postgresql+psycopg://`` (psycopg 3 is the one driver)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (SQLAlchemy's pysqlite recipe)
+        for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
+            dbapi_conn.execute(f"PRAGMA {pragma}")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the lock up front, so busy_timeout applies instead of a mid-transaction SQLITE_BUSY.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, whose transactions take the write lock at BEGIN on SQLite."""
+    return engine.execution_options(immediate=True)
+
+
+def migrations_dir() -> Path:
+    """<repo>/migrations in a checkout (editable install), else quantselect/_migrations in the wheel."""
+    pkg = Path(__file__).resolve().parents[1]
+    checkout = pkg.parent / "migrations"
+    if (checkout / "env.py").is_file() and (pkg.parent / "pyproject.toml").is_file():
+        return checkout
+    shipped = pkg / "_migrations"
+    if (shipped / "env.py").is_file():
+        return shipped
+    raise SchemaError(f"quantselect's migration scripts are missing (looked in {checkout} and {shipped}); reinstall quantselect")
+
+
+def _config(connection: Connection | None = None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _script():
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config())
+
+
+def _current(conn: Connection) -> set[str]:
+    from alembic.runtime.migration import MigrationContext
+
+    return set(MigrationContext.configure(conn).get_current_heads())
+
+
+@contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    """One transaction that no other process's schema check can interleave with."""
+    with writer(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        yield conn
+
+
+def _upgrade(conn: Connection, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_config(conn), revision)
+
+
+def upgrade(url: str | Engine, revision: str = "head") -> None:
+    """``alembic upgrade head`` from code."""
+    engine = url if isinstance(url, Engine) else make_engine(url)
+    try:
+        with _locked(engine) as conn:
+            _upgrade(conn, revision)
+    finally:
+        if engine is not url:
+            engine.dispose()
+
+
+def current_revision(url: str | Engine) -> str | None:
+    engine = url if isinstance(url, Engine) else make_engine(url)
+    try:
+        with engine.connect() as conn:
+            revs = _current(conn)
+    finally:
+        if engine is not url:
+            engine.dispose()
+    return ",".join(sorted(revs)) or None
+
+
+def head_revision() -> str:
+    return ",".join(sorted(_script().get_heads()))
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate an empty or older database to head; refuse one whose revision this code does not know."""
+    script = _script()
+    known = {r.revision for r in script.walk_revisions()}
+    heads = set(script.get_heads())
+    with _locked(engine) as conn:
+        current = _current(conn)
+        unknown = current - known
+        if unknown:
+            raise SchemaError(
+                f"the database is at schema revision {', '.join(sorted(unknown))}, which this quantselect does not "
+                f"know (it knows up to {', '.join(sorted(heads))}); upgrade quantselect, then run `quantselect db upgrade`"
+            )
+        if current != heads:
+            _upgrade(conn)

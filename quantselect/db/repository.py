@@ -1,0 +1,194 @@
+"""The repository: domain objects in, domain objects out. Every write is one short transaction."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undefer
+
+from quantselect.db.engine import ensure_schema, make_engine, writer
+from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
+from quantselect.domain.candidates import Candidate
+from quantselect.domain.dataset import TaskDataset
+from quantselect.domain.results import (
+    FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, CandidateResult, ItemResult, Job, JobSpec,
+)
+from quantselect.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from quantselect.settings import Settings
+
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED)
+_MEASUREMENTS = (
+    "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
+    "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id",
+)
+
+
+def _naive_utc(dt: datetime | None) -> datetime | None:
+    return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt is not None and dt.tzinfo else dt
+
+
+class Repository:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(writer(engine), expire_on_commit=False)
+
+    @classmethod
+    def open(cls, settings: "Settings") -> "Repository":
+        engine = make_engine(settings.db_url)
+        ensure_schema(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- jobs
+    def create_job(self, spec: JobSpec) -> Job:
+        ds = spec.dataset
+        row = JobRow(
+            id=uuid.uuid4().hex[:12], status=QUEUED, model=spec.model, model_path=spec.model_path,
+            dataset_source=ds.source, dataset_kind=ds.kind, metric=ds.metric, n_items=len(ds),
+            dataset=ds.to_dict(), threshold=spec.threshold, gpu_hour_usd=spec.gpu_hour_usd, deploy=spec.deploy,
+            candidates=[
+                CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[])
+                for i, c in enumerate(spec.candidates)
+            ],
+        )
+        with self._write.begin() as s:
+            s.add(row)
+            s.flush()
+            return _job(row)
+
+    def get_job(self, job_id: str) -> Job:
+        with self._read() as s:
+            return _job(self._job_row(s, job_id, _names()))
+
+    def list_jobs(self, limit: int | None = None) -> list[Job]:
+        q = select(JobRow).options(_names()).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
+        with self._read() as s:
+            return [_job(r) for r in s.scalars(q)]
+
+    def get_job_spec(self, job_id: str) -> JobSpec:
+        with self._read() as s:
+            row = self._job_row(s, job_id, undefer(JobRow.dataset), selectinload(JobRow.candidates))
+            return JobSpec(
+                model=row.model, model_path=row.model_path, dataset=TaskDataset.from_dict(row.dataset),
+                candidates=[Candidate.from_dict({"name": c.name, "config": c.config}) for c in row.candidates],
+                threshold=row.threshold, gpu_hour_usd=row.gpu_hour_usd, deploy=row.deploy,
+            )
+
+    def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
+        if status not in JOB_STATUSES:
+            raise ValueError(f"job status {status!r} is not one of {JOB_STATUSES}")
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id)
+            row.status, row.error, row.updated_at = status, error, utcnow()
+
+    def set_deployment(self, job_id: str, candidate: str, base_url: str) -> None:
+        with self._write.begin() as s:
+            self._candidate_row(s, job_id, candidate)
+            row = self._job_row(s, job_id)
+            row.deployed_candidate, row.base_url, row.updated_at = candidate, base_url, utcnow()
+
+    def delete_job(self, job_id: str) -> None:
+        with self._write.begin() as s:
+            if s.execute(delete(JobRow).where(JobRow.id == job_id)).rowcount == 0:
+                raise NotFoundError(f"job {job_id!r} not found")
+
+    # ---- candidates
+    def mark_candidate_running(
+        self, job_id: str, name: str, started_at: datetime, node_id: str | None = None,
+        gpu_ids: list[str] | None = None,
+    ) -> None:
+        with self._write.begin() as s:
+            c = self._candidate_row(s, job_id, name)
+            c.status, c.error, c.started_at, c.finished_at = RUNNING, None, _naive_utc(started_at), None
+            c.node_id, c.gpu_ids = node_id, [str(g) for g in gpu_ids or []]
+
+    def save_outcome(self, job_id: str, result: CandidateResult) -> None:
+        """Measurements, status and the item results of one candidate, replaced as a whole."""
+        if result.status not in CANDIDATE_STATUSES:
+            raise ValueError(f"candidate status {result.status!r} is not one of {CANDIDATE_STATUSES}")
+        with self._write.begin() as s:
+            c = self._candidate_row(s, job_id, result.name)
+            for key in _MEASUREMENTS:
+                setattr(c, key, getattr(result, key))
+            c.gpu_ids = [str(g) for g in result.gpu_ids]
+            c.started_at = _naive_utc(result.started_at) or c.started_at
+            c.finished_at = _naive_utc(result.finished_at)
+            s.execute(delete(ItemResultRow).where(ItemResultRow.candidate_id == c.id))
+            if result.items:
+                s.execute(insert(ItemResultRow), [
+                    {"candidate_id": c.id, "item_index": i.index, "correct": bool(i.correct),
+                     "prediction": i.prediction, "choice_logprobs": i.choice_logprobs, "category": i.category}
+                    for i in result.items
+                ])
+
+    def get_results(self, job_id: str) -> list[CandidateResult]:
+        with self._read() as s:
+            return [_result(c) for c in self._job_row(s, job_id, selectinload(JobRow.candidates)).candidates]
+
+    def get_item_results(self, job_id: str, candidate: str | None = None) -> dict[str, list[ItemResult]]:
+        with self._read() as s:
+            if candidate is None:
+                names = [c.name for c in self._job_row(s, job_id, _names()).candidates]
+            else:
+                names = [self._candidate_row(s, job_id, candidate).name]
+            out: dict[str, list[ItemResult]] = {n: [] for n in names}
+            q = (
+                select(CandidateRow.name, ItemResultRow)
+                .join(ItemResultRow, ItemResultRow.candidate_id == CandidateRow.id)
+                .where(CandidateRow.job_id == job_id, CandidateRow.name.in_(names))
+                .order_by(CandidateRow.position, ItemResultRow.item_index)
+            )
+            for name, r in s.execute(q):
+                out[name].append(ItemResult(r.item_index, r.correct, r.prediction, r.choice_logprobs, r.category))
+            return out
+
+    # ---- helpers
+    @staticmethod
+    def _job_row(s: Session, job_id: str, *options: Any) -> JobRow:
+        row = s.get(JobRow, job_id, options=options)
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} not found")
+        return row
+
+    def _candidate_row(self, s: Session, job_id: str, name: str) -> CandidateRow:
+        row = s.scalar(select(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.name == name))
+        if row is None:
+            self._job_row(s, job_id)  # a missing job says so first
+            raise NotFoundError(f"job {job_id!r} has no candidate {name!r}")
+        return row
+
+    def count_rows(self) -> dict[str, int]:
+        """Row counts per table (diagnostics and tests)."""
+        with self._read() as s:
+            return {m.__tablename__: s.scalar(select(func.count()).select_from(m)) or 0
+                    for m in (JobRow, CandidateRow, ItemResultRow)}
+
+
+def _names():
+    return selectinload(JobRow.candidates).options(load_only(CandidateRow.name, CandidateRow.position))
+
+
+def _job(r: JobRow) -> Job:
+    return Job(
+        id=r.id, status=r.status, model=r.model, model_path=r.model_path, dataset_source=r.dataset_source,
+        dataset_kind=r.dataset_kind, metric=r.metric, n_items=r.n_items, threshold=r.threshold,
+        gpu_hour_usd=r.gpu_hour_usd, candidate_names=[c.name for c in r.candidates], deploy=r.deploy,
+        created_at=r.created_at, updated_at=r.updated_at, error=r.error,
+        deployed_candidate=r.deployed_candidate, base_url=r.base_url,
+    )
+
+
+def _result(c: CandidateRow) -> CandidateResult:
+    return CandidateResult(
+        name=c.name, config=dict(c.config), gpu_ids=list(c.gpu_ids or []), started_at=c.started_at,
+        finished_at=c.finished_at, **{k: getattr(c, k) for k in _MEASUREMENTS},
+    )

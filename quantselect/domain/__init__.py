@@ -1,0 +1,1 @@
+"""Pure data and pure decisions: no torch, ray, sqlalchemy, click or fastapi here."""

@@ -1,0 +1,143 @@
+"""Jobs, candidate outcomes and per-item results as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from quantselect.domain.candidates import Candidate
+from quantselect.domain.dataset import TaskDataset
+
+# Job statuses
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+# Candidate statuses
+PENDING = "pending"
+
+DEFAULT_THRESHOLD = 0.98
+DEFAULT_GPU_HOUR_USD = 2.50  # a typical on-demand price for one H100-class GPU-hour
+
+
+def validate_threshold(t: float) -> float:
+    from quantselect.errors import InputError
+
+    if not (0 < t <= 1.5):
+        raise InputError(f"threshold {t} must be in (0, 1.5] (quality relative to the baseline, e.g. 0.98)")
+    return float(t)
+
+
+def validate_price(p: float) -> float:
+    from quantselect.errors import InputError
+
+    if not (p > 0):
+        raise InputError(f"gpu-hour price {p} must be a positive number of US dollars")
+    return float(p)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str  # what the user named: "demo", a folder, a .gguf file
+    model_path: str  # the resolved local path the workers load
+    dataset: TaskDataset
+    candidates: list[Candidate]
+    threshold: float = DEFAULT_THRESHOLD
+    gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
+    deploy: bool = False
+
+
+@dataclass
+class ItemResult:
+    index: int
+    correct: bool
+    prediction: Any  # chosen index (multiple choice) or generated text
+    choice_logprobs: list[float] | None = None
+    category: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "correct": self.correct,
+            "prediction": self.prediction,
+            "choice_logprobs": self.choice_logprobs,
+            "category": self.category,
+        }
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    config: dict[str, Any]
+    status: str = PENDING
+    error: str | None = None
+    score: float | None = None
+    n_items: int | None = None
+    weight_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+    quantize_seconds: float | None = None
+    eval_seconds: float | None = None
+    tokens_per_second: float | None = None
+    throughput_engine: str | None = None
+    device: str | None = None
+    node_id: str | None = None
+    gpu_ids: list[str] = field(default_factory=list)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    items: list[ItemResult] = field(default_factory=list)
+
+    @property
+    def is_baseline(self) -> bool:
+        from quantselect.domain.candidates import BASELINE
+
+        return self.name == BASELINE
+
+    def cost_per_1m_tokens(self, gpu_hour_usd: float) -> float | None:
+        return cost_per_1m_tokens(gpu_hour_usd, self.tokens_per_second)
+
+
+def cost_per_1m_tokens(gpu_hour_usd: float, tokens_per_second: float | None) -> float | None:
+    """Price of one million generated tokens at the measured throughput of one device."""
+    if not tokens_per_second or tokens_per_second <= 0:
+        return None
+    return gpu_hour_usd / (tokens_per_second * 3600.0) * 1_000_000
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    model: str
+    model_path: str
+    dataset_source: str
+    dataset_kind: str
+    metric: str
+    n_items: int
+    threshold: float
+    gpu_hour_usd: float
+    candidate_names: list[str]
+    deploy: bool
+    created_at: datetime
+    updated_at: datetime
+    error: str | None = None
+    deployed_candidate: str | None = None
+    base_url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "model": self.model,
+            "model_path": self.model_path,
+            "dataset": self.dataset_source,
+            "dataset_kind": self.dataset_kind,
+            "metric": self.metric,
+            "n_items": self.n_items,
+            "threshold": self.threshold,
+            "gpu_hour_usd": self.gpu_hour_usd,
+            "candidates": self.candidate_names,
+            "deploy": self.deploy,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "error": self.error,
+            "deployed_candidate": self.deployed_candidate,
+            "base_url": self.base_url,
+        }

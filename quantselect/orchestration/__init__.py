@@ -1,0 +1,1 @@
+"""Ray: connect, place one worker per candidate, collect outcomes as they finish."""

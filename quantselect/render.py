@@ -1,0 +1,57 @@
+"""Plain-text rendering shared by the CLI (tables, sizes, the recommendation). No heavy imports."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def fmt_num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    def passed(r: dict[str, Any]) -> str:
+        return {True: "yes", False: "no", None: "-"}[r["passed"]]
+
+    return table(
+        ["candidate", "status", "score", "relative", "passes", "weights", "peak mem", "quantize s",
+         "tokens/s", "$/1M tok", "error"],
+        [[r["name"], r["status"], fmt_num(r["score"]), fmt_num(r["relative_score"]), passed(r),
+          fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]), fmt_num(r["quantize_seconds"], 1),
+          fmt_num(r["tokens_per_second"], 1), fmt_num(r["cost_per_1m_tokens_usd"], 2), (r["error"] or "")[:60]]
+         for r in rows],
+    )
+
+
+def recommendation_text(rec: Any, engines: set[str]) -> str:
+    lines = [f"Recommendation (quality threshold {rec.threshold:.3f} of the baseline's score "
+             f"{fmt_num(rec.baseline_score)}):"]
+    if rec.chosen:
+        lines.append(f"  -> {rec.chosen}: {rec.verdict(rec.chosen).reason}")
+    else:
+        lines.append(f"  -> {rec.message}")
+    for v in rec.verdicts:
+        if v.name != rec.chosen:
+            lines.append(f"     {v.name}: {v.reason}")
+    for engine in sorted(e for e in engines if e):
+        note = " (CPU timings: the cost is this machine's, not a GPU's)" if engine.endswith("cpu") else ""
+        lines.append(f"  throughput measured with {engine}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""Use cases: submit / run / inspect a job, recommend, deploy. The one place that composes the
+layers; knows nothing of click or HTTP. Heavy modules are imported inside the methods."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from quantselect.domain.candidates import DEFAULT_CANDIDATES, resolve_candidates
+from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
+from quantselect.domain.results import (
+    DEFAULT_GPU_HOUR_USD,
+    DEFAULT_THRESHOLD,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    CandidateResult,
+    ItemResult,
+    Job,
+    JobSpec,
+    validate_price,
+    validate_threshold,
+)
+from quantselect.domain.selection import Recommendation, recommend
+from quantselect.errors import ConflictError, InputError, QuantselectError
+from quantselect.settings import Settings, get_settings
+
+DEMO_DATASET = "piqa-300.jsonl"
+DEMO_LIMIT = 60
+
+
+def examples_dir() -> Path:
+    """``examples/`` of a checkout, else the copy shipped inside the wheel."""
+    pkg = Path(__file__).resolve().parent
+    repo = pkg.parent / "examples"
+    return repo if (repo / DEMO_DATASET).is_file() else pkg / "_examples"
+
+
+@dataclass
+class SubmitRequest:
+    model: str
+    dataset: str | None = None  # a path the process can read
+    items: list[dict[str, Any]] | None = None  # or the items inline
+    mapping: FieldMapping = field(default_factory=FieldMapping)
+    metric: str | None = None
+    limit: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    candidates: list[str] | None = None
+    gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
+    deploy: bool = False
+
+
+@dataclass
+class Events:
+    """Callbacks for live progress; all optional."""
+
+    on_progress: Callable[[dict[str, tuple[str, int, int]]], None] | None = None
+    on_outcome: Callable[[CandidateResult], None] | None = None
+    on_status: Callable[[str], None] | None = None
+
+
+class Service:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._repo = None
+        self._lock = threading.Lock()
+
+    @property
+    def repo(self):
+        with self._lock:
+            if self._repo is None:
+                from quantselect.db import Repository
+
+                self._repo = Repository.open(self.settings)
+            return self._repo
+
+    def close(self) -> None:
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
+
+    # ---- submit -------------------------------------------------------------------------
+    def build_spec(self, req: SubmitRequest) -> JobSpec:
+        """Validate everything before anything is written."""
+        from quantselect.engines.models import check_model
+
+        threshold = validate_threshold(req.threshold)
+        price = validate_price(req.gpu_hour_usd)
+        candidates = resolve_candidates(req.candidates)
+        if req.limit is not None and req.limit < 1:
+            raise InputError(f"limit {req.limit} must be at least 1")
+        if (req.dataset is None) == (req.items is None):
+            raise InputError("give exactly one of a dataset path or inline items")
+        if req.dataset is not None:
+            dataset = load_dataset(req.dataset, req.mapping, metric=req.metric, limit=req.limit)
+        else:
+            items = req.items[: req.limit] if req.limit else req.items
+            dataset = parse_records(items, metric=req.metric)
+        model_path = check_model(req.model)
+        return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
+                       threshold=threshold, gpu_hour_usd=price, deploy=req.deploy)
+
+    def submit(self, req: SubmitRequest) -> Job:
+        return self.repo.create_job(self.build_spec(req))
+
+    def submit_remote(self, job_id: str, address: str) -> str:
+        """Run the job's driver on a Ray cluster through the Ray Jobs API."""
+        from ray.job_submission import JobSubmissionClient
+
+        env = {"QUANTSELECT_DB_URL": self.settings.db_url}
+        if os.environ.get("QUANTSELECT_HOME"):
+            env["QUANTSELECT_HOME"] = str(self.settings.home)
+        deadline = time.monotonic() + 60
+        try:
+            client = JobSubmissionClient(address)
+            while True:
+                try:
+                    return client.submit_job(
+                        entrypoint=f"quantselect run-job {job_id}",
+                        submission_id=f"quantselect-{job_id}",
+                        runtime_env={"env_vars": env},
+                    )
+                except RuntimeError as e:
+                    # A head that has just started has no job agent yet: Ray says to try again.
+                    if "try again" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+        except Exception as e:  # noqa: BLE001
+            self.repo.set_job_status(job_id, FAILED, error=f"submission to {address} failed: {e}")
+            raise QuantselectError(f"cannot submit to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
+
+    # ---- run (the driver) ---------------------------------------------------------------
+    def run_job(self, job_id: str, events: Events | None = None) -> Job:
+        from quantselect.engines.models import resolve_model
+        from quantselect.orchestration.cluster import connect
+        from quantselect.orchestration.sweep import run_sweep
+
+        events = events or Events()
+        spec = self.repo.get_job_spec(job_id)
+        self.repo.set_job_status(job_id, RUNNING)
+        try:
+            connect(self.settings, persistent=spec.deploy)
+            if events.on_status:
+                events.on_status("preparing the model")
+            model_dir = resolve_model(spec.model_path, self.settings.models_dir)
+            started: set[str] = set()
+
+            def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
+                for name, (phase, _, _) in snapshot.items():
+                    if name not in started and phase not in (SUCCEEDED, FAILED):
+                        started.add(name)
+                        self.repo.mark_candidate_running(job_id, name, datetime.now(timezone.utc))
+                if events.on_progress:
+                    events.on_progress(snapshot)
+
+            def outcome(result: CandidateResult) -> None:
+                self.repo.save_outcome(job_id, result)
+                if events.on_outcome:
+                    events.on_outcome(result)
+
+            if events.on_status:
+                events.on_status(f"running {len(spec.candidates)} candidates on Ray")
+            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, outcome, progress)
+            baseline = next(r for r in results if r.is_baseline)
+            if baseline.status != SUCCEEDED:
+                raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
+        except BaseException as e:
+            msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+            self.repo.set_job_status(job_id, FAILED, error=msg)
+            raise
+        self.repo.set_job_status(job_id, SUCCEEDED)
+        if spec.deploy:
+            self.deploy(job_id)
+        return self.repo.get_job(job_id)
+
+    # ---- read ---------------------------------------------------------------------------
+    def list_jobs(self) -> list[Job]:
+        return self.repo.list_jobs()
+
+    def get_job(self, job_id: str) -> Job:
+        return self.repo.get_job(job_id)
+
+    def results(self, job_id: str) -> list[CandidateResult]:
+        self.repo.get_job(job_id)
+        return self.repo.get_results(job_id)
+
+    def item_results(self, job_id: str) -> dict[str, list[ItemResult]]:
+        return self.repo.get_item_results(job_id)
+
+    def results_table(self, job_id: str, threshold: float | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
+        """Per candidate the fields ``results --format json`` promises, plus the recommendation."""
+        job = self.get_job(job_id)
+        results = self.repo.get_results(job_id)
+        rec = self._recommend(job, results, threshold)
+        rows = []
+        for r in results:
+            v = rec.verdict(r.name)
+            rows.append({
+                "name": r.name, "status": r.status, "score": r.score, "relative_score": v.relative_score,
+                "passed": v.passed, "weight_bytes": r.weight_bytes, "peak_memory_bytes": r.peak_memory_bytes,
+                "quantize_seconds": r.quantize_seconds, "tokens_per_second": r.tokens_per_second,
+                "cost_per_1m_tokens_usd": v.cost_per_1m_tokens_usd, "error": r.error,
+                "eval_seconds": r.eval_seconds, "n_items": r.n_items, "device": r.device,
+                "throughput_engine": r.throughput_engine, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
+                "started_at": r.started_at.isoformat() if r.started_at else None,
+                "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+            })
+        return job, rows, rec
+
+    def recommend(self, job_id: str, threshold: float | None = None) -> Recommendation:
+        job = self.get_job(job_id)
+        return self._recommend(job, self.repo.get_results(job_id), threshold)
+
+    def _recommend(self, job: Job, results: list[CandidateResult], threshold: float | None) -> Recommendation:
+        t = job.threshold if threshold is None else validate_threshold(threshold)
+        return recommend(results, t, job.gpu_hour_usd)
+
+    # ---- deploy -------------------------------------------------------------------------
+    def deploy(self, job_id: str, candidate: str | None = None) -> str:
+        from quantselect.engines.models import resolve_model
+        from quantselect.orchestration.cluster import connect
+        from quantselect.serving.deploy import deploy
+
+        job = self.get_job(job_id)
+        if job.status != SUCCEEDED:
+            raise ConflictError(f"job {job_id} is {job.status}; only a succeeded job can be deployed")
+        results = {r.name: r for r in self.repo.get_results(job_id)}
+        name = candidate or self._recommend(job, list(results.values()), None).chosen
+        if name is None:
+            raise ConflictError(f"job {job_id}: no candidate meets the threshold {job.threshold}; name one to deploy")
+        if name not in results or results[name].status != SUCCEEDED:
+            raise InputError(f"job {job_id}: candidate {name!r} did not succeed and cannot be deployed")
+        connect(self.settings, persistent=True)
+        model_dir = resolve_model(job.model_path, self.settings.models_dir)
+        use_gpu = bool(results[name].device and results[name].device.startswith("cuda"))
+        url = deploy(f"{name}-{job_id[:6]}", str(model_dir), results[name].config,
+                     host=self.settings.serve_host, port=self.settings.serve_port, use_gpu=use_gpu)
+        self.repo.set_deployment(job_id, name, url)
+        return url
+
+    def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
+        return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,
+                             deploy=deploy, candidates=list(demo_candidates()))
+
+
+def demo_candidates() -> tuple[str, ...]:
+    """The default candidates, less bf16 on a machine without a GPU: without native bf16 matrix
+    units (AVX2-only CPUs) it evaluates ~6x slower than fp32 and would triple the demo's time."""
+    import torch
+
+    if torch.cuda.is_available():
+        return DEFAULT_CANDIDATES
+    return tuple(c for c in DEFAULT_CANDIDATES if c != "bf16")
+

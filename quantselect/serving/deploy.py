@@ -1,0 +1,112 @@
+"""Deploy / undeploy quantized candidates on Ray Serve. Assumes Ray is connected (``ray.init``).
+
+Each candidate is one Serve application ``quantselect-<name>`` at route prefix ``/models/<name>``;
+OpenAI clients use ``http://<host>:<port>/models/<name>/v1`` as their base URL.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+
+import ray
+from ray import serve
+
+from quantselect.errors import ConflictError, InputError, NotFoundError, QuantselectError
+from quantselect.serving.app import build_app
+
+APP_PREFIX = "quantselect-"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InputError(
+            f"deployment name {name!r} must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _require_ray() -> None:
+    if not ray.is_initialized():
+        raise ConflictError("Ray is not connected: call ray.init() (or connect to the cluster) before deploying")
+
+
+def _serve_client():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def ensure_serve(host: str, port: int) -> None:
+    """Start Serve's HTTP proxy on host:port, or check that the running one listens there
+    (the proxy's address is fixed for the life of the Serve instance)."""
+    client = _serve_client()
+    if client is None:
+        serve.start(http_options={"host": host, "port": port})
+        return
+    cfg = client.http_config
+    if (cfg.host, cfg.port) != (host, port):
+        raise ConflictError(
+            f"Ray Serve on this cluster already listens on {cfg.host}:{cfg.port}, not {host}:{port}; "
+            "deploy with that address (QUANTSELECT_SERVE_HOST/PORT) or shut Serve down first"
+        )
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise QuantselectError(f"{url} did not become healthy within {timeout_s:.0f} s ({last})")
+
+
+def _failure_reason(app: str) -> str:
+    """The last line of the replica's error (Serve's own exception only says the update failed)."""
+    try:
+        status = serve.status().applications[app]
+        messages = [d.message for d in status.deployments.values() if d.message] or [status.message]
+        lines = [ln.strip() for ln in messages[-1].splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+    except Exception:  # noqa: BLE001 - best effort, the caller falls back to Serve's message
+        return ""
+
+
+def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1", port: int = 8000,
+           use_gpu: bool = False, timeout_s: float = 600) -> str:
+    """Serve ``model_path`` quantized as ``config`` (a ``CandidateConfig.to_dict()``) under ``name``;
+    replaces a deployment of the same name. Returns the OpenAI base URL."""
+    check_name(name)
+    _require_ray()
+    app = build_app(name, str(model_path), config, use_gpu=use_gpu)  # validates the config first
+    ensure_serve(host, port)
+    try:
+        serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)
+    except RuntimeError as e:  # the replica failed to start (bad path, quantization error, ...)
+        reason = _failure_reason(APP_PREFIX + name) or str(e)
+        serve.delete(APP_PREFIX + name)
+        raise QuantselectError(f"deployment {name!r} failed: {reason}") from e
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    _wait_healthy(f"http://{local}:{port}/models/{name}/healthz", timeout_s)
+    return f"http://{host}:{port}/models/{name}/v1"
+
+
+def list_deployments() -> list[str]:
+    """Names of the quantselect deployments on the connected cluster (starts nothing)."""
+    _require_ray()
+    apps = serve.status().applications if _serve_client() is not None else {}
+    return sorted(a[len(APP_PREFIX):] for a in apps if a.startswith(APP_PREFIX))
+
+
+def undeploy(name: str) -> None:
+    check_name(name)
+    if name not in list_deployments():
+        raise NotFoundError(f"no deployment named {name!r}")
+    serve.delete(APP_PREFIX + name)

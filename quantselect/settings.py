@@ -1,0 +1,39 @@
+"""Settings from environment variables, through one factory. Nothing is created at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    ray_address: str | None
+    serve_host: str
+    serve_port: int
+
+    @property
+    def models_dir(self) -> Path:
+        """Converted base models (e.g. the bundled GGUF turned into safetensors)."""
+        return self.home / "models"
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+
+def get_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    home = Path(env.get("QUANTSELECT_HOME") or Path.home() / ".quantselect").expanduser()
+    db_url = env.get("QUANTSELECT_DB_URL") or f"sqlite:///{home / 'quantselect.db'}"
+    return Settings(
+        home=home,
+        db_url=db_url,
+        ray_address=env.get("QUANTSELECT_RAY_ADDRESS") or None,
+        serve_host=env.get("QUANTSELECT_SERVE_HOST") or "127.0.0.1",
+        serve_port=int(env.get("QUANTSELECT_SERVE_PORT") or 8000),
+    )

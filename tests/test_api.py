@@ -1,0 +1,104 @@
+"""The REST API on the real app (TestClient runs it in-process), a real local Ray, real SQLite,
+real models; the deploy endpoint ends in a real Ray Serve deployment answering the openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.fixtures.common import EXAMPLES
+
+
+@pytest.fixture
+def client(ray_cluster, serve_port, monkeypatch):
+    from quantselect.api.app import create_app
+
+    monkeypatch.setenv("QUANTSELECT_SERVE_PORT", str(serve_port))
+    with TestClient(create_app(connect_ray=False)) as c:
+        yield c
+
+
+def piqa_items(n: int) -> list[dict]:
+    return [json.loads(line) for line in (EXAMPLES / "piqa-300.jsonl").read_text().splitlines()[:n]]
+
+
+def wait_for(client: TestClient, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_health_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/recommendation",
+            "/api/v1/jobs/{job_id}/deploy"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"model": "demo", "items": [], "threshold": 0.9}, "the dataset is empty"),
+        ({"model": "demo", "items": [{"prompt": "a", "choices": ["x", "y"], "answer": 3}]}, "items[0]: field 'answer' is 3"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "threshold": 2}, "threshold 2.0 must be in"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "candidates": ["int3"]}, "unknown candidate"),
+        ({"model": "/no/such/model", "items": [{"prompt": "a", "reference": "b"}]}, "model path does not exist"),
+        ({"model": "demo", "dataset": "/no/such.jsonl"}, "dataset file not found"),
+        ({"items": []}, "body.model: Field required"),
+        ({"model": "demo", "items": [], "thresold": 0.9}, "body.thresold: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_bodies_are_422_with_a_readable_message(client, body, message):
+    res = client.post("/api/v1/jobs", json=body)
+    assert res.status_code == 422, res.text
+    assert message in res.json()["detail"]
+    assert client.get("/api/v1/jobs").json() == []
+
+
+def test_unknown_ids_are_404(client):
+    for path in ("/api/v1/jobs/nope", "/api/v1/jobs/nope/recommendation", "/api/v1/jobs/nope/results"):
+        res = client.get(path)
+        assert res.status_code == 404 and "not found" in res.json()["detail"]
+    assert client.post("/api/v1/jobs/nope/deploy").status_code == 404
+
+
+def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
+    res = client.post("/api/v1/jobs", json={"model": str(tiny_llama), "items": piqa_items(8),
+                                           "candidates": ["int8"], "threshold": 0.5, "gpu_hour_usd": 2.0})
+    assert res.status_code == 202, res.text
+    job_id = res.json()["id"]
+    assert res.json()["status"] in ("queued", "running")
+    # The API keeps answering while the job runs.
+    assert client.get("/healthz").status_code == 200
+    job = wait_for(client, job_id)
+    assert job["status"] == "succeeded", job
+    assert {r["name"] for r in job["results"]} == {"baseline", "int8"}
+    assert [j["id"] for j in client.get("/api/v1/jobs").json()] == [job_id]
+
+    rec = client.get(f"/api/v1/jobs/{job_id}/recommendation", params={"threshold": 0.01}).json()
+    assert rec["chosen"] in ("baseline", "int8") and rec["threshold"] == 0.01
+    assert client.get(f"/api/v1/jobs/{job_id}/recommendation", params={"threshold": 3}).status_code == 422
+    items = client.get(f"/api/v1/jobs/{job_id}/results", params={"items": True}).json()
+    assert len(items) == 2 * 8
+
+    dep = client.post(f"/api/v1/jobs/{job_id}/deploy", json={"candidate": "int8"})
+    assert dep.status_code == 200, dep.text
+    base_url = dep.json()["base_url"]
+    assert "/models/int8-" in base_url and base_url.endswith("/v1")
+    oai = openai.OpenAI(base_url=base_url, api_key="unused")
+    model = oai.models.list().data[0].id
+    chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
+    assert client.get(f"/api/v1/jobs/{job_id}").json()["base_url"] == base_url
+    from quantselect.serving.deploy import undeploy
+
+    undeploy(model)

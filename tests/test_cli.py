@@ -1,0 +1,146 @@
+"""The CLI through click's runner, on a real local Ray (logical GPUs), real SQLite, real models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from tests.fixtures.common import EXAMPLES, REPO
+
+RESULT_FIELDS = {"name", "status", "score", "relative_score", "passed", "weight_bytes", "peak_memory_bytes",
+                 "quantize_seconds", "tokens_per_second", "cost_per_1m_tokens_usd", "error"}
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def job_count() -> int:
+    from quantselect.service import Service
+
+    svc = Service()
+    try:
+        return len(svc.list_jobs())
+    finally:
+        svc.close()
+
+
+def test_import_and_help_stay_light():
+    code = ("import sys, quantselect, quantselect.cli; "
+            "print(','.join(m for m in ('torch','ray','transformers','sqlalchemy','fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == ""
+    help_out = subprocess.run([sys.executable, "-m", "quantselect", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_out.returncode == 0
+    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "api", "db", "candidates"):
+        assert command in help_out.stdout
+
+
+def test_candidates_lists_availability():
+    res = run("candidates", "--format", "json")
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    for name in ("baseline", "bf16", "int8", "w8a8", "int4"):
+        assert rows[name]["available"], rows[name]
+    assert rows["fp8"]["available"] is False and "compute capability" in rows["fp8"]["reason"]
+
+
+def test_db_upgrade_creates_the_schema(qs_home):
+    res = run("db", "upgrade")
+    assert res.exit_code == 0 and "revision" in res.output
+    assert (qs_home / "quantselect.db").exists()
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    files = {
+        "malformed": ['{"prompt": "a", "choices": ["x", "y"], "answer": 0}', '{"prompt": oops}'],
+        "empty": [],
+        "out_of_range": ['{"prompt": "a", "choices": ["x", "y"], "answer": 0}', '{"prompt": "b", "choices": ["x", "y"], "answer": 5}'],
+    }
+    paths = {}
+    for name, lines in files.items():
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("\n".join(lines))
+        paths[name] = str(p)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing", [], "dataset file not found"),
+        ("malformed", [], "malformed.jsonl:2: malformed JSON"),
+        ("empty", [], "empty.jsonl: the dataset is empty"),
+        ("out_of_range", [], "out_of_range.jsonl:2: field 'answer' is 5, out of range"),
+        ("good", ["--candidates", "int8,int3"], "unknown candidate 'int3'"),
+        ("good", ["--threshold", "0"], "threshold 0.0 must be in (0, 1.5]"),
+        ("good", ["--threshold", "1.6"], "threshold 1.6 must be in (0, 1.5]"),
+        ("bad_model", [], "model path does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, bad_files, tmp_path, case, extra, message):
+    model = str(tmp_path / "no-such-model") if case == "bad_model" else str(tiny_llama)
+    dataset = {"missing": str(tmp_path / "nope.jsonl"), "good": str(EXAMPLES / "piqa-300.jsonl"),
+               "bad_model": str(EXAMPLES / "piqa-300.jsonl")}.get(case) or bad_files[case]
+    run("db", "upgrade")
+    before = job_count()
+    res = CliRunner().invoke(cli, ["submit", model, dataset, *extra])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert job_count() == before
+
+
+def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_cluster, tiny_llama):
+    res = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
+              "--candidates", "int8,int4,bf16", "--threshold", "0.5", "--gpu-hour-usd", "3.0")
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split()[1].rstrip(":")
+    assert "Recommendation" in res.output and "baseline" in res.output
+
+    rows = json.loads(run("results", job_id, "--format", "json").output)
+    assert [r["name"] for r in rows] == ["baseline", "int8", "int4", "bf16"]
+    for r in rows:
+        assert RESULT_FIELDS <= set(r), set(r) ^ RESULT_FIELDS
+        assert r["status"] == "succeeded", r
+        assert 0 <= r["score"] <= 1 and r["weight_bytes"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["tokens_per_second"] > 0 and r["cost_per_1m_tokens_usd"] > 0
+        assert len(r["gpu_ids"]) == 1, "each candidate holds exactly one (logical) GPU"
+    base = rows[0]
+    assert base["relative_score"] == pytest.approx(1.0)
+    sizes = {r["name"]: r["weight_bytes"] for r in rows}
+    assert sizes["int8"] < sizes["baseline"] and sizes["int4"] < sizes["baseline"]
+
+    # Two logical GPUs: some pair of candidates ran at the same time, on different GPUs.
+    spans = [(datetime.fromisoformat(r["started_at"]), datetime.fromisoformat(r["finished_at"]), r["gpu_ids"][0])
+             for r in rows]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, spans
+    assert all(a[2] != b[2] for a, b in overlapping), "concurrent candidates must not share a GPU"
+
+    items = json.loads(run("results", job_id, "--items").output)
+    assert len(items) == 4 * 12 and {"candidate", "index", "correct", "prediction", "choice_logprobs"} <= set(items[0])
+
+    rec = json.loads(run("recommend", job_id, "--threshold", "0.01", "--format", "json").output)
+    assert rec["chosen"] is not None and rec["threshold"] == 0.01
+    strict = json.loads(run("recommend", job_id, "--threshold", "1.5", "--format", "json").output)
+    assert strict["chosen"] is None and all(c["reason"] for c in strict["candidates"])
+
+    listing = json.loads(run("jobs", "--format", "json").output)
+    assert [j["id"] for j in listing] == [job_id] and listing[0]["status"] == "succeeded"
+    assert "succeeded" in run("status", job_id).output
+    table = run("results", job_id).output
+    assert "int4" in table and "Recommendation" in table
+
+
+def test_unknown_job_is_a_clear_error():
+    res = CliRunner().invoke(cli, ["status", "nope"])
+    assert res.exit_code == 2 and "job 'nope' not found" in res.output
+    res = CliRunner().invoke(cli, ["recommend", "nope"])
+    assert res.exit_code == 2 and "not found" in res.output

@@ -1,0 +1,230 @@
+"""Persistence on real SQLite and a real PostgreSQL (tests using ``db_url`` run on both)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from quantselect.db import Repository, current_revision, ensure_schema, make_engine, upgrade
+from quantselect.db.engine import _config, head_revision, migrations_dir, normalize_url
+from quantselect.db.models import Base
+from quantselect.domain.candidates import resolve_candidates
+from quantselect.domain.dataset import parse_records
+from quantselect.domain.results import CandidateResult, ItemResult, JobSpec
+from quantselect.errors import NotFoundError, SchemaError
+from quantselect.settings import get_settings
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = {"jobs", "candidates", "item_results", "alembic_version"}
+
+
+def make_spec() -> JobSpec:
+    records = [
+        {"prompt": "2+2=", "choices": ["3", "4"], "answer": 1, "category": "math"},
+        {"prompt": "Sky colour?", "choices": ["blue", "green", "red"], "answer": 0},
+        {"prompt": "Capital of France?", "choices": ["Paris", "Rome"], "answer": 0, "category": "geo"},
+    ]
+    return JobSpec(
+        model="demo", model_path="/models/demo", dataset=parse_records(records, source="task.jsonl"),
+        candidates=resolve_candidates(["bf16", "int8"]), threshold=0.97, gpu_hour_usd=3.0, deploy=True,
+    )
+
+
+def outcome(name: str, n: int = 3, score: float = 0.66) -> CandidateResult:
+    t0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    return CandidateResult(
+        name=name, config={}, status="succeeded", score=score, n_items=n, weight_bytes=5 * 2**32,
+        peak_memory_bytes=7 * 2**32, quantize_seconds=1.5, eval_seconds=2.5, tokens_per_second=123.4,
+        throughput_engine="hf-generate", device="cpu", node_id="node-1", gpu_ids=["0"],
+        started_at=t0, finished_at=t0 + timedelta(seconds=4),
+        items=[ItemResult(i, i % 2 == 0, i if i else "text", [-0.1, -2.3] if i else None, "c") for i in range(n)],
+    )
+
+
+@pytest.fixture
+def repo(db_url):
+    r = Repository.open(get_settings({"QUANTSELECT_DB_URL": db_url}))
+    yield r
+    r.close()
+
+
+def count(repo: Repository, table: str) -> int:
+    with repo.engine.connect() as conn:
+        return conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+
+
+def test_migrations_apply_from_scratch_and_down(db_url):
+    assert current_revision(db_url) is None
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision() == "0001"
+    engine = make_engine(db_url)
+    try:
+        assert TABLES <= set(inspect(engine).get_table_names())
+        with engine.begin() as conn:
+            command.downgrade(_config(conn), "base")
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        upgrade(engine)
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_autogenerate_finds_no_drift(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
+
+
+def test_repository_round_trip(repo):
+    spec = make_spec()
+    job = repo.create_job(spec)
+    assert len(job.id) == 12 and job.status == "queued" and job.error is None
+    assert job.candidate_names == ["baseline", "bf16", "int8"]
+    assert (job.model, job.model_path, job.metric, job.n_items, job.deploy) == ("demo", "/models/demo", "accuracy", 3, True)
+    assert (job.dataset_source, job.dataset_kind, job.threshold, job.gpu_hour_usd) == ("task.jsonl", "multiple_choice", 0.97, 3.0)
+    assert repo.get_job(job.id) == job
+    assert repo.get_job_spec(job.id) == spec
+    other = repo.create_job(spec)
+    assert [j.id for j in repo.list_jobs()][:2] in ([other.id, job.id], [job.id, other.id])
+    assert len(repo.list_jobs(limit=1)) == 1
+
+    repo.set_job_status(job.id, "running")
+    started = datetime(2025, 1, 2, 4, 0, tzinfo=timezone(timedelta(hours=1)))
+    repo.mark_candidate_running(job.id, "int8", started, node_id="n2", gpu_ids=["1"])
+    pending = repo.get_results(job.id)
+    assert [r.status for r in pending] == ["pending", "pending", "running"]
+    assert pending[2].started_at == datetime(2025, 1, 2, 3, 0) and pending[2].gpu_ids == ["1"]
+    assert pending[2].config == spec.candidates[2].config.to_dict()
+
+    for i, name in enumerate(job.candidate_names):
+        repo.save_outcome(job.id, outcome(name, score=0.5 + i / 10))
+    results = repo.get_results(job.id)
+    assert [r.name for r in results] == job.candidate_names
+    want = outcome("int8", score=0.7)
+    got = results[2]
+    assert got.items == [] and got.status == "succeeded" and got.weight_bytes == 5 * 2**32
+    assert (got.score, got.tokens_per_second, got.node_id, got.gpu_ids) == (0.7, 123.4, "node-1", ["0"])
+    assert got.started_at == want.started_at.replace(tzinfo=None) and got.finished_at.tzinfo is None
+
+    items = repo.get_item_results(job.id)
+    assert list(items) == job.candidate_names and items["bf16"] == want.items
+    assert repo.get_item_results(job.id, "int8") == {"int8": want.items}
+
+    repo.set_job_status(job.id, "failed", error="boom")
+    repo.set_deployment(job.id, "int8", "http://127.0.0.1:8000/int8/v1")
+    done = repo.get_job(job.id)
+    assert (done.status, done.error, done.deployed_candidate) == ("failed", "boom", "int8")
+    assert done.base_url.endswith("/v1") and done.updated_at >= done.created_at
+
+    repo.delete_job(job.id)
+    assert count(repo, "candidates") == 3 and count(repo, "item_results") == 0  # cascade reached the items
+    repo.delete_job(other.id)
+    assert count(repo, "jobs") == count(repo, "candidates") == 0
+
+
+def test_save_outcome_is_idempotent(repo):
+    job = repo.create_job(make_spec())
+    repo.save_outcome(job.id, outcome("bf16"))
+    repo.save_outcome(job.id, outcome("bf16"))
+    assert count(repo, "item_results") == 3
+    repo.save_outcome(job.id, outcome("bf16", n=2))  # a retry replaces, never appends
+    assert count(repo, "item_results") == 2
+    assert [i.index for i in repo.get_item_results(job.id, "bf16")["bf16"]] == [0, 1]
+    failed = CandidateResult(name="bf16", config={}, status="failed", error="OOM")
+    repo.save_outcome(job.id, failed)
+    assert count(repo, "item_results") == 0
+    assert repo.get_results(job.id)[1].error == "OOM"
+
+
+def test_unknown_ids_raise_not_found(repo):
+    with pytest.raises(NotFoundError, match="job 'nope' not found"):
+        repo.get_job("nope")
+    for call in (repo.get_job_spec, repo.get_results, repo.get_item_results, repo.delete_job):
+        with pytest.raises(NotFoundError):
+            call("nope")
+    with pytest.raises(NotFoundError):
+        repo.set_job_status("nope", "running")
+    job = repo.create_job(make_spec())
+    with pytest.raises(NotFoundError, match="no candidate 'int3'"):
+        repo.save_outcome(job.id, outcome("int3"))
+    with pytest.raises(NotFoundError):
+        repo.set_deployment(job.id, "int3", "http://x")
+    with pytest.raises(NotFoundError):
+        repo.get_item_results(job.id, "int3")
+
+
+def test_unknown_revision_is_a_schema_error(db_url):
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+        with pytest.raises(SchemaError) as err:
+            ensure_schema(engine)
+    finally:
+        engine.dispose()
+    msg = str(err.value)
+    assert "\n" not in msg and "f00dcafe" in msg and "quantselect db upgrade" in msg
+
+
+def test_first_use_migrates_once_under_concurrency(db_url):
+    def open_and_close(_):
+        Repository.open(get_settings({"QUANTSELECT_DB_URL": db_url})).close()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(open_and_close, range(4)))
+    assert current_revision(db_url) == "0001"
+
+
+def test_sqlite_engine_settings(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'a' / 'b' / 'x.db'}")
+    try:
+        with engine.connect() as conn:
+            pragmas = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "busy_timeout", "foreign_keys")]
+    finally:
+        engine.dispose()
+    assert pragmas == ["wal", 30000, 1]
+    assert normalize_url("postgresql://u@h/db") == normalize_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert make_engine("postgresql://u@h/db").dialect.driver == "psycopg"
+
+
+def test_wheel_ships_the_migrations(tmp_path):
+    assert migrations_dir() == REPO / "migrations"
+    try:
+        import hatchling  # noqa: F401
+
+        no_isolation = ["--no-build-isolation"]
+    except ImportError:
+        no_isolation = []  # pip fetches hatchling into an isolated build environment
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("quantselect-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"quantselect/_migrations/env.py", "quantselect/_migrations/versions/0001_initial.py",
+            "quantselect/_migrations/script.py.mako", "quantselect/db/engine.py"} <= names
+    # Installed from the wheel (no checkout beside the package), the code migrates from _migrations.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(site / "quantselect" / "_migrations"), "0001"]

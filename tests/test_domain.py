@@ -1,0 +1,141 @@
+"""Pure domain logic: dataset loading and validation, candidate resolution, the recommendation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantselect.domain.candidates import BASELINE, Candidate, Int4WeightOnly, config_from_dict, resolve_candidates
+from quantselect.domain.dataset import GENERATION, MULTIPLE_CHOICE, FieldMapping, load_dataset, parse_records
+from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, cost_per_1m_tokens, validate_threshold
+from quantselect.domain.selection import recommend
+from quantselect.errors import InputError
+from tests.fixtures.common import EXAMPLES, SHARED
+
+
+def write(tmp_path, name, lines):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_canonical_multiple_choice_and_generation(tmp_path):
+    mc = load_dataset(EXAMPLES / "piqa-300.jsonl")
+    assert mc.kind == MULTIPLE_CHOICE and len(mc) == 300 and mc.metric == "accuracy"
+    gen = load_dataset(EXAMPLES / "gsm8k-50.jsonl")
+    assert gen.kind == GENERATION and gen.metric == "exact_match" and gen.items[0].category == "math"
+    assert load_dataset(EXAMPLES / "gsm8k-50.jsonl", metric="final_number").metric == "final_number"
+
+
+def test_piqa_through_field_mapping_matches_the_converted_example():
+    mapping = FieldMapping.parse(["prompt=Question: {goal}\\nAnswer:", "choices=sol1,sol2"],
+                                 labels_file=str(SHARED / "datasets/piqa/valid-labels.lst"))
+    raw = load_dataset(SHARED / "datasets/piqa/valid.jsonl", mapping, limit=300)
+    assert raw.items == load_dataset(EXAMPLES / "piqa-300.jsonl").items
+
+
+def test_gsm8k_through_field_mapping_uses_final_number():
+    mapping = FieldMapping.parse(["prompt=question", "reference=answer"])
+    ds = load_dataset(SHARED / "datasets/gsm8k/test.jsonl", mapping, limit=5)
+    assert ds.kind == GENERATION and ds.metric == "final_number" and "####" in ds.items[0].reference
+
+
+def test_csv_is_accepted(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('prompt,choices,answer\nSky is,"[""blue"", ""green""]",0\n')
+    ds = load_dataset(p)
+    assert ds.items[0].choices == ("blue", "green") and ds.items[0].answer == 0
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "a", "choices": ["x", "y"], "answer": 0}', '{"prompt": "b", "choices": '], "d.jsonl:2: malformed JSON"),
+        (['{"prompt": "a", "choices": ["x", "y"], "answer": 2}'], "d.jsonl:1: field 'answer' is 2, out of range"),
+        (['{"prompt": "a", "choices": ["x", ""], "answer": 0}'], "d.jsonl:1: field 'choices' has an empty"),
+        (['{"prompt": "", "reference": "x"}'], "d.jsonl:1: field 'prompt'"),
+        (['{"prompt": "a"}'], "d.jsonl:1: an item needs"),
+        ([""], "the dataset is empty"),
+        (['{"prompt": "a", "reference": "1"}', '{"prompt": "a", "choices": ["x", "y"], "answer": 0}'], "d.jsonl:2: a multiple_choice item"),
+    ],
+)
+def test_bad_datasets_name_file_line_and_field(tmp_path, lines, message):
+    p = write(tmp_path, "d.jsonl", lines)
+    with pytest.raises(InputError) as e:
+        load_dataset(p)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_file_and_bad_utf8(tmp_path):
+    with pytest.raises(InputError, match="dataset file not found"):
+        load_dataset(tmp_path / "nope.jsonl")
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b'{"prompt": "a", "reference": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(InputError, match=r"b.jsonl:2: not valid UTF-8"):
+        load_dataset(p)
+
+
+def test_metric_must_fit_the_dataset():
+    with pytest.raises(InputError, match="does not fit a multiple-choice"):
+        parse_records([{"prompt": "a", "choices": ["x", "y"], "answer": 0}], metric="exact_match")
+
+
+def test_bad_mapping_option():
+    with pytest.raises(InputError, match="--map 'question'"):
+        FieldMapping.parse(["question"])
+
+
+def test_candidates_resolution_and_serialization():
+    cands = resolve_candidates(["int8", "bf16", "int8"])
+    assert [c.name for c in cands] == [BASELINE, "int8", "bf16"]  # baseline always first, no duplicates
+    with pytest.raises(InputError, match="unknown candidate 'int3'"):
+        resolve_candidates(["int3"])
+    c = Candidate("int4", Int4WeightOnly(group_size=64))
+    assert Candidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(InputError, match="unknown candidate config type"):
+        config_from_dict({"_type": "os.system", "_version": 1, "_data": {}})
+    with pytest.raises(InputError, match="group_size 0"):
+        Int4WeightOnly(group_size=0)
+
+
+@pytest.mark.parametrize("t", [0, -0.1, 1.51])
+def test_threshold_range(t):
+    with pytest.raises(InputError, match="must be in"):
+        validate_threshold(t)
+
+
+def result(name, score, tps, mem=100, status=SUCCEEDED, error=None):
+    return CandidateResult(name=name, config={}, status=status, score=score, tokens_per_second=tps,
+                           peak_memory_bytes=mem, error=error)
+
+
+def test_recommendation_picks_cheapest_passing_and_explains_the_rest():
+    results = [
+        result(BASELINE, 0.80, 100, mem=400),
+        result("bf16", 0.80, 150, mem=200),
+        result("int8", 0.79, 200, mem=150),  # 0.9875 relative: passes 0.98
+        result("int4", 0.70, 300, mem=100),  # fails quality
+        result("w8a8", None, None, status=FAILED, error="out of memory"),
+    ]
+    rec = recommend(results, 0.98, 2.0)
+    assert rec.chosen == "int8"
+    assert "below the threshold" in rec.verdict("int4").reason
+    assert "out of memory" in rec.verdict("w8a8").reason
+    assert "costs" in rec.verdict("bf16").reason
+    # Recomputed for another threshold from the same results: nothing re-evaluated.
+    assert recommend(results, 0.85, 2.0).chosen == "int4"
+    assert recommend(results, 1.01, 2.0).chosen is None
+
+
+def test_ties_on_cost_break_on_memory_and_failed_baseline_gives_no_pick():
+    results = [result(BASELINE, 0.5, 100, mem=400), result("a", 0.5, 100, mem=300), result("b", 0.5, 100, mem=200)]
+    assert recommend(results, 0.98, 1.0).chosen == "b"
+    failed = [result(BASELINE, None, None, status=FAILED, error="boom"), result("a", 0.5, 100)]
+    rec = recommend(failed, 0.98, 1.0)
+    assert rec.chosen is None and "baseline" in rec.message
+
+
+def test_cost_per_million_tokens():
+    assert cost_per_1m_tokens(3.6, 1000) == pytest.approx(1.0)
+    assert cost_per_1m_tokens(3.6, None) is None

@@ -1,0 +1,57 @@
+"""`submit --address`: the job's driver runs on a separate Ray cluster through the Ray Jobs API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from tests.fixtures.common import EXAMPLES
+from tests.fixtures.ray_cluster import free_port
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def head_node():
+    """A real `ray start --head` cluster of its own (temp dir, ports), stopped afterwards without
+    touching the test session's cluster."""
+    temp = tempfile.mkdtemp(prefix="qsr", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+
+
+def test_submit_with_address_runs_the_driver_on_the_cluster(head_node, tiny_llama):
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "6",
+                                   "--candidates", "int8", "--address", head_node, "--no-wait"])
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split()[1].rstrip(":")
+    assert f"quantselect-{job_id}" in res.output
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head_node)
+    deadline = time.monotonic() + 300
+    while client.get_job_status(f"quantselect-{job_id}") not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        assert time.monotonic() < deadline, "the Ray job did not finish"
+        time.sleep(2)
+    logs = client.get_job_logs(f"quantselect-{job_id}")
+    assert client.get_job_status(f"quantselect-{job_id}") == JobStatus.SUCCEEDED, logs[-3000:]
+    out = CliRunner().invoke(cli, ["status", job_id]).output
+    assert "succeeded" in out and "int8" in out

@@ -1,0 +1,175 @@
+"""Serving: real local Ray + Serve, real quantized models, the official openai client. No mocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from quantselect.domain.candidates import CATALOG
+from quantselect.errors import ConflictError, InputError, NotFoundError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_url(serve_port, tiny_llama):
+    from quantselect.serving.deploy import deploy, undeploy
+
+    url = deploy("tiny-int8", str(tiny_llama), CATALOG["int8"].to_dict(), port=serve_port)
+    yield url
+    undeploy("tiny-int8")
+
+
+@pytest.fixture(scope="module")
+def smol_url(serve_port, demo_model_dir):
+    from quantselect.serving.deploy import deploy, undeploy
+
+    url = deploy("smollm2-int4", str(demo_model_dir), CATALOG["int4"].to_dict(), port=serve_port)
+    yield url
+    undeploy("smollm2-int4")
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+
+
+def test_deploy_returns_openai_base_url(tiny_url, serve_port):
+    from quantselect.serving.deploy import list_deployments
+
+    assert tiny_url == f"http://127.0.0.1:{serve_port}/models/tiny-int8/v1"
+    assert "tiny-int8" in list_deployments()
+    health = httpx.get(tiny_url.removesuffix("/v1") + "/healthz").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-int8" and "torchao" in health["engine"]
+    models = _client(tiny_url).models.list().data
+    assert [(m.id, m.object, m.owned_by) for m in models] == [("tiny-int8", "model", "quantselect")]
+
+
+def test_completions_tiny_int8(tiny_url):
+    client = _client(tiny_url)
+    r = client.completions.create(model="tiny-int8", prompt="Once upon a time", max_tokens=8, temperature=0)
+    (choice,) = r.choices
+    assert r.object == "text_completion" and r.model == "tiny-int8"
+    assert choice.text.strip() and choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 8 and r.usage.prompt_tokens >= 4
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # greedy streaming gives the same text, chunk by chunk, then [DONE] (the client stops on it)
+    chunks = list(client.completions.create(model="tiny-int8", prompt="Once upon a time", max_tokens=8,
+                                            temperature=0, stream=True))
+    assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    # several prompts, sampling
+    r = client.completions.create(model="tiny-int8", prompt=["a", "b c"], max_tokens=4, temperature=0.8,
+                                  top_p=0.9, seed=1)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens <= 8
+
+
+def test_chat_tiny_int8_sampling(tiny_url):
+    client = _client(tiny_url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="tiny-int8", messages=msgs, max_tokens=6, temperature=1.0, top_p=0.9)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content and 1 <= r.usage.completion_tokens <= 6
+
+
+def test_chat_smollm2_int4_answers(smol_url):
+    client = _client(smol_url)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="smollm2-int4", messages=msgs, max_tokens=12, temperature=0)
+    answer = r.choices[0].message.content
+    assert "Paris" in answer, answer
+    stream = client.chat.completions.create(model="smollm2-int4", messages=msgs, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_stop_sequences_truncate(smol_url):
+    client = _client(smol_url)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    full = client.chat.completions.create(model="smollm2-int4", messages=msgs, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    cut = text.index("Paris")
+    r = client.chat.completions.create(model="smollm2-int4", messages=msgs, max_tokens=12, temperature=0,
+                                       stop=["Paris", "zzz"])
+    assert r.choices[0].message.content == text[:cut] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="smollm2-int4", messages=msgs, max_tokens=12,
+                                                 temperature=0, stop="Paris", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:cut]
+
+
+def test_errors_are_openai_shaped(tiny_url):
+    client = _client(tiny_url)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-int8", prompt="Hi", max_tokens=-1)
+    assert "max_tokens" in e.value.body["message"]
+    r = httpx.post(tiny_url + "/chat/completions", json={"model": "tiny-int8"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(tiny_url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_deploy_validates_before_touching_ray(serve_port):
+    from quantselect.serving.deploy import deploy, undeploy
+
+    for bad in ("", "Upper", "-x", "a_b", "a/b", "x" * 64):
+        with pytest.raises(InputError):
+            deploy(bad, "/nowhere", CATALOG["int8"].to_dict(), port=serve_port)
+    with pytest.raises(InputError):
+        deploy("ok", "/nowhere", {"_type": "int3", "_version": 1, "_data": {}}, port=serve_port)
+    with pytest.raises(ConflictError):  # the proxy already listens on serve_port
+        deploy("ok", "/nowhere", CATALOG["int8"].to_dict(), port=serve_port + 1)
+    with pytest.raises(NotFoundError):
+        undeploy("never-deployed")
+
+
+def test_undeploy_removes_the_route(tiny_llama, serve_port):
+    from quantselect.serving.deploy import deploy, list_deployments, undeploy
+
+    url = deploy("short-lived", str(tiny_llama), CATALOG["baseline"].to_dict(), port=serve_port)
+    assert "short-lived" in list_deployments()
+    undeploy("short-lived")
+    assert "short-lived" not in list_deployments()
+    assert httpx.get(url + "/models").status_code == 404
+
+
+def test_failed_replica_is_cleaned_up_with_its_reason(serve_port, tmp_path):
+    from quantselect.errors import QuantselectError
+    from quantselect.serving.deploy import deploy, list_deployments
+
+    with pytest.raises(QuantselectError, match="deployment 'broken' failed: .*"):
+        deploy("broken", str(tmp_path / "no-model"), CATALOG["int8"].to_dict(), port=serve_port)
+    assert "broken" not in list_deployments()
+
+
+def test_serve_config_file_builds_an_application():
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+    from ray._common.utils import import_attr
+
+    doc = yaml.safe_load((REPO / "cluster" / "serve-config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    (app_cfg,) = schema.applications
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), app_cfg.args)
+    assert isinstance(app, Application)
+    with pytest.raises(Exception):
+        call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), {**app_cfg.args, "typo": 1})
+
+
+def test_serving_imports_no_torch_and_no_db():
+    code = ("import sys, quantselect.serving.deploy, quantselect.serving.app; "
+            "bad = [m for m in ('torch', 'transformers', 'quantselect.db') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

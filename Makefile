@@ -8,7 +8,9 @@ TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean device-check
+TOKENIZER ?= .devicecarry/tokenizer
+OUT_JSON ?= device_check.json
 
 setup: $(STAMP)
 
@@ -30,3 +32,8 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# On a machine with one CUDA GPU (python3 there holds torch + transformers; torchao carried as a
+# wheel in .whl/ if missing): every candidate's engine path on a ~1.2B Llama-shaped model.
+device-check:
+	python3 benchmarks/device_check.py --tokenizer $(TOKENIZER) --out $(OUT_JSON)

@@ -15,7 +15,7 @@ import click
 
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import DEFAULT_GPU_HOUR_USD, DEFAULT_THRESHOLD, FAILED, SUCCEEDED
-from quantselect.errors import QuantselectError
+from quantselect.errors import InputError, QuantselectError
 
 
 class Group(click.Group):
@@ -150,6 +150,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, g
     (JSONL or CSV)."""
     from quantselect.service import SubmitRequest
 
+    if wait is False and not address:
+        raise InputError("--no-wait needs --address: without it the job runs in this process")
     svc = _service()
     req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
                         limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, deploy=deploy,
@@ -161,9 +163,6 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, g
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")
         if wait:
             _wait_remote(svc, job.id)
-        return
-    if wait is False:
-        click.echo("Not waiting: without --address the job runs in this process; use --wait (the default).")
         return
     _run_and_report(svc, job.id, deploy)
 

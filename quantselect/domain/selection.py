@@ -97,7 +97,7 @@ def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: fl
             assert chosen is not None
             cc = cost(chosen)
             if c is not None and cc is not None and c > cc:
-                reason = f"meets the threshold but costs ${c:.4f} vs ${cc:.4f} per 1M tokens for {chosen.name}"
+                reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
             else:
                 reason = f"meets the threshold and costs the same but needs more memory than {chosen.name}"
         verdicts.append(

@@ -15,6 +15,7 @@ class Settings:
     ray_address: str | None
     serve_host: str
     serve_port: int
+    local_ray_port: int = 6379
 
     @property
     def models_dir(self) -> Path:
@@ -36,4 +37,5 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         ray_address=env.get("QUANTSELECT_RAY_ADDRESS") or None,
         serve_host=env.get("QUANTSELECT_SERVE_HOST") or "127.0.0.1",
         serve_port=int(env.get("QUANTSELECT_SERVE_PORT") or 8000),
+        local_ray_port=int(env.get("QUANTSELECT_LOCAL_RAY_PORT") or 6379),
     )

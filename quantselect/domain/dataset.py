@@ -19,6 +19,7 @@ from quantselect.errors import InputError
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
+MULTIPLE_CHOICE_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: lm-eval's acc_norm
 GENERATION_METRICS = ("exact_match", "final_number")
 
 
@@ -40,7 +41,7 @@ class Item:
 @dataclass(frozen=True)
 class TaskDataset:
     kind: str  # MULTIPLE_CHOICE or GENERATION
-    metric: str  # "accuracy" for multiple choice; one of GENERATION_METRICS otherwise
+    metric: str  # one of MULTIPLE_CHOICE_METRICS or GENERATION_METRICS, as ``kind`` says
     items: tuple[Item, ...]
     source: str = "items"
 
@@ -231,9 +232,11 @@ def _validate(
         items.append(item)
     assert kind is not None
     if kind == MULTIPLE_CHOICE:
-        if metric not in (None, "accuracy"):
-            raise InputError(f"metric {metric!r} does not fit a multiple-choice dataset (use accuracy)")
-        metric = "accuracy"
+        if metric not in (None, *MULTIPLE_CHOICE_METRICS):
+            raise InputError(
+                f"metric {metric!r} does not fit a multiple-choice dataset (use one of {', '.join(MULTIPLE_CHOICE_METRICS)})"
+            )
+        metric = metric or "accuracy"
     else:
         if metric is None:
             metric = "final_number" if all("####" in (i.reference or "") for i in items) else "exact_match"

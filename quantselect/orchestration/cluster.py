@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +40,10 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
             ray.init(address=address, log_to_driver=False)
         elif persistent:
             _local_env()
-            ensure_local_head(settings)
-            ray.init(address="auto", log_to_driver=False)
+            ray.init(address=ensure_local_head(settings), log_to_driver=False)
         else:
             _local_env()
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     except ConnectionError as e:
         raise QuantselectError(f"cannot connect to Ray at {address or 'the local head'}: {e}") from None
 
@@ -53,18 +53,23 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
-def ensure_local_head(settings: Settings) -> None:
-    """Start a detached local Ray head (with the dashboard, for the Jobs API) unless one runs."""
-    status = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, env=os.environ.copy())
-    if status.returncode == 0:
-        return
+def ensure_local_head(settings: Settings) -> str:
+    """Start a detached local Ray head on 127.0.0.1 (with the dashboard, for the Jobs API) unless
+    one already answers there; returns its address."""
+    address = f"127.0.0.1:{settings.local_ray_port}"
+    with socket.socket() as probe:  # `ray status` retries for minutes when nothing listens
+        probe.settimeout(1)
+        if probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0:
+            return address
     started = subprocess.run(
-        [_ray_cli(), "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],
+        [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={settings.local_ray_port}",
+         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
         capture_output=True, text=True, env=os.environ.copy(),
     )
     if started.returncode != 0:
         tail = (started.stderr or started.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise QuantselectError(f"could not start a local Ray head: {tail[0]}")
+        raise QuantselectError(f"could not start a local Ray head at {address}: {tail[0]}")
+    return address
 
 
 def cluster_gpus() -> float:

@@ -1,0 +1,138 @@
+"""Multiple-choice scoring against lm-evaluation-harness's semantics, on the real SmolLM2 and the tiny
+models: acc vs acc_norm, tokens cut at the context/continuation boundary, the shared-context
+(packed) path against each full sequence scored alone, and batch-size invariance."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantselect.domain.candidates import CATALOG
+from quantselect.domain.dataset import Item, load_dataset, parse_records
+from quantselect.engines import evaluate as ev
+from quantselect.engines.quantize import load_candidate
+from quantselect.errors import InputError
+from tests.fixtures.common import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def smol(demo_model_dir):
+    return load_candidate(str(demo_model_dir), CATALOG["baseline"], "cpu")
+
+
+@pytest.fixture(scope="module")
+def piqa_items():
+    return load_dataset(EXAMPLES / "piqa-300.jsonl", limit=8).items
+
+
+def alone(model, tokenizer, context: list[int], continuation: list[int]) -> float:
+    """The log-likelihood of one continuation, its full sequence scored alone (no batch, no packing)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.tensor([context + continuation[:-1]])).logits[0].float()
+    lp = torch.log_softmax(logits[len(context) - 1:], dim=-1)
+    return sum(lp[k, t].item() for k, t in enumerate(continuation))
+
+
+def test_predict_acc_and_acc_norm():
+    assert ev.predict([-10.0, -12.0], ["a", "a much longer choice"]) == 0
+    assert ev.predict([-10.0, -12.0], ["a", "a much longer choice"], norm=True) == 1
+    assert ev.predict([-3.0, -3.0], ["ab", "cd"], norm=True) == 0  # ties go to the first, as np.argmax
+
+
+def test_accuracy_norm_differs_from_accuracy_where_lengths_differ(smol):
+    # A short unlikely answer beats a long sensible one in total, not per character.
+    records = [{"prompt": "Question: What color is the sky?\nAnswer:",
+                "choices": ["no", "The sky is blue on a clear day because of Rayleigh scattering"], "answer": 1}]
+    acc = ev.evaluate(smol.model, smol.tokenizer, parse_records(records))
+    norm = ev.evaluate(smol.model, smol.tokenizer, parse_records(records, metric="accuracy_norm"))
+    assert acc[0].choice_logprobs == pytest.approx(norm[0].choice_logprobs)
+    lp, choices = acc[0].choice_logprobs, records[0]["choices"]
+    assert lp[0] > lp[1] and lp[0] / len(choices[0]) < lp[1] / len(choices[1])
+    assert (acc[0].prediction, acc[0].correct) == (0, False)
+    assert (norm[0].prediction, norm[0].correct) == (1, True)
+
+
+def test_dataset_metric_accuracy_norm_is_accepted_for_multiple_choice_only():
+    item = {"prompt": "p", "choices": ["a", "b"], "answer": 0}
+    assert parse_records([item], metric="accuracy_norm").metric == "accuracy_norm"
+    assert parse_records([item]).metric == "accuracy"
+    with pytest.raises(InputError, match="accuracy_norm"):
+        parse_records([item], metric="exact_match")
+    with pytest.raises(InputError):
+        parse_records([{"prompt": "p", "reference": "r"}], metric="accuracy_norm")
+
+
+def test_a_prompt_ending_in_a_space_scores_as_the_prompt_without_it(smol):
+    tok = smol.tokenizer
+    ctx, cont = ev._encode_pair(tok, "The capital of France is ", "Paris")
+    assert ctx == tok("The capital of France is")["input_ids"]
+    assert cont == tok(" Paris", add_special_tokens=False)["input_ids"]  # the space joins the word
+    items = [Item("The capital of France is ", ("Paris", "Rome"), 0), Item("The capital of France is", ("Paris", "Rome"), 0)]
+    spaced, plain = ev.score_multiple_choice(smol.model, tok, items)
+    assert spaced.choice_logprobs == pytest.approx(plain.choice_logprobs, abs=1e-4)
+
+
+def test_a_choice_that_merges_with_the_previous_token_is_cut_as_lm_eval_cuts_it(smol):
+    tok = smol.tokenizer
+    # "un" + "believable" encodes differently whole: the context stays the prompt encoded alone and
+    # the continuation is what follows it in the whole encoding (lm-eval's _encode_pair).
+    ctx, cont = ev._encode_pair(tok, "The story was un", "believable")
+    whole = tok("The story was unbelievable")["input_ids"]
+    assert ctx == tok("The story was un")["input_ids"]
+    assert ctx + cont != whole and cont == whole[len(ctx):]
+    # Scoring sums the log-likelihood of exactly the tokens _encode_pair gives (delimiter " " added).
+    item = Item("The story was un", ("believable", "happy"), 0)
+    [result] = ev.score_multiple_choice(smol.model, tok, [item])
+    for j, choice in enumerate(item.choices):
+        c, k = ev._encode_pair(tok, item.prompt, " " + choice)
+        assert result.choice_logprobs[j] == pytest.approx(alone(smol.model, tok, c, k), abs=1e-3)
+
+
+def test_shared_context_matches_each_full_sequence_scored_alone(smol, piqa_items):
+    tok = smol.tokenizer
+    results = ev.score_multiple_choice(smol.model, tok, piqa_items)
+    rows = ev._rows(tok, piqa_items, ev._max_length(smol.model), ev._pack_length(smol.model))
+    assert len(rows) == len(piqa_items) and any(r.common for r in rows)  # packed, with shared choice prefixes
+    for item, result in zip(piqa_items, results):
+        for j, choice in enumerate(item.choices):
+            c, k = ev._encode_pair(tok, item.prompt, " " + choice)
+            assert result.choice_logprobs[j] == pytest.approx(alone(smol.model, tok, c, k), abs=1e-3)
+
+
+def test_batch_size_and_packing_do_not_change_scores(smol, piqa_items, monkeypatch):
+    tok = smol.tokenizer
+    batched = ev.score_multiple_choice(smol.model, tok, piqa_items)
+    monkeypatch.setitem(ev.TOKENS_PER_BATCH, "cpu", 1)  # one row per forward pass
+    one_by_one = ev.score_multiple_choice(smol.model, tok, piqa_items)
+    monkeypatch.setitem(ev.TOKENS_PER_BATCH, "cpu", 2048)
+    monkeypatch.setattr(ev, "_pack_length", lambda model: 0)  # one row per choice, the model's own mask
+    unpacked = ev.score_multiple_choice(smol.model, tok, piqa_items)
+    for a, b, c in zip(batched, one_by_one, unpacked):
+        assert a.prediction == b.prediction == c.prediction
+        assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-3)
+        assert a.choice_logprobs == pytest.approx(c.choice_logprobs, abs=1e-3)
+
+
+def test_every_tiny_family_packs_as_it_scores_alone(tiny_models):
+    items = [Item("Question: which is heavier?\nAnswer:", ("a brick of lead", "a brick of foam", "a feather"), 0),
+             Item("Pick one:", ("yes", "no"), 1)]
+    for family, path in tiny_models.items():
+        lm = load_candidate(str(path), CATALOG["baseline"], "cpu")
+        results = ev.score_multiple_choice(lm.model, lm.tokenizer, items)
+        for item, result in zip(items, results):
+            for j, choice in enumerate(item.choices):
+                c, k = ev._encode_pair(lm.tokenizer, item.prompt, " " + choice)
+                assert result.choice_logprobs[j] == pytest.approx(alone(lm.model, lm.tokenizer, c, k), abs=1e-3), family
+
+
+def test_a_context_too_long_for_the_model_is_cut_from_the_left(tiny_llama):
+    lm = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu")
+    limit = ev._max_length(lm.model)  # 512 positions in the tiny config
+    item = Item("word " * (limit + 50) + "Answer:", ("yes", "no thanks"), 0)
+    [result] = ev.score_multiple_choice(lm.model, lm.tokenizer, [item])
+    for j, choice in enumerate(item.choices):
+        c, k = ev._encode_pair(lm.tokenizer, item.prompt, " " + choice)
+        c = c[-(limit + 1 - len(k)):]  # lm-eval: (context + continuation)[-(max_length + 1):][:-1]
+        assert len(c) + len(k) - 1 == limit
+        assert result.choice_logprobs[j] == pytest.approx(alone(lm.model, lm.tokenizer, c, k), abs=1e-3)

@@ -115,7 +115,7 @@ class Service:
         env = {"QUANTSELECT_DB_URL": self.settings.db_url}
         if os.environ.get("QUANTSELECT_HOME"):
             env["QUANTSELECT_HOME"] = str(self.settings.home)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
             client = JobSubmissionClient(address)
             while True:

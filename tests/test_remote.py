@@ -55,3 +55,21 @@ def test_submit_with_address_runs_the_driver_on_the_cluster(head_node, tiny_llam
     assert client.get_job_status(f"quantselect-{job_id}") == JobStatus.SUCCEEDED, logs[-3000:]
     out = CliRunner().invoke(cli, ["status", job_id]).output
     assert "succeeded" in out and "int8" in out
+
+
+def test_a_stale_ray_address_file_does_not_hijack_a_local_run(tmp_path_factory):
+    """`ray start` writes <ray temp>/ray_current_cluster and a killed head leaves it behind; a bare
+    ray.init() would then try to join that dead cluster. Local runs must start their own."""
+    temp = Path(tempfile.mkdtemp(prefix="qsa", dir="/tmp"))  # short: Ray's socket paths have a limit
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "QUANTSELECT_RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = str(temp)
+    code = ("from quantselect.orchestration.cluster import connect; from quantselect.settings import get_settings;"
+            "connect(get_settings()); import ray; print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "cpus" in out.stdout
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)

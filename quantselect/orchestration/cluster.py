@@ -43,7 +43,9 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
             ray.init(address=ensure_local_head(settings), log_to_driver=False)
         else:
             _local_env()
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
+            # "local": a fresh in-process cluster even when /tmp/ray/ray_current_cluster names
+            # another (possibly dead) one, which a bare ray.init() would try to join.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     except ConnectionError as e:
         raise QuantselectError(f"cannot connect to Ray at {address or 'the local head'}: {e}") from None
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 CANDIDATES = ("baseline", "bf16", "fp16", "int8", "w8a8", "int4", "fp8")
 
 
-def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int) -> Path:
+def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int, device: str = "cuda") -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -34,7 +34,7 @@ def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int) -> Pat
                       max_position_embeddings=4096, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))

@@ -14,8 +14,15 @@ from typing import Any
 import click
 
 from quantselect.domain.dataset import FieldMapping
-from quantselect.domain.results import DEFAULT_GPU_HOUR_USD, DEFAULT_THRESHOLD, FAILED, SUCCEEDED
+from quantselect.domain import dataset as _ds
+from quantselect.domain.results import (
+    DEFAULT_CONFIDENCE, DEFAULT_GPU_HOUR_USD, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, POLICIES, SUCCEEDED,
+)
 from quantselect.errors import InputError, QuantselectError
+
+
+METRICS = tuple(dict.fromkeys(
+    _ds.MULTIPLE_CHOICE_METRICS + _ds.GENERATION_METRICS + getattr(_ds, "LABEL_FREE_METRICS", ())))
 
 
 class Group(click.Group):
@@ -79,7 +86,10 @@ class Progress:
 
     def outcome(self, r: Any) -> None:
         if r.status == SUCCEEDED:
-            self.status(f"{r.name:<10} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating")
+            early = r.early_stop or {}
+            note = (f", settled '{early['decision']}' after {r.n_items} items (early stop)"
+                    if early.get("stopped_early") else "")
+            self.status(f"{r.name:<10} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating{note}")
         else:
             self.status(f"{r.name:<10} FAILED      {r.error}")
 
@@ -137,25 +147,45 @@ def demo(deploy: bool, limit: int | None) -> None:
 @click.option("--map", "mapping", multiple=True, metavar="KEY=VALUE",
               help="Read another dataset shape: prompt=TEMPLATE|FIELD, choices=F1,F2, answer=F, reference=F, category=F.")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None, help="File with one answer index per line.")
-@click.option("--metric", type=click.Choice(["accuracy", "exact_match", "final_number"]), default=None,
-              help="Scoring (default: accuracy for multiple choice; final_number when references hold '####').")
+@click.option("--metric", type=click.Choice(METRICS), default=None,
+              help="Scoring (default: accuracy for multiple choice; final_number when references hold '####', "
+                   "else exact_match; top1_agreement for prompts without labels).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N items.")
 @click.option("--address", default=None, help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the job (the default without --address).")
 @click.option("--deploy", is_flag=True, help="Serve the recommended candidate when the job is done.")
+@click.option("--confidence", type=float, default=DEFAULT_CONFIDENCE, show_default=True,
+              help="Confidence of the intervals and verdicts (pass / fail / inconclusive).")
+@click.option("--policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY, show_default=True,
+              help="Who qualifies: the point estimate meets the threshold, or the interval's lower bound does.")
+@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
+              help="Stop each candidate once an anytime-valid test settles its verdict (the baseline runs first).")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Generation: most tokens per answer (default per metric: 32 exact_match, 64 substring, 256 final_number).")
+@click.option("--stop", "stop", multiple=True, metavar="TEXT",
+              help="Generation: cut the answer at TEXT (repeatable; default per metric, e.g. a newline for exact_match).")
+@click.option("--no-stop", is_flag=True, help="Generation: no stop strings at all.")
+@click.option("--chat-template", is_flag=True, help="Generation: wrap each prompt in the model's chat template.")
 def submit(model: str, dataset: str, threshold: float, candidates: str | None, gpu_hour_usd: float,
            mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
-           address: str | None, wait: bool | None, deploy: bool) -> None:
+           address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
+           early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
+           chat_template: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
     (JSONL or CSV)."""
     from quantselect.service import SubmitRequest
 
     if wait is False and not address:
         raise InputError("--no-wait needs --address: without it the job runs in this process")
+    if stop and no_stop:
+        raise InputError("give --stop or --no-stop, not both")
     svc = _service()
     req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
                         limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, deploy=deploy,
-                        candidates=candidates.split(",") if candidates is not None else None)
+                        candidates=candidates.split(",") if candidates is not None else None,
+                        confidence=confidence, policy=policy, early_stop=early_stop,
+                        max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
+                        chat_template=chat_template)
     job = svc.submit(req)
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
     if address:
@@ -165,6 +195,11 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, g
             _wait_remote(svc, job.id)
         return
     _run_and_report(svc, job.id, deploy)
+
+
+def _unescape(text: str) -> str:
+    """`--stop '\\n'` means a newline, as a shell user would type it."""
+    return text.encode().decode("unicode_escape") if "\\" in text else text
 
 
 def _wait_remote(svc: Any, job_id: str) -> None:
@@ -236,13 +271,16 @@ def results(job_id: str, fmt: str, with_items: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--threshold", type=float, default=None, help="Recompute for another threshold (default: the job's).")
+@click.option("--confidence", type=float, default=None, help="Recompute at another confidence (default: the job's).")
+@click.option("--policy", type=click.Choice(POLICIES), default=None, help="Recompute under another policy (default: the job's).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def recommend(job_id: str, threshold: float | None, fmt: str) -> None:
-    """The cheapest candidate that meets the threshold, from stored results (nothing re-evaluated)."""
+def recommend(job_id: str, threshold: float | None, confidence: float | None, policy: str | None, fmt: str) -> None:
+    """The cheapest candidate that meets the threshold, from stored per-item results (nothing
+    re-evaluated), with its confidence interval and verdict."""
     from quantselect.render import recommendation_text
 
     svc = _service()
-    rec = svc.recommend(job_id, threshold)
+    rec = svc.recommend(job_id, threshold, confidence, policy)
     if fmt == "json":
         return _echo_json(rec.to_dict())
     click.echo(recommendation_text(rec, set()))

@@ -31,26 +31,47 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     def passed(r: dict[str, Any]) -> str:
         return {True: "yes", False: "no", None: "-"}[r["passed"]]
 
+    def interval(r: dict[str, Any]) -> str:
+        if r.get("ci_low") is None or r.get("ci_high") is None:
+            return "-"
+        return f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+    def items(r: dict[str, Any]) -> str:
+        n = r.get("n_items")
+        return "-" if n is None else f"{n}" + (" (stopped)" if r.get("stopped_early") else "")
+
     return table(
-        ["candidate", "status", "score", "relative", "passes", "weights", "peak mem", "quantize s",
-         "tokens/s", "$/1M tok", "error"],
-        [[r["name"], r["status"], fmt_num(r["score"]), fmt_num(r["relative_score"]), passed(r),
-          fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]), fmt_num(r["quantize_seconds"], 1),
-          fmt_num(r["tokens_per_second"], 1), fmt_num(r["cost_per_1m_tokens_usd"], 2), (r["error"] or "")[:60]]
+        ["candidate", "status", "items", "score", "relative", "interval", "verdict", "passes", "weights",
+         "peak mem", "quantize s", "tokens/s", "$/1M tok", "error"],
+        [[r["name"], r["status"], items(r), fmt_num(r["score"]), fmt_num(r["relative_score"]), interval(r),
+          r.get("verdict") or "-", passed(r), fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]),
+          fmt_num(r["quantize_seconds"], 1), fmt_num(r["tokens_per_second"], 1),
+          fmt_num(r["cost_per_1m_tokens_usd"], 2), (r["error"] or "")[:60]]
          for r in rows],
     )
 
 
 def recommendation_text(rec: Any, engines: set[str]) -> str:
     lines = [f"Recommendation (quality threshold {rec.threshold:.3f} of the baseline's score "
-             f"{fmt_num(rec.baseline_score)}):"]
+             f"{fmt_num(rec.baseline_score)}; {rec.policy} policy, {rec.confidence:.0%} confidence):"]
     if rec.chosen:
-        lines.append(f"  -> {rec.chosen}: {rec.verdict(rec.chosen).reason}")
+        v = rec.verdict(rec.chosen)
+        lines.append(f"  -> {rec.chosen}: {v.reason}")
+        if v.ci_low is not None:
+            evidence = (f"relative quality {v.relative_score:.3f}, {rec.confidence:.0%} interval "
+                        f"[{v.ci_low:.3f}, {v.ci_high:.3f}] on {v.n_items} paired items, verdict {v.verdict}")
+            if v.mcnemar_p is not None:
+                evidence += f", McNemar p = {v.mcnemar_p:.3g}"
+            lines.append(f"     evidence: {evidence}")
     else:
         lines.append(f"  -> {rec.message}")
     for v in rec.verdicts:
         if v.name != rec.chosen:
             lines.append(f"     {v.name}: {v.reason}")
+    for cat, name in sorted(rec.per_category.items()):
+        lines.append(f"  category {cat!r}: {'deploy ' + name if name else 'no candidate meets the threshold'}")
+    for w in rec.warnings:
+        lines.append(f"  warning: {w}")
     for engine in sorted(e for e in engines if e):
         note = " (CPU timings: the cost is this machine's, not a GPU's)" if engine.endswith("cpu") else ""
         lines.append(f"  throughput measured with {engine}{note}")

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from quantselect.domain.candidates import DEFAULT_CANDIDATES, resolve_candidates
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_GPU_HOUR_USD,
+    DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
     FAILED,
     RUNNING,
@@ -23,6 +25,8 @@ from quantselect.domain.results import (
     ItemResult,
     Job,
     JobSpec,
+    validate_confidence,
+    validate_policy,
     validate_price,
     validate_threshold,
 )
@@ -53,6 +57,13 @@ class SubmitRequest:
     candidates: list[str] | None = None
     gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
     deploy: bool = False
+    confidence: float = DEFAULT_CONFIDENCE
+    policy: str = DEFAULT_POLICY
+    early_stop: bool = False
+    # Generation settings (None: the metric's defaults; stop=[] means no stop strings)
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None
+    chat_template: bool = False
 
 
 @dataclass
@@ -87,23 +98,29 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written."""
-        from quantselect.engines.models import check_model
+        from quantselect.engines.models import check_model, has_chat_template
 
         threshold = validate_threshold(req.threshold)
         price = validate_price(req.gpu_hour_usd)
+        confidence = validate_confidence(req.confidence)
+        policy = validate_policy(req.policy)
         candidates = resolve_candidates(req.candidates)
         if req.limit is not None and req.limit < 1:
             raise InputError(f"limit {req.limit} must be at least 1")
         if (req.dataset is None) == (req.items is None):
             raise InputError("give exactly one of a dataset path or inline items")
+        generation = dict(max_new_tokens=req.max_new_tokens, stop=req.stop, chat_template=req.chat_template)
         if req.dataset is not None:
-            dataset = load_dataset(req.dataset, req.mapping, metric=req.metric, limit=req.limit)
+            dataset = load_dataset(req.dataset, req.mapping, metric=req.metric, limit=req.limit, **generation)
         else:
             items = req.items[: req.limit] if req.limit else req.items
-            dataset = parse_records(items, metric=req.metric)
+            dataset = parse_records(items, metric=req.metric, **generation)
         model_path = check_model(req.model)
+        if req.chat_template and has_chat_template(model_path) is False:
+            raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an instruct model")
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
-                       threshold=threshold, gpu_hour_usd=price, deploy=req.deploy)
+                       threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
+                       policy=policy, early_stop=req.early_stop)
 
     def submit(self, req: SubmitRequest) -> Job:
         return self.repo.create_job(self.build_spec(req))
@@ -137,6 +154,7 @@ class Service:
     # ---- run (the driver) ---------------------------------------------------------------
     def run_job(self, job_id: str, events: Events | None = None) -> Job:
         from quantselect.engines.models import resolve_model
+        from quantselect.engines.worker import EarlyStop
         from quantselect.orchestration.cluster import connect
         from quantselect.orchestration.sweep import run_sweep
 
@@ -165,7 +183,9 @@ class Service:
 
             if events.on_status:
                 events.on_status(f"running {len(spec.candidates)} candidates on Ray")
-            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, outcome, progress)
+            early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
+            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, outcome, progress,
+                                early_stop=early_stop)
             baseline = next(r for r in results if r.is_baseline)
             if baseline.status != SUCCEEDED:
                 raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
@@ -192,17 +212,20 @@ class Service:
     def item_results(self, job_id: str) -> dict[str, list[ItemResult]]:
         return self.repo.get_item_results(job_id)
 
-    def results_table(self, job_id: str, threshold: float | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
+    def results_table(self, job_id: str, threshold: float | None = None, confidence: float | None = None,
+                      policy: str | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
         """Per candidate the fields ``results --format json`` promises, plus the recommendation."""
         job = self.get_job(job_id)
         results = self.repo.get_results(job_id)
-        rec = self._recommend(job, results, threshold)
+        rec = self._recommend(job, results, threshold, confidence, policy)
         rows = []
         for r in results:
             v = rec.verdict(r.name)
             rows.append({
                 "name": r.name, "status": r.status, "score": r.score, "relative_score": v.relative_score,
-                "passed": v.passed, "weight_bytes": r.weight_bytes, "peak_memory_bytes": r.peak_memory_bytes,
+                "passed": v.passed, "verdict": v.verdict, "ci_low": v.ci_low, "ci_high": v.ci_high,
+                "mcnemar_p": v.mcnemar_p, "items_needed": v.items_needed, "stopped_early": v.stopped_early,
+                "n_truncated": r.n_truncated, "weight_bytes": r.weight_bytes, "peak_memory_bytes": r.peak_memory_bytes,
                 "quantize_seconds": r.quantize_seconds, "tokens_per_second": r.tokens_per_second,
                 "cost_per_1m_tokens_usd": v.cost_per_1m_tokens_usd, "error": r.error,
                 "eval_seconds": r.eval_seconds, "n_items": r.n_items, "device": r.device,
@@ -212,13 +235,19 @@ class Service:
             })
         return job, rows, rec
 
-    def recommend(self, job_id: str, threshold: float | None = None) -> Recommendation:
+    def recommend(self, job_id: str, threshold: float | None = None, confidence: float | None = None,
+                  policy: str | None = None) -> Recommendation:
         job = self.get_job(job_id)
-        return self._recommend(job, self.repo.get_results(job_id), threshold)
+        return self._recommend(job, self.repo.get_results(job_id), threshold, confidence, policy)
 
-    def _recommend(self, job: Job, results: list[CandidateResult], threshold: float | None) -> Recommendation:
+    def _recommend(self, job: Job, results: list[CandidateResult], threshold: float | None,
+                   confidence: float | None = None, policy: str | None = None) -> Recommendation:
+        """Recomputed from the stored per-item results: nothing is evaluated again."""
         t = job.threshold if threshold is None else validate_threshold(threshold)
-        return recommend(results, t, job.gpu_hour_usd)
+        c = job.confidence if confidence is None else validate_confidence(confidence)
+        p = job.policy if policy is None else validate_policy(policy)
+        items = self.repo.get_item_results(job.id) if any(r.status == SUCCEEDED for r in results) else {}
+        return recommend(results, t, job.gpu_hour_usd, items=items, confidence=c, policy=p)
 
     # ---- deploy -------------------------------------------------------------------------
     def deploy(self, job_id: str, candidate: str | None = None) -> str:

@@ -50,7 +50,8 @@ def test_health_and_openapi(client):
         ({"model": "demo", "items": [], "threshold": 0.9}, "the dataset is empty"),
         ({"model": "demo", "items": [{"prompt": "a", "choices": ["x", "y"], "answer": 3}]}, "items[0]: field 'answer' is 3"),
         ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "threshold": 2}, "threshold 2.0 must be in"),
-        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "candidates": ["int3"]}, "unknown candidate"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "candidates": ["int5"]}, "unknown candidate"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "policy": "lucky"}, "policy 'lucky' must be one of"),
         ({"model": "/no/such/model", "items": [{"prompt": "a", "reference": "b"}]}, "model path does not exist"),
         ({"model": "demo", "dataset": "/no/such.jsonl"}, "dataset file not found"),
         ({"items": []}, "body.model: Field required"),
@@ -87,6 +88,9 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     rec = client.get(f"/api/v1/jobs/{job_id}/recommendation", params={"threshold": 0.01}).json()
     assert rec["chosen"] in ("baseline", "int8") and rec["threshold"] == 0.01
     assert client.get(f"/api/v1/jobs/{job_id}/recommendation", params={"threshold": 3}).status_code == 422
+    strict = client.get(f"/api/v1/jobs/{job_id}/recommendation", params={"policy": "lower-bound", "confidence": 0.8})
+    assert strict.status_code == 200 and strict.json()["policy"] == "lower-bound"
+    assert all(c["ci_low"] is not None for c in strict.json()["candidates"])
     items = client.get(f"/api/v1/jobs/{job_id}/results", params={"items": True}).json()
     assert len(items) == 2 * 8
 

@@ -78,7 +78,8 @@ def bad_files(tmp_path):
         ("malformed", [], "malformed.jsonl:2: malformed JSON"),
         ("empty", [], "empty.jsonl: the dataset is empty"),
         ("out_of_range", [], "out_of_range.jsonl:2: field 'answer' is 5, out of range"),
-        ("good", ["--candidates", "int8,int3"], "unknown candidate 'int3'"),
+        ("good", ["--candidates", "int8,int5"], "unknown candidate 'int5'"),
+        ("good", ["--confidence", "1.2"], "confidence 1.2 must be in [0.5, 1)"),
         ("good", ["--threshold", "0"], "threshold 0.0 must be in (0, 1.5]"),
         ("good", ["--threshold", "1.6"], "threshold 1.6 must be in (0, 1.5]"),
         ("bad_model", [], "model path does not exist"),
@@ -129,6 +130,14 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
 
     rec = json.loads(run("recommend", job_id, "--threshold", "0.01", "--format", "json").output)
     assert rec["chosen"] is not None and rec["threshold"] == 0.01
+    assert rec["policy"] == "point" and rec["confidence"] == 0.95
+    for c in rec["candidates"]:  # paired evidence from the stored items
+        assert c["n_items"] == 12 and c["ci_low"] <= c["relative_score"] <= c["ci_high"], c
+        assert c["verdict"] in ("pass", "fail", "inconclusive")
+    strict_policy = json.loads(run("recommend", job_id, "--threshold", "0.9", "--policy", "lower-bound",
+                                   "--confidence", "0.9", "--format", "json").output)
+    assert strict_policy["policy"] == "lower-bound" and strict_policy["confidence"] == 0.9
+    assert all(c["passed"] == (c["ci_low"] >= 0.9) for c in strict_policy["candidates"])
     strict = json.loads(run("recommend", job_id, "--threshold", "1.5", "--format", "json").output)
     assert strict["chosen"] is None and all(c["reason"] for c in strict["candidates"])
 

@@ -66,8 +66,10 @@ def count(repo: Repository, table: str) -> int:
 
 def test_migrations_apply_from_scratch_and_down(db_url):
     assert current_revision(db_url) is None
+    upgrade(db_url, "0001")  # step by step, as an existing installation upgrades
+    assert current_revision(db_url) == "0001"
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0001"
+    assert current_revision(db_url) == head_revision() == "0002"
     engine = make_engine(db_url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
@@ -75,7 +77,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
             command.downgrade(_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0002"
     finally:
         engine.dispose()
 
@@ -189,7 +191,7 @@ def test_first_use_migrates_once_under_concurrency(db_url):
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(open_and_close, range(4)))
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == head_revision()
 
 
 def test_sqlite_engine_settings(tmp_path):
@@ -219,6 +221,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     (wheel,) = tmp_path.glob("quantselect-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"quantselect/_migrations/env.py", "quantselect/_migrations/versions/0001_initial.py",
+            "quantselect/_migrations/versions/0002_statistics.py",
             "quantselect/_migrations/script.py.mako", "quantselect/db/engine.py"} <= names
     # Installed from the wheel (no checkout beside the package), the code migrates from _migrations.
     site = tmp_path / "site"
@@ -227,4 +230,4 @@ def test_wheel_ships_the_migrations(tmp_path):
     probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(site / "quantselect" / "_migrations"), "0001"]
+    assert out == [str(site / "quantselect" / "_migrations"), "0002"]

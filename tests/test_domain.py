@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from quantselect.domain.candidates import BASELINE, Candidate, Int4WeightOnly, config_from_dict, resolve_candidates
+from quantselect.domain.candidates import (
+    BASELINE, Candidate, Int4WeightOnly, LowBitWeightOnly, config_from_dict, resolve_candidates,
+)
 from quantselect.domain.dataset import GENERATION, MULTIPLE_CHOICE, FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, cost_per_1m_tokens, validate_threshold
 from quantselect.domain.selection import recommend
@@ -55,7 +57,7 @@ def test_csv_is_accepted(tmp_path):
         (['{"prompt": "a", "choices": ["x", "y"], "answer": 2}'], "d.jsonl:1: field 'answer' is 2, out of range"),
         (['{"prompt": "a", "choices": ["x", ""], "answer": 0}'], "d.jsonl:1: field 'choices' has an empty"),
         (['{"prompt": "", "reference": "x"}'], "d.jsonl:1: field 'prompt'"),
-        (['{"prompt": "a"}'], "d.jsonl:1: an item needs"),
+        (['{"prompt": "a", "answer": 0}'], "d.jsonl:1: an item with an 'answer' needs 'choices'"),
         ([""], "the dataset is empty"),
         (['{"prompt": "a", "reference": "1"}', '{"prompt": "a", "choices": ["x", "y"], "answer": 0}'], "d.jsonl:2: a multiple_choice item"),
     ],
@@ -89,8 +91,10 @@ def test_bad_mapping_option():
 def test_candidates_resolution_and_serialization():
     cands = resolve_candidates(["int8", "bf16", "int8"])
     assert [c.name for c in cands] == [BASELINE, "int8", "bf16"]  # baseline always first, no duplicates
-    with pytest.raises(InputError, match="unknown candidate 'int3'"):
-        resolve_candidates(["int3"])
+    with pytest.raises(InputError, match="unknown candidate 'int5'"):
+        resolve_candidates(["int5"])
+    with pytest.raises(InputError, match="bits 5 must be 2 or 3"):
+        LowBitWeightOnly(bits=5)
     c = Candidate("int4", Int4WeightOnly(group_size=64))
     assert Candidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(InputError, match="unknown candidate config type"):

@@ -30,6 +30,10 @@ def head_node():
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}",
+                    # Ports of its own: the agents' defaults (e.g. 52365) are taken by the test session's
+                    # cluster, and a head whose job agent cannot bind answers "No available agent".
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dash}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from quantselect.domain.candidates import Candidate, Int4WeightOnly, resolve_candidates
 from quantselect.domain.dataset import load_dataset
 from quantselect.domain.results import JobSpec
@@ -45,3 +47,46 @@ def test_a_failed_baseline_fails_the_job_with_the_reason(ray_cluster, tmp_path):
         assert "baseline failed" in str(e)
     stored = svc.get_job(job.id)
     assert stored.status == "failed" and "baseline failed" in stored.error
+
+
+def test_early_stopping_cuts_a_broken_candidate_short_and_keeps_every_item_it_saw(ray_cluster, demo_model_dir):
+    """The real SmolLM2 on an easy task it mostly gets right (~0.9): 2-bit weights break it (~0.2).
+    The baseline runs first; int2 is evaluated in chunks of 32 and stops once the anytime-valid test
+    settles "fail"."""
+    svc = Service()
+    spec = JobSpec(model="demo", model_path="demo", dataset=load_dataset(EXAMPLES / "sequences-1000.jsonl", limit=128),
+                   candidates=resolve_candidates(["int2"]), early_stop=True)
+    job = svc.repo.create_job(spec)
+    svc.run_job(job.id)
+    results = {r.name: r for r in svc.results(job.id)}
+    base, broken = results["baseline"], results["int2"]
+    assert base.n_items == 128 and broken.status == "succeeded"
+    assert broken.early_stop["decision"] == "fail" and broken.early_stop["stopped_early"]
+    assert broken.n_items < 128 and broken.n_items % 32 == 0  # whole chunks
+    items = svc.item_results(job.id)
+    assert len(items["baseline"]) == 128 and len(items["int2"]) == broken.n_items
+    assert len({i.index for i in items["int2"]}) == broken.n_items  # each item once, by its dataset index
+    rec = svc.recommend(job.id)
+    v = rec.verdict("int2")
+    assert rec.chosen == "baseline" and v.stopped_early and v.verdict == "fail" and v.n_items == broken.n_items
+
+
+def test_label_free_prompts_only_with_early_stopping(ray_cluster, tiny_llama):
+    """Prompts without labels: the baseline's continuations and top-k distributions are the
+    reference; candidates are scored against them, in shuffled chunks with early stopping on."""
+    from quantselect.service import SubmitRequest
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "gsm8k-prompts-50.jsonl"), limit=40,
+                                   candidates=["int8", "int2"], max_new_tokens=8, early_stop=True, threshold=0.9))
+    assert job.metric == "top1_agreement" and job.dataset_kind == "prompts"
+    svc.run_job(job.id)
+    results = {r.name: r for r in svc.results(job.id)}
+    assert all(r.status == "succeeded" for r in results.values()), results
+    items = svc.item_results(job.id)
+    assert len(items["baseline"]) == 40 and all(i.score == 1.0 for i in items["baseline"])
+    assert all(0 <= i.score <= 1 and "mean_kl" in i.prediction for i in items["int8"])
+    assert results["int8"].score > results["int2"].score  # 2-bit weights agree less with the baseline
+    assert sorted(i.index for i in items["int2"]) == sorted({i.index for i in items["int2"]})
+    rec = svc.recommend(job.id)
+    assert rec.verdict("int8").relative_score == pytest.approx(results["int8"].score)  # the baseline scores 1 on every item

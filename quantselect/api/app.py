@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantselect.domain.dataset import FieldMapping
-from quantselect.domain.results import DEFAULT_GPU_HOUR_USD, DEFAULT_THRESHOLD
+from quantselect.domain.results import DEFAULT_CONFIDENCE, DEFAULT_GPU_HOUR_USD, DEFAULT_POLICY, DEFAULT_THRESHOLD
 from quantselect.errors import QuantselectError
 from quantselect.service import Service, SubmitRequest
 
@@ -35,6 +35,12 @@ class JobRequest(BaseModel):
     candidates: list[str] | None = None
     gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
     deploy: bool = False
+    confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.")
+    policy: str = Field(DEFAULT_POLICY, description="'point' or 'lower-bound': what must meet the threshold.")
+    early_stop: bool = Field(False, description="Stop each candidate once an anytime-valid test settles its verdict.")
+    max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric).")
+    stop: list[str] | None = Field(None, description="Generation: stop strings (default per metric; [] for none).")
+    chat_template: bool = Field(False, description="Generation: wrap prompts in the model's chat template.")
 
 
 class DeployRequest(BaseModel):
@@ -83,7 +89,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         req = SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
                             mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
                             limit=body.limit, threshold=body.threshold, candidates=body.candidates,
-                            gpu_hour_usd=body.gpu_hour_usd, deploy=body.deploy)
+                            gpu_hour_usd=body.gpu_hour_usd, deploy=body.deploy, confidence=body.confidence,
+                            policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
+                            stop=body.stop, chat_template=body.chat_template)
         job = svc.submit(req)
         executor.submit(_run, job.id)
         return job.to_dict()
@@ -105,8 +113,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return svc.results_table(job_id)[1]
 
     @app.get("/api/v1/jobs/{job_id}/recommendation")
-    def get_recommendation(job_id: str, threshold: float | None = None) -> dict[str, Any]:
-        return svc.recommend(job_id, threshold).to_dict()
+    def get_recommendation(job_id: str, threshold: float | None = None, confidence: float | None = None,
+                           policy: str | None = None) -> dict[str, Any]:
+        return svc.recommend(job_id, threshold, confidence, policy).to_dict()
 
     @app.post("/api/v1/jobs/{job_id}/deploy")
     def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:

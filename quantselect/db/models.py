@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -41,6 +41,9 @@ class JobRow(Base):
     dataset: Mapped[dict[str, Any]] = mapped_column(JSON, deferred=True)  # items can be large
     threshold: Mapped[float] = mapped_column(Float)
     gpu_hour_usd: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float] = mapped_column(Float, server_default="0.95")
+    policy: Mapped[str] = mapped_column(String(16), server_default="point")
+    early_stop: Mapped[bool] = mapped_column(Boolean, server_default=false())
     deploy: Mapped[bool] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
@@ -75,6 +78,8 @@ class CandidateRow(Base):
     device: Mapped[str | None] = mapped_column(String(128))
     node_id: Mapped[str | None] = mapped_column(String(128))
     gpu_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    n_truncated: Mapped[int | None] = mapped_column(Integer)
+    early_stop: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the sequential test's state at the end
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -92,6 +97,8 @@ class ItemResultRow(Base):
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
     item_index: Mapped[int] = mapped_column(Integer)
     correct: Mapped[bool] = mapped_column(Boolean)
+    score: Mapped[float | None] = mapped_column(Float)
+    truncated: Mapped[bool] = mapped_column(Boolean, server_default=false())
     prediction: Mapped[Any] = mapped_column(JSON)
     choice_logprobs: Mapped[list[float] | None] = mapped_column(JSON)
     category: Mapped[str | None] = mapped_column(Text)

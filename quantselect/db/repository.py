@@ -25,7 +25,7 @@ JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED)
 _MEASUREMENTS = (
     "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
-    "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id",
+    "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id", "n_truncated", "early_stop",
 )
 
 
@@ -55,6 +55,7 @@ class Repository:
             id=uuid.uuid4().hex[:12], status=QUEUED, model=spec.model, model_path=spec.model_path,
             dataset_source=ds.source, dataset_kind=ds.kind, metric=ds.metric, n_items=len(ds),
             dataset=ds.to_dict(), threshold=spec.threshold, gpu_hour_usd=spec.gpu_hour_usd, deploy=spec.deploy,
+            confidence=spec.confidence, policy=spec.policy, early_stop=spec.early_stop,
             candidates=[
                 CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[])
                 for i, c in enumerate(spec.candidates)
@@ -81,6 +82,7 @@ class Repository:
                 model=row.model, model_path=row.model_path, dataset=TaskDataset.from_dict(row.dataset),
                 candidates=[Candidate.from_dict({"name": c.name, "config": c.config}) for c in row.candidates],
                 threshold=row.threshold, gpu_hour_usd=row.gpu_hour_usd, deploy=row.deploy,
+                confidence=row.confidence, policy=row.policy, early_stop=row.early_stop,
             )
 
     def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
@@ -125,8 +127,9 @@ class Repository:
             s.execute(delete(ItemResultRow).where(ItemResultRow.candidate_id == c.id))
             if result.items:
                 s.execute(insert(ItemResultRow), [
-                    {"candidate_id": c.id, "item_index": i.index, "correct": bool(i.correct),
-                     "prediction": i.prediction, "choice_logprobs": i.choice_logprobs, "category": i.category}
+                    {"candidate_id": c.id, "item_index": i.index, "correct": bool(i.correct), "score": i.score,
+                     "truncated": bool(i.truncated), "prediction": i.prediction,
+                     "choice_logprobs": i.choice_logprobs, "category": i.category}
                     for i in result.items
                 ])
 
@@ -148,7 +151,8 @@ class Repository:
                 .order_by(CandidateRow.position, ItemResultRow.item_index)
             )
             for name, r in s.execute(q):
-                out[name].append(ItemResult(r.item_index, r.correct, r.prediction, r.choice_logprobs, r.category))
+                out[name].append(ItemResult(r.item_index, r.correct, r.prediction, r.choice_logprobs, r.category,
+                                            score=r.score, truncated=r.truncated))
             return out
 
     # ---- helpers
@@ -184,6 +188,7 @@ def _job(r: JobRow) -> Job:
         gpu_hour_usd=r.gpu_hour_usd, candidate_names=[c.name for c in r.candidates], deploy=r.deploy,
         created_at=r.created_at, updated_at=r.updated_at, error=r.error,
         deployed_candidate=r.deployed_candidate, base_url=r.base_url,
+        confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
     )
 
 

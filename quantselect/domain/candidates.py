@@ -69,6 +69,27 @@ class Int4WeightOnly(CandidateConfig):
 
 
 @dataclass(frozen=True)
+class LowBitWeightOnly(CandidateConfig):
+    """2- or 3-bit weights: usually far too lossy to deploy, listed so that users can see where
+    quality breaks, and used to show early stopping cutting broken candidates short."""
+
+    type_name: ClassVar[str] = "low_bit_weight_only"
+    bits: int = 3
+    group_size: int = 32
+    description: ClassVar[str] = "2/3-bit weights, round-to-nearest per group (torchao); expect large quality loss"
+
+    @property
+    def weight_bits(self) -> float:  # type: ignore[override]
+        return self.bits + 16 / self.group_size
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3):
+            raise InputError(f"low-bit bits {self.bits} must be 2 or 3 (use int4 / int8 for more)")
+        if self.group_size not in (16, 32, 64, 128, 256):
+            raise InputError(f"low-bit group_size {self.group_size} must be one of 16, 32, 64, 128, 256")
+
+
+@dataclass(frozen=True)
 class Fp8Dynamic(CandidateConfig):
     type_name: ClassVar[str] = "fp8_dynamic"
     description: ClassVar[str] = "fp8 e4m3 weights and dynamically quantized fp8 activations (torchao)"
@@ -77,7 +98,8 @@ class Fp8Dynamic(CandidateConfig):
 
 CONFIG_TYPES: dict[str, type[CandidateConfig]] = {
     c.type_name: c
-    for c in (FullPrecision, HalfPrecision, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, Fp8Dynamic)
+    for c in (FullPrecision, HalfPrecision, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, LowBitWeightOnly,
+              Fp8Dynamic)
 }
 
 # The catalogue users pick from by name.
@@ -89,6 +111,8 @@ CATALOG: dict[str, CandidateConfig] = {
     "w8a8": Int8Dynamic(),
     "int4": Int4WeightOnly(group_size=32),
     "fp8": Fp8Dynamic(),
+    "int3": LowBitWeightOnly(bits=3),
+    "int2": LowBitWeightOnly(bits=2),
 }
 
 DEFAULT_CANDIDATES = ("bf16", "int8", "w8a8", "int4")

@@ -1,8 +1,38 @@
-"""Task datasets: the canonical item shapes, loading JSONL/CSV, field mapping, validation.
+r"""Task datasets: the canonical item shapes, loading JSONL/CSV, field mapping, validation, and the
+text metrics of generation tasks.
 
-Canonical JSONL, one item a line:
+Canonical JSONL, one item a line (the kind follows from the fields; one kind per dataset):
 - multiple choice: {"prompt": str, "choices": [str, ...], "answer": int, "category"?: str}
 - generation:      {"prompt": str, "reference": str, "category"?: str}
+- prompts:         {"prompt": str, "category"?: str}   (no labels: scored against the baseline)
+
+Metrics (``TaskDataset.metric``); every item scores in [0, 1]:
+- multiple choice: ``accuracy`` (lm-eval ``acc``), ``accuracy_norm`` (lm-eval ``acc_norm``);
+- generation: ``exact_match`` (normalized: lower case, no punctuation or articles, whitespace
+  collapsed; the first non-empty line of the output or the whole output), ``final_number`` (the
+  number after the last ``####``, else the last number, compared by value: GSM8K's ``#### 1,234``),
+  ``substring`` (the normalized reference occurs in the normalized output, as whole words);
+- label-free (prompts datasets, and generation datasets whose references are then ignored), each
+  relative to the full-precision baseline, which scores exactly 1 on every item:
+  ``top1_agreement`` (fraction of positions where the candidate's most likely next token is the
+  baseline's), ``kl_similarity`` (exp(-mean per-token KL(baseline || candidate))),
+  ``baseline_match`` (the greedy output equals the baseline's). See ``engines/labelfree.py``.
+
+A metric that cannot score an item (``final_number`` with a reference that holds no number, a
+reference that normalizes to nothing) is an error naming the item, never a silent zero.
+
+Generation settings (generation and prompts datasets; stored with the dataset, defaults per metric):
+- ``max_new_tokens``: greedy tokens generated per item (``DEFAULT_MAX_NEW_TOKENS``: 32 for
+  exact_match, 64 for substring and the label-free metrics, 256 for final_number, GSM8K-style
+  reasoning);
+- ``stop``: strings that end an output, which is cut before the first of them; they are searched
+  for after the output's leading whitespace, so an answer that starts on a new line is not empty
+  (``DEFAULT_STOP``: exact_match ``\n``, substring ``\n\n``, final_number ``Question:`` as
+  lm-eval's GSM8K, none for the label-free metrics). The end-of-sequence token always stops;
+- ``chat_template``: wrap each prompt as one user message in the tokenizer's chat template, with
+  the assistant turn opened (instruct models).
+A prompt longer than the model's context minus ``max_new_tokens`` is cut from the left (the item is
+flagged ``truncated``).
 
 Every error names the file, the line and the field, so the user knows what to fix.
 """
@@ -11,16 +41,33 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+import re
+import string
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from quantselect.errors import InputError
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
+PROMPTS = "prompts"  # prompts only, no labels: label-free metrics against the baseline
 MULTIPLE_CHOICE_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: lm-eval's acc_norm
-GENERATION_METRICS = ("exact_match", "final_number")
+GENERATION_METRICS = ("exact_match", "final_number", "substring")
+LABEL_FREE_METRICS = ("top1_agreement", "kl_similarity", "baseline_match")
+METRICS = {
+    MULTIPLE_CHOICE: MULTIPLE_CHOICE_METRICS,
+    GENERATION: GENERATION_METRICS + LABEL_FREE_METRICS,
+    PROMPTS: LABEL_FREE_METRICS,
+}
+DEFAULT_MAX_NEW_TOKENS = {"exact_match": 32, "substring": 64, "final_number": 256,
+                          "top1_agreement": 64, "kl_similarity": 64, "baseline_match": 64}
+DEFAULT_STOP: dict[str, tuple[str, ...]] = {
+    "exact_match": ("\n",), "substring": ("\n\n",), "final_number": ("Question:",),
+    "top1_agreement": (), "kl_similarity": (), "baseline_match": (),
+}
+MAX_NEW_TOKENS_LIMIT = 32768
 
 
 @dataclass(frozen=True)
@@ -40,25 +87,165 @@ class Item:
 
 @dataclass(frozen=True)
 class TaskDataset:
-    kind: str  # MULTIPLE_CHOICE or GENERATION
-    metric: str  # one of MULTIPLE_CHOICE_METRICS or GENERATION_METRICS, as ``kind`` says
+    """Validated items and how to score them. ``max_new_tokens``/``stop`` left as None take the
+    metric's defaults (generation and prompts datasets; multiple choice has neither)."""
+
+    kind: str  # MULTIPLE_CHOICE, GENERATION or PROMPTS
+    metric: str  # one of METRICS[kind]
     items: tuple[Item, ...]
     source: str = "items"
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, tuple):
+            object.__setattr__(self, "items", tuple(self.items))
+        if self.kind not in METRICS:
+            raise InputError(f"{self.source}: unknown dataset kind {self.kind!r}")
+        _check_metric(self.kind, self.metric)
+        if self.kind == MULTIPLE_CHOICE:
+            for name in ("max_new_tokens", "stop", "chat_template"):
+                if getattr(self, name):
+                    raise InputError(f"{name.replace('_', '-')} applies to generation and prompts datasets, "
+                                     "not to a multiple-choice dataset")
+            return
+        n = self.max_new_tokens if self.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[self.metric]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max-new-tokens {n!r} must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}")
+        stop = DEFAULT_STOP[self.metric] if self.stop is None else self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InputError(f"stop sequence {s!r} must be a non-empty string")
+        object.__setattr__(self, "max_new_tokens", n)
+        object.__setattr__(self, "stop", tuple(dict.fromkeys(stop)))
+        object.__setattr__(self, "chat_template", bool(self.chat_template))
+        check_references(self.items, self.metric, [f"{self.source}[{i}]" for i in range(len(self.items))])
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def slice(self, start: int, stop: int) -> "TaskDataset":
+        """Items ``start:stop`` with every setting kept (chunks for early stopping); result indices
+        of the slice count from 0."""
+        return replace(self, items=self.items[start:stop])
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "kind": self.kind,
             "metric": self.metric,
             "source": self.source,
             "items": [i.to_dict() for i in self.items],
         }
+        if self.kind != MULTIPLE_CHOICE:
+            d.update(max_new_tokens=self.max_new_tokens, stop=list(self.stop or ()), chat_template=self.chat_template)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskDataset":
-        return parse_records(d["items"], source=d.get("source", "items"), metric=d.get("metric"))
+        """Stored datasets from before the generation settings existed take the defaults."""
+        return parse_records(d["items"], source=d.get("source", "items"), metric=d.get("metric"),
+                             max_new_tokens=d.get("max_new_tokens"), stop=d.get("stop"),
+                             chat_template=bool(d.get("chat_template", False)))
+
+
+def _check_metric(kind: str, metric: str) -> None:
+    if metric not in METRICS[kind]:
+        what = {MULTIPLE_CHOICE: "a multiple-choice", GENERATION: "a generation", PROMPTS: "a prompts-only"}[kind]
+        raise InputError(f"metric {metric!r} does not fit {what} dataset (use one of {', '.join(METRICS[kind])})")
+
+
+# --- text metrics ---------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+# A number: thousands groups "1,234", decimals "0.5" (a trailing full stop is not part of it), an
+# optional minus sign -- not a hyphen right after a letter, digit or bracket: "5-3" is 5 and 3.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def normalize_text(s: str, articles: bool = True) -> str:
+    """Lower case, no punctuation, no articles (unless ``articles=False``), whitespace collapsed."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+    if articles:
+        s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _normalizer(reference: str) -> Callable[[str], str]:
+    """SQuAD-style normalization, keeping the articles where the reference is nothing else (the
+    answer "A" of a lettered question)."""
+    return normalize_text if normalize_text(reference) else (lambda s: normalize_text(s, articles=False))
+
+
+def exact_match(output: str, reference: str) -> bool:
+    """The normalized reference equals the normalized first non-empty line of the output, or the
+    whole normalized output."""
+    norm = _normalizer(reference)
+    first_line = output.strip().split("\n", 1)[0] if output.strip() else ""
+    want = norm(reference)
+    return bool(want) and (norm(first_line) == want or norm(output) == want)
+
+
+def substring_match(output: str, reference: str) -> bool:
+    """The normalized reference occurs in the normalized output, on word boundaries."""
+    norm = _normalizer(reference)
+    want = norm(reference)
+    return bool(want) and f" {want} " in f" {norm(output)} "
+
+
+def final_number(text: str) -> Decimal | None:
+    """The first number after the last ``####`` (GSM8K's answer line), else the last number of the
+    text; by value, so ``1,234``, ``1234`` and ``1234.00`` are equal."""
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+        found = _numbers(text)[:1]
+    else:
+        found = _numbers(text)[-1:]
+    if not found:
+        return None
+    try:
+        return Decimal(found[0].replace(",", ""))
+    except InvalidOperation:  # pragma: no cover - the pattern only matches valid numbers
+        return None
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        number, before = m.group(), text[m.start() - 1: m.start()]
+        if number.startswith("-") and (before.isalnum() or before in ")]"):
+            number = number[1:]  # a hyphen or a subtraction, not a sign
+        out.append(number)
+    return out
+
+
+def final_number_match(output: str, reference: str) -> bool:
+    got, want = final_number(output), final_number(reference)
+    return got is not None and want is not None and got == want
+
+
+TEXT_METRICS = {"exact_match": exact_match, "final_number": final_number_match, "substring": substring_match}
+
+
+def check_references(items: Iterable[Item], metric: str, wheres: list[str]) -> None:
+    """Every reference can be scored by ``metric``; else an InputError naming the item."""
+    if metric not in TEXT_METRICS:
+        return
+    for item, where in zip(items, wheres):
+        ref = item.reference
+        if ref is None or not ref.strip():
+            raise InputError(f"{where}: metric {metric} needs a non-empty 'reference'")
+        if metric == "final_number" and final_number(ref) is None:
+            raise InputError(f"{where}: reference {ref[:60]!r} holds no number for metric final_number "
+                             "(use exact_match or substring)")
+        if metric != "final_number" and not normalize_text(ref, articles=False):
+            raise InputError(f"{where}: reference {ref[:60]!r} is empty once normalized (lower case, no "
+                             f"punctuation), so metric {metric} cannot score it")
 
 
 @dataclass(frozen=True)
@@ -141,8 +328,12 @@ def load_dataset(
     *,
     metric: str | None = None,
     limit: int | None = None,
+    max_new_tokens: int | None = None,
+    stop: Iterable[str] | None = None,
+    chat_template: bool = False,
 ) -> TaskDataset:
-    """Load a JSONL (or CSV) task dataset, validating every item."""
+    """Load a JSONL (or CSV) task dataset, validating every item. ``metric``, ``max_new_tokens`` and
+    ``stop`` left as None take the defaults (see the module docstring)."""
     path = Path(path)
     mapping = mapping or FieldMapping()
     if not path.is_file():
@@ -153,16 +344,19 @@ def load_dataset(
         for (where, rec), label in zip(raw, labels):
             rec["answer"] = label
     records = [(where, mapping.apply(rec, where)) for where, rec in raw]
-    return _validate(records, source=str(path), metric=metric)
+    return _validate(records, source=str(path), metric=metric, max_new_tokens=max_new_tokens, stop=stop,
+                     chat_template=chat_template)
 
 
 def parse_records(
-    records: list[dict[str, Any]], *, source: str = "items", metric: str | None = None
+    records: list[dict[str, Any]], *, source: str = "items", metric: str | None = None,
+    max_new_tokens: int | None = None, stop: Iterable[str] | None = None, chat_template: bool = False,
 ) -> TaskDataset:
     """Validate items given inline (REST body, stored job)."""
     if not isinstance(records, list):
         raise InputError(f"{source}: expected a list of items")
-    return _validate([(f"{source}[{i}]", r) for i, r in enumerate(records)], source=source, metric=metric)
+    return _validate([(f"{source}[{i}]", r) for i, r in enumerate(records)], source=source, metric=metric,
+                     max_new_tokens=max_new_tokens, stop=stop, chat_template=chat_template)
 
 
 def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
@@ -217,7 +411,8 @@ def _read_labels(path: Path, n: int) -> list[int]:
 
 
 def _validate(
-    records: list[tuple[str, dict[str, Any]]], *, source: str, metric: str | None
+    records: list[tuple[str, dict[str, Any]]], *, source: str, metric: str | None,
+    max_new_tokens: int | None = None, stop: Iterable[str] | None = None, chat_template: bool = False,
 ) -> TaskDataset:
     if not records:
         raise InputError(f"{source}: the dataset is empty")
@@ -228,23 +423,27 @@ def _validate(
         if kind is None:
             kind = item_kind
         elif item_kind != kind:
-            raise InputError(f"{where}: a {item_kind} item in a {kind} dataset; do not mix the two")
+            raise InputError(f"{where}: a {_KIND_NAMES[item_kind]} item in a {_KIND_NAMES[kind]} dataset; "
+                             "do not mix kinds")
         items.append(item)
     assert kind is not None
-    if kind == MULTIPLE_CHOICE:
-        if metric not in (None, *MULTIPLE_CHOICE_METRICS):
-            raise InputError(
-                f"metric {metric!r} does not fit a multiple-choice dataset (use one of {', '.join(MULTIPLE_CHOICE_METRICS)})"
-            )
-        metric = metric or "accuracy"
-    else:
-        if metric is None:
+    if metric is None:
+        if kind == MULTIPLE_CHOICE:
+            metric = "accuracy"
+        elif kind == PROMPTS:
+            metric = "top1_agreement"
+        else:
             metric = "final_number" if all("####" in (i.reference or "") for i in items) else "exact_match"
-        if metric not in GENERATION_METRICS:
-            raise InputError(
-                f"metric {metric!r} does not fit a generation dataset (use one of {', '.join(GENERATION_METRICS)})"
-            )
-    return TaskDataset(kind=kind, metric=metric, items=tuple(items), source=source)
+    _check_metric(kind, metric)
+    check_references(items, metric, [where for where, _ in records])
+    if isinstance(stop, str):
+        stop = (stop,)
+    return TaskDataset(kind=kind, metric=metric, items=tuple(items), source=source, max_new_tokens=max_new_tokens,
+                       stop=None if stop is None else tuple(stop), chat_template=chat_template)
+
+
+_KIND_NAMES = {MULTIPLE_CHOICE: "multiple_choice", GENERATION: "generation",
+               PROMPTS: "prompts-only (no 'choices' or 'reference')"}
 
 
 def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
@@ -278,6 +477,8 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
         if not isinstance(ref, str) or not ref.strip():
             raise InputError(f"{where}: field 'reference' must be a non-empty string")
         return GENERATION, Item(prompt=prompt, reference=ref, category=category)
-    raise InputError(
-        f"{where}: an item needs 'choices' and 'answer' (multiple choice) or 'reference' (generation)"
-    )
+    if "answer" in rec:
+        raise InputError(
+            f"{where}: an item with an 'answer' needs 'choices' (multiple choice); a generation item needs 'reference'"
+        )
+    return PROMPTS, Item(prompt=prompt, category=category)

@@ -15,6 +15,11 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 PENDING = "pending"
 
 DEFAULT_THRESHOLD = 0.98
+DEFAULT_CONFIDENCE = 0.95
+# How a candidate qualifies: its point estimate of relative quality meets the threshold, or the
+# lower bound of its confidence interval does (stricter: no candidate rides on luck).
+POLICIES = ("point", "lower-bound")
+DEFAULT_POLICY = "point"
 DEFAULT_GPU_HOUR_USD = 2.50  # a typical on-demand price for one H100-class GPU-hour
 
 
@@ -24,6 +29,22 @@ def validate_threshold(t: float) -> float:
     if not (0 < t <= 1.5):
         raise InputError(f"threshold {t} must be in (0, 1.5] (quality relative to the baseline, e.g. 0.98)")
     return float(t)
+
+
+def validate_confidence(c: float) -> float:
+    from quantselect.errors import InputError
+
+    if not (0.5 <= c < 1):
+        raise InputError(f"confidence {c} must be in [0.5, 1), e.g. 0.95")
+    return float(c)
+
+
+def validate_policy(p: str) -> str:
+    from quantselect.errors import InputError
+
+    if p not in POLICIES:
+        raise InputError(f"policy {p!r} must be one of {', '.join(POLICIES)}")
+    return p
 
 
 def validate_price(p: float) -> float:
@@ -43,6 +64,9 @@ class JobSpec:
     threshold: float = DEFAULT_THRESHOLD
     gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
     deploy: bool = False
+    confidence: float = DEFAULT_CONFIDENCE
+    policy: str = DEFAULT_POLICY
+    early_stop: bool = False  # stop a candidate once its verdict is settled (anytime-valid test)
 
 
 @dataclass
@@ -52,14 +76,24 @@ class ItemResult:
     prediction: Any  # chosen index (multiple choice) or generated text
     choice_logprobs: list[float] | None = None
     category: str | None = None
+    # The item's score in [0, 1]: 1/0 for right/wrong metrics; graded for label-free metrics
+    # (agreement with the baseline), where ``correct`` means "scored 1".
+    score: float | None = None
+    truncated: bool = False  # the prompt was cut from the left to fit the model's context
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            self.score = 1.0 if self.correct else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "correct": self.correct,
+            "score": self.score,
             "prediction": self.prediction,
             "choice_logprobs": self.choice_logprobs,
             "category": self.category,
+            "truncated": self.truncated,
         }
 
 
@@ -80,9 +114,13 @@ class CandidateResult:
     device: str | None = None
     node_id: str | None = None
     gpu_ids: list[str] = field(default_factory=list)
+    n_truncated: int | None = None  # items whose prompt was cut from the left to fit the context
+    early_stop: dict[str, Any] | None = None  # the sequential test's final state, when early stopping ran
     started_at: datetime | None = None
     finished_at: datetime | None = None
     items: list[ItemResult] = field(default_factory=list)
+    # What the baseline computed for label-free metrics, handed to the other candidates; not stored.
+    reference: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_baseline(self) -> bool:
@@ -120,6 +158,9 @@ class Job:
     error: str | None = None
     deployed_candidate: str | None = None
     base_url: str | None = None
+    confidence: float = DEFAULT_CONFIDENCE
+    policy: str = DEFAULT_POLICY
+    early_stop: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +174,9 @@ class Job:
             "n_items": self.n_items,
             "threshold": self.threshold,
             "gpu_hour_usd": self.gpu_hour_usd,
+            "confidence": self.confidence,
+            "policy": self.policy,
+            "early_stop": self.early_stop,
             "candidates": self.candidate_names,
             "deploy": self.deploy,
             "created_at": self.created_at.isoformat(),

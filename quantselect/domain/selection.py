@@ -1,12 +1,55 @@
-"""The recommendation: the cheapest candidate whose quality relative to the baseline meets the
-threshold (cost per 1M tokens, then memory), with the reason every other candidate lost."""
+"""The recommendation: the cheapest candidate (cost per 1M tokens; costs within 5 % count as a tie,
+decided by memory) whose quality
+relative to the baseline qualifies under the chosen policy, with its evidence and the reason every
+other candidate lost.
+
+Every comparison is paired: a candidate's items are matched with the baseline's by index, so a
+candidate stopped early is compared on the items it saw. Each candidate gets a verdict at the job's
+confidence (``statistics.compare``): pass (the whole interval of its relative score is at or above
+the threshold), fail (all below), or inconclusive. The policy decides who qualifies:
+
+- ``point``: the point estimate meets the threshold (an inconclusive candidate can win; the output
+  says so);
+- ``lower-bound``: the lower confidence bound meets it (only a pass verdict qualifies).
+
+A candidate whose verdict an early-stopping test settled keeps that verdict.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from quantselect.domain.results import SUCCEEDED, CandidateResult, cost_per_1m_tokens
+from quantselect.domain.results import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_POLICY,
+    SUCCEEDED,
+    CandidateResult,
+    ItemResult,
+    cost_per_1m_tokens,
+)
+from quantselect.domain.candidates import BASELINE
+from quantselect.domain.statistics import FAIL, INCONCLUSIVE, PASS, PairedComparison, compare
+
+CATEGORY_RESAMPLES = 1000  # per-category intervals: many small comparisons, a coarser bootstrap
+# Costs within this fraction of the cheapest count as a tie, broken by memory: throughput
+# measurements on shared machines wobble by a few per cent, and that wobble must not pick a model
+# twice the size.
+COST_TIE = 0.05
+
+
+@dataclass(frozen=True)
+class CategoryVerdict:
+    category: str
+    n_items: int
+    relative_score: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: str
+    passed: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -19,9 +62,20 @@ class Verdict:
     cost_per_1m_tokens_usd: float | None
     memory_bytes: int | None
     reason: str
+    n_items: int | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    verdict: str | None = None  # pass / fail / inconclusive at the job's confidence
+    mcnemar_p: float | None = None
+    items_needed: int | None = None
+    underpowered: bool | None = None
+    stopped_early: bool = False
+    categories: tuple[CategoryVerdict, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["categories"] = [c.to_dict() for c in self.categories]
+        return d
 
 
 @dataclass(frozen=True)
@@ -31,6 +85,10 @@ class Recommendation:
     baseline_score: float | None
     verdicts: tuple[Verdict, ...]
     message: str
+    confidence: float = DEFAULT_CONFIDENCE
+    policy: str = DEFAULT_POLICY
+    warnings: tuple[str, ...] = ()
+    per_category: dict[str, str | None] = field(default_factory=dict)
 
     def verdict(self, name: str) -> Verdict:
         return next(v for v in self.verdicts if v.name == name)
@@ -38,9 +96,13 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
+            "confidence": self.confidence,
+            "policy": self.policy,
             "chosen": self.chosen,
             "baseline_score": self.baseline_score,
             "message": self.message,
+            "warnings": list(self.warnings),
+            "per_category": dict(self.per_category),
             "candidates": [v.to_dict() for v in self.verdicts],
         }
 
@@ -49,79 +111,176 @@ def _memory(r: CandidateResult) -> int | None:
     return r.peak_memory_bytes or r.weight_bytes
 
 
-def relative_scores(results: list[CandidateResult], threshold: float) -> dict[str, tuple[float | None, bool | None]]:
-    base = next((r for r in results if r.is_baseline), None)
-    base_score = base.score if base and base.status == SUCCEEDED else None
-    out: dict[str, tuple[float | None, bool | None]] = {}
-    for r in results:
-        if r.status != SUCCEEDED or r.score is None or base_score is None:
-            out[r.name] = (None, None)
-        elif base_score == 0:
-            # Nothing is worse than a baseline that gets nothing right: relative quality is 1 at best.
-            out[r.name] = (1.0 if r.score >= 0 else 0.0, True)
-        else:
-            rel = r.score / base_score
-            out[r.name] = (rel, rel >= threshold - 1e-12)
-    return out
+def _qualifies(relative: float | None, ci_low: float | None, threshold: float, policy: str) -> bool | None:
+    value = ci_low if policy == "lower-bound" else relative
+    return None if value is None else value >= threshold - 1e-12
 
 
-def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: float) -> Recommendation:
-    rel = relative_scores(results, threshold)
+@dataclass
+class _Evidence:
+    relative: float | None = None
+    passed: bool | None = None
+    comparison: PairedComparison | None = None
+    decision: str | None = None  # settled by early stopping
+    n: int | None = None
+    categories: tuple[CategoryVerdict, ...] = ()
+
+
+def _paired(base: dict[int, ItemResult], items: Sequence[ItemResult]) -> tuple[list[float], list[float], list[str | None]]:
+    b, c, cats = [], [], []
+    for it in items:
+        if it.index in base:
+            b.append(float(base[it.index].score))
+            c.append(float(it.score))
+            cats.append(it.category)
+    return b, c, cats
+
+
+def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, ItemResult],
+              items: Sequence[ItemResult], threshold: float, confidence: float, policy: str) -> _Evidence:
+    if not base_items or not items:  # no per-item results stored: the plain ratio, no interval
+        if not base.score:
+            return _Evidence()
+        rel = (r.score or 0.0) / base.score
+        return _Evidence(relative=rel, passed=policy == "point" and rel >= threshold - 1e-12, n=r.n_items)
+    b, c, cats = _paired(base_items, items)
+    if not b:
+        return _Evidence()
+    comp = compare(b, c, threshold, confidence)
+    decision = (r.early_stop or {}).get("decision") if not r.is_baseline else None
+    passed = (decision == PASS) if decision else _qualifies(comp.relative, comp.ci_low, threshold, policy)
+    categories: list[CategoryVerdict] = []
+    names = sorted({k for k in cats if k is not None})
+    if len(names) > 1:
+        for name in names:
+            cb = [x for x, k in zip(b, cats) if k == name]
+            cc = [x for x, k in zip(c, cats) if k == name]
+            cat = compare(cb, cc, threshold, confidence, resamples=CATEGORY_RESAMPLES)
+            categories.append(CategoryVerdict(name, cat.n, cat.relative, cat.ci_low, cat.ci_high, cat.verdict,
+                                              _qualifies(cat.relative, cat.ci_low, threshold, policy)))
+    return _Evidence(comp.relative, passed, comp, decision, comp.n, tuple(categories))
+
+
+def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: float, *,
+              items: dict[str, list[ItemResult]] | None = None, confidence: float = DEFAULT_CONFIDENCE,
+              policy: str = DEFAULT_POLICY) -> Recommendation:
+    items = items or {}
     base = next((r for r in results if r.is_baseline), None)
-    base_score = base.score if base and base.status == SUCCEEDED else None
+    base_ok = base is not None and base.status == SUCCEEDED and base.score is not None
+    base_items = {i.index: i for i in items.get(base.name, [])} if base_ok and base else {}
+    evidence = {
+        r.name: (_evidence(r, base, base_items, items.get(r.name, []), threshold, confidence, policy)
+                 if base_ok and base and r.status == SUCCEEDED and r.score is not None else _Evidence())
+        for r in results
+    }
 
     def cost(r: CandidateResult) -> float | None:
         return cost_per_1m_tokens(gpu_hour_usd, r.tokens_per_second)
 
-    eligible = [r for r in results if rel[r.name][1]]
-
     def key(r: CandidateResult) -> tuple[float, float]:
-        c = cost(r)
-        m = _memory(r)
+        c, m = cost(r), _memory(r)
         return (c if c is not None else float("inf"), float(m) if m is not None else float("inf"))
 
-    chosen = min(eligible, key=key) if eligible else None
-    verdicts = []
-    for r in results:
-        score_rel, passed = rel[r.name]
-        c = cost(r)
-        if r.status != SUCCEEDED:
-            reason = f"{r.status}: {r.error}" if r.error else f"not finished ({r.status})"
-        elif base_score is None:
-            reason = "no baseline score to compare with (the baseline did not succeed)"
-        elif not passed:
-            reason = f"quality {score_rel:.3f} of the baseline is below the threshold {threshold:.3f}"
-        elif chosen is not None and r.name == chosen.name:
-            reason = "cheapest candidate that meets the threshold"
-        else:
-            assert chosen is not None
-            cc = cost(chosen)
-            if c is not None and cc is not None and c > cc:
-                reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
-            else:
-                reason = f"meets the threshold and costs the same but needs more memory than {chosen.name}"
-        verdicts.append(
-            Verdict(
-                name=r.name,
-                status=r.status,
-                score=r.score,
-                relative_score=score_rel,
-                passed=passed,
-                cost_per_1m_tokens_usd=c,
-                memory_bytes=_memory(r),
-                reason=reason,
-            )
-        )
+    eligible = [r for r in results if evidence[r.name].passed]
+    chosen = _cheapest(eligible, key)
+    base_score = base.score if base_ok and base else None
+    verdicts = [_verdict(r, evidence[r.name], chosen, cost, base_score, threshold, policy) for r in results]
+    warnings = _warnings(verdicts, chosen, threshold, confidence, policy)
+    per_category = _per_category(results, verdicts, key)
+
     if chosen is not None:
-        message = f"deploy {chosen.name}: {verdicts[results.index(chosen)].reason}"
+        message = f"deploy {chosen.name}: {next(v for v in verdicts if v.name == chosen.name).reason}"
     elif base_score is None:
         message = "no recommendation: the baseline did not produce a score"
+    elif base_score == 0:
+        message = "no recommendation: the baseline scores 0 on this task, so there is nothing to keep"
     else:
-        message = f"no candidate meets the threshold {threshold:.3f}"
-    return Recommendation(
-        threshold=threshold,
-        chosen=chosen.name if chosen else None,
-        baseline_score=base_score,
-        verdicts=tuple(verdicts),
-        message=message,
+        message = f"no candidate meets the threshold {threshold:.3f} under the {policy} policy"
+    return Recommendation(threshold=threshold, chosen=chosen.name if chosen else None, baseline_score=base_score,
+                          verdicts=tuple(verdicts), message=message, confidence=confidence, policy=policy,
+                          warnings=tuple(warnings), per_category=per_category)
+
+
+def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | None:
+    """The lowest cost; costs within COST_TIE of it are a tie, decided by memory."""
+    if not candidates:
+        return None
+    best = key(min(candidates, key=key))[0]
+    tied = [r for r in candidates if key(r)[0] <= best * (1 + COST_TIE)]
+    return min(tied, key=lambda r: (key(r)[1], key(r)[0]))
+
+
+def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cost: Any,
+             base_score: float | None, threshold: float, policy: str) -> Verdict:
+    c = cost(r)
+    comp = ev.comparison
+    stopped = bool((r.early_stop or {}).get("stopped_early"))
+    if r.status != SUCCEEDED:
+        reason = f"{r.status}: {r.error}" if r.error else f"not finished ({r.status})"
+    elif base_score is None:
+        reason = "no baseline score to compare with (the baseline did not succeed)"
+    elif ev.relative is None:
+        reason = "the baseline scores 0 on this task: no relative quality to compare"
+    elif not ev.passed:
+        if ev.decision == FAIL:
+            reason = (f"quality {ev.relative:.3f} of the baseline; an early-stopping test settled it below the "
+                      f"threshold {threshold:.3f} after {ev.n} items")
+        elif policy == "lower-bound" and comp is not None and ev.relative >= threshold:
+            reason = (f"quality {ev.relative:.3f} of the baseline, but the lower bound {comp.ci_low:.3f} of its "
+                      f"{comp.confidence:.0%} interval is below the threshold {threshold:.3f}")
+        else:
+            reason = f"quality {ev.relative:.3f} of the baseline is below the threshold {threshold:.3f}"
+    elif chosen is not None and r.name == chosen.name:
+        reason = "cheapest candidate that meets the threshold"
+    else:
+        assert chosen is not None
+        cc = cost(chosen)
+        if c is not None and cc is not None and c > cc * (1 + COST_TIE):
+            reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
+        else:
+            reason = (f"meets the threshold and costs about the same (within {COST_TIE:.0%}) but needs more "
+                      f"memory than {chosen.name}")
+    return Verdict(
+        name=r.name, status=r.status, score=r.score, relative_score=ev.relative, passed=ev.passed,
+        cost_per_1m_tokens_usd=c, memory_bytes=_memory(r), reason=reason, n_items=ev.n,
+        ci_low=comp.ci_low if comp else None, ci_high=comp.ci_high if comp else None,
+        verdict=ev.decision or (comp.verdict if comp else None), mcnemar_p=comp.mcnemar_p if comp else None,
+        items_needed=comp.items_needed if comp else None, underpowered=comp.underpowered if comp else None,
+        stopped_early=stopped, categories=ev.categories,
     )
+
+
+def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold: float, confidence: float,
+              policy: str) -> list[str]:
+    out = []
+    for v in verdicts:
+        failing = [c for c in v.categories if c.passed is False]
+        if v.passed and failing:
+            worst = min(failing, key=lambda c: c.relative_score if c.relative_score is not None else 0.0)
+            names = ", ".join(f"{c.category!r} ({c.relative_score:.3f})" if c.relative_score is not None
+                              else repr(c.category) for c in failing)
+            out.append(f"{v.name} passes overall but fails categor{'y' if len(failing) == 1 else 'ies'} {names}"
+                       + (f"; worst: {worst.category}" if len(failing) > 1 else ""))
+    chosen_v = next((v for v in verdicts if chosen is not None and v.name == chosen.name), None)
+    if chosen_v is not None and chosen_v.verdict not in (None, PASS) and chosen_v.ci_low is not None:
+        out.append(f"{chosen_v.name}'s verdict is {chosen_v.verdict} at {confidence:.0%} confidence: its interval "
+                   f"[{chosen_v.ci_low:.3f}, {chosen_v.ci_high:.3f}] straddles the threshold {threshold:.3f}; "
+                   "evaluate more items or use --policy lower-bound for a conservative choice")
+    for v in verdicts:  # the winner, and every candidate left undecided, when the items are too few
+        if v.name == BASELINE or not v.underpowered or not v.items_needed:
+            continue
+        if v is chosen_v or v.verdict == INCONCLUSIVE:
+            out.append(f"{v.n_items} items are too few to detect a quality drop of {1 - threshold:.1%} for {v.name} "
+                       f"with 80 % power at {confidence:.0%} confidence; about {v.items_needed} items would be needed")
+    return out
+
+
+def _per_category(results: list[CandidateResult], verdicts: list[Verdict], key: Any) -> dict[str, str | None]:
+    by_name = {r.name: r for r in results}
+    names = sorted({c.category for v in verdicts for c in v.categories})
+    out: dict[str, str | None] = {}
+    for cat in names:
+        ok = [by_name[v.name] for v in verdicts for c in v.categories if c.category == cat and c.passed]
+        best = _cheapest(ok, key)
+        out[cat] = best.name if best else None
+    return out

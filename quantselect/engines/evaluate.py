@@ -21,36 +21,89 @@ custom mask, fall back to one row per choice). Rows are batched by length, the v
 projection and log-softmax run only at scored positions, and the batch size follows the free
 memory. On PIQA with SmolLM2 this feeds ~51 tokens per item to the model where lm-eval feeds ~71.
 
-Generation is greedy, batched with left padding, scored by normalized exact match or final number.
+Generation (generation and prompts datasets, settings on the ``TaskDataset``):
+
+- each prompt is encoded as the multiple-choice context is (the tokenizer's default special
+  tokens), or, with ``chat_template``, rendered as one user message through the tokenizer's chat
+  template with the assistant turn opened and encoded without added special tokens (the template
+  holds them); a tokenizer without a chat template is an InputError;
+- a prompt longer than the model's positions minus ``max_new_tokens`` is cut from the left, as
+  lm-eval cuts it, and the item is flagged ``truncated`` (a warning counts them); a
+  multiple-choice context cut from the left is flagged the same way;
+- decoding is greedy, batched with left padding (the attention mask gives the position ids), the
+  rows sorted by length and as many per batch as a share of the free memory holds (at most
+  ``GENERATION_ROWS``); a row ends at the end-of-sequence token, at ``max_new_tokens``, or as soon
+  as its text holds a stop string (searched for after the output's leading whitespace), and a
+  batch ends when all its rows have;
+- the output is the decoded text (special tokens skipped) cut before the first stop string, scored
+  by ``exact_match``, ``final_number`` or ``substring`` (``quantselect.domain.dataset``).
+
+Label-free metrics (``top1_agreement``, ``kl_similarity``, ``baseline_match``) compare a candidate
+with the baseline's ``labelfree.Reference``: see ``quantselect.engines.labelfree``.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import logging
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from quantselect.domain.dataset import MULTIPLE_CHOICE, Item, TaskDataset
+from quantselect.domain.dataset import (
+    LABEL_FREE_METRICS,
+    MULTIPLE_CHOICE,
+    TEXT_METRICS,
+    Item,
+    TaskDataset,
+    exact_match,
+    final_number,
+    final_number_match,
+    normalize_text,
+    substring_match,
+)
 from quantselect.domain.results import ItemResult
+from quantselect.errors import InputError
 
+if TYPE_CHECKING:
+    from quantselect.engines.labelfree import Reference
+
+__all__ = ["evaluate", "generate", "generate_outputs", "encode_prompts", "score_multiple_choice", "predict",
+           "exact_match", "final_number", "final_number_match", "normalize_text", "substring_match"]
+
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 TARGET_DELIMITER = " "
 # Most padded tokens per forward pass. On a GPU the free memory is the real bound; on a CPU larger
 # batches stop paying off long before memory runs out.
 TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 65536}
+# Most rows per generation batch: decoding reads every weight once per step for the whole batch,
+# so rows are nearly free until compute binds; a finished row still rides along until its batch ends.
+GENERATION_ROWS = {"cpu": 16, "cuda": 256}
 MEMORY_FRACTION = 0.25  # of the free memory that one batch's activations may take
 
 
 def evaluate(model: Any, tokenizer: Any, dataset: TaskDataset, progress: Progress | None = None,
-             max_new_tokens: int = 64) -> list[ItemResult]:
+             max_new_tokens: int | None = None, reference: "Reference | None" = None) -> list[ItemResult]:
+    """Score every item of ``dataset`` (any slice of a dataset: indices count from its first item).
+
+    ``max_new_tokens``, when given, overrides the dataset's setting. Label-free metrics need the
+    baseline's ``reference`` (``labelfree.build_reference``)."""
+    if max_new_tokens is not None and dataset.kind != MULTIPLE_CHOICE:
+        dataset = replace(dataset, max_new_tokens=max_new_tokens)
     if dataset.kind == MULTIPLE_CHOICE:
         return score_multiple_choice(model, tokenizer, dataset.items, progress,
                                      norm=dataset.metric == "accuracy_norm")
-    outputs = generate(model, tokenizer, [i.prompt for i in dataset.items], max_new_tokens, progress)
-    scorer = final_number_match if dataset.metric == "final_number" else exact_match
+    if dataset.metric in LABEL_FREE_METRICS:
+        from quantselect.engines.labelfree import score_against_reference
+
+        if reference is None:
+            raise ValueError(f"metric {dataset.metric} compares with the baseline: build its reference first "
+                             "(labelfree.build_reference on the baseline) and pass reference=")
+        return score_against_reference(model, tokenizer, dataset, reference, progress)
+    outputs = generate_outputs(model, tokenizer, dataset, progress)
+    scorer = TEXT_METRICS[dataset.metric]
     return [
-        ItemResult(index=n, correct=scorer(out, item.reference or ""), prediction=out, category=item.category)
+        ItemResult(index=n, correct=scorer(out.text, item.reference or ""), prediction=out.text,
+                   category=item.category, truncated=out.truncated)
         for n, (item, out) in enumerate(zip(dataset.items, outputs))
     ]
 
@@ -88,6 +141,7 @@ class _Row:
     context: list[int]
     common: list[int]
     tails: list[list[int]]
+    truncated: bool = False  # the context was cut from the left to fit
 
     @property
     def shared(self) -> list[int]:
@@ -124,7 +178,9 @@ def _rows(tokenizer: Any, items: Sequence[Item], max_length: int, pack_length: i
             n = _common_prefix(conts)
             rows.append(_Row(i, list(range(len(conts))), context, conts[0][:n], [c[n:] for c in conts]))
         else:
-            rows += [_Row(i, [j], context[-(max_length + 1 - len(cont)):], [], [cont]) for j, cont in enumerate(conts)]
+            for j, cont in enumerate(conts):
+                keep = max_length + 1 - len(cont)
+                rows.append(_Row(i, [j], context[-keep:], [], [cont], truncated=len(context) > keep))
     return rows
 
 
@@ -145,15 +201,19 @@ def _pack_length(model: Any) -> int:
     return min(_max_length(model), window) if window else _max_length(model)
 
 
-def _tokens_per_batch(model: Any, device: Any) -> int:
-    """Padded tokens per forward pass that fit in a share of the free memory, within the cap."""
-    import psutil
+def _free_memory(device: Any) -> int:
     import torch
 
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = psutil.virtual_memory().available
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _tokens_per_batch(model: Any, device: Any) -> int:
+    """Padded tokens per forward pass that fit in a share of the free memory, within the cap."""
+    free = _free_memory(device)
     cfg = model.config
     hidden = getattr(cfg, "hidden_size", 4096)
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
@@ -257,64 +317,177 @@ def score_multiple_choice(model: Any, tokenizer: Any, items: Sequence[Item],
                 n_done += rows_left[row.item] == 0
             if progress:
                 progress(n_done, len(items))
+    truncated = [False] * len(items)
+    for row in rows:
+        truncated[row.item] |= row.truncated
+    if any(truncated):
+        log.warning("%d of %d multiple-choice contexts were cut from the left to fit the model's %d positions",
+                    sum(truncated), len(items), _max_length(model))
     results = []
     for i, item in enumerate(items):
         pred = predict(logprobs[i], item.choices or (), norm)
         results.append(ItemResult(index=i, correct=pred == item.answer, prediction=pred,
-                                  choice_logprobs=logprobs[i], category=item.category))
+                                  choice_logprobs=logprobs[i], category=item.category, truncated=truncated[i]))
     return results
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             progress: Progress | None = None, batch_size: int = 8) -> list[str]:
+# --- generation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """One item's greedy output."""
+
+    prompt_ids: list[int]  # the prompt as fed to the model (chat template applied, cut to fit)
+    output_ids: list[int]  # generated tokens, through the end-of-sequence token or the stop string
+    text: str  # decoded (special tokens skipped), cut before the first stop string
+    truncated: bool = False  # the prompt was cut from the left
+    stopped: str = field(default="length")  # "eos", "stop" or "length"
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("chat-template was asked for, but the model's tokenizer has no chat template "
+                         "(not an instruct model?): leave it off")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode_prompts(model: Any, tokenizer: Any, dataset: TaskDataset) -> tuple[list[list[int]], list[bool]]:
+    """Each item's prompt ids (chat template applied when the dataset asks) and whether it was cut
+    from the left to leave ``max_new_tokens`` positions free."""
+    n_new = dataset.max_new_tokens or 1
+    limit = _max_length(model) - n_new
+    if limit < 1:
+        raise InputError(f"max-new-tokens {n_new} leaves no room for a prompt in the model's "
+                         f"{_max_length(model)} positions")
+    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids, truncated = [], []
+    for item in dataset.items:
+        text = render_prompt(tokenizer, item.prompt, dataset.chat_template)
+        enc = tokenizer(text, add_special_tokens=not dataset.chat_template)["input_ids"] or [fallback]
+        truncated.append(len(enc) > limit)
+        ids.append(list(enc[-limit:]))
+    if any(truncated):
+        log.warning("%d of %d prompts were cut from the left to fit the model's %d positions less %d new tokens",
+                    sum(truncated), len(ids), _max_length(model), n_new)
+    return ids, truncated
+
+
+def stop_index(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, searched for after its leading whitespace."""
+    start = len(text) - len(text.lstrip())
+    hits = [k for s in stop if (k := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def _generation_rows(model: Any, device: Any, width: int) -> int:
+    """Rows of ``width`` positions (prompt + new tokens) whose cache and prefill activations fit in
+    a share of the free memory, within the cap."""
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 4096)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", 32)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", 32)
+    vocab = getattr(cfg, "vocab_size", 32000)
+    # fp32 upper bounds: the KV cache of every layer, one layer's prefill activations, the logits.
+    per_row = width * (4 * 2 * layers * kv_heads * head_dim + 4 * (8 * hidden + 3 * inter)) + 8 * vocab
+    rows = int(_free_memory(device) * MEMORY_FRACTION) // per_row
+    return max(1, min(rows, GENERATION_ROWS.get(device.type, GENERATION_ROWS["cpu"])))
+
+
+def _stop_criteria(tokenizer: Any, stop: Sequence[str], width: int) -> Any:
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        """A row is done once its generated text holds a stop string."""
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([stop_index(t, stop) is not None for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()])
+
+
+def _cut(tokenizer: Any, tokens: list[int], eos: Sequence[int], stop: Sequence[str]) -> tuple[list[int], str, str]:
+    """A row's generated tokens through the end-of-sequence token (kept), or through the token that
+    completes the first stop string; its text cut before that string; how it ended."""
+    def text_of(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    end = next((k for k, t in enumerate(tokens) if t in eos), None)
+    body = tokens if end is None else tokens[:end]
+    text = text_of(body)
+    cut = stop_index(text, stop) if stop else None
+    if cut is not None:
+        lo, hi = 1, len(body)  # the shortest prefix whose text holds the stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if stop_index(text_of(body[:mid]), stop) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return body[:lo], text[:cut], "stop"
+    if end is not None:
+        return tokens[: end + 1], text, "eos"
+    return tokens, text, "length"
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             stop: Sequence[str] = (), progress: Progress | None = None) -> list[tuple[list[int], str, str]]:
+    """Greedy continuations of token-id prompts, batched with left padding: per prompt the output
+    ids, the text and how it ended (see ``_cut``)."""
+    import torch
+    from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    outputs: list[str] = []
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos or None, pad_token_id=pad)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: worst memory first
+    outputs: list[Any] = [None] * len(prompts)
+    start = 0
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start: start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        while start < len(order):
+            width = len(prompts[order[start]])
+            batch = order[start: start + _generation_rows(model, device, width + max_new_tokens)]
+            start += len(batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, i in enumerate(batch):
+                n = len(prompts[i])
+                ids[b, width - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                mask[b, width - n:] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 stopping_criteria=_stop_criteria(tokenizer, stop, width) if stop else None)
+            for b, i in enumerate(batch):
+                outputs[i] = _cut(tokenizer, out[b, width:].tolist(), eos, stop)
             if progress:
-                progress(len(outputs), len(prompts))
+                progress(start, len(prompts))
     return outputs
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize_text(s: str) -> str:
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def exact_match(output: str, reference: str) -> bool:
-    first_line = output.strip().split("\n", 1)[0] if output.strip() else ""
-    return normalize_text(first_line) == normalize_text(reference) or normalize_text(output) == normalize_text(reference)
-
-
-def _final_number(text: str) -> str | None:
-    if "####" in text:
-        text = text.split("####")[-1]
-    numbers = _NUMBER.findall(text)
-    if not numbers:
-        return None
-    n = numbers[-1].replace(",", "").rstrip(".")
-    try:
-        return str(float(n)).rstrip("0").rstrip(".")
-    except ValueError:
-        return None
-
-
-def final_number_match(output: str, reference: str) -> bool:
-    got, want = _final_number(output), _final_number(reference)
-    return got is not None and got == want
+def generate_outputs(model: Any, tokenizer: Any, dataset: TaskDataset,
+                     progress: Progress | None = None) -> list[Generation]:
+    """Every item's greedy output under the dataset's generation settings."""
+    prompts, truncated = encode_prompts(model, tokenizer, dataset)
+    assert dataset.max_new_tokens is not None and dataset.stop is not None
+    outs = generate(model, tokenizer, prompts, dataset.max_new_tokens, dataset.stop, progress)
+    return [Generation(p, ids, text, cut, how) for p, cut, (ids, text, how) in zip(prompts, truncated, outs)]

@@ -120,3 +120,23 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
+
+
+def has_chat_template(model_path: str) -> bool | None:
+    """Whether a Hugging Face folder's tokenizer carries a chat template, read from its files
+    without loading anything; None when that cannot be told (a GGUF file, the demo model)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return None

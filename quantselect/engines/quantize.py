@@ -19,6 +19,7 @@ from quantselect.domain.candidates import (
     Int4WeightOnly,
     Int8Dynamic,
     Int8WeightOnly,
+    LowBitWeightOnly,
 )
 
 
@@ -117,6 +118,15 @@ def _int4_wo(config: CandidateConfig, device: str) -> Any:
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(config.group_size))
 
 
+def _low_bit(config: CandidateConfig, device: str) -> Any:
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    assert isinstance(config, LowBitWeightOnly)
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{config.bits}"), granularity=PerGroup(config.group_size))
+
+
 def _fp8_dyn(config: CandidateConfig, device: str) -> Any:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
@@ -138,6 +148,9 @@ HANDLERS[Int8WeightOnly] = Handler(_reference_dtype, _torchao(_int8_wo), _needs_
 HANDLERS[Int8Dynamic] = Handler(_reference_dtype, _apply_w8a8, _needs_torchao)
 HANDLERS[Int4WeightOnly] = Handler(
     lambda d: "bfloat16" if d == "cuda" else "float32", _torchao(_int4_wo), _needs_torchao
+)
+HANDLERS[LowBitWeightOnly] = Handler(
+    lambda d: "bfloat16" if d == "cuda" else "float32", _torchao(_low_bit), _needs_torchao
 )
 HANDLERS[Fp8Dynamic] = Handler(lambda d: "bfloat16", _torchao(_fp8_dyn), _fp8_available)
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import traceback
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
-from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult
+from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
 
 Report = Callable[[str, int, int], None]  # phase, done, total
 
@@ -42,9 +44,58 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:500]}"
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """Evaluate in chunks, in a seeded random order, and stop once an anytime-valid sequential test
+    against the baseline's per-item scores has settled the candidate's verdict."""
+
+    threshold: float
+    confidence: float
+    chunk: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BaselineShare:
+    """What the baseline computed once, for every other candidate: its score per item (by index)
+    and, for label-free metrics, its reference outputs."""
+
+    scores: dict[int, float]
+    reference: Any = None
+
+
+def evaluation_order(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _subset(dataset: TaskDataset, indices: list[int]) -> TaskDataset:
+    return replace(dataset, items=tuple(dataset.items[i] for i in indices))
+
+
+def _evaluate(evaluate: Any, loaded: Any, dataset: TaskDataset, share: BaselineShare | None,
+              indices: list[int] | None, report: Report, done: int, total: int) -> list[ItemResult]:
+    """Score ``indices`` of the dataset (all items when None); item results carry dataset indices."""
+    part = dataset if indices is None else _subset(dataset, indices)
+    kwargs: dict[str, Any] = {}
+    if share is not None and share.reference is not None:
+        kwargs["reference"] = share.reference if indices is None else share.reference.select(indices)
+    items = evaluate.evaluate(loaded.model, loaded.tokenizer, part,
+                              progress=lambda d, t: report("evaluating", done + d, total), **kwargs)
+    if indices is not None:
+        for item in items:
+            item.index = indices[item.index]
+    return items
+
+
 def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *,
                   report: Report | None = None, device: str | None = None,
-                  threads: int | None = None, placement: dict[str, Any] | None = None) -> CandidateResult:
+                  threads: int | None = None, placement: dict[str, Any] | None = None,
+                  baseline: BaselineShare | None = None, early_stop: EarlyStop | None = None,
+                  measure_threads: int | None = None) -> CandidateResult:
+    """``measure_threads``: CPU threads for the throughput measurement, the same for every
+    candidate of a job (one that ran alone with more threads would otherwise look cheaper)."""
     quiet_libraries()
     report = report or (lambda phase, done, total: None)
     result = CandidateResult(name=candidate.name, config=candidate.config.to_dict(),
@@ -67,12 +118,24 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         measure.reset_peak_memory(loaded.device)
         report("evaluating", 0, len(dataset))
         start = time.perf_counter()
-        items = evaluate.evaluate(loaded.model, loaded.tokenizer, dataset,
-                                  progress=lambda done, total: report("evaluating", done, total))
+        if candidate.is_baseline and _needs_reference(dataset):
+            from quantselect.engines.labelfree import build_reference
+
+            result.reference = build_reference(loaded.model, loaded.tokenizer, dataset,
+                                               progress=lambda d, t: report("evaluating", d, t))
+            items = result.reference.baseline_results(dataset)  # 1.0 on every item, by definition
+        elif early_stop is None or baseline is None or candidate.is_baseline:
+            items = _evaluate(evaluate, loaded, dataset, baseline, None, report, 0, len(dataset))
+        else:
+            items = _evaluate_until_settled(evaluate, loaded, dataset, baseline, early_stop, report, result)
         result.eval_seconds = time.perf_counter() - start
-        result.items = items
-        result.score = sum(i.correct for i in items) / len(items)
-        report("measuring", len(dataset), len(dataset))
+        result.items = sorted(items, key=lambda i: i.index)
+        result.n_items = len(items)
+        result.n_truncated = sum(bool(i.truncated) for i in items)
+        result.score = sum(float(i.score if i.score is not None else i.correct) for i in items) / len(items)
+        report("measuring", len(items), len(dataset))
+        if measure_threads:
+            torch.set_num_threads(measure_threads)
         result.tokens_per_second = measure.decode_tokens_per_second(loaded.model, loaded.tokenizer)
         result.throughput_engine = f"transformers generate (eager, batch 1) on {loaded.device}"
         result.peak_memory_bytes = measure.peak_memory_bytes(loaded.device)
@@ -84,6 +147,35 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         result.status = FAILED
         result.error = _one_line(e)
         result.items = []
+        result.reference = None
     result.finished_at = datetime.now(timezone.utc)
-    report(result.status, len(dataset) if result.status == SUCCEEDED else 0, len(dataset))
+    done = (result.n_items or len(dataset)) if result.status == SUCCEEDED else 0
+    report(result.status, done, len(dataset))
     return result
+
+
+def _needs_reference(dataset: TaskDataset) -> bool:
+    try:
+        from quantselect.engines.labelfree import needs_reference
+    except ImportError:  # pragma: no cover
+        return False
+    return needs_reference(dataset)
+
+
+def _evaluate_until_settled(evaluate: Any, loaded: Any, dataset: TaskDataset, baseline: BaselineShare,
+                            rule: EarlyStop, report: Report, result: CandidateResult) -> list[ItemResult]:
+    from quantselect.domain.statistics import SequentialTest
+
+    test = SequentialTest(rule.threshold, rule.confidence)
+    order = [i for i in evaluation_order(len(dataset), rule.seed) if i in baseline.scores]
+    items: list[ItemResult] = []
+    for start in range(0, len(order), rule.chunk):
+        chunk = _evaluate(evaluate, loaded, dataset, baseline, order[start: start + rule.chunk], report,
+                          len(items), len(dataset))
+        items += chunk
+        test.update([baseline.scores[i.index] for i in chunk], [float(i.score) for i in chunk])
+        if test.decision is not None:
+            break
+    result.early_stop = {**test.to_dict(), "chunk": rule.chunk, "seed": rule.seed,
+                         "stopped_early": len(items) < len(dataset)}
+    return items

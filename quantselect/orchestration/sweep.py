@@ -3,14 +3,13 @@ finish. Workers never touch the database: the caller (the driver) persists each 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
-from quantselect.domain.results import FAILED, CandidateResult
+from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 
@@ -51,7 +50,8 @@ def _progress_board():
     return ProgressBoard.remote()
 
 
-def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int):
+def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int,
+                    baseline=None, early_stop=None, measure_threads=None):
     import ray
 
     from quantselect.engines.worker import run_candidate
@@ -63,7 +63,16 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
     def report(phase: str, done: int, total: int) -> None:
         board.update.remote(candidate.name, phase, done, total)
 
-    return run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement)
+    return run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement,
+                         baseline=baseline, early_stop=early_stop, measure_threads=measure_threads)
+
+
+def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> bool:
+    """Early stopping compares each chunk with the baseline's items, and label-free metrics score
+    against the baseline's outputs: either way the baseline runs first and is shared."""
+    from quantselect.engines.worker import _needs_reference
+
+    return early_stop is not None or _needs_reference(dataset)
 
 
 def run_sweep(
@@ -73,34 +82,85 @@ def run_sweep(
     on_outcome: Callable[[CandidateResult], None],
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
     poll_seconds: float = 0.5,
+    early_stop: object | None = None,
 ) -> list[CandidateResult]:
-    """Run all candidates; ``on_outcome`` is called once per candidate as it finishes."""
+    """Run all candidates; ``on_outcome`` is called once per candidate as it finishes.
+
+    With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
+    first, alone, and its per-item scores (and reference outputs) go to every other candidate.
+    """
+    import ray
+
+    from quantselect.engines.worker import BaselineShare
+    from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
+
+    # Every candidate's throughput is measured with the threads it gets when all run side by side.
+    measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus()).threads
+    board = _progress_board()
+    dataset_ref = ray.put(dataset)
+    poll = _Poller(board, on_progress)
+    try:
+        if not needs_baseline_first(dataset, early_stop):
+            return _run(model_path, candidates, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure)
+        first = [c for c in candidates if c.is_baseline]
+        rest = [c for c in candidates if not c.is_baseline]
+        outcomes = _run(model_path, first, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure)
+        base = outcomes[0]
+        if base.status != SUCCEEDED:
+            for cand in rest:  # nothing to compare with: say so rather than run them
+                result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
+                                         error="not run: the baseline failed", finished_at=datetime.now(timezone.utc))
+                outcomes.append(result)
+                on_outcome(result)
+            return outcomes
+        share = BaselineShare(scores={i.index: float(i.score) for i in base.items}, reference=base.reference)
+        base.reference = None
+        return outcomes + _run(model_path, rest, dataset_ref, board, poll, on_outcome, poll_seconds,
+                               ray.put(share), early_stop, measure=measure)
+    finally:
+        ray.kill(board)
+        del dataset_ref
+
+
+class _Poller:
+    def __init__(self, board, on_progress) -> None:
+        self.board, self.on_progress, self.last = board, on_progress, {}
+
+    def __call__(self) -> None:
+        import ray
+
+        if self.on_progress:
+            snap = ray.get(self.board.snapshot.remote())
+            if snap != self.last:
+                self.on_progress(snap)
+                self.last = snap
+
+
+def _run(model_path: str, candidates: list[Candidate], dataset_ref, board, poll: _Poller,
+         on_outcome: Callable[[CandidateResult], None], poll_seconds: float,
+         baseline=None, early_stop=None, measure: int | None = None) -> list[CandidateResult]:
     import ray
 
     from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
 
+    if not candidates:
+        return []
     placement = plan_placement(len(candidates), cluster_gpus(), cluster_cpus())
     task = ray.remote(
         max_calls=1,  # a fresh process per candidate: its own peak memory, nothing leaked
         max_retries=1,  # one retry if the worker process dies
     )(_candidate_task).options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus)
-    board = _progress_board()
-    dataset_ref = ray.put(dataset)
     queue = list(candidates)
     running: dict = {}
     max_in_flight = max(1, placement.slots * 2)
     outcomes: list[CandidateResult] = []
-    last_snapshot: ProgressSnapshot = {}
     while queue or running:
         while queue and len(running) < max_in_flight:
             cand = queue.pop(0)
-            running[task.remote(model_path, cand, dataset_ref, board, placement.threads)] = cand
+            running[task.remote(model_path, cand, dataset_ref, board, placement.threads, baseline, early_stop,
+                                measure)] = cand
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
-        if on_progress:
-            snap = ray.get(board.snapshot.remote())
-            if snap != last_snapshot:
-                on_progress(snap)
-                last_snapshot = snap
+        poll()
         for ref in ready:
             cand = running.pop(ref)
             try:
@@ -112,7 +172,5 @@ def run_sweep(
                                          finished_at=datetime.now(timezone.utc))
             outcomes.append(result)
             on_outcome(result)
-    ray.kill(board)
-    del dataset_ref
-    time.sleep(0)
+    poll()
     return outcomes

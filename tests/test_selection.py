@@ -1,0 +1,106 @@
+"""The recommendation from stored per-item results: paired intervals, verdicts, policies,
+categories, early-stopped candidates and the too-few-items warning."""
+
+from __future__ import annotations
+
+from quantselect.domain.candidates import BASELINE
+from quantselect.domain.results import SUCCEEDED, CandidateResult, ItemResult
+from quantselect.domain.selection import recommend
+
+
+def cand(name, correct, tps, cats=None, mem=100, early_stop=None):
+    items = [ItemResult(i, bool(c), 0, category=cats[i] if cats else None) for i, c in enumerate(correct)]
+    r = CandidateResult(name=name, config={}, status=SUCCEEDED, score=sum(correct) / len(correct),
+                        tokens_per_second=tps, peak_memory_bytes=mem, n_items=len(correct), early_stop=early_stop)
+    return r, items
+
+
+def run(cands, threshold=0.98, **kw):
+    results = [r for r, _ in cands]
+    items = {r.name: its for r, its in cands}
+    return recommend(results, threshold, 2.0, items=items, **kw)
+
+
+BASE = [1] * 160 + [0] * 40  # 0.80 on 200 items
+
+
+def test_paired_evidence_for_every_candidate():
+    same = list(BASE)
+    broken = [1 if i % 2 else 0 for i in range(200)]  # 0.50
+    rec = run([cand(BASELINE, BASE, 100), cand("int8", same, 200), cand("int2", broken, 400)])
+    assert rec.chosen == "int8"
+    v = rec.verdict("int8")
+    assert v.relative_score == 1.0 and v.ci_low == v.ci_high == 1.0 and v.verdict == "pass"
+    assert v.mcnemar_p == 1.0 and v.n_items == 200
+    b = rec.verdict("int2")
+    assert b.verdict == "fail" and b.ci_high < 0.98 and b.mcnemar_p < 0.001 and not b.passed
+    assert rec.to_dict()["candidates"][1]["ci_low"] == 1.0
+
+
+def test_policies_differ_on_an_inconclusive_candidate():
+    # 4 items flipped wrong, 2 flipped right: relative 0.9875, interval straddles 0.98.
+    c = list(BASE)
+    for i in range(4):
+        c[i] = 0
+    c[160] = c[161] = 1
+    cands = [cand(BASELINE, BASE, 100), cand("int4", c, 300)]
+    point = run(cands, policy="point")
+    assert point.chosen == "int4" and point.verdict("int4").verdict == "inconclusive"
+    assert any("straddles" in w for w in point.warnings)
+    strict = run(cands, policy="lower-bound")
+    assert strict.chosen == BASELINE and strict.verdict("int4").passed is False
+    assert "lower bound" in strict.verdict("int4").reason
+
+
+def test_category_failure_is_warned_and_recommended_per_category():
+    cats = ["math"] * 50 + ["chat"] * 150
+    base = [1] * 200
+    c = [0] * 5 + [1] * 195  # overall 0.975 relative... make it pass overall at 0.95
+    cands = [cand(BASELINE, base, 100, cats), cand("int4", c, 300, cats)]
+    rec = run(cands, threshold=0.95)
+    assert rec.chosen == "int4"
+    cat = {x.category: x for x in rec.verdict("int4").categories}
+    assert cat["math"].relative_score == 0.9 and cat["math"].passed is False and cat["chat"].passed
+    assert any("fails category 'math'" in w for w in rec.warnings)
+    assert rec.per_category == {"chat": "int4", "math": BASELINE}
+
+
+def test_early_stopped_candidate_keeps_its_settled_verdict():
+    short = [1 if i % 2 else 0 for i in range(40)]
+    r, items = cand("int2", short, 500, early_stop={"decision": "fail", "n": 40, "stopped_early": True})
+    rec = run([cand(BASELINE, BASE, 100), (r, items)])
+    v = rec.verdict("int2")
+    assert v.passed is False and v.verdict == "fail" and v.stopped_early and v.n_items == 40
+    assert "early-stopping test" in v.reason
+
+
+def test_too_few_items_say_how_many_would_be_needed():
+    base = [1] * 16 + [0] * 4
+    c = [1] * 15 + [0] * 5
+    rec = run([cand(BASELINE, base, 100), cand("int8", c, 200)], threshold=0.9)
+    assert rec.chosen == "int8"
+    v = rec.verdict("int8")
+    assert v.underpowered and v.items_needed > 20
+    assert any(f"about {v.items_needed} items would be needed" in w for w in rec.warnings)
+
+
+def test_recommendation_without_item_results_falls_back_to_the_ratio():
+    results = [CandidateResult(BASELINE, {}, SUCCEEDED, score=0.8, tokens_per_second=100),
+               CandidateResult("int8", {}, SUCCEEDED, score=0.8, tokens_per_second=200)]
+    rec = recommend(results, 0.98, 2.0)
+    assert rec.chosen == "int8" and rec.verdict("int8").ci_low is None
+
+
+def test_a_baseline_that_scores_zero_gives_no_recommendation():
+    rec = run([cand(BASELINE, [0] * 10, 100), cand("int8", [0] * 10, 200)])
+    assert rec.chosen is None and "scores 0" in rec.message
+
+
+def test_costs_within_measurement_noise_tie_and_memory_decides():
+    # int8 measured 3 % slower than the baseline (noise on a CPU) but needs 40 % of its memory.
+    rec = run([cand(BASELINE, BASE, 100, mem=500), cand("int8", list(BASE), 97, mem=200)])
+    assert rec.chosen == "int8"
+    assert "within 5%" in rec.verdict(BASELINE).reason
+    # A real cost difference still wins over memory.
+    rec = run([cand(BASELINE, BASE, 100, mem=500), cand("int8", list(BASE), 80, mem=200)])
+    assert rec.chosen == BASELINE

@@ -119,7 +119,7 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
     click.echo(f"\nServing {candidate} at {url}  (OpenAI-compatible)")
     click.echo("Try it:")
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                       "max_tokens": 32})
+                       "max_tokens": 32, "temperature": 0})
     click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
 
 

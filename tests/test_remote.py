@@ -77,3 +77,23 @@ def test_a_stale_ray_address_file_does_not_hijack_a_local_run(tmp_path_factory):
         assert "cpus" in out.stdout
     finally:
         subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+
+
+def test_the_persistent_local_head_is_reached_on_loopback_even_if_ray_was_imported_first():
+    """`demo --deploy` / `deploy` / `api` start a detached head on 127.0.0.1 and join it. Ray
+    rewrites 127.0.0.1 to the machine's network address unless told otherwise before its import;
+    a loopback head does not listen there, and the join hung for minutes."""
+    temp = Path(tempfile.mkdtemp(prefix="qsh", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "QUANTSELECT_RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(RAY_TMPDIR=str(temp), QUANTSELECT_LOCAL_RAY_PORT=str(free_port()), QUANTSELECT_HOME=str(temp / "home"),
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    code = ("import ray; from quantselect.orchestration.cluster import connect; from quantselect.settings import get_settings;"
+            "connect(get_settings(), persistent=True); print('joined', ray.get_runtime_context().gcs_address)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"joined 127.0.0.1:{env['QUANTSELECT_LOCAL_RAY_PORT']}" in out.stdout, out.stdout + out.stderr[-1000:]
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+        subprocess.run(["pkill", "-9", "-f", f"port={env['QUANTSELECT_LOCAL_RAY_PORT']}"], check=False)

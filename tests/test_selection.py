@@ -81,7 +81,7 @@ def test_too_few_items_say_how_many_would_be_needed():
     assert rec.chosen == "int8"
     v = rec.verdict("int8")
     assert v.underpowered and v.items_needed > 20
-    assert any(f"about {v.items_needed} items would be needed" in w for w in rec.warnings)
+    assert any(f"items needed: int8 ~{v.items_needed}" in w for w in rec.warnings)
 
 
 def test_recommendation_without_item_results_falls_back_to_the_ratio():

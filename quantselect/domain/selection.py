@@ -266,12 +266,13 @@ def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold
         out.append(f"{chosen_v.name}'s verdict is {chosen_v.verdict} at {confidence:.0%} confidence: its interval "
                    f"[{chosen_v.ci_low:.3f}, {chosen_v.ci_high:.3f}] straddles the threshold {threshold:.3f}; "
                    "evaluate more items or use --policy lower-bound for a conservative choice")
-    for v in verdicts:  # the winner, and every candidate left undecided, when the items are too few
-        if v.name == BASELINE or not v.underpowered or not v.items_needed:
-            continue
-        if v is chosen_v or v.verdict == INCONCLUSIVE:
-            out.append(f"{v.n_items} items are too few to detect a quality drop of {1 - threshold:.1%} for {v.name} "
-                       f"with 80 % power at {confidence:.0%} confidence; about {v.items_needed} items would be needed")
+    short = [v for v in verdicts  # the winner, and every candidate left undecided, when the items are too few
+             if v.name != BASELINE and v.underpowered and v.items_needed
+             and (v is chosen_v or v.verdict == INCONCLUSIVE)]
+    if short:
+        needed = ", ".join(f"{v.name} ~{v.items_needed}" for v in short)
+        out.append(f"{short[0].n_items} items are too few to detect a quality drop of {1 - threshold:.1%} with 80 % "
+                   f"power at {confidence:.0%} confidence; items needed: {needed}")
     return out
 
 

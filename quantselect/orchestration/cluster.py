@@ -14,11 +14,18 @@ from quantselect.settings import Settings
 
 
 def _local_env() -> None:
-    # Loopback-only local clusters: no token auth (left unset, Ray turns it on and the Jobs API then
-    # answers 401 to clients that did not set it), bound to 127.0.0.1.
+    """Loopback-only local clusters: no token auth (left unset, Ray turns it on and the Jobs API then
+    answers 401 to clients that did not set it), bound to 127.0.0.1. Must run before ``import ray``:
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import, and with it on it rewrites
+    ``127.0.0.1:PORT`` to this machine's network address, where a loopback head does not listen."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        constants.ENABLE_RAY_CLUSTER = False  # ray was imported first: apply the setting anyway
 
 
 def connect(settings: Settings, *, persistent: bool = False) -> None:
@@ -29,20 +36,20 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
       deployment keeps answering after the CLI exits.
     - otherwise: an in-process local cluster that ends with this process.
     """
+    # Inside a Ray job (submitted with --address) Ray sets RAY_ADDRESS: join that cluster.
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _local_env()
     import ray
 
     if ray.is_initialized():
         return
-    # Inside a Ray job (submitted with --address) Ray sets RAY_ADDRESS: join that cluster.
-    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
         elif persistent:
-            _local_env()
             ray.init(address=ensure_local_head(settings), log_to_driver=False)
         else:
-            _local_env()
             # "local": a fresh in-process cluster even when /tmp/ray/ray_current_cluster names
             # another (possibly dead) one, which a bare ray.init() would try to join.
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
@@ -55,6 +62,12 @@ def _ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_local_head(settings: Settings) -> str:
     """Start a detached local Ray head on 127.0.0.1 (with the dashboard, for the Jobs API) unless
     one already answers there; returns its address."""
@@ -63,9 +76,13 @@ def ensure_local_head(settings: Settings) -> str:
         probe.settimeout(1)
         if probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0:
             return address
+    # The agents get free ports: their defaults (e.g. 52365) may be held by another local Ray, and a
+    # head whose job agent cannot bind refuses every job ("No available agent").
+    agents = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port")]
     started = subprocess.run(
         [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={settings.local_ray_port}",
-         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", "--disable-usage-stats", *agents],
         capture_output=True, text=True, env=os.environ.copy(),
     )
     if started.returncode != 0:

@@ -297,6 +297,31 @@ def deploy(job_id: str, candidate: str | None) -> None:
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--gpu", default=None, help="Target GPU: H100-80GB (default), A100-80GB, L40S, L4, A10G, RTX-4090.")
+@click.option("--gpu-memory", default=None, help="Or its memory, e.g. 24GiB.")
+@click.option("--context", type=click.IntRange(min=1), default=None, help="Tokens of context per sequence (default: min(model's, 8192)).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences served at once.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int, fmt: str) -> None:
+    """Will MODEL fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
+    config.json alone (no weights needed)."""
+    from quantselect.domain.planner import GIB, gpus_needed_text
+    from quantselect.render import table
+
+
+    out = _service().plan(model, gpu, gpu_memory, context, batch)
+    if fmt == "json":
+        return _echo_json(out)
+    click.echo(f"{model}: {out['params'] / 1e9:.2f} B parameters; {out['gpu']} ({out['gpu_memory_bytes'] / GIB:.1f} GiB), "
+               f"context {out['context']}, batch {out['batch']}")
+    click.echo(table(["precision", "weights", "KV cache", "total", "GPUs", "what"],
+                     [[r["precision"], f"{r['weight_bytes'] / GIB:.1f} GiB", f"{r['kv_cache_bytes'] / GIB:.1f} GiB",
+                       f"{r['total_bytes'] / GIB:.1f} GiB", gpus_needed_text(r["gpus"]), r["description"]]
+                      for r in out["precisions"]]))
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 def api(host: str, port: int) -> None:

@@ -272,6 +272,29 @@ class Service:
         self.repo.set_deployment(job_id, name, url)
         return url
 
+    # ---- plan -----------------------------------------------------------------------------
+    def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,
+             batch: int = 1) -> dict[str, Any]:
+        """Memory per precision and GPUs needed, from the model's config.json alone."""
+        import json
+
+        from quantselect.domain import planner
+
+        path = Path(model).expanduser()
+        config = path / "config.json" if path.is_dir() else path
+        if not config.is_file():
+            raise InputError(f"{model}: no config.json there (give a model folder or its config.json)")
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{config}: not a readable JSON config ({e})") from None
+        shape = planner.shape_from_config(cfg, str(config))
+        gpu_name, memory = planner.gpu_memory(gpu, gpu_memory)
+        ctx = context or min(shape.max_context or 8192, 8192)
+        rows = planner.plan(shape, memory, ctx, batch)
+        return {"model": str(model), "params": shape.params, "gpu": gpu_name, "gpu_memory_bytes": memory,
+                "context": ctx, "batch": batch, "precisions": [r.to_dict() for r in rows]}
+
     def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
         return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,
                              deploy=deploy, candidates=list(demo_candidates()))

@@ -1,0 +1,156 @@
+"""Fit planner: from a model's ``config.json`` alone (no weights), the memory each precision needs
+and how many GPUs of a given size it takes. Pure arithmetic, so it works for a 70B model whose
+weights are not on this machine.
+
+Counted per precision:
+- weights: the decoder's linear layers at the precision's bytes per weight, including its scale /
+  zero-point overhead (per channel for 8-bit, per group of 128 for 4-bit, per block of 64 for NF4);
+  embeddings, norms and the output projection stay in 16-bit (as quantselect and GPTQ/AWQ do);
+- KV cache: 2 (K and V) × layers × KV heads × head dim × context × batch × 2 bytes (16-bit cache);
+- runtime headroom: activations, CUDA context and allocator slack, taken as 10 % of the GPU plus
+  1 GiB. A model that does not fit one GPU is split by tensor parallelism over a power-of-two
+  number of GPUs (1, 2, 4, 8), the weights and KV cache divided evenly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from quantselect.errors import InputError
+
+GIB = 1024**3
+
+# Bytes per weight of the decoder's linear layers, scales and zero points included.
+PRECISIONS: dict[str, tuple[float, str]] = {
+    "bf16": (2.0, "16-bit floating point"),
+    "fp8": (1.0 + 4 / 4096, "fp8 e4m3, one fp32 scale per output row (of ~4096 weights)"),
+    "int8": (1.0 + 2 / 4096, "int8 weights, one 16-bit scale per output channel"),
+    "int4": (0.5 + 4 / 128, "int4 weights, 16-bit scale and zero point per group of 128 (GPTQ/AWQ/RTN)"),
+    "nf4": (0.5 + 1 / 64 + 4 / (64 * 256), "NF4 (bitsandbytes), 8-bit absmax per block of 64, double-quantized"),
+}
+
+# GPU memory of common inference GPUs (GiB as the driver reports usable memory, rounded down).
+GPUS: dict[str, float] = {
+    "H100-80GB": 79.6, "A100-80GB": 79.2, "L40S": 44.5, "L4": 22.0, "A10G": 22.0, "RTX-4090": 23.6,
+}
+
+HEADROOM_FRACTION = 0.10
+HEADROOM_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    max_context: int | None
+    attention_bias: bool
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder's linear layers (what quantization shrinks)."""
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.intermediate  # gate, up, down
+        return self.layers * (q + kv + o + mlp)
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, output projection, norms and biases: kept in 16-bit."""
+        emb = self.vocab * self.hidden * (1 if self.tied else 2)
+        norms = self.layers * 2 * self.hidden + self.hidden
+        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        return emb + norms + bias
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
+    """Read the decoder's shape from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Gemma...)."""
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's config inside
+
+    def need(*names: str) -> int:
+        for n in names:
+            if isinstance(cfg.get(n), int) and cfg[n] > 0:
+                return int(cfg[n])
+        raise InputError(f"{where}: field {names[0]!r} is missing or not a positive integer")
+
+    hidden = need("hidden_size", "n_embd", "d_model")
+    heads = need("num_attention_heads", "n_head")
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return Shape(
+        hidden=hidden, intermediate=need("intermediate_size", "n_inner"), layers=need("num_hidden_layers", "n_layer"),
+        heads=heads, kv_heads=int(kv), head_dim=int(head_dim), vocab=need("vocab_size"),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        max_context=cfg.get("max_position_embeddings"),
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ("qwen2",))),
+    )
+
+
+def parse_memory(text: str) -> float:
+    """'24GiB', '24 GB', '80' (GiB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
+    if not m:
+        raise InputError(f"--gpu-memory {text!r}: expected a size such as 24GiB or 80GB")
+    value, unit = float(m.group(1)), m.group(2) or "gib"
+    factor = {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 1024**2, "m": 1024**2, "mb": 1e6}[unit]
+    if value <= 0:
+        raise InputError(f"--gpu-memory {text!r} must be positive")
+    return value * factor
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    precision: str
+    description: str
+    weight_bytes: float
+    kv_cache_bytes: float
+    total_bytes: float
+    gpus: int | None  # GPUs needed (power of two, at most 8); None when even 8 are not enough
+    fits_one_gpu: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int) -> list[PlanRow]:
+    if context < 1 or batch < 1:
+        raise InputError("context and batch must be at least 1")
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * 2
+    usable = gpu_memory_bytes * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES
+    rows = []
+    for name, (bytes_per_weight, description) in PRECISIONS.items():
+        weights = shape.linear_params * bytes_per_weight + shape.other_params * 2
+        total = weights + kv
+        gpus = next((n for n in (1, 2, 4, 8) if total / n <= usable), None)
+        rows.append(PlanRow(name, description, weights, kv, total, gpus, gpus == 1))
+    return rows
+
+
+def gpu_memory(gpu: str | None, memory: str | None) -> tuple[str, float]:
+    if gpu and memory:
+        raise InputError("give --gpu or --gpu-memory, not both")
+    if memory:
+        return memory, parse_memory(memory)
+    name = gpu or "H100-80GB"
+    key = next((k for k in GPUS if k.lower() == name.lower()), None)
+    if key is None:
+        raise InputError(f"unknown GPU {name!r}; known: {', '.join(GPUS)} (or give --gpu-memory)")
+    return key, GPUS[key] * GIB
+
+
+def gpus_needed_text(gpus: int | None) -> str:
+    if gpus is None:
+        return "does not fit on 8"
+    return "fits on 1" if gpus == 1 else f"needs {gpus}"

@@ -1,0 +1,78 @@
+"""`quantselect plan`: memory per precision and GPUs needed, from real config.json files of
+Llama-3.1-8B/70B, Mistral-7B and Qwen2.5-72B (no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from quantselect.domain.planner import GIB, PRECISIONS, parse_memory, plan, shape_from_config
+from quantselect.errors import InputError
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+def shape(name):
+    return shape_from_config(json.loads((CONFIGS / f"{name}.json").read_text()))
+
+
+@pytest.mark.parametrize("name, published", [("llama-3.1-8b", 8.03e9), ("llama-3.1-70b", 70.55e9),
+                                             ("mistral-7b-v0.1", 7.24e9), ("qwen2.5-72b", 72.71e9)])
+def test_parameter_counts_match_the_published_sizes(name, published):
+    assert shape(name).params == pytest.approx(published, rel=0.005)
+
+
+def test_70b_needs_two_h100s_in_bf16_and_one_in_4_bit():
+    rows = {r.precision: r for r in plan(shape("llama-3.1-70b"), 79.6 * GIB, context=8192, batch=1)}
+    assert rows["bf16"].gpus == 2 and not rows["bf16"].fits_one_gpu
+    assert rows["int4"].gpus == 1 and rows["nf4"].gpus == 1
+    # Weight bytes shrink with the precision, overhead included.
+    sizes = [rows[p].weight_bytes for p in ("bf16", "int8", "int4")]
+    assert sizes == sorted(sizes, reverse=True)
+    assert rows["int4"].weight_bytes > 70.55e9 * 0.5  # scales, zero points and 16-bit embeddings on top
+    # KV cache: 2 x 80 layers x 8 KV heads x 128 x 8192 tokens x 2 bytes.
+    assert rows["bf16"].kv_cache_bytes == 2 * 80 * 8 * 128 * 8192 * 2
+
+
+def test_long_context_and_batch_grow_the_kv_cache_until_more_gpus_are_needed():
+    s = shape("qwen2.5-72b")
+    small = {r.precision: r for r in plan(s, 79.6 * GIB, context=4096, batch=1)}
+    big = {r.precision: r for r in plan(s, 79.6 * GIB, context=32768, batch=16)}
+    assert big["int4"].kv_cache_bytes == 128 * small["int4"].kv_cache_bytes
+    assert small["int4"].gpus == 1 and big["int4"].gpus > 1
+
+
+def test_cli_table_and_json(tmp_path):
+    model = tmp_path / "mistral"
+    model.mkdir()
+    (model / "config.json").write_text((CONFIGS / "mistral-7b-v0.1.json").read_text())
+    res = CliRunner().invoke(cli, ["plan", str(model), "--gpu", "L4"])
+    assert res.exit_code == 0, res.output
+    assert "7.24 B parameters" in res.output and "fits on 1" in res.output
+    out = json.loads(CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-70b.json"), "--gpu-memory", "24GiB",
+                                              "--format", "json"]).output)
+    assert [r["precision"] for r in out["precisions"]] == list(PRECISIONS)
+    assert {r["precision"]: r["gpus"] for r in out["precisions"]}["bf16"] == 8
+    small = CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-70b.json"), "--gpu-memory", "16GiB"]).output
+    assert "does not fit on 8" in small  # bf16 on 8 x 16 GiB
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/model"], "no config.json there"),
+    ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "B200"], "unknown GPU 'B200'"),
+    ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "lots"], "expected a size"),
+    ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "L4", "--gpu-memory", "24GiB"], "not both"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    res = CliRunner().invoke(cli, ["plan", *args])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_config_without_the_needed_fields_names_the_field():
+    with pytest.raises(InputError, match="'num_attention_heads'"):
+        shape_from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 10})
+    assert parse_memory("80GB") == 80e9 and parse_memory("24") == 24 * GIB

@@ -13,16 +13,15 @@ from typing import Any
 
 import click
 
+from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
-from quantselect.domain import dataset as _ds
 from quantselect.domain.results import (
     DEFAULT_CONFIDENCE, DEFAULT_GPU_HOUR_USD, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, POLICIES, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
 
 
-METRICS = tuple(dict.fromkeys(
-    _ds.MULTIPLE_CHOICE_METRICS + _ds.GENERATION_METRICS + getattr(_ds, "LABEL_FREE_METRICS", ())))
+METRICS = tuple(dict.fromkeys(m for metrics in METRICS_BY_KIND.values() for m in metrics))
 
 
 class Group(click.Group):
@@ -308,7 +307,6 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
     config.json alone (no weights needed)."""
     from quantselect.domain.planner import GIB, gpus_needed_text
     from quantselect.render import table
-
 
     out = _service().plan(model, gpu, gpu_memory, context, batch)
     if fmt == "json":

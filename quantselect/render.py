@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from quantselect.domain.candidates import BASELINE
+
 
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -57,7 +59,7 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
     if rec.chosen:
         v = rec.verdict(rec.chosen)
         lines.append(f"  -> {rec.chosen}: {v.reason}")
-        if v.ci_low is not None and v.name != "baseline":
+        if v.ci_low is not None and v.name != BASELINE:
             evidence = (f"relative quality {v.relative_score:.3f}, {rec.confidence:.0%} interval "
                         f"[{v.ci_low:.3f}, {v.ci_high:.3f}] on {v.n_items} paired items, verdict {v.verdict}")
             if v.mcnemar_p is not None:

@@ -107,6 +107,7 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         import torch
 
         from quantselect.engines import evaluate, measure, quantize
+        from quantselect.engines.labelfree import build_reference, needs_reference
 
         if threads:
             torch.set_num_threads(threads)
@@ -118,9 +119,7 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         measure.reset_peak_memory(loaded.device)
         report("evaluating", 0, len(dataset))
         start = time.perf_counter()
-        if candidate.is_baseline and _needs_reference(dataset):
-            from quantselect.engines.labelfree import build_reference
-
+        if candidate.is_baseline and needs_reference(dataset):
             result.reference = build_reference(loaded.model, loaded.tokenizer, dataset,
                                                progress=lambda d, t: report("evaluating", d, t))
             items = result.reference.baseline_results(dataset)  # 1.0 on every item, by definition
@@ -152,14 +151,6 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
     done = (result.n_items or len(dataset)) if result.status == SUCCEEDED else 0
     report(result.status, done, len(dataset))
     return result
-
-
-def _needs_reference(dataset: TaskDataset) -> bool:
-    try:
-        from quantselect.engines.labelfree import needs_reference
-    except ImportError:  # pragma: no cover
-        return False
-    return needs_reference(dataset)
 
 
 def _evaluate_until_settled(evaluate: Any, loaded: Any, dataset: TaskDataset, baseline: BaselineShare,

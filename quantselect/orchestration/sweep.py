@@ -70,9 +70,9 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
 def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> bool:
     """Early stopping compares each chunk with the baseline's items, and label-free metrics score
     against the baseline's outputs: either way the baseline runs first and is shared."""
-    from quantselect.engines.worker import _needs_reference
+    from quantselect.engines.labelfree import needs_reference
 
-    return early_stop is not None or _needs_reference(dataset)
+    return early_stop is not None or needs_reference(dataset)
 
 
 def run_sweep(

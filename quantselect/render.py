@@ -42,13 +42,21 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         n = r.get("n_items")
         return "-" if n is None else f"{n}" + (" (stopped)" if r.get("stopped_early") else "")
 
+    def cost(r: dict[str, Any]) -> str:
+        c = r.get("cost_per_1m_tokens_usd")
+        if c is None:
+            return "n/a" if r.get("cost_note") and r["status"] == "succeeded" else "-"
+        return f"{c:.3f}" + ("*" if r.get("cost_source") == "estimated" else "")
+
+    target = next((r.get("target_gpu") for r in rows if r.get("target_gpu")), None) or "target"
     return table(
         ["candidate", "status", "items", "score", "relative", "interval", "verdict", "passes", "weights",
-         "peak mem", "quantize s", "tokens/s", "$/1M tok", "error"],
+         "peak mem", "quantize s", "tok/s b1", "tok/s b16", f"{target} tok/s", "$/1M tok", "error"],
         [[r["name"], r["status"], items(r), fmt_num(r["score"]), fmt_num(r["relative_score"]), interval(r),
           r.get("verdict") or "-", passed(r), fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]),
           fmt_num(r["quantize_seconds"], 1), fmt_num(r["tokens_per_second"], 1),
-          fmt_num(r["cost_per_1m_tokens_usd"], 2), (r["error"] or "")[:60]]
+          fmt_num(r.get("decode_tokens_per_second_b16"), 1), fmt_num(r.get("target_tokens_per_second"), 0),
+          cost(r), (r["error"] or "")[:60]]
          for r in rows],
     )
 
@@ -74,7 +82,14 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
         lines.append(f"  category {cat!r}: {'deploy ' + name if name else 'no candidate meets the threshold'}")
     for w in rec.warnings:
         lines.append(f"  warning: {w}")
+    costs = [v.cost for v in rec.verdicts if v.cost is not None and v.cost.throughput is not None]
+    estimated = [c for c in costs if c.throughput.source == "estimated"]
+    if rec.target_gpu and costs:
+        if estimated:
+            lines.append(f"  * cost on {rec.target_gpu} estimated, not measured there: {estimated[0].throughput.basis}")
+        if len(estimated) < len(costs):
+            lines.append(f"  cost measured on {rec.target_gpu} for the others")
     for engine in sorted(e for e in engines if e):
-        note = " (CPU timings: the cost is this machine's, not a GPU's)" if engine.endswith("cpu") else ""
-        lines.append(f"  throughput measured with {engine}{note}")
+        note = " (this machine's speed: never used as a GPU cost)" if engine.endswith("cpu") else ""
+        lines.append(f"  tok/s b1/b16 measured with {engine}{note}")
     return "\n".join(lines)

@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from quantselect.domain.candidates import DEFAULT_CANDIDATES, resolve_candidates
+from quantselect.domain.candidates import DEFAULT_CANDIDATES, Candidate, resolve_candidates
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
+    DEFAULT_CALIBRATION_SAMPLES,
     DEFAULT_CONFIDENCE,
-    DEFAULT_GPU_HOUR_USD,
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
     FAILED,
@@ -55,7 +55,10 @@ class SubmitRequest:
     limit: int | None = None
     threshold: float = DEFAULT_THRESHOLD
     candidates: list[str] | None = None
-    gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
+    gpu_hour_usd: float | None = None  # price of one target GPU-hour; None: the price table's
+    target_gpu: str | None = None  # the deployment GPU the cost is quoted for (default H100-80GB)
+    calibration: str | None = None  # a calibration file for GPTQ/AWQ; None: split off the task data
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     deploy: bool = False
     confidence: float = DEFAULT_CONFIDENCE
     policy: str = DEFAULT_POLICY
@@ -100,8 +103,11 @@ class Service:
         """Validate everything before anything is written."""
         from quantselect.engines.models import check_model, has_chat_template
 
+        from quantselect.domain.gpus import gpu
+
         threshold = validate_threshold(req.threshold)
-        price = validate_price(req.gpu_hour_usd)
+        target = gpu(req.target_gpu)
+        price = target.usd_per_hour if req.gpu_hour_usd is None else validate_price(req.gpu_hour_usd)
         confidence = validate_confidence(req.confidence)
         policy = validate_policy(req.policy)
         candidates = resolve_candidates(req.candidates)
@@ -118,9 +124,16 @@ class Service:
         model_path = check_model(req.model)
         if req.chat_template and has_chat_template(model_path) is False:
             raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an instruct model")
+        check_candidates_fit(candidates, model_path)
+        calibration = None
+        if any(c.config.calibrated for c in candidates):
+            dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
+        elif req.calibration is not None:
+            raise InputError(f"{req.calibration}: a calibration file is only used by int4-gptq / int4-awq, "
+                             "and no such candidate was asked for")
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
-                       policy=policy, early_stop=req.early_stop)
+                       policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration)
 
     def submit(self, req: SubmitRequest) -> Job:
         return self.repo.create_job(self.build_spec(req))
@@ -166,6 +179,7 @@ class Service:
             if events.on_status:
                 events.on_status("preparing the model")
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
+            self.repo.set_model_config(job_id, read_model_config(model_dir))
             started: set[str] = set()
 
             def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
@@ -185,7 +199,8 @@ class Service:
                 events.on_status(f"running {len(spec.candidates)} candidates on Ray")
             early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
             results = run_sweep(str(model_dir), spec.candidates, spec.dataset, outcome, progress,
-                                early_stop=early_stop)
+                                early_stop=early_stop, calibration=spec.calibration,
+                                artifacts_dir=str(self.settings.artifacts_dir))
             baseline = next(r for r in results if r.is_baseline)
             if baseline.status != SUCCEEDED:
                 raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
@@ -213,11 +228,12 @@ class Service:
         return self.repo.get_item_results(job_id)
 
     def results_table(self, job_id: str, threshold: float | None = None, confidence: float | None = None,
-                      policy: str | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
+                      policy: str | None = None, target_gpu: str | None = None,
+                      gpu_hour_usd: float | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
         """Per candidate the fields ``results --format json`` promises, plus the recommendation."""
         job = self.get_job(job_id)
         results = self.repo.get_results(job_id)
-        rec = self._recommend(job, results, threshold, confidence, policy)
+        rec = self._recommend(job, results, threshold, confidence, policy, target_gpu, gpu_hour_usd)
         rows = []
         for r in results:
             v = rec.verdict(r.name)
@@ -227,7 +243,14 @@ class Service:
                 "mcnemar_p": v.mcnemar_p, "items_needed": v.items_needed, "stopped_early": v.stopped_early,
                 "n_truncated": r.n_truncated, "weight_bytes": r.weight_bytes, "peak_memory_bytes": r.peak_memory_bytes,
                 "quantize_seconds": r.quantize_seconds, "tokens_per_second": r.tokens_per_second,
-                "cost_per_1m_tokens_usd": v.cost_per_1m_tokens_usd, "error": r.error,
+                "decode_tokens_per_second_b16": r.decode_tokens_per_second_b16,
+                "prefill_tokens_per_second": r.prefill_tokens_per_second,
+                "cost_per_1m_tokens_usd": v.cost_per_1m_tokens_usd, "cost_source": v.cost_source,
+                "target_gpu": rec.target_gpu,
+                "target_tokens_per_second": v.cost.throughput.tokens_per_second if v.cost and v.cost.throughput else None,
+                "cost_note": v.cost.note if v.cost else None,
+                "disk_bytes": r.disk_bytes, "artifact_path": r.artifact_path, "artifact_reused": r.artifact_reused,
+                "error": r.error,
                 "eval_seconds": r.eval_seconds, "n_items": r.n_items, "device": r.device,
                 "throughput_engine": r.throughput_engine, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
                 "started_at": r.started_at.isoformat() if r.started_at else None,
@@ -236,18 +259,30 @@ class Service:
         return job, rows, rec
 
     def recommend(self, job_id: str, threshold: float | None = None, confidence: float | None = None,
-                  policy: str | None = None) -> Recommendation:
+                  policy: str | None = None, target_gpu: str | None = None,
+                  gpu_hour_usd: float | None = None) -> Recommendation:
         job = self.get_job(job_id)
-        return self._recommend(job, self.repo.get_results(job_id), threshold, confidence, policy)
+        return self._recommend(job, self.repo.get_results(job_id), threshold, confidence, policy, target_gpu,
+                               gpu_hour_usd)
 
     def _recommend(self, job: Job, results: list[CandidateResult], threshold: float | None,
-                   confidence: float | None = None, policy: str | None = None) -> Recommendation:
-        """Recomputed from the stored per-item results: nothing is evaluated again."""
+                   confidence: float | None = None, policy: str | None = None, target_gpu: str | None = None,
+                   gpu_hour_usd: float | None = None) -> Recommendation:
+        """Recomputed from the stored per-item results: nothing is evaluated again. Another target
+        GPU (and its price) can be asked for: costs are estimated for it unless measured there."""
+        from quantselect.domain.gpus import gpu
+
         t = job.threshold if threshold is None else validate_threshold(threshold)
         c = job.confidence if confidence is None else validate_confidence(confidence)
         p = job.policy if policy is None else validate_policy(policy)
+        target = gpu(target_gpu or job.target_gpu)
+        if gpu_hour_usd is not None:
+            price = validate_price(gpu_hour_usd)
+        else:
+            price = job.gpu_hour_usd if target.name == job.target_gpu else target.usd_per_hour
         items = self.repo.get_item_results(job.id) if any(r.status == SUCCEEDED for r in results) else {}
-        return recommend(results, t, job.gpu_hour_usd, items=items, confidence=c, policy=p)
+        costs = serving_costs(results, job.model_config, target, price)
+        return recommend(results, t, costs, items=items, confidence=c, policy=p, target_gpu=target.name)
 
     # ---- deploy -------------------------------------------------------------------------
     def deploy(self, job_id: str, candidate: str | None = None) -> str:
@@ -264,10 +299,16 @@ class Service:
             raise ConflictError(f"job {job_id}: no candidate meets the threshold {job.threshold}; name one to deploy")
         if name not in results or results[name].status != SUCCEEDED:
             raise InputError(f"job {job_id}: candidate {name!r} did not succeed and cannot be deployed")
+        chosen = results[name]
+        artifact = chosen.artifact_path if chosen.artifact_path and Path(chosen.artifact_path).is_dir() else None
+        if artifact is None and Candidate.from_dict({"name": name, "config": chosen.config}).config.calibrated:
+            raise ConflictError(f"job {job_id}: the quantized model of {name} is no longer at {chosen.artifact_path}; "
+                                "submit the job again to rebuild it")
         connect(self.settings, persistent=True)
-        model_dir = resolve_model(job.model_path, self.settings.models_dir)
-        use_gpu = bool(results[name].device and results[name].device.startswith("cuda"))
-        url = deploy(f"{name}-{job_id[:6]}", str(model_dir), results[name].config,
+        # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
+        model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
+        use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
+        url = deploy(f"{name}-{job_id[:6]}", str(model_dir), chosen.config,
                      host=self.settings.serve_host, port=self.settings.serve_port, use_gpu=use_gpu)
         self.repo.set_deployment(job_id, name, url)
         return url
@@ -298,6 +339,78 @@ class Service:
     def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
         return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,
                              deploy=deploy, candidates=list(demo_candidates()))
+
+
+def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] | None, target: Any,
+                  price: float) -> dict[str, Any]:
+    """Each candidate's cost on the target GPU: measured there, else the roofline estimate."""
+    from quantselect.domain import cost, planner
+    from quantselect.domain.candidates import config_from_dict
+
+    shape = None
+    if model_config:
+        try:
+            shape = planner.shape_from_config(model_config)
+        except InputError:
+            shape = None
+    out = {}
+    for r in results:
+        try:
+            config = config_from_dict(r.config)
+        except InputError:
+            continue
+        out[r.name] = cost.serving_cost(config, shape, target, price, cost.measured_on(r, target))
+    return out
+
+
+def check_candidates_fit(candidates: list[Any], model_path: str) -> None:
+    """Parameters that cannot work for this model (a group size that does not divide its layer
+    widths) are rejected before anything runs; a GGUF file's shape is checked by the worker."""
+    from quantselect.domain import planner
+
+    cfg = read_model_config(Path(model_path)) if Path(model_path).is_dir() else None
+    if not cfg:
+        return
+    shape = planner.shape_from_config(cfg, str(Path(model_path) / "config.json"))
+    for c in candidates:
+        planner.check_candidate(c.name, c.config, shape, cfg.get("text_config", cfg).get("model_type"))
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def split_calibration(dataset: Any, path: str | None, samples: int) -> tuple[Any, Any]:
+    """Calibration samples for GPTQ/AWQ: read from ``path``, or split off the task data (those items
+    are left out of the evaluation, so that no candidate is scored on what it was calibrated on)."""
+    from dataclasses import replace
+
+    from quantselect.domain.dataset import calibration_texts, load_calibration_file
+    from quantselect.domain.results import MIN_EVAL_ITEMS, Calibration, validate_calibration_samples
+
+    samples = validate_calibration_samples(samples)
+    if path is not None:
+        texts = load_calibration_file(path)
+        if len(texts) < samples:
+            raise InputError(f"{path}: {len(texts)} calibration samples, fewer than --calibration-samples {samples}; "
+                             "lower it or give more samples")
+        return dataset, Calibration(source=str(path), texts=tuple(texts[:samples]))
+    left = len(dataset) - samples
+    if left < MIN_EVAL_ITEMS:
+        raise InputError(f"--calibration-samples {samples} would leave {max(left, 0)} of {len(dataset)} items to "
+                         f"evaluate (at least {MIN_EVAL_ITEMS} needed): lower it, add items, or give --calibration FILE")
+    import random
+
+    held = sorted(random.Random(0).sample(range(len(dataset)), samples))
+    chosen = set(held)
+    texts = calibration_texts([dataset.items[i] for i in held])
+    rest = replace(dataset, items=tuple(it for i, it in enumerate(dataset.items) if i not in chosen))
+    return rest, Calibration(source="task data", texts=tuple(texts), items=tuple(held))
 
 
 def demo_candidates() -> tuple[str, ...]:

@@ -38,7 +38,8 @@ def test_import_and_help_stay_light():
     assert out.stdout.strip() == ""
     help_out = subprocess.run([sys.executable, "-m", "quantselect", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_out.returncode == 0
-    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "api", "db", "candidates"):
+    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "api", "db", "candidates",
+                    "plan", "gpus"):
         assert command in help_out.stdout
 
 
@@ -48,6 +49,9 @@ def test_candidates_lists_availability():
     for name in ("baseline", "bf16", "int8", "w8a8", "int4"):
         assert rows[name]["available"], rows[name]
     assert rows["fp8"]["available"] is False and "compute capability" in rows["fp8"]["reason"]
+    for name in ("nf4", "int4-gptq", "int4-awq"):  # installed by the set-up: they run on CPU
+        assert rows[name]["available"], rows[name]
+    assert rows["int4-gptq"]["parameters"] == {"bits": 4, "group_size": 128} and rows["int4-gptq"]["calibrated"]
 
 
 def test_db_upgrade_creates_the_schema(qs_home):
@@ -62,6 +66,7 @@ def bad_files(tmp_path):
         "malformed": ['{"prompt": "a", "choices": ["x", "y"], "answer": 0}', '{"prompt": oops}'],
         "empty": [],
         "out_of_range": ['{"prompt": "a", "choices": ["x", "y"], "answer": 0}', '{"prompt": "b", "choices": ["x", "y"], "answer": 5}'],
+        "calibration_empty": [],
     }
     paths = {}
     for name, lines in files.items():
@@ -83,10 +88,34 @@ def bad_files(tmp_path):
         ("good", ["--threshold", "0"], "threshold 0.0 must be in (0, 1.5]"),
         ("good", ["--threshold", "1.6"], "threshold 1.6 must be in (0, 1.5]"),
         ("bad_model", [], "model path does not exist"),
+        ("good", ["--candidates", "int4-gptq:group_size=0"], "gptq group_size 0 must be one of 16, 32, 64, 128, 256"),
+        ("good", ["--candidates", "int4-gptq:bits=5"], "gptq bits 5 must be one of 2, 3, 4, 8"),
+        ("good", ["--candidates", "int4:group_size=256"], "group size 256 does not divide the model's hidden size 128"),
+        ("good", ["--candidates", "int4-gptq", "--calibration", "EMPTY"], "holds no samples"),
+        ("good", ["--candidates", "int4-gptq", "--limit", "40", "--calibration-samples", "30"],
+         "--calibration-samples 30 would leave 10 of 40 items"),
+        ("good", ["--candidates", "int4-gptq", "--calibration-samples", "0"], "calibration-samples 0 must be between"),
+        ("good", ["--calibration", "EMPTY"], "only used by int4-gptq / int4-awq"),
+        ("good", ["--target-gpu", "B300"], "unknown target GPU 'B300'"),
+        ("good", ["--gpu-hour-usd", "-1"], "gpu-hour price -1.0 must be a positive"),
+        ("no_weights", [], "folder has no weights"),
+        ("not_causal", [], "is not a causal language model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_llama, bad_files, tmp_path, case, extra, message):
-    model = str(tmp_path / "no-such-model") if case == "bad_model" else str(tiny_llama)
+    if case in ("no_weights", "not_causal"):
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+        if case == "not_causal":
+            (folder / "model.safetensors").write_bytes(b"")
+        model = str(folder)
+        case = "good"
+    elif case == "bad_model":
+        model = str(tmp_path / "no-such-model")
+    else:
+        model = str(tiny_llama)
+    extra = [bad_files["calibration_empty"] if x == "EMPTY" else x for x in extra]
     dataset = {"missing": str(tmp_path / "nope.jsonl"), "good": str(EXAMPLES / "piqa-300.jsonl"),
                "bad_model": str(EXAMPLES / "piqa-300.jsonl")}.get(case) or bad_files[case]
     run("db", "upgrade")

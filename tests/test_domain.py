@@ -93,7 +93,7 @@ def test_candidates_resolution_and_serialization():
     assert [c.name for c in cands] == [BASELINE, "int8", "bf16"]  # baseline always first, no duplicates
     with pytest.raises(InputError, match="unknown candidate 'int5'"):
         resolve_candidates(["int5"])
-    with pytest.raises(InputError, match="bits 5 must be 2 or 3"):
+    with pytest.raises(InputError, match="bits 5 must be one of 2, 3"):
         LowBitWeightOnly(bits=5)
     c = Candidate("int4", Int4WeightOnly(group_size=64))
     assert Candidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c

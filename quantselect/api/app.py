@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantselect.domain.dataset import FieldMapping
-from quantselect.domain.results import DEFAULT_CONFIDENCE, DEFAULT_GPU_HOUR_USD, DEFAULT_POLICY, DEFAULT_THRESHOLD
+from quantselect.domain.results import (
+    DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD,
+)
 from quantselect.errors import QuantselectError
 from quantselect.service import Service, SubmitRequest
 
@@ -33,7 +35,10 @@ class JobRequest(BaseModel):
     limit: int | None = None
     threshold: float = DEFAULT_THRESHOLD
     candidates: list[str] | None = None
-    gpu_hour_usd: float = DEFAULT_GPU_HOUR_USD
+    gpu_hour_usd: float | None = Field(None, description="Price of one target GPU-hour (default: the price table's).")
+    target_gpu: str | None = Field(None, description="Deployment GPU the cost is quoted for (default H100-80GB).")
+    calibration: str | None = Field(None, description="Path of a GPTQ/AWQ calibration file the server can read.")
+    calibration_samples: int = Field(DEFAULT_CALIBRATION_SAMPLES, description="GPTQ/AWQ calibration samples.")
     deploy: bool = False
     confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.")
     policy: str = Field(DEFAULT_POLICY, description="'point' or 'lower-bound': what must meet the threshold.")
@@ -89,7 +94,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         req = SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
                             mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
                             limit=body.limit, threshold=body.threshold, candidates=body.candidates,
-                            gpu_hour_usd=body.gpu_hour_usd, deploy=body.deploy, confidence=body.confidence,
+                            gpu_hour_usd=body.gpu_hour_usd, target_gpu=body.target_gpu,
+                            calibration=body.calibration, calibration_samples=body.calibration_samples,
+                            deploy=body.deploy, confidence=body.confidence,
                             policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
                             stop=body.stop, chat_template=body.chat_template)
         job = svc.submit(req)
@@ -114,8 +121,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     @app.get("/api/v1/jobs/{job_id}/recommendation")
     def get_recommendation(job_id: str, threshold: float | None = None, confidence: float | None = None,
-                           policy: str | None = None) -> dict[str, Any]:
-        return svc.recommend(job_id, threshold, confidence, policy).to_dict()
+                           policy: str | None = None, target_gpu: str | None = None,
+                           gpu_hour_usd: float | None = None) -> dict[str, Any]:
+        return svc.recommend(job_id, threshold, confidence, policy, target_gpu, gpu_hour_usd).to_dict()
 
     @app.post("/api/v1/jobs/{job_id}/deploy")
     def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:

@@ -44,6 +44,10 @@ class JobRow(Base):
     confidence: Mapped[float] = mapped_column(Float, server_default="0.95")
     policy: Mapped[str] = mapped_column(String(16), server_default="point")
     early_stop: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    target_gpu: Mapped[str] = mapped_column(String(32), server_default="H100-80GB")
+    model_config: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # config.json, read when the job runs
+    # {"source", "n", "texts"}: calibration samples for GPTQ/AWQ, split off the task data or from a file
+    calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
     deploy: Mapped[bool] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
@@ -74,7 +78,12 @@ class CandidateRow(Base):
     quantize_seconds: Mapped[float | None] = mapped_column(Float)
     eval_seconds: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
-    throughput_engine: Mapped[str | None] = mapped_column(String(64))
+    throughput_engine: Mapped[str | None] = mapped_column(String(200))
+    prefill_tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    decode_tokens_per_second_b16: Mapped[float | None] = mapped_column(Float)
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the saved artifact
+    artifact_path: Mapped[str | None] = mapped_column(Text)
+    artifact_reused: Mapped[bool | None] = mapped_column(Boolean)
     device: Mapped[str | None] = mapped_column(String(128))
     node_id: Mapped[str | None] = mapped_column(String(128))
     gpu_ids: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -14,7 +14,7 @@ from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
-    FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, CandidateResult, ItemResult, Job, JobSpec,
+    FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult, ItemResult, Job, JobSpec,
 )
 from quantselect.errors import NotFoundError
 
@@ -26,6 +26,7 @@ CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED)
 _MEASUREMENTS = (
     "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
     "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id", "n_truncated", "early_stop",
+    "prefill_tokens_per_second", "decode_tokens_per_second_b16", "disk_bytes", "artifact_path", "artifact_reused",
 )
 
 
@@ -56,6 +57,7 @@ class Repository:
             dataset_source=ds.source, dataset_kind=ds.kind, metric=ds.metric, n_items=len(ds),
             dataset=ds.to_dict(), threshold=spec.threshold, gpu_hour_usd=spec.gpu_hour_usd, deploy=spec.deploy,
             confidence=spec.confidence, policy=spec.policy, early_stop=spec.early_stop,
+            target_gpu=spec.target_gpu, calibration=spec.calibration.to_dict() if spec.calibration else None,
             candidates=[
                 CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[])
                 for i, c in enumerate(spec.candidates)
@@ -77,13 +79,20 @@ class Repository:
 
     def get_job_spec(self, job_id: str) -> JobSpec:
         with self._read() as s:
-            row = self._job_row(s, job_id, undefer(JobRow.dataset), selectinload(JobRow.candidates))
+            row = self._job_row(s, job_id, undefer(JobRow.dataset), undefer(JobRow.calibration),
+                                selectinload(JobRow.candidates))
             return JobSpec(
                 model=row.model, model_path=row.model_path, dataset=TaskDataset.from_dict(row.dataset),
                 candidates=[Candidate.from_dict({"name": c.name, "config": c.config}) for c in row.candidates],
                 threshold=row.threshold, gpu_hour_usd=row.gpu_hour_usd, deploy=row.deploy,
                 confidence=row.confidence, policy=row.policy, early_stop=row.early_stop,
+                target_gpu=row.target_gpu,
+                calibration=Calibration.from_dict(row.calibration) if row.calibration else None,
             )
+
+    def set_model_config(self, job_id: str, config: dict[str, Any]) -> None:
+        with self._write.begin() as s:
+            self._job_row(s, job_id).model_config = config
 
     def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
         if status not in JOB_STATUSES:
@@ -189,6 +198,7 @@ def _job(r: JobRow) -> Job:
         created_at=r.created_at, updated_at=r.updated_at, error=r.error,
         deployed_candidate=r.deployed_candidate, base_url=r.base_url,
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
+        target_gpu=r.target_gpu, model_config=r.model_config,
     )
 
 

@@ -7,7 +7,7 @@ Adding a scheme = one config class here + one handler in ``quantselect.engines.q
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 from quantselect.errors import InputError
@@ -21,9 +21,40 @@ class CandidateConfig:
     version: ClassVar[int] = 1
     description: ClassVar[str] = ""
     weight_bits: ClassVar[float] = 16.0  # per weight, for display and rough estimates
+    # What a GPU computes the matrix products in when serving it: bf16 for weight-only schemes.
+    compute: ClassVar[str] = "bf16"
+    # Needs calibration data (GPTQ, AWQ): its samples are split off the task data.
+    calibrated: ClassVar[bool] = False
+    # config.json model_types its engine cannot quantize, with the reason (checked before any work)
+    unsupported: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"_type": self.type_name, "_version": self.version, "_data": asdict(self)}
+
+    def bytes_per_weight(self) -> float:
+        """Bytes per weight of the decoder's linear layers when served on a GPU, scales and zero
+        points included (the fit planner's and the cost model's figure)."""
+        return 2.0
+
+    def parameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+def _check_group(scheme: str, group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise InputError(f"{scheme} group_size {group_size} must be one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def _check_bits(scheme: str, bits: int, allowed: tuple[int, ...]) -> None:
+    if bits not in allowed:
+        raise InputError(f"{scheme} bits {bits} must be one of {', '.join(map(str, allowed))}")
+
+
+def _grouped_bytes(bits: int, group_size: int) -> float:
+    return bits / 8 + 4 / group_size  # a 16-bit scale and a 16-bit zero point per group
 
 
 @dataclass(frozen=True)
@@ -48,12 +79,19 @@ class Int8WeightOnly(CandidateConfig):
     description: ClassVar[str] = "int8 weights, per-channel scales (torchao), activations in float"
     weight_bits: ClassVar[float] = 8.0
 
+    def bytes_per_weight(self) -> float:
+        return 1.0 + 2 / 4096
+
 
 @dataclass(frozen=True)
 class Int8Dynamic(CandidateConfig):
     type_name: ClassVar[str] = "int8_dynamic"
     description: ClassVar[str] = "W8A8: int8 weights, dynamically quantized int8 activations (torchao on GPU, fbgemm on CPU)"
     weight_bits: ClassVar[float] = 8.0
+    compute: ClassVar[str] = "int8"
+
+    def bytes_per_weight(self) -> float:
+        return 1.0 + 2 / 4096
 
 
 @dataclass(frozen=True)
@@ -64,8 +102,10 @@ class Int4WeightOnly(CandidateConfig):
     weight_bits: ClassVar[float] = 4.5
 
     def __post_init__(self) -> None:
-        if self.group_size not in (16, 32, 64, 128, 256):
-            raise InputError(f"int4 group_size {self.group_size} must be one of 16, 32, 64, 128, 256")
+        _check_group("int4", self.group_size)
+
+    def bytes_per_weight(self) -> float:
+        return _grouped_bytes(4, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -83,10 +123,11 @@ class LowBitWeightOnly(CandidateConfig):
         return self.bits + 16 / self.group_size
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3):
-            raise InputError(f"low-bit bits {self.bits} must be 2 or 3 (use int4 / int8 for more)")
-        if self.group_size not in (16, 32, 64, 128, 256):
-            raise InputError(f"low-bit group_size {self.group_size} must be one of 16, 32, 64, 128, 256")
+        _check_bits("low-bit", self.bits, (2, 3))
+        _check_group("low-bit", self.group_size)
+
+    def bytes_per_weight(self) -> float:
+        return _grouped_bytes(self.bits, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -94,12 +135,77 @@ class Fp8Dynamic(CandidateConfig):
     type_name: ClassVar[str] = "fp8_dynamic"
     description: ClassVar[str] = "fp8 e4m3 weights and dynamically quantized fp8 activations (torchao)"
     weight_bits: ClassVar[float] = 8.0
+    compute: ClassVar[str] = "fp8"
+
+    def bytes_per_weight(self) -> float:
+        return 1.0 + 4 / 4096
+
+
+@dataclass(frozen=True)
+class Gptq(CandidateConfig):
+    """GPTQ (GPTQModel): weights rounded one column at a time, correcting the error with second-order
+    statistics of the calibration activations."""
+
+    type_name: ClassVar[str] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    description: ClassVar[str] = "GPTQ weight-only (GPTQModel), calibrated on samples split off the task data"
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_bits("gptq", self.bits, (2, 3, 4, 8))
+        _check_group("gptq", self.group_size)
+
+    @property
+    def weight_bits(self) -> float:  # type: ignore[override]
+        return self.bits + 32 / self.group_size
+
+    def bytes_per_weight(self) -> float:
+        return _grouped_bytes(self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class Awq(CandidateConfig):
+    """AWQ (GPTQModel): per-channel scales chosen from calibration activations protect the salient
+    weights, then 4-bit round-to-nearest per group."""
+
+    type_name: ClassVar[str] = "awq"
+    bits: int = 4
+    group_size: int = 128
+    description: ClassVar[str] = "AWQ 4-bit weight-only (GPTQModel), calibrated on samples split off the task data"
+    calibrated: ClassVar[bool] = True
+    unsupported: ClassVar[dict[str, str]] = {
+        t: "GPTQModel 7.6's AWQ cannot run Gemma 3's rotary embedding (measured); use int4-gptq"
+        for t in ("gemma3", "gemma3_text")
+    }
+
+    def __post_init__(self) -> None:
+        _check_bits("awq", self.bits, (4,))
+        _check_group("awq", self.group_size)
+
+    @property
+    def weight_bits(self) -> float:  # type: ignore[override]
+        return self.bits + 32 / self.group_size
+
+    def bytes_per_weight(self) -> float:
+        return _grouped_bytes(self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class Nf4(CandidateConfig):
+    type_name: ClassVar[str] = "nf4"
+    double_quant: bool = True
+    description: ClassVar[str] = "NF4 4-bit normal-float weights, absmax per block of 64 (bitsandbytes)"
+    weight_bits: ClassVar[float] = 4.25
+
+    def bytes_per_weight(self) -> float:
+        return 0.5 + (1 / 64 + 4 / (64 * 256) if self.double_quant else 4 / 64)
 
 
 CONFIG_TYPES: dict[str, type[CandidateConfig]] = {
     c.type_name: c
     for c in (FullPrecision, HalfPrecision, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, LowBitWeightOnly,
-              Fp8Dynamic)
+              Fp8Dynamic, Gptq, Awq, Nf4)
 }
 
 # The catalogue users pick from by name.
@@ -111,6 +217,9 @@ CATALOG: dict[str, CandidateConfig] = {
     "w8a8": Int8Dynamic(),
     "int4": Int4WeightOnly(group_size=32),
     "fp8": Fp8Dynamic(),
+    "int4-gptq": Gptq(bits=4, group_size=128),
+    "int4-awq": Awq(bits=4, group_size=128),
+    "nf4": Nf4(),
     "int3": LowBitWeightOnly(bits=3),
     "int2": LowBitWeightOnly(bits=2),
 }
@@ -149,18 +258,53 @@ def config_from_dict(d: dict[str, Any]) -> CandidateConfig:
     return cls(**data)
 
 
+def parse_candidate(spec: str) -> Candidate:
+    """``NAME`` or ``NAME:key=value[:key=value...]`` (e.g. ``int4-gptq:group_size=64:bits=3``): a
+    catalogue entry with some of its parameters changed. Errors name the candidate and the field."""
+    name, *pairs = [p.strip() for p in spec.strip().split(":")]
+    if name not in CATALOG:
+        raise InputError(f"unknown candidate {name!r}; known: {', '.join(CATALOG)}")
+    base = CATALOG[name]
+    known = {f.name: f for f in fields(base)}
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not raw.strip():
+            raise InputError(f"candidate {spec!r}: {pair!r} must be key=value")
+        if key not in known:
+            options = ", ".join(known) or "none"
+            raise InputError(f"candidate {spec!r}: unknown parameter {key!r} (parameters of {name}: {options})")
+        default = known[key].default
+        try:
+            if isinstance(default, bool):
+                if raw.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value: Any = raw.strip().lower() in ("true", "1", "yes")
+            elif isinstance(default, int):
+                value = int(raw)
+            else:
+                value = type(default)(raw.strip()) if default is not MISSING else raw.strip()
+        except ValueError:
+            raise InputError(f"candidate {spec!r}: {key}={raw!r} is not a valid {type(default).__name__}") from None
+        changes[key] = value
+    try:
+        config = replace(base, **changes) if changes else base
+    except InputError as e:
+        raise InputError(f"candidate {spec!r}: {e}") from None
+    canonical = name + "".join(f":{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()
+                               if getattr(base, k) != v)
+    return Candidate(canonical, config)
+
+
 def resolve_candidates(names: list[str] | tuple[str, ...] | None) -> list[Candidate]:
     """Turn user-given names into candidates; the baseline is always first, listed or not."""
     names = list(DEFAULT_CANDIDATES if names is None else names)
-    seen: list[str] = []
+    seen: dict[str, Candidate] = {}
     for raw in names:
-        name = raw.strip()
-        if not name:
+        if not raw.strip():
             continue
-        if name not in CATALOG:
-            raise InputError(f"unknown candidate {name!r}; known: {', '.join(CATALOG)}")
-        if name not in seen:
-            seen.append(name)
-    if BASELINE in seen:
-        seen.remove(BASELINE)
-    return [Candidate(BASELINE, CATALOG[BASELINE])] + [Candidate(n, CATALOG[n]) for n in seen]
+        cand = parse_candidate(raw)
+        if cand.name != BASELINE:
+            seen.setdefault(cand.name, cand)
+    return [Candidate(BASELINE, CATALOG[BASELINE])] + list(seen.values())

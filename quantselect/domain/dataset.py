@@ -482,3 +482,41 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
             f"{where}: an item with an 'answer' needs 'choices' (multiple choice); a generation item needs 'reference'"
         )
     return PROMPTS, Item(prompt=prompt, category=category)
+
+
+def calibration_texts(items: Iterable[Item]) -> list[str]:
+    """What GPTQ/AWQ calibrate on: each item's prompt followed by its answer where it has one (the
+    text the deployed model would see and produce)."""
+    out = []
+    for it in items:
+        if it.choices is not None and it.answer is not None:
+            out.append(f"{it.prompt} {it.choices[it.answer]}")
+        elif it.reference:
+            out.append(f"{it.prompt} {it.reference}")
+        else:
+            out.append(it.prompt)
+    return out
+
+
+def load_calibration_file(path: str | Path) -> list[str]:
+    """Calibration samples from a file: ``.txt`` has one sample per non-empty line; ``.jsonl`` has a
+    ``text`` field per line, or is a task dataset (its prompts and answers are used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration file not found")
+    if path.suffix.lower() == ".txt":
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise InputError(f"{path}:{line}: not valid UTF-8 text") from None
+        texts = [ln.strip() for ln in lines if ln.strip()]
+    else:
+        records = _read_records(path, None)
+        if records and all(isinstance(r.get("text"), str) for _, r in records):
+            texts = [r["text"] for _, r in records if r["text"].strip()]
+        else:
+            texts = calibration_texts(_validate(records, source=str(path), metric=None).items) if records else []
+    if not texts:
+        raise InputError(f"{path}: the calibration file holds no samples")
+    return texts

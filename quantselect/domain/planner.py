@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from quantselect.domain.gpus import GPUS as GPU_SPECS
 from quantselect.errors import InputError
 
 GIB = 1024**3
@@ -32,9 +33,7 @@ PRECISIONS: dict[str, tuple[float, str]] = {
 }
 
 # GPU memory of common inference GPUs (GiB as the driver reports usable memory, rounded down).
-GPUS: dict[str, float] = {
-    "H100-80GB": 79.6, "A100-80GB": 79.2, "L40S": 44.5, "L4": 22.0, "A10G": 22.0, "RTX-4090": 23.6,
-}
+GPUS: dict[str, float] = {name: spec.memory_gib for name, spec in GPU_SPECS.items()}
 
 HEADROOM_FRACTION = 0.10
 HEADROOM_BYTES = 1 * GIB
@@ -128,14 +127,19 @@ def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int) -> lis
     if context < 1 or batch < 1:
         raise InputError("context and batch must be at least 1")
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * 2
-    usable = gpu_memory_bytes * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES
     rows = []
     for name, (bytes_per_weight, description) in PRECISIONS.items():
         weights = shape.linear_params * bytes_per_weight + shape.other_params * 2
         total = weights + kv
-        gpus = next((n for n in (1, 2, 4, 8) if total / n <= usable), None)
+        gpus = gpus_needed(total, gpu_memory_bytes)
         rows.append(PlanRow(name, description, weights, kv, total, gpus, gpus == 1))
     return rows
+
+
+def gpus_needed(total_bytes: float, gpu_memory_bytes: float) -> int | None:
+    """GPUs (1, 2, 4 or 8, tensor parallel) whose memory less headroom holds ``total_bytes``."""
+    usable = gpu_memory_bytes * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES
+    return next((n for n in (1, 2, 4, 8) if total_bytes / n <= usable), None)
 
 
 def gpu_memory(gpu: str | None, memory: str | None) -> tuple[str, float]:
@@ -154,3 +158,23 @@ def gpus_needed_text(gpus: int | None) -> str:
     if gpus is None:
         return "does not fit on 8"
     return "fits on 1" if gpus == 1 else f"needs {gpus}"
+
+
+def check_candidate(name: str, config: Any, shape: Shape, model_type: str | None = None) -> None:
+    """A grouped scheme's group size must divide the input width of every linear layer it
+    quantizes (hidden size; heads x head dim for the attention output; the MLP's intermediate size);
+    and its engine must take the model's architecture."""
+    reason = getattr(config, "unsupported", {}).get(model_type or "")
+    if reason:
+        raise InputError(f"candidate {name}: {reason} (model_type {model_type})")
+    group = getattr(config, "group_size", None)
+    if not group:
+        return
+    widths = {"hidden size": shape.hidden, "attention width": shape.heads * shape.head_dim,
+              "intermediate size": shape.intermediate}
+    bad = {k: v for k, v in widths.items() if v % group}
+    if bad:
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        fits = [g for g in (16, 32, 64, 128, 256) if all(v % g == 0 for v in widths.values())]
+        hint = f" (group_size={max(fits)} fits)" if fits else ""
+        raise InputError(f"candidate {name}: group size {group} does not divide the model's {what}{hint}")

@@ -21,6 +21,17 @@ DEFAULT_CONFIDENCE = 0.95
 POLICIES = ("point", "lower-bound")
 DEFAULT_POLICY = "point"
 DEFAULT_GPU_HOUR_USD = 2.50  # a typical on-demand price for one H100-class GPU-hour
+DEFAULT_CALIBRATION_SAMPLES = 32  # GPTQ/AWQ calibration samples split off the task data by default
+MIN_EVAL_ITEMS = 20  # items that must stay for evaluation after the calibration split
+MAX_CALIBRATION_SAMPLES = 4096
+
+
+def validate_calibration_samples(n: int) -> int:
+    from quantselect.errors import InputError
+
+    if not (1 <= n <= MAX_CALIBRATION_SAMPLES):
+        raise InputError(f"calibration-samples {n} must be between 1 and {MAX_CALIBRATION_SAMPLES}")
+    return int(n)
 
 
 def validate_threshold(t: float) -> float:
@@ -56,6 +67,23 @@ def validate_price(p: float) -> float:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Calibration samples for GPTQ/AWQ: split off the task data (those items are then not
+    evaluated) or read from a file the user gave."""
+
+    source: str  # "task data" or the file's path
+    texts: tuple[str, ...]
+    items: tuple[int, ...] = ()  # indices of the task items held out (source "task data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "texts": list(self.texts), "items": list(self.items)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        return cls(d["source"], tuple(d["texts"]), tuple(d.get("items") or ()))
+
+
+@dataclass(frozen=True)
 class JobSpec:
     model: str  # what the user named: "demo", a folder, a .gguf file
     model_path: str  # the resolved local path the workers load
@@ -67,6 +95,8 @@ class JobSpec:
     confidence: float = DEFAULT_CONFIDENCE
     policy: str = DEFAULT_POLICY
     early_stop: bool = False  # stop a candidate once its verdict is settled (anytime-valid test)
+    target_gpu: str = "H100-80GB"  # the deployment GPU the cost is quoted for
+    calibration: Calibration | None = None
 
 
 @dataclass
@@ -111,6 +141,11 @@ class CandidateResult:
     eval_seconds: float | None = None
     tokens_per_second: float | None = None
     throughput_engine: str | None = None
+    prefill_tokens_per_second: float | None = None
+    decode_tokens_per_second_b16: float | None = None  # ``tokens_per_second`` is batch 1
+    disk_bytes: int | None = None  # the saved artifact on disk
+    artifact_path: str | None = None
+    artifact_reused: bool | None = None  # loaded from an earlier job's artifact instead of quantizing
     device: str | None = None
     node_id: str | None = None
     gpu_ids: list[str] = field(default_factory=list)
@@ -161,6 +196,8 @@ class Job:
     confidence: float = DEFAULT_CONFIDENCE
     policy: str = DEFAULT_POLICY
     early_stop: bool = False
+    target_gpu: str = "H100-80GB"
+    model_config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,6 +214,7 @@ class Job:
             "confidence": self.confidence,
             "policy": self.policy,
             "early_stop": self.early_stop,
+            "target_gpu": self.target_gpu,
             "candidates": self.candidate_names,
             "deploy": self.deploy,
             "created_at": self.created_at.isoformat(),

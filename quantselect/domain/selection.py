@@ -18,7 +18,7 @@ A candidate whose verdict an early-stopping test settled keeps that verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from quantselect.domain.results import (
     DEFAULT_CONFIDENCE,
@@ -29,6 +29,7 @@ from quantselect.domain.results import (
     cost_per_1m_tokens,
 )
 from quantselect.domain.candidates import BASELINE
+from quantselect.domain.cost import ServingCost
 from quantselect.domain.statistics import FAIL, INCONCLUSIVE, PASS, PairedComparison, compare
 
 CATEGORY_RESAMPLES = 1000  # per-category intervals: many small comparisons, a coarser bootstrap
@@ -71,11 +72,19 @@ class Verdict:
     underpowered: bool | None = None
     stopped_early: bool = False
     categories: tuple[CategoryVerdict, ...] = ()
+    cost: ServingCost | None = None  # on the target GPU: throughput, measured or estimated, and why none
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["categories"] = [c.to_dict() for c in self.categories]
+        d["cost"] = self.cost.to_dict() if self.cost else None
+        d["cost_source"] = self.cost_source
         return d
+
+    @property
+    def cost_source(self) -> str | None:
+        """"measured" or "estimated" (roofline) for the target GPU; None without a cost."""
+        return self.cost.throughput.source if self.cost and self.cost.throughput else None
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class Recommendation:
     policy: str = DEFAULT_POLICY
     warnings: tuple[str, ...] = ()
     per_category: dict[str, str | None] = field(default_factory=dict)
+    target_gpu: str | None = None
 
     def verdict(self, name: str) -> Verdict:
         return next(v for v in self.verdicts if v.name == name)
@@ -103,6 +113,7 @@ class Recommendation:
             "message": self.message,
             "warnings": list(self.warnings),
             "per_category": dict(self.per_category),
+            "target_gpu": self.target_gpu,
             "candidates": [v.to_dict() for v in self.verdicts],
         }
 
@@ -161,10 +172,15 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
     return _Evidence(comp.relative, passed, comp, decision, comp.n, tuple(categories))
 
 
-def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: float, *,
+def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[str, ServingCost] | float, *,
               items: dict[str, list[ItemResult]] | None = None, confidence: float = DEFAULT_CONFIDENCE,
-              policy: str = DEFAULT_POLICY) -> Recommendation:
+              policy: str = DEFAULT_POLICY, target_gpu: str | None = None) -> Recommendation:
+    """``costs``: per candidate, its serving cost on the target GPU (``cost.serving_cost``); or a
+    GPU-hour price, to cost each candidate at its own measured batch-1 throughput (no target)."""
     items = items or {}
+    if not isinstance(costs, Mapping):
+        price = float(costs)
+        costs = {r.name: ServingCost(cost_per_1m_tokens(price, r.tokens_per_second), None) for r in results}
     base = next((r for r in results if r.is_baseline), None)
     base_ok = base is not None and base.status == SUCCEEDED and base.score is not None
     base_items = {i.index: i for i in items.get(base.name, [])} if base_ok and base else {}
@@ -175,18 +191,30 @@ def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: fl
     }
 
     def cost(r: CandidateResult) -> float | None:
-        return cost_per_1m_tokens(gpu_hour_usd, r.tokens_per_second)
+        c = costs.get(r.name)
+        return c.usd_per_1m_tokens if c else None
+
+    def runs_on_target(r: CandidateResult) -> bool:
+        c = costs.get(r.name)
+        return c is None or c.runs_on_target
+
+    def memory(r: CandidateResult) -> float | None:
+        """On the target GPU when costed there (a CPU's peak RSS includes the float model loaded
+        before quantizing); else what was measured."""
+        c = costs.get(r.name)
+        return c.weight_bytes if c is not None and c.weight_bytes else _memory(r)
 
     def key(r: CandidateResult) -> tuple[float, float]:
-        c, m = cost(r), _memory(r)
+        c, m = cost(r), memory(r)
         return (c if c is not None else float("inf"), float(m) if m is not None else float("inf"))
 
-    eligible = [r for r in results if evidence[r.name].passed]
+    eligible = [r for r in results if evidence[r.name].passed and runs_on_target(r)]
     chosen = _cheapest(eligible, key)
     base_score = base.score if base_ok and base else None
-    verdicts = [_verdict(r, evidence[r.name], chosen, cost, base_score, threshold, policy) for r in results]
+    verdicts = [_verdict(r, evidence[r.name], chosen, cost, base_score, threshold, policy, costs.get(r.name))
+                for r in results]
     warnings = _warnings(verdicts, chosen, threshold, confidence, policy)
-    per_category = _per_category(results, verdicts, key)
+    per_category = _per_category(results, verdicts, key, runs_on_target)
 
     if chosen is not None:
         message = f"deploy {chosen.name}: {next(v for v in verdicts if v.name == chosen.name).reason}"
@@ -198,7 +226,7 @@ def recommend(results: list[CandidateResult], threshold: float, gpu_hour_usd: fl
         message = f"no candidate meets the threshold {threshold:.3f} under the {policy} policy"
     return Recommendation(threshold=threshold, chosen=chosen.name if chosen else None, baseline_score=base_score,
                           verdicts=tuple(verdicts), message=message, confidence=confidence, policy=policy,
-                          warnings=tuple(warnings), per_category=per_category)
+                          warnings=tuple(warnings), per_category=per_category, target_gpu=target_gpu)
 
 
 def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | None:
@@ -211,7 +239,7 @@ def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | 
 
 
 def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cost: Any,
-             base_score: float | None, threshold: float, policy: str) -> Verdict:
+             base_score: float | None, threshold: float, policy: str, serving: ServingCost | None) -> Verdict:
     c = cost(r)
     comp = ev.comparison
     stopped = bool((r.early_stop or {}).get("stopped_early"))
@@ -230,6 +258,8 @@ def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, 
                       f"{comp.confidence:.0%} interval is below the threshold {threshold:.3f}")
         else:
             reason = f"quality {ev.relative:.3f} of the baseline is below the threshold {threshold:.3f}"
+    elif serving is not None and not serving.runs_on_target:
+        reason = f"meets the threshold but cannot run on the target: {serving.note}"
     elif chosen is not None and r.name == chosen.name:
         reason = "cheapest candidate that meets the threshold"
     else:
@@ -242,11 +272,12 @@ def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, 
                       f"memory than {chosen.name}")
     return Verdict(
         name=r.name, status=r.status, score=r.score, relative_score=ev.relative, passed=ev.passed,
-        cost_per_1m_tokens_usd=c, memory_bytes=_memory(r), reason=reason, n_items=ev.n,
+        cost_per_1m_tokens_usd=c, reason=reason, n_items=ev.n,
+        memory_bytes=int(serving.weight_bytes) if serving is not None and serving.weight_bytes else _memory(r),
         ci_low=comp.ci_low if comp else None, ci_high=comp.ci_high if comp else None,
         verdict=ev.decision or (comp.verdict if comp else None), mcnemar_p=comp.mcnemar_p if comp else None,
         items_needed=comp.items_needed if comp else None, underpowered=comp.underpowered if comp else None,
-        stopped_early=stopped, categories=ev.categories,
+        stopped_early=stopped, categories=ev.categories, cost=serving,
     )
 
 
@@ -276,12 +307,14 @@ def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold
     return out
 
 
-def _per_category(results: list[CandidateResult], verdicts: list[Verdict], key: Any) -> dict[str, str | None]:
+def _per_category(results: list[CandidateResult], verdicts: list[Verdict], key: Any,
+                  runs_on_target: Any) -> dict[str, str | None]:
     by_name = {r.name: r for r in results}
     names = sorted({c.category for v in verdicts for c in v.categories})
     out: dict[str, str | None] = {}
     for cat in names:
-        ok = [by_name[v.name] for v in verdicts for c in v.categories if c.category == cat and c.passed]
+        ok = [by_name[v.name] for v in verdicts for c in v.categories
+              if c.category == cat and c.passed and runs_on_target(by_name[v.name])]
         best = _cheapest(ok, key)
         out[cat] = best.name if best else None
     return out

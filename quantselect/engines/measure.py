@@ -1,9 +1,17 @@
-"""Measurements of a loaded candidate: memory and generation throughput."""
+"""Measurements of a loaded candidate: memory and throughput (prefill, decode at batch 1 and 16).
+
+Throughput is measured with the engine that serves the candidate, named next to every figure:
+on CPU, transformers ``generate()`` as quantselect's Serve deployment runs it; on a GPU,
+``generate()`` with a static KV cache, which transformers compiles (``torch.compile``, CUDA graphs)
+-- eager generation reaches a few per cent of the bandwidth limit there and ranks quantized models
+wrongly. Each figure is taken after a warm-up at the same shapes (which also pays the compilation).
+"""
 
 from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any
 
 THROUGHPUT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -26,25 +34,84 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def decode_tokens_per_second(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 2) -> float:
-    """Greedy decode at batch 1 after a warm-up; the best of ``repeats`` runs (least disturbed by
-    other work on a shared machine)."""
+@dataclass(frozen=True)
+class Throughput:
+    prefill_tokens_per_second: float
+    decode_b1: float
+    decode_b16: float
+    engine: str
+
+
+PREFILL_SHAPE = (4, 256)  # sequences x tokens per prefill measurement
+
+
+def engine_name(device: str) -> str:
+    if device == "cuda":
+        return "transformers generate, static cache compiled (torch.compile) on cuda"
+    return "transformers generate (eager) on cpu"
+
+
+def throughput(model: Any, tokenizer: Any, new_tokens: int = 32) -> Throughput:
+    """Prefill tokens/s, and decode tokens/s at batch 1 and batch 16, each after a warm-up."""
+    device = next(model.parameters()).device
+    static = device.type == "cuda"
+    return Throughput(
+        prefill_tokens_per_second=prefill_tokens_per_second(model),
+        decode_b1=decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=static),
+        decode_b16=decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=static, repeats=1),
+        engine=engine_name(device.type),
+    )
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def prefill_tokens_per_second(model: Any, shape: tuple[int, int] = PREFILL_SHAPE) -> float:
+    """One forward pass over ``shape`` tokens (no cache kept), after a warm-up; the best of two."""
     import torch
 
     device = next(model.parameters()).device
-    enc = tokenizer(THROUGHPUT_PROMPT, return_tensors="pt").to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    vocab = int(getattr(model.config, "vocab_size", 32000))
+    ids = torch.randint(0, min(vocab, 30000), shape, generator=torch.Generator().manual_seed(0)).to(device)
     best = 0.0
     with torch.inference_mode():
-        model.generate(**enc, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        model(input_ids=ids[:, :16], use_cache=False)  # warm-up
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            _sync(device)
+            best = max(best, ids.numel() / (time.perf_counter() - start))
+    return best
+
+
+def decode_tokens_per_second(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 2, batch: int = 1,
+                             static: bool = False) -> float:
+    """Greedy decode of ``batch`` copies of one prompt (new tokens of all rows per second, prefill
+    included, as a server sees it) after a warm-up; the best of ``repeats`` runs (least disturbed by
+    other work on a shared machine). ``static``: a static KV cache, which transformers compiles."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer([THROUGHPUT_PROMPT] * batch, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=pad)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    best = 0.0
+    with torch.inference_mode():
+        # warm-up at the measured shapes: a static cache compiles here, once
+        model.generate(**enc, **(kwargs if static else {**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}))
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             out = model.generate(**enc, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            generated = out.shape[1] - enc["input_ids"].shape[1]
+            _sync(device)
+            generated = (out.shape[1] - enc["input_ids"].shape[1]) * batch
             best = max(best, generated / (time.perf_counter() - start))
     return best

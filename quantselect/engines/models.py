@@ -54,7 +54,34 @@ def check_model(model: str) -> str:
         raise InputError(f"{model}: folder has no config.json; is it a Hugging Face model folder?")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise InputError(f"{model}: folder has no weights (*.safetensors or *.bin)")
+    check_architecture(path / "config.json")
     return str(path.resolve())
+
+
+def check_architecture(config_file: Path) -> None:
+    """The model must be a causal language model transformers can load (a decoder: Llama, Mistral,
+    Qwen, Gemma, ...), said from ``config.json`` before anything is loaded."""
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{config_file}: not a readable JSON config ({e})") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not model_type:
+        raise InputError(f"{config_file}: field 'model_type' is missing; is this a Hugging Face model folder?")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal):
+        what = f"architecture {', '.join(archs)}" if archs else f"model_type {model_type!r}"
+        raise InputError(f"{config_file}: {what} is not a causal language model transformers {_tf_version()} can load "
+                         "for generation (supported: Llama, Mistral, Qwen2/3, Gemma and other *ForCausalLM models)")
+
+
+def _tf_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def resolve_model(model: str, models_dir: Path) -> Path:

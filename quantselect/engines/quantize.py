@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from quantselect.domain.candidates import (
@@ -19,7 +19,10 @@ from quantselect.domain.candidates import (
     Int4WeightOnly,
     Int8Dynamic,
     Int8WeightOnly,
+    Awq,
+    Gptq,
     LowBitWeightOnly,
+    Nf4,
 )
 
 
@@ -31,13 +34,28 @@ class LoadedModel:
     dtype: str
     quantize_seconds: float
     engine: str  # how the weights were quantized, for display
+    artifact_path: str | None = None  # the saved quantized model it was loaded back from
+    reused: bool = False  # that artifact came from an earlier job
+    disk_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class Handler:
+    """How one config type runs. Exactly one of ``hf_config`` (a transformers quantization config:
+    the model is quantized while loading, and saves in the Hugging Face layout) and ``apply``
+    (quantize a loaded float model in place) is set, or neither for unquantized dtypes.
+    ``savable(device)``: whether the result saves as a standard artifact on that device."""
+
     load_dtype: Callable[[str], str]  # device -> dtype to load the float weights in
-    apply: Callable[[Any, CandidateConfig, str], str] | None  # quantize in place, returns engine name
     available: Callable[[], str | None]  # None when it can run here, else the reason
+    hf_config: Callable[[CandidateConfig, str, Any], Any] | None = None  # (config, device, calibration)
+    apply: Callable[[Any, CandidateConfig, str], str] | None = None  # quantize in place, returns engine name
+    engine: Callable[[CandidateConfig, str], str] | None = None  # display name for hf_config handlers
+    savable: Callable[[str], bool] = lambda device: True
+    load_kwargs: Callable[[str], dict[str, Any]] = lambda device: {}
+    # Or: write the quantized model as a Hugging Face folder (model_path, config, device, calibration,
+    # folder) -> engine name; it is then loaded back from that folder (GPTQ, AWQ).
+    export: Callable[[str, CandidateConfig, str, Any, Any], str] | None = None
 
 
 HANDLERS: dict[type[CandidateConfig], Handler] = {}
@@ -65,15 +83,21 @@ def _not_lm_head(module: Any, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
 
 
-def _torchao(config_factory: Callable[[CandidateConfig, str], Any]) -> Callable[[Any, CandidateConfig, str], str]:
-    def apply(model: Any, config: CandidateConfig, device: str) -> str:
-        from torchao.quantization import quantize_
+def _torchao(config_factory: Callable[[CandidateConfig, str], Any]) -> Callable[[CandidateConfig, str, Any], Any]:
+    """A transformers ``TorchAoConfig``: quantizes every linear layer but the output projection
+    and the embedding while loading (transformers' default), and saves / reloads in the Hugging
+    Face layout with the torchao config in ``config.json``."""
 
-        ao_config = config_factory(config, device)
-        quantize_(model, ao_config, filter_fn=_not_lm_head)
-        return f"torchao {type(ao_config).__name__}"
+    def hf_config(config: CandidateConfig, device: str, calibration: Any) -> Any:
+        from transformers import TorchAoConfig
 
-    return apply
+        return TorchAoConfig(quant_type=config_factory(config, device))
+
+    return hf_config
+
+
+def _torchao_engine(config_factory: Callable[[CandidateConfig, str], Any]) -> Callable[[CandidateConfig, str], str]:
+    return lambda config, device: f"torchao {type(config_factory(config, device)).__name__}"
 
 
 def _int8_wo(config: CandidateConfig, device: str) -> Any:
@@ -88,14 +112,12 @@ def _int8_dyn(config: CandidateConfig, device: str) -> Any:
     return Int8DynamicActivationInt8WeightConfig()
 
 
-def _apply_w8a8(model: Any, config: CandidateConfig, device: str) -> str:
-    """W8A8 int8. On a GPU through torchao. On CPU through PyTorch's fbgemm dynamic quantization:
-    torchao's int8 dynamic path has no fast CPU kernel here (measured ~40x slower than fp32 on an
-    AVX2 machine), while fbgemm's int8 GEMM is the engine a CPU deployment of W8A8 would use
-    (faster than fp32). Both quantize weights per channel to int8 and activations per token /
-    per tensor to int8 at run time."""
-    if device == "cuda":
-        return _torchao(_int8_dyn)(model, config, device)
+def _apply_w8a8_cpu(model: Any, config: CandidateConfig, device: str) -> str:
+    """W8A8 int8 on CPU through PyTorch's fbgemm dynamic quantization: torchao's int8 dynamic path
+    has no fast CPU kernel here (measured ~40x slower than fp32 on an AVX2 machine), while fbgemm's
+    int8 GEMM is the engine a CPU deployment of W8A8 would use. Both quantize weights per channel
+    to int8 and activations per token / per tensor at run time. fbgemm's packed weights have no
+    standard serialized form, so this one is not saved as an artifact."""
     import warnings
 
     import torch
@@ -142,24 +164,111 @@ def _fp8_available() -> str | None:
     return None
 
 
-HANDLERS[FullPrecision] = Handler(_reference_dtype, None, lambda: None)
-HANDLERS[HalfPrecision] = Handler(lambda d: "bfloat16", None, lambda: None)  # dtype from the config
-HANDLERS[Int8WeightOnly] = Handler(_reference_dtype, _torchao(_int8_wo), _needs_torchao)
-HANDLERS[Int8Dynamic] = Handler(_reference_dtype, _apply_w8a8, _needs_torchao)
-HANDLERS[Int4WeightOnly] = Handler(
-    lambda d: "bfloat16" if d == "cuda" else "float32", _torchao(_int4_wo), _needs_torchao
-)
-HANDLERS[LowBitWeightOnly] = Handler(
-    lambda d: "bfloat16" if d == "cuda" else "float32", _torchao(_low_bit), _needs_torchao
-)
-HANDLERS[Fp8Dynamic] = Handler(lambda d: "bfloat16", _torchao(_fp8_dyn), _fp8_available)
+def _w8a8_hf_config(config: CandidateConfig, device: str, calibration: Any) -> Any:
+    return _torchao(_int8_dyn)(config, device, calibration) if device == "cuda" else None
 
 
-def handler_for(config: CandidateConfig) -> Handler:
+def _torchao_handler(factory: Callable[[CandidateConfig, str], Any], available=_needs_torchao,
+                     load_dtype: Callable[[str], str] = _reference_dtype) -> Handler:
+    return Handler(load_dtype, available, hf_config=_torchao(factory), engine=_torchao_engine(factory))
+
+
+def _needs_bitsandbytes() -> str | None:
+    return None if importlib.util.find_spec("bitsandbytes") else "needs bitsandbytes: pip install bitsandbytes"
+
+
+def _nf4(config: CandidateConfig, device: str, calibration: Any) -> Any:
+    """bitsandbytes NF4 through transformers (its CPU backend on CPU): saves and reloads in the
+    Hugging Face layout with the quantization state of every layer."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    assert isinstance(config, Nf4)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                              bnb_4bit_use_double_quant=config.double_quant)
+
+
+def _needs_gptqmodel() -> str | None:
+    if importlib.util.find_spec("gptqmodel") is None:
+        return "needs GPTQModel: pip install 'quantselect[gptq]' (gptqmodel 7.6, see the README)"
+    return None
+
+
+HANDLERS[FullPrecision] = Handler(_reference_dtype, lambda: None)
+HANDLERS[HalfPrecision] = Handler(lambda d: "bfloat16", lambda: None)  # dtype from the config
+HANDLERS[Int8WeightOnly] = _torchao_handler(_int8_wo)
+HANDLERS[Int8Dynamic] = Handler(_reference_dtype, _needs_torchao, hf_config=None, apply=None,
+                                savable=lambda device: device == "cuda")  # resolved per device below
+HANDLERS[Int4WeightOnly] = _torchao_handler(_int4_wo)
+HANDLERS[LowBitWeightOnly] = _torchao_handler(_low_bit)
+HANDLERS[Fp8Dynamic] = _torchao_handler(_fp8_dyn, _fp8_available, lambda d: "bfloat16")
+def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, calibration: Any, folder: Any) -> str:
+    """GPTQ / AWQ through GPTQModel (the maintained successor of the archived auto-gptq and
+    AutoAWQ): quantize with the calibration samples and save in the Hugging Face layout
+    (``quantization_config`` in ``config.json``). The model GPTQModel holds in memory after GPTQ is
+    not the deployable form (measured: wrong outputs until saved and reloaded), so the saved
+    folder is what gets loaded, evaluated and served. AWQ on CPU needs its torch kernel."""
+    import os
+    import random
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+    import numpy as np
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    assert isinstance(config, (Gptq, Awq))
+    _gptqmodel_logs_out_of_cwd()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = dict(bits=config.bits, group_size=config.group_size, offload_to_disk=False)
+    quantize_kwargs: dict[str, Any] = {}
+    if isinstance(config, Awq):
+        kwargs["method"] = "awq"
+        if device != "cuda":
+            quantize_kwargs["backend"] = BACKEND.AWQ_TORCH
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # AWQ's torch kernel takes 16-bit only; GPTQ calibrates in fp32 on CPU (bf16 is slow without AMX).
+    dtype = torch.bfloat16 if device == "cuda" or isinstance(config, Awq) else torch.float32
+    model = GPTQModel.load(model_path, QuantizeConfig(**kwargs), device=device, dtype=dtype)
+    model.quantize(list(calibration), tokenizer=tokenizer, batch_size=1, **quantize_kwargs)
+    model.save(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    kind = "AWQ" if isinstance(config, Awq) else "GPTQ"
+    return f"GPTQModel {kind} {config.bits}-bit g{config.group_size} ({len(calibration)} calibration samples)"
+
+
+def _gptqmodel_logs_out_of_cwd() -> None:
+    """GPTQModel 7.6 writes a log file per quantization into ./logs of the working directory."""
+    import tempfile
+    from pathlib import Path
+
     try:
-        return HANDLERS[type(config)]
+        from gptqmodel.looper import loop_processor
+
+        loop_processor._PROJECT_LOG_DIR = Path(tempfile.gettempdir()) / "quantselect-gptqmodel-logs"
+    except (ImportError, AttributeError):  # another GPTQModel version: its logs stay where it puts them
+        pass
+
+
+HANDLERS[Gptq] = Handler(_reference_dtype, _needs_gptqmodel, export=_gptqmodel_export)
+HANDLERS[Awq] = Handler(_reference_dtype, _needs_gptqmodel, export=_gptqmodel_export)
+HANDLERS[Nf4] = Handler(_reference_dtype, _needs_bitsandbytes, hf_config=_nf4,
+                        engine=lambda c, d: "bitsandbytes NF4" + (" (double-quantized)" if c.double_quant else ""))
+
+
+def handler_for(config: CandidateConfig, device: str = "cpu") -> Handler:
+    try:
+        handler = HANDLERS[type(config)]
     except KeyError:
         raise TypeError(f"no engine handler registered for {type(config).__name__}") from None
+    if isinstance(config, Int8Dynamic):  # torchao on a GPU, fbgemm on CPU (see _apply_w8a8_cpu)
+        if device == "cuda":
+            return replace(handler, hf_config=_w8a8_hf_config, engine=_torchao_engine(_int8_dyn))
+        return replace(handler, apply=_apply_w8a8_cpu)
+    return handler
 
 
 def availability(config: CandidateConfig) -> str | None:
@@ -173,24 +282,88 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None) -> LoadedModel:
-    """Load the base model from ``model_path`` and quantize it as ``config`` says, in memory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None, *,
+                   calibration: tuple[str, ...] | list[str] | None = None,
+                   artifacts_dir: str | None = None) -> LoadedModel:
+    """The base model at ``model_path`` quantized as ``config`` says.
+
+    With ``artifacts_dir``, a quantized model is saved there in the Hugging Face layout (keyed by a
+    hash of the model, the config and the calibration data), loaded back, and checked against the
+    model that was saved before it is used; a later call with the same key loads the artifact
+    instead of quantizing again. ``model_path`` may also be such an artifact (serving does that)."""
+    from quantselect.engines import artifacts
 
     device = device or default_device()
-    handler = handler_for(config)
+    handler = handler_for(config, device)
     reason = handler.available()
     if reason is not None:
         raise RuntimeError(reason)
+    if artifacts.is_artifact(model_path):
+        return artifacts.load(model_path, device, reused=True)
+    _check_shape(model_path, config)
+    if config.calibrated and not calibration:
+        raise ValueError(f"{config.type_name} needs calibration samples")
+    info = {"model": str(model_path), "config": config.to_dict(), "device": device}
+    if handler.export is not None:  # quantized straight to a folder (GPTQ, AWQ), then loaded from it
+        export = lambda folder: _export(model_path, config, device, handler, calibration, folder)  # noqa: E731
+        if artifacts_dir:
+            key = artifacts.key(model_path, config, calibration if config.calibrated else None, device)
+            return artifacts.get_or_create(artifacts_dir, key, None, device, info, export=export)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="quantselect-") as tmp:
+            loaded = artifacts.get_or_create(tmp, "model", None, device, info, export=export)
+            loaded.artifact_path, loaded.disk_bytes = None, None  # the folder goes with this call
+            return loaded
+    quantizes = handler.hf_config is not None or handler.apply is not None
+    if not (artifacts_dir and quantizes and handler.savable(device)):
+        return _quantize(model_path, config, device, handler, calibration)
+    key = artifacts.key(model_path, config, None, device)
+    return artifacts.get_or_create(artifacts_dir, key, lambda: _quantize(model_path, config, device, handler, calibration),
+                                   device, info)
+
+
+def _check_shape(model_path: str, config: CandidateConfig) -> None:
+    import json
+    from pathlib import Path
+
+    from quantselect.domain import planner
+
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        shape = planner.shape_from_config(cfg)
+    except Exception:  # noqa: BLE001 - an unreadable config fails later, with transformers' own words
+        return
+    planner.check_candidate(config.type_name, config, shape, cfg.get("text_config", cfg).get("model_type"))
+
+
+def _export(model_path: str, config: CandidateConfig, device: str, handler: Handler,
+            calibration: Any, folder: Any) -> tuple[str, float, str]:
+    """Quantize straight to a folder: (engine, seconds, dtype to load it in)."""
+    assert handler.export is not None
+    start = time.perf_counter()
+    engine = handler.export(model_path, config, device, calibration, folder)
+    return engine, time.perf_counter() - start, handler.load_dtype(device)
+
+
+def _quantize(model_path: str, config: CandidateConfig, device: str, handler: Handler,
+              calibration: tuple[str, ...] | list[str] | None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = config.dtype if isinstance(config, HalfPrecision) else handler.load_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    engine = f"{dtype} weights"
     start = time.perf_counter()
-    if handler.apply is not None:
-        engine = handler.apply(model, config, device)
-    quantize_seconds = time.perf_counter() - start
+    if handler.hf_config is not None:
+        qconfig = handler.hf_config(config, device, calibration)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), quantization_config=qconfig,
+                                                     device_map=device, **handler.load_kwargs(device)).eval()
+        engine = handler.engine(config, device) if handler.engine else type(qconfig).__name__
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        start = time.perf_counter()
+        engine = handler.apply(model, config, device) if handler.apply is not None else f"{dtype} weights"
+    quantize_seconds = time.perf_counter() - start if (handler.hf_config or handler.apply) else 0.0
     return LoadedModel(model, tokenizer, device, dtype, quantize_seconds, engine)
 
 

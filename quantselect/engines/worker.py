@@ -93,9 +93,12 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
                   report: Report | None = None, device: str | None = None,
                   threads: int | None = None, placement: dict[str, Any] | None = None,
                   baseline: BaselineShare | None = None, early_stop: EarlyStop | None = None,
-                  measure_threads: int | None = None) -> CandidateResult:
+                  measure_threads: int | None = None, calibration: tuple[str, ...] | list[str] | None = None,
+                  artifacts_dir: str | None = None) -> CandidateResult:
     """``measure_threads``: CPU threads for the throughput measurement, the same for every
-    candidate of a job (one that ran alone with more threads would otherwise look cheaper)."""
+    candidate of a job (one that ran alone with more threads would otherwise look cheaper).
+    ``calibration``: samples for GPTQ/AWQ. ``artifacts_dir``: where quantized models are saved,
+    checked on reload and reused by later jobs (None: quantize in memory only)."""
     quiet_libraries()
     report = report or (lambda phase, done, total: None)
     result = CandidateResult(name=candidate.name, config=candidate.config.to_dict(),
@@ -112,10 +115,13 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         if threads:
             torch.set_num_threads(threads)
         report("quantizing", 0, len(dataset))
-        loaded = quantize.load_candidate(model_path, candidate.config, device)
-        result.device = loaded.device if loaded.device == "cpu" else f"cuda:{torch.cuda.get_device_name()}"
+        result.device = "cpu" if (device or quantize.default_device()) == "cpu" else f"cuda:{torch.cuda.get_device_name()}"
+        loaded = quantize.load_candidate(model_path, candidate.config, device, calibration=calibration,
+                                         artifacts_dir=artifacts_dir)
         result.quantize_seconds = loaded.quantize_seconds
         result.weight_bytes = quantize.weight_bytes(loaded.model)
+        result.artifact_path, result.artifact_reused = loaded.artifact_path, loaded.reused
+        result.disk_bytes = loaded.disk_bytes
         measure.reset_peak_memory(loaded.device)
         report("evaluating", 0, len(dataset))
         start = time.perf_counter()
@@ -135,9 +141,12 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         report("measuring", len(items), len(dataset))
         if measure_threads:
             torch.set_num_threads(measure_threads)
-        result.tokens_per_second = measure.decode_tokens_per_second(loaded.model, loaded.tokenizer)
-        result.throughput_engine = f"transformers generate (eager, batch 1) on {loaded.device}"
-        result.peak_memory_bytes = measure.peak_memory_bytes(loaded.device)
+        result.peak_memory_bytes = measure.peak_memory_bytes(loaded.device)  # of the evaluation
+        speed = measure.throughput(loaded.model, loaded.tokenizer)
+        result.tokens_per_second = speed.decode_b1
+        result.decode_tokens_per_second_b16 = speed.decode_b16
+        result.prefill_tokens_per_second = speed.prefill_tokens_per_second
+        result.throughput_engine = speed.engine
         result.status = SUCCEEDED
     except BaseException as e:  # noqa: BLE001 - a candidate's failure is data, not a crash
         if isinstance(e, KeyboardInterrupt):
@@ -145,6 +154,14 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         log.debug("candidate %s failed:\n%s", candidate.name, traceback.format_exc())
         result.status = FAILED
         result.error = _one_line(e)
+        if result.error.startswith("out of memory"):
+            try:
+                from quantselect.engines import measure
+
+                result.peak_memory_bytes = measure.peak_memory_bytes(result.device.split(":")[0] if result.device else "cpu")
+                result.error = f"out of memory at a peak of {result.peak_memory_bytes / 2**30:.2f} GiB: {result.error[15:]}"
+            except Exception:  # noqa: BLE001 - the error text stands without the peak
+                pass
         result.items = []
         result.reference = None
     result.finished_at = datetime.now(timezone.utc)

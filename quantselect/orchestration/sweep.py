@@ -51,7 +51,7 @@ def _progress_board():
 
 
 def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int,
-                    baseline=None, early_stop=None, measure_threads=None):
+                    baseline=None, early_stop=None, measure_threads=None, calibration=None, artifacts_dir=None):
     import ray
 
     from quantselect.engines.worker import run_candidate
@@ -64,7 +64,9 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
         board.update.remote(candidate.name, phase, done, total)
 
     return run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement,
-                         baseline=baseline, early_stop=early_stop, measure_threads=measure_threads)
+                         baseline=baseline, early_stop=early_stop, measure_threads=measure_threads,
+                         calibration=calibration if candidate.config.calibrated else None,
+                         artifacts_dir=artifacts_dir)
 
 
 def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> bool:
@@ -83,8 +85,13 @@ def run_sweep(
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
     poll_seconds: float = 0.5,
     early_stop: object | None = None,
+    calibration: object | None = None,
+    artifacts_dir: str | None = None,
 ) -> list[CandidateResult]:
     """Run all candidates; ``on_outcome`` is called once per candidate as it finishes.
+
+    ``calibration`` (a ``results.Calibration``) goes to the calibrated candidates (GPTQ, AWQ), which
+    start first: they take longest. Quantized models are saved under ``artifacts_dir`` and reused.
 
     With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
     first, alone, and its per-item scores (and reference outputs) go to every other candidate.
@@ -96,15 +103,19 @@ def run_sweep(
 
     # Every candidate's throughput is measured with the threads it gets when all run side by side.
     measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus()).threads
+    candidates = sorted(candidates, key=lambda c: (not c.is_baseline, not c.config.calibrated))
+    extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir}
     board = _progress_board()
     dataset_ref = ray.put(dataset)
     poll = _Poller(board, on_progress)
     try:
         if not needs_baseline_first(dataset, early_stop):
-            return _run(model_path, candidates, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure)
+            return _run(model_path, candidates, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure,
+                        extra=extra)
         first = [c for c in candidates if c.is_baseline]
         rest = [c for c in candidates if not c.is_baseline]
-        outcomes = _run(model_path, first, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure)
+        outcomes = _run(model_path, first, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure,
+                        extra=extra)
         base = outcomes[0]
         if base.status != SUCCEEDED:
             for cand in rest:  # nothing to compare with: say so rather than run them
@@ -116,7 +127,7 @@ def run_sweep(
         share = BaselineShare(scores={i.index: float(i.score) for i in base.items}, reference=base.reference)
         base.reference = None
         return outcomes + _run(model_path, rest, dataset_ref, board, poll, on_outcome, poll_seconds,
-                               ray.put(share), early_stop, measure=measure)
+                               ray.put(share), early_stop, measure=measure, extra=extra)
     finally:
         ray.kill(board)
         del dataset_ref
@@ -138,7 +149,8 @@ class _Poller:
 
 def _run(model_path: str, candidates: list[Candidate], dataset_ref, board, poll: _Poller,
          on_outcome: Callable[[CandidateResult], None], poll_seconds: float,
-         baseline=None, early_stop=None, measure: int | None = None) -> list[CandidateResult]:
+         baseline=None, early_stop=None, measure: int | None = None,
+         extra: dict | None = None) -> list[CandidateResult]:
     import ray
 
     from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
@@ -158,7 +170,7 @@ def _run(model_path: str, candidates: list[Candidate], dataset_ref, board, poll:
         while queue and len(running) < max_in_flight:
             cand = queue.pop(0)
             running[task.remote(model_path, cand, dataset_ref, board, placement.threads, baseline, early_stop,
-                                measure)] = cand
+                                measure, **(extra or {}))] = cand
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
         poll()
         for ref in ready:

@@ -1,0 +1,74 @@
+"""Common inference GPUs: memory, bandwidth, peak compute, and an indicative price."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from quantselect.errors import InputError
+
+DEFAULT_TARGET = "H100-80GB"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_gib: float  # usable, as the driver reports it
+    bandwidth_tbs: float  # memory bandwidth, TB/s
+    bf16_tflops: float  # dense tensor-core peak
+    int8_tops: float | None
+    fp8_tflops: float | None  # None: no fp8 tensor cores (compute capability < 8.9)
+    capability: tuple[int, int]
+    usd_per_hour: float  # indicative on-demand price of one GPU; override per job
+    aliases: tuple[str, ...] = ()
+
+    def peak(self, compute: str) -> float:
+        """FLOP/s of the candidate's compute format (bf16 where the GPU lacks the format)."""
+        value = {"int8": self.int8_tops, "fp8": self.fp8_tflops}.get(compute) or self.bf16_tflops
+        return value * 1e12
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["capability"] = ".".join(map(str, self.capability))
+        d["aliases"] = list(self.aliases)
+        return d
+
+
+# Datasheet figures (dense, no sparsity); prices are indicative on-demand cloud prices per GPU-hour
+# in late 2026 -- override them with the job's --gpu-hour-usd.
+GPUS: dict[str, GpuSpec] = {g.name: g for g in (
+    GpuSpec("H100-80GB", 79.6, 3.35, 989, 1979, 1979, (9, 0), 2.50, ("H100",)),
+    GpuSpec("A100-80GB", 79.2, 2.04, 312, 624, None, (8, 0), 1.60, ("A100",)),
+    GpuSpec("L40S", 44.5, 0.864, 362, 733, 733, (8, 9), 1.00),
+    GpuSpec("L4", 22.0, 0.300, 121, 242, 242, (8, 9), 0.50),
+    GpuSpec("A10G", 22.0, 0.600, 70, 140, None, (8, 6), 1.00),
+    GpuSpec("RTX-4090", 23.6, 1.008, 165, 330, 330, (8, 9), 0.40, ("4090", "GeForce RTX 4090")),
+)}
+
+
+def gpu(name: str | None) -> GpuSpec:
+    """The table entry for a user-given name (case and punctuation do not matter)."""
+    key = _norm(name or DEFAULT_TARGET)
+    for spec in GPUS.values():
+        if key in {_norm(spec.name), *map(_norm, spec.aliases)}:
+            return spec
+    raise InputError(f"unknown target GPU {name!r}; known: {', '.join(GPUS)}")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def gpu_of_device(device: str | None) -> GpuSpec | None:
+    """The table entry a measured device ("cuda:NVIDIA H100 80GB HBM3") is, if any."""
+    if not device or not device.startswith("cuda"):
+        return None
+    text = _norm(device)
+    for spec in GPUS.values():
+        names = (spec.name.split("-")[0], *spec.aliases)
+        if any(_norm(n) in text for n in names):
+            if spec.name.endswith("80GB") and "80gb" not in text:
+                continue  # a 40 GB A100 / a PCIe H100 variant is not the table's GPU
+            return spec
+    return None

@@ -1,0 +1,208 @@
+"""Quantized models on disk: saved once in the Hugging Face layout, checked on reload, reused.
+
+An artifact is a folder ``<artifacts_dir>/<key>/`` holding what ``save_pretrained`` writes
+(safetensors + ``config.json`` with its ``quantization_config``), the tokenizer, and
+``quantselect.json``: the candidate config, how long quantizing took, the engine, and a *probe* --
+the log-probabilities the in-memory quantized model gave on a fixed input.
+
+The key hashes the base model (its ``config.json`` and the names, sizes and modification times of
+its weight files), the candidate config, the calibration samples (GPTQ/AWQ) and the device kind:
+the same key means the same quantized model, so a later job loads it instead of quantizing again.
+
+Trust, but verify: transformers 5 fills weights it cannot map with random values and only prints a
+table. Every artifact is reloaded right after saving and its probe compared with the in-memory
+model's; a reused artifact is compared with the stored probe. A mismatch fails loudly
+(``ArtifactMismatch``) instead of scoring a randomly initialized model as a (terrible) candidate.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+MARKER = "quantselect.json"
+PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Question: What is 12 plus 30? Answer: 42. "
+              "Paris is the capital of")
+PROBE_TOP_K = 8
+# Largest difference in log-probability of the probe's top tokens that still counts as "the same
+# model": a reload is bit-exact on CPU; GPU kernels may differ by rounding. Random weights are off
+# by whole units.
+PROBE_TOLERANCE = 2e-2
+
+
+class ArtifactMismatch(RuntimeError):
+    pass
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _model_fingerprint(model_path: str | Path) -> dict[str, Any]:
+    folder = Path(model_path)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    return {
+        "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
+
+
+def key(model_path: str | Path, config: Any, calibration: Any, device: str) -> str:
+    payload = {
+        "model": _model_fingerprint(model_path),
+        "config": config.to_dict(),
+        "calibration": hashlib.sha256("\x00".join(calibration).encode()).hexdigest() if calibration else None,
+        "device": "cuda" if device.startswith("cuda") else "cpu",
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{config.type_name}-{digest}"
+
+
+def disk_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def probe(model: Any, tokenizer: Any) -> dict[str, list]:
+    """Top-k log-probabilities (and their tokens) at every position of a fixed input."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0], dim=-1)
+    values, tokens = logp.topk(PROBE_TOP_K, dim=-1)
+    return {"tokens": tokens.tolist(), "logprobs": values.tolist()}
+
+
+def compare(expected: dict[str, list], model: Any, tokenizer: Any) -> float:
+    """Largest log-probability difference at the expected top tokens (inf: another input length)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(device)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0], dim=-1).cpu()
+    tokens = torch.tensor(expected["tokens"])
+    want = torch.tensor(expected["logprobs"])
+    if logp.shape[0] != tokens.shape[0]:
+        return float("inf")
+    return float((logp.gather(1, tokens) - want).abs().max())
+
+
+def load(folder: str | Path, device: str, reused: bool = False, check_probe: bool = True) -> Any:
+    """Load an artifact, check that every weight was mapped and (``check_probe``) that it gives the
+    stored probe's outputs, and return a ``LoadedModel``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantselect.engines.quantize import LoadedModel
+
+    folder = Path(folder)
+    meta = json.loads((folder / MARKER).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, output_loading_info=True,
+                                                       dtype=getattr(torch, meta.get("dtype", "float32")))
+    model.eval()
+    unmapped = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),
+                       *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))})
+    if unmapped:
+        raise ArtifactMismatch(
+            f"the quantized model saved at {folder} does not load back whole: {len(unmapped)} weight(s) missing, "
+            f"unexpected or mis-shaped (e.g. {', '.join(unmapped[:3])}); transformers would fill them with random "
+            "values. Delete the folder to quantize again")
+    if check_probe:
+        diff = compare(meta["probe"], model, tokenizer)
+        if not diff <= PROBE_TOLERANCE:
+            raise ArtifactMismatch(
+                f"the quantized model saved at {folder} reloads with different outputs (largest log-probability "
+                f"difference {diff:.3g} > {PROBE_TOLERANCE}): some weights were not restored (transformers fills "
+                "unmapped weights with random values); delete the folder to quantize again")
+    return LoadedModel(model, tokenizer, device, meta.get("dtype", "float32"), float(meta.get("quantize_seconds", 0.0)),
+                       meta.get("engine", "saved artifact"), artifact_path=str(folder), reused=reused,
+                       disk_bytes=disk_bytes(folder))
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def get_or_create(artifacts_dir: str | Path, name: str, quantize: Callable[[], Any] | None, device: str,
+                  info: dict[str, Any], export: Callable[[Path], tuple[str, float, str]] | None = None) -> Any:
+    """Load the artifact ``name`` if it is complete, else quantize, save, reload, check and return the
+    reloaded model (so that what is evaluated is what was saved). One process per key at a time.
+
+    ``export`` instead writes the quantized folder itself (GPTQ/AWQ): that folder is loaded with the
+    check for unmapped weights, and its outputs become the probe every later reuse is checked against."""
+    root = Path(artifacts_dir)
+    folder = root / name
+    with _lock(root / f".{name}.lock"):
+        if is_artifact(folder):
+            return load(folder, device, reused=True)
+        if export is not None:
+            return _exported(folder, export, device, info)
+        assert quantize is not None
+        loaded = quantize()
+        expected = probe(loaded.model, loaded.tokenizer)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save(loaded.model, loaded.tokenizer, tmp)
+        except Exception as e:  # noqa: BLE001 - say which candidate cannot be saved, then fail it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"cannot save the quantized model ({loaded.engine}) in the Hugging Face layout: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        meta = {**info, "key": name, "engine": loaded.engine, "dtype": loaded.dtype,
+                "quantize_seconds": loaded.quantize_seconds, "probe": expected,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / MARKER).write_text(json.dumps(meta))
+        del loaded
+        try:
+            reloaded = load(tmp, device, reused=False)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        reloaded.artifact_path = str(folder)
+        return reloaded
+
+
+def _exported(folder: Path, export: Callable[[Path], tuple[str, float, str]], device: str,
+              info: dict[str, Any]) -> Any:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        engine, seconds, dtype = export(tmp)
+        meta = {**info, "key": folder.name, "engine": engine, "dtype": dtype, "quantize_seconds": seconds,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / MARKER).write_text(json.dumps(meta))
+        loaded = load(tmp, device, reused=False, check_probe=False)  # still refuses unmapped weights
+        meta["probe"] = probe(loaded.model, loaded.tokenizer)
+        (tmp / MARKER).write_text(json.dumps(meta))
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    loaded.artifact_path = str(folder)
+    return loaded
+
+
+def save(model: Any, tokenizer: Any, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

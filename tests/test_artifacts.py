@@ -1,0 +1,91 @@
+"""Quantized models saved in the Hugging Face layout, reloaded, checked, and reused by key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantselect.domain.candidates import CATALOG, parse_candidate
+from quantselect.engines import artifacts
+from quantselect.engines.quantize import load_candidate
+
+
+def logits(lm):
+    import torch
+
+    with torch.inference_mode():
+        return lm.model(torch.arange(1, 33).unsqueeze(0)).logits.float()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int3"])
+def test_round_trip_gives_the_same_outputs_and_a_second_job_reuses_it(tiny_llama, tmp_path, name):
+    import torch
+
+    in_memory = load_candidate(str(tiny_llama), CATALOG[name], "cpu")  # no artifact: quantized in memory
+    saved = load_candidate(str(tiny_llama), CATALOG[name], "cpu", artifacts_dir=str(tmp_path))
+    assert saved.artifact_path and not saved.reused and saved.disk_bytes > 0
+    folder = tmp_path / saved.artifact_path.rsplit("/", 1)[-1]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"  # the standard layout
+    assert any(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
+    assert torch.equal(logits(saved), logits(in_memory))  # what is evaluated is what was saved
+    again = load_candidate(str(tiny_llama), CATALOG[name], "cpu", artifacts_dir=str(tmp_path))
+    assert again.reused and again.artifact_path == saved.artifact_path
+    assert again.quantize_seconds == pytest.approx(saved.quantize_seconds)  # the original cost, not 0
+    assert torch.equal(logits(again), logits(saved))
+    # an artifact loads as a model path too (serving does that)
+    served = load_candidate(saved.artifact_path, CATALOG[name], "cpu")
+    assert torch.equal(logits(served), logits(saved))
+
+
+def test_another_config_or_calibration_gets_another_key(tiny_llama):
+    a = artifacts.key(tiny_llama, CATALOG["int4"].config if hasattr(CATALOG["int4"], "config") else CATALOG["int4"], None, "cpu")
+    b = artifacts.key(tiny_llama, parse_candidate("int4:group_size=64").config, None, "cpu")
+    c = artifacts.key(tiny_llama, CATALOG["int4-gptq"], ["one sample"], "cpu")
+    d = artifacts.key(tiny_llama, CATALOG["int4-gptq"], ["another sample"], "cpu")
+    assert len({a, b, c, d}) == 4
+    assert a == artifacts.key(tiny_llama, CATALOG["int4"], None, "cpu")
+
+
+def test_an_artifact_that_reloads_with_missing_weights_fails_loudly(tiny_llama, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    saved = load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(tmp_path))
+    weights = next(iter((tmp_path / saved.artifact_path.rsplit("/", 1)[-1]).glob("*.safetensors")))
+    tensors = load_file(str(weights))
+    kept = {k: v for k, v in tensors.items() if "q_proj" not in k}
+    assert len(kept) < len(tensors)
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    save_file(kept, str(weights), metadata=metadata)
+    # transformers now fills q_proj with random values and only prints a table: we must refuse it
+    with pytest.raises(artifacts.ArtifactMismatch, match="does not load back whole: .*q_proj"):
+        load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(tmp_path))
+
+
+def test_an_artifact_whose_weights_changed_fails_the_probe(tiny_llama, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    saved = load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(tmp_path))
+    weights = next(iter((tmp_path / saved.artifact_path.rsplit("/", 1)[-1]).glob("*.safetensors")))
+    tensors = load_file(str(weights))
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    scales = [k for k in tensors if "scale" in k and "proj" in k]
+    assert scales
+    for k in scales:  # every key still there, the values not what was saved
+        tensors[k] = tensors[k] * 3
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(artifacts.ArtifactMismatch, match="reloads with different outputs"):
+        load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(tmp_path))
+
+
+def test_unquantized_and_unsavable_candidates_make_no_artifact(tiny_llama, tmp_path):
+    root = tmp_path / "artifacts"
+    for name in ("baseline", "bf16", "w8a8"):  # the base model itself; fbgemm's packed weights on CPU
+        lm = load_candidate(str(tiny_llama), CATALOG[name], "cpu", artifacts_dir=str(root))
+        assert lm.artifact_path is None and not lm.reused
+    assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]

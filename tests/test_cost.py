@@ -1,0 +1,105 @@
+"""Target-GPU cost model: price table, roofline estimates labelled as such, measurements on the
+target replacing them, candidates that cannot run on the target, and candidate parameters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantselect.domain import cost, planner
+from quantselect.domain.candidates import CATALOG, BASELINE, parse_candidate, resolve_candidates
+from quantselect.domain.results import SUCCEEDED, CandidateResult
+from quantselect.domain.selection import recommend
+from quantselect.errors import InputError
+from tests.fixtures.common import REPO
+
+CONFIGS = REPO / "tests" / "data" / "configs"
+
+
+def shape(name: str) -> planner.Shape:
+    return planner.shape_from_config(json.loads((CONFIGS / f"{name}.json").read_text()))
+
+
+def test_bf16_8b_on_h100_matches_the_measured_bandwidth_bound():
+    # DESIGN: an 8B bf16 model decodes ~175 tokens/s at batch 1 on an H100 (~78 % of the limit).
+    h100 = cost.gpu("H100")
+    sc = cost.serving_cost(CATALOG[BASELINE], shape("llama-3.1-8b"), h100, 2.5, batch=1)
+    assert sc.throughput.source == "estimated" and "roofline" in sc.throughput.basis
+    assert 150 < sc.throughput.tokens_per_second < 200
+
+
+def test_fewer_bytes_per_weight_cost_less_when_decode_is_memory_bound():
+    h100 = cost.gpu("H100-80GB")
+    costs = {n: cost.serving_cost(CATALOG[n], shape("llama-3.1-8b"), h100, 2.5).usd_per_1m_tokens
+             for n in ("baseline", "int8", "int4", "int4-gptq", "nf4")}
+    assert costs["int4-gptq"] < costs["int4"] < costs["int8"] < costs["baseline"]
+    # cost = price x GPUs / tokens per hour
+    sc = cost.serving_cost(CATALOG["int8"], shape("llama-3.1-8b"), h100, 2.5)
+    assert sc.usd_per_1m_tokens == pytest.approx(2.5 / (sc.throughput.tokens_per_second * 3600) * 1e6)
+
+
+def test_a_70b_model_needs_several_gpus_at_bf16_and_pays_for_them():
+    h100 = cost.gpu("H100")
+    bf16 = cost.serving_cost(CATALOG["bf16"], shape("llama-3.1-70b"), h100, 2.5)
+    int4 = cost.serving_cost(CATALOG["int4-gptq"], shape("llama-3.1-70b"), h100, 2.5)
+    assert bf16.throughput.gpus == 2 and int4.throughput.gpus == 1  # 141 GB of bf16 weights
+    assert "2x H100-80GB" in bf16.throughput.basis
+    assert cost.serving_cost(CATALOG["bf16"], shape("llama-3.1-70b"), cost.gpu("L4"), 0.5).throughput.gpus == 8
+    assert cost.serving_cost(CATALOG["baseline"], shape("llama-3.1-70b"), cost.gpu("L4"), 0.5,
+                             batch=256).note == "does not fit on 8x L4 at batch 256"
+
+
+def test_fp8_cannot_run_on_an_a100_and_is_not_recommended_there():
+    a100 = cost.gpu("a100")
+    sc = cost.serving_cost(CATALOG["fp8"], shape("mistral-7b-v0.1"), a100, 1.6)
+    assert not sc.runs_on_target and "compute capability" in sc.note and sc.usd_per_1m_tokens is None
+    results = [CandidateResult(BASELINE, CATALOG[BASELINE].to_dict(), SUCCEEDED, score=0.8),
+               CandidateResult("fp8", CATALOG["fp8"].to_dict(), SUCCEEDED, score=0.8)]
+    costs = {BASELINE: cost.serving_cost(CATALOG[BASELINE], shape("mistral-7b-v0.1"), a100, 1.6), "fp8": sc}
+    rec = recommend(results, 0.98, costs, target_gpu=a100.name)
+    assert rec.chosen == BASELINE and "cannot run on the target" in rec.verdict("fp8").reason
+    assert rec.verdict(BASELINE).cost_source == "estimated" and rec.to_dict()["target_gpu"] == "A100-80GB"
+
+
+def test_a_measurement_on_the_target_replaces_the_estimate_but_eager_and_cpu_never_do():
+    h100 = cost.gpu("H100")
+    base = dict(name="int8", config=CATALOG["int8"].to_dict(), status=SUCCEEDED, decode_tokens_per_second_b16=900.0)
+    compiled = CandidateResult(**base, device="cuda:NVIDIA H100 80GB HBM3",
+                               throughput_engine="transformers generate, static cache compiled (torch.compile) on cuda")
+    m = cost.measured_on(compiled, h100)
+    assert m is not None and m.source == "measured" and m.tokens_per_second == 900.0
+    assert cost.serving_cost(CATALOG["int8"], shape("llama-3.1-8b"), h100, 2.5, m).throughput.source == "measured"
+    assert cost.measured_on(compiled, cost.gpu("L4")) is None  # another GPU type: estimate
+    eager = CandidateResult(**base, device="cuda:NVIDIA H100 80GB HBM3", throughput_engine="transformers generate (eager) on cuda")
+    assert cost.measured_on(eager, h100) is None
+    cpu = CandidateResult(**base, device="cpu", throughput_engine="transformers generate (eager) on cpu")
+    assert cost.measured_on(cpu, h100) is None
+
+
+def test_gpu_names_and_device_strings():
+    assert cost.gpu("rtx 4090").name == "RTX-4090" and cost.gpu(None).name == "H100-80GB"
+    with pytest.raises(InputError, match="unknown target GPU 'B300'"):
+        cost.gpu("B300")
+    assert cost.gpu_of_device("cuda:NVIDIA A100-SXM4-80GB").name == "A100-80GB"
+    assert cost.gpu_of_device("cuda:NVIDIA A100-SXM4-40GB") is None
+    assert cost.gpu_of_device("cuda:NVIDIA L4").name == "L4"
+    assert cost.gpu_of_device("cpu") is None
+
+
+def test_candidate_parameters_are_validated_with_the_field_named():
+    c = parse_candidate("int4-gptq:group_size=64")
+    assert c.name == "int4-gptq:group_size=64" and c.config.group_size == 64 and c.config.calibrated
+    assert parse_candidate("int4-gptq:group_size=128").name == "int4-gptq"  # the default, spelled out
+    assert parse_candidate("int4:group_size=64").config.bytes_per_weight() == pytest.approx(0.5 + 4 / 64)
+    for bad, msg in [("int4-gptq:group_size=0", "group_size 0 must be one of"),
+                     ("int4-gptq:bits=5", "bits 5 must be one of 2, 3, 4, 8"),
+                     ("int4-awq:bits=3", "bits 3 must be one of 4"),
+                     ("int4:bits=4", "unknown parameter 'bits'"),
+                     ("int8:group_size=32", "parameters of int8: none"),
+                     ("nf4:double_quant=maybe", "not a valid bool"),
+                     ("int4:group_size", "must be key=value")]:
+        with pytest.raises(InputError, match=msg):
+            parse_candidate(bad)
+    names = [c.name for c in resolve_candidates(["int4", "int4:group_size=64", "int4:group_size=32"])]
+    assert names == [BASELINE, "int4", "int4:group_size=64"]

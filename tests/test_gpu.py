@@ -1,0 +1,39 @@
+"""Every candidate on a CUDA GPU (``make device-check``; skipped with the reason elsewhere): each
+quantizes a tiny model, saves and reloads its artifact, stays close to the bf16 baseline, and is
+measured with the serving engine (static-cache generation compiled by transformers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantselect.domain.candidates import CATALOG
+from quantselect.domain.dataset import load_dataset
+from tests.fixtures.common import EXAMPLES
+
+pytestmark = pytest.mark.gpu
+
+GPU_CANDIDATES = ("bf16", "fp16", "int8", "w8a8", "int4", "fp8", "nf4", "int4-gptq", "int4-awq")
+CALIBRATION = [f"{it.prompt} {it.choices[it.answer]}" for it in load_dataset(EXAMPLES / "piqa-300.jsonl", limit=16).items]
+
+
+@pytest.mark.parametrize("name", GPU_CANDIDATES)
+def test_every_candidate_on_the_gpu(tiny_llama, tmp_path, name):
+    import torch
+
+    from quantselect.engines import measure
+    from quantselect.engines.quantize import availability, load_candidate
+
+    config = CATALOG[name]
+    reason = availability(config)
+    assert reason is None, reason  # on a GPU machine every candidate must run (fp8: compute capability >= 8.9)
+    base = load_candidate(str(tiny_llama), CATALOG["baseline"], "cuda")
+    lm = load_candidate(str(tiny_llama), config, "cuda", artifacts_dir=str(tmp_path),
+                        calibration=CALIBRATION if config.calibrated else None)
+    assert lm.device == "cuda" and (lm.artifact_path is not None or name in ("bf16", "fp16"))
+    x = torch.arange(1, 33, device="cuda").unsqueeze(0)
+    with torch.inference_mode():
+        ref, out = base.model(x).logits.float(), lm.model(x).logits.float()
+    assert torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9
+    speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=16)
+    assert "compiled" in speed.engine and speed.decode_b1 > 0 and speed.decode_b16 > speed.decode_b1

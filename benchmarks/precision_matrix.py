@@ -116,7 +116,7 @@ def main() -> None:
                           threads=args.threads, measure_threads=args.threads)
         limit = args.bandwidth_tbs * 1e12 / r.weight_bytes if (r.weight_bytes and args.bandwidth_tbs) else None
         est = cost.serving_cost(cand.config, shape, target, target.usd_per_hour)
-        row = {"name": name, "status": r.status, "error": r.error, "device": r.device,
+        row = {"name": name, "status": r.status, "error": r.error, "device": r.device, "score": r.score,
                "quantize_seconds": r.quantize_seconds, "weight_bytes": r.weight_bytes, "disk_bytes": r.disk_bytes,
                "peak_memory_bytes": r.peak_memory_bytes, "eval_seconds": r.eval_seconds,
                "items_per_second": (len(ds) / r.eval_seconds) if r.eval_seconds else None,
@@ -150,14 +150,14 @@ def main() -> None:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    print(f"| candidate | status | quantize s | weights MiB | on disk MiB | peak GiB | items/s | prefill tok/s "
+    print(f"| candidate | status | score | quantize s | weights MiB | on disk MiB | peak GiB | items/s | prefill tok/s "
           f"| decode tok/s b1 | b16 | limit tok/s b1 | % of limit | {args.target_gpu} est. tok/s b16 | est. $/1M tok |")
-    print("| --- " * 14 + "|")
+    print("| --- " * 15 + "|")
     for r in rows:
         if r.get("status") != "succeeded":
-            print(f"| {r['name']} | {r.get('status')}: {r.get('error')} |" + " |" * 12)
+            print(f"| {r['name']} | {r.get('status')}: {r.get('error')} |" + " |" * 13)
             continue
-        print(f"| {r['name']} | ok | {r['quantize_seconds']:.1f} | {r['weight_bytes'] / 2**20:.0f} | "
+        print(f"| {r['name']} | ok | {r['score']:.3f} | {r['quantize_seconds']:.1f} | {r['weight_bytes'] / 2**20:.0f} | "
               f"{num(r['disk_bytes'] and r['disk_bytes'] / 2**20, '.0f')} | {r['peak_memory_bytes'] / 2**30:.2f} | "
               f"{r['items_per_second']:.1f} | {r['prefill_tokens_per_second']:.0f} | "
               f"{r['decode_tokens_per_second_b1']:.1f} | {r['decode_tokens_per_second_b16']:.1f} | "

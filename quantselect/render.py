@@ -46,7 +46,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         c = r.get("cost_per_1m_tokens_usd")
         if c is None:
             return "n/a" if r.get("cost_note") and r["status"] == "succeeded" else "-"
-        return f"{c:.3f}" + ("*" if r.get("cost_source") == "estimated" else "")
+        return f"{c:.4g}" + ("*" if r.get("cost_source") == "estimated" else "")
 
     target = next((r.get("target_gpu") for r in rows if r.get("target_gpu")), None) or "target"
     return table(

@@ -142,19 +142,17 @@ class Fp8Dynamic(CandidateConfig):
 
 
 @dataclass(frozen=True)
-class Gptq(CandidateConfig):
-    """GPTQ (GPTQModel): weights rounded one column at a time, correcting the error with second-order
-    statistics of the calibration activations."""
+class _Calibrated(CandidateConfig):
+    """A weight-only scheme calibrated on samples split off the task data (GPTQModel)."""
 
-    type_name: ClassVar[str] = "gptq"
     bits: int = 4
     group_size: int = 128
-    description: ClassVar[str] = "GPTQ weight-only (GPTQModel), calibrated on samples split off the task data"
     calibrated: ClassVar[bool] = True
+    allowed_bits: ClassVar[tuple[int, ...]] = (4,)
 
     def __post_init__(self) -> None:
-        _check_bits("gptq", self.bits, (2, 3, 4, 8))
-        _check_group("gptq", self.group_size)
+        _check_bits(self.type_name, self.bits, self.allowed_bits)
+        _check_group(self.type_name, self.group_size)
 
     @property
     def weight_bits(self) -> float:  # type: ignore[override]
@@ -165,30 +163,26 @@ class Gptq(CandidateConfig):
 
 
 @dataclass(frozen=True)
-class Awq(CandidateConfig):
+class Gptq(_Calibrated):
+    """GPTQ (GPTQModel): weights rounded one column at a time, correcting the error with second-order
+    statistics of the calibration activations."""
+
+    type_name: ClassVar[str] = "gptq"
+    description: ClassVar[str] = "GPTQ weight-only (GPTQModel), calibrated on samples split off the task data"
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Awq(_Calibrated):
     """AWQ (GPTQModel): per-channel scales chosen from calibration activations protect the salient
     weights, then 4-bit round-to-nearest per group."""
 
     type_name: ClassVar[str] = "awq"
-    bits: int = 4
-    group_size: int = 128
     description: ClassVar[str] = "AWQ 4-bit weight-only (GPTQModel), calibrated on samples split off the task data"
-    calibrated: ClassVar[bool] = True
     unsupported: ClassVar[dict[str, str]] = {
         t: "GPTQModel 7.6's AWQ cannot run Gemma 3's rotary embedding (measured); use int4-gptq"
         for t in ("gemma3", "gemma3_text")
     }
-
-    def __post_init__(self) -> None:
-        _check_bits("awq", self.bits, (4,))
-        _check_group("awq", self.group_size)
-
-    @property
-    def weight_bits(self) -> float:  # type: ignore[override]
-        return self.bits + 32 / self.group_size
-
-    def bytes_per_weight(self) -> float:
-        return _grouped_bytes(self.bits, self.group_size)
 
 
 @dataclass(frozen=True)

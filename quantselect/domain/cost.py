@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from quantselect.domain import results
 from quantselect.domain.candidates import CandidateConfig, Fp8Dynamic
 from quantselect.domain.gpus import GPUS, GpuSpec, gpu, gpu_of_device  # noqa: F401 - re-exported
 from quantselect.domain.planner import Shape, gpus_needed
@@ -64,9 +65,10 @@ def estimate_decode(weight_bytes: float, params: int, kv_bytes_per_token: float,
 
 
 def cost_per_1m_tokens(usd_per_gpu_hour: float, throughput: Throughput | None) -> float | None:
-    if throughput is None or throughput.tokens_per_second <= 0:
+    """The price of all the GPUs the throughput needs, per million tokens."""
+    if throughput is None:
         return None
-    return usd_per_gpu_hour * throughput.gpus / (throughput.tokens_per_second * 3600.0) * 1_000_000
+    return results.cost_per_1m_tokens(usd_per_gpu_hour * throughput.gpus, throughput.tokens_per_second)
 
 
 @dataclass(frozen=True)

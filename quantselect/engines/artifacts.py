@@ -17,14 +17,14 @@ model's; a reused artifact is compared with the stored probe. A mismatch fails l
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+from quantselect.engines.models import file_lock
 
 MARKER = "quantselect.json"
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Question: What is 12 plus 30? Answer: 42. "
@@ -128,17 +128,6 @@ def load(folder: str | Path, device: str, reused: bool = False, check_probe: boo
                        disk_bytes=disk_bytes(folder))
 
 
-@contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def get_or_create(artifacts_dir: str | Path, name: str, quantize: Callable[[], Any] | None, device: str,
                   info: dict[str, Any], export: Callable[[Path], tuple[str, float, str]] | None = None) -> Any:
     """Load the artifact ``name`` if it is complete, else quantize, save, reload, check and return the
@@ -148,58 +137,60 @@ def get_or_create(artifacts_dir: str | Path, name: str, quantize: Callable[[], A
     check for unmapped weights, and its outputs become the probe every later reuse is checked against."""
     root = Path(artifacts_dir)
     folder = root / name
-    with _lock(root / f".{name}.lock"):
+    with file_lock(root / f".{name}.lock"):
         if is_artifact(folder):
             return load(folder, device, reused=True)
         if export is not None:
-            return _exported(folder, export, device, info)
+            return _build(folder, lambda tmp: _exported(tmp, export, device, info))
         assert quantize is not None
-        loaded = quantize()
-        expected = probe(loaded.model, loaded.tokenizer)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            save(loaded.model, loaded.tokenizer, tmp)
-        except Exception as e:  # noqa: BLE001 - say which candidate cannot be saved, then fail it
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"cannot save the quantized model ({loaded.engine}) in the Hugging Face layout: "
-                               f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-        meta = {**info, "key": name, "engine": loaded.engine, "dtype": loaded.dtype,
-                "quantize_seconds": loaded.quantize_seconds, "probe": expected,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / MARKER).write_text(json.dumps(meta))
-        del loaded
-        try:
-            reloaded = load(tmp, device, reused=False)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        reloaded.artifact_path = str(folder)
-        return reloaded
+        return _build(folder, lambda tmp: _saved(tmp, quantize, device, info))
 
 
-def _exported(folder: Path, export: Callable[[Path], tuple[str, float, str]], device: str,
-              info: dict[str, Any]) -> Any:
+def _build(folder: Path, make: Callable[[Path], Any]) -> Any:
+    """Make the artifact in ``<folder>.tmp`` (``make`` returns the model loaded back from it), then
+    publish it under ``folder``; nothing half-written is left behind on failure."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        engine, seconds, dtype = export(tmp)
-        meta = {**info, "key": folder.name, "engine": engine, "dtype": dtype, "quantize_seconds": seconds,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / MARKER).write_text(json.dumps(meta))
-        loaded = load(tmp, device, reused=False, check_probe=False)  # still refuses unmapped weights
-        meta["probe"] = probe(loaded.model, loaded.tokenizer)
-        (tmp / MARKER).write_text(json.dumps(meta))
+        loaded = make(tmp)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     loaded.artifact_path = str(folder)
+    return loaded
+
+
+def _saved(tmp: Path, quantize: Callable[[], Any], device: str, info: dict[str, Any]) -> Any:
+    """Quantize in memory, take its probe, save, and load back checked against that probe."""
+    loaded = quantize()
+    expected = probe(loaded.model, loaded.tokenizer)
+    try:
+        save(loaded.model, loaded.tokenizer, tmp)
+    except Exception as e:  # noqa: BLE001 - say which candidate cannot be saved, then fail it
+        raise RuntimeError(f"cannot save the quantized model ({loaded.engine}) in the Hugging Face layout: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    meta = {**info, "key": tmp.name[: -len(".tmp")], "engine": loaded.engine, "dtype": loaded.dtype,
+            "quantize_seconds": loaded.quantize_seconds, "probe": expected,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / MARKER).write_text(json.dumps(meta))
+    del loaded
+    return load(tmp, device, reused=False)
+
+
+def _exported(tmp: Path, export: Callable[[Path], tuple[str, float, str]], device: str,
+              info: dict[str, Any]) -> Any:
+    """Let the engine write the quantized folder, load it back (refusing unmapped weights), and
+    store its outputs as the probe later reuses are checked against."""
+    engine, seconds, dtype = export(tmp)
+    meta = {**info, "key": tmp.name[: -len(".tmp")], "engine": engine, "dtype": dtype, "quantize_seconds": seconds,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / MARKER).write_text(json.dumps(meta))
+    loaded = load(tmp, device, reused=False, check_probe=False)  # still refuses unmapped weights
+    meta["probe"] = probe(loaded.model, loaded.tokenizer)
+    (tmp / MARKER).write_text(json.dumps(meta))
     return loaded
 
 

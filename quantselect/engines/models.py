@@ -101,7 +101,9 @@ def _fingerprint(path: Path) -> str:
 
 
 @contextmanager
-def _lock(path: Path):
+def file_lock(path: Path):
+    """An exclusive lock on ``path`` (created if missing): one process at a time per converted
+    model or artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -116,7 +118,7 @@ def _converted(gguf: Path, models_dir: Path, name: str) -> Path:
     done = target / ".complete"
     if done.exists():
         return target
-    with _lock(models_dir / f".{target.name}.lock"):
+    with file_lock(models_dir / f".{target.name}.lock"):
         if done.exists():
             return target
         tmp = target.with_name(target.name + ".tmp")

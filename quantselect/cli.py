@@ -16,7 +16,8 @@ import click
 from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
-    DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, POLICIES, SUCCEEDED,
+    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, FINISHED,
+    POLICIES, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
 
@@ -84,7 +85,9 @@ class Progress:
                 self.status(f"{name:<10} {phase:<11} {done}/{total} items")
 
     def outcome(self, r: Any) -> None:
-        if r.status == SUCCEEDED:
+        if r.status == SUCCEEDED and r.reused_from:
+            self.status(f"{r.name:<10} reused      score {r.score:.3f}, stored by job {r.reused_from} (--no-cache to rerun)")
+        elif r.status == SUCCEEDED:
             early = r.early_stop or {}
             note = (f", settled '{early['decision']}' after {r.n_items} items (early stop)"
                     if early.get("stopped_early") else "")
@@ -93,11 +96,14 @@ class Progress:
             self.status(f"{r.name:<10} FAILED      {r.error}")
 
 
-def _run_and_report(svc: Any, job_id: str, deploy: bool) -> None:
+def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -> None:
     from quantselect.service import Events
 
     progress = Progress()
-    svc.run_job(job_id, Events(on_progress=progress.update, on_outcome=progress.outcome, on_status=progress.status))
+    job = svc.run_job(job_id, Events(on_progress=progress.update, on_outcome=progress.outcome, on_status=progress.status),
+                      resume=resume)
+    if job.status == CANCELLED:
+        raise QuantselectError(f"job {job_id} was cancelled; `quantselect resume {job_id}` continues it")
     _print_results(svc, job_id)
     if deploy:
         _print_deployment(svc.get_job(job_id).base_url, svc.get_job(job_id).deployed_candidate)
@@ -172,11 +178,13 @@ def demo(deploy: bool, limit: int | None) -> None:
               help="Generation: cut the answer at TEXT (repeatable; default per metric, e.g. a newline for exact_match).")
 @click.option("--no-stop", is_flag=True, help="Generation: no stop strings at all.")
 @click.option("--chat-template", is_flag=True, help="Generation: wrap each prompt in the model's chat template.")
+@click.option("--no-cache", is_flag=True,
+              help="Run every candidate even when a stored result of the same model, data, config and settings exists.")
 def submit(model: str, dataset: str, threshold: float, candidates: str | None, target_gpu: str | None,
            gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
            address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
-           chat_template: bool) -> None:
+           chat_template: bool, no_cache: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
     (JSONL or CSV)."""
     from quantselect.service import SubmitRequest
@@ -192,7 +200,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         candidates=candidates.split(",") if candidates is not None else None,
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
-                        chat_template=chat_template)
+                        chat_template=chat_template, use_cache=not no_cache)
     job = svc.submit(req)
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
     if address:
@@ -217,20 +225,51 @@ def _wait_remote(svc: Any, job_id: str) -> None:
             if last.get(r.name) != r.status:
                 last[r.name] = r.status
                 click.echo(f"{r.name:<10} {r.status}" + (f": {r.error}" if r.error else ""))
-        if job.status in (SUCCEEDED, FAILED):
+        if job.status in FINISHED:
             break
         time.sleep(2)
-    if job.status == FAILED:
-        raise QuantselectError(f"job {job_id} failed: {job.error}")
+    if job.status != SUCCEEDED:
+        raise QuantselectError(f"job {job_id} {job.status}: {job.error}")
     _print_results(svc, job_id)
 
 
 @cli.command("run-job", hidden=True)
 @click.argument("job_id")
-def run_job(job_id: str) -> None:
+@click.option("--resume", is_flag=True, help="Continue a job whose driver died.")
+def run_job(job_id: str, resume: bool) -> None:
     """Run a stored job (the driver; used by the Ray Jobs API entrypoint)."""
     svc = _service()
-    _run_and_report(svc, job_id, deploy=False)
+    _run_and_report(svc, job_id, deploy=False, resume=resume)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API.")
+@click.option("--wait/--no-wait", default=None, help="Wait for the job (the default without --address).")
+def resume(job_id: str, address: str | None, wait: bool | None) -> None:
+    """Continue JOB after its driver died (or it failed or was cancelled): succeeded candidates are
+    kept, per-item results already stored are not scored again, the rest run."""
+    svc = _service()
+    if wait is False and not address:
+        raise InputError("--no-wait needs --address: without it the job runs in this process")
+    if address:
+        sid = svc.submit_remote(job_id, address, resume=True)
+        click.echo(f"Resumed job {job_id} on the Ray cluster at {address} as Ray job {sid}")
+        if wait:
+            _wait_remote(svc, job_id)
+        return
+    _run_and_report(svc, job_id, deploy=False, resume=True)
+
+
+@cli.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel JOB: its driver stops its workers within seconds (freeing their GPUs) and marks it cancelled."""
+    job = _service().cancel(job_id)
+    if job.status == CANCELLED:
+        click.echo(f"Job {job_id}: cancelled")
+    else:
+        click.echo(f"Job {job_id}: cancel requested; its driver ({job.driver}) stops it within seconds")
 
 
 @cli.command()
@@ -255,7 +294,11 @@ def status(job_id: str) -> None:
     job = svc.get_job(job_id)
     click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else ""))
     for r in svc.results(job_id):
-        click.echo(f"  {r.name:<10} {r.status}" + (f": {r.error}" if r.error else ""))
+        notes = [f"reused from job {r.reused_from}"] if r.reused_from else []
+        notes += [f"{r.attempts} attempts"] if (r.attempts or 0) > 1 else []
+        notes += [f"{r.items_carried} items carried over from an interrupted run"] if r.items_carried else []
+        click.echo(f"  {r.name:<10} {r.status}" + (f" ({', '.join(notes)})" if notes else "")
+                   + (f": {r.error}" if r.error else ""))
     if job.base_url:
         click.echo(f"  deployed {job.deployed_candidate} at {job.base_url}")
 

@@ -4,6 +4,7 @@ layers; knows nothing of click or HTTP. Heavy modules are imported inside the me
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from quantselect.domain.results import (
     DEFAULT_CONFIDENCE,
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
+    CANCELLED,
     FAILED,
-    RUNNING,
     SUCCEEDED,
     CandidateResult,
     ItemResult,
@@ -67,6 +68,7 @@ class SubmitRequest:
     max_new_tokens: int | None = None
     stop: list[str] | None = None
     chat_template: bool = False
+    use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs
 
 
 @dataclass
@@ -133,12 +135,14 @@ class Service:
                              "and no such candidate was asked for")
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
-                       policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration)
+                       policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration,
+                       use_cache=req.use_cache)
 
     def submit(self, req: SubmitRequest) -> Job:
-        return self.repo.create_job(self.build_spec(req))
+        spec = self.build_spec(req)
+        return self.repo.create_job(spec, cache_keys(spec))
 
-    def submit_remote(self, job_id: str, address: str) -> str:
+    def submit_remote(self, job_id: str, address: str, resume: bool = False) -> str:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
         from ray.job_submission import JobSubmissionClient
 
@@ -151,8 +155,8 @@ class Service:
             while True:
                 try:
                     return client.submit_job(
-                        entrypoint=f"quantselect run-job {job_id}",
-                        submission_id=f"quantselect-{job_id}",
+                        entrypoint=f"quantselect run-job {job_id}" + (" --resume" if resume else ""),
+                        submission_id=f"quantselect-{job_id}" + (f"-resume-{int(time.time())}" if resume else ""),
                         runtime_env={"env_vars": env},
                     )
                 except RuntimeError as e:
@@ -161,25 +165,39 @@ class Service:
                         raise
                     time.sleep(1)
         except Exception as e:  # noqa: BLE001
-            self.repo.set_job_status(job_id, FAILED, error=f"submission to {address} failed: {e}")
+            if not resume:
+                self.repo.set_job_status(job_id, FAILED, error=f"submission to {address} failed: {e}")
             raise QuantselectError(f"cannot submit to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
 
     # ---- run (the driver) ---------------------------------------------------------------
-    def run_job(self, job_id: str, events: Events | None = None) -> Job:
+    def run_job(self, job_id: str, events: Events | None = None, resume: bool = False) -> Job:
+        """Drive the job to its end. ``resume``: continue a job whose driver died (or that failed or
+        was cancelled): succeeded candidates are kept, per-item results already stored are not
+        scored again; refused while another driver's heartbeat is fresh."""
         from quantselect.engines.models import resolve_model
         from quantselect.engines.worker import EarlyStop
         from quantselect.orchestration.cluster import connect
-        from quantselect.orchestration.sweep import run_sweep
+        from quantselect.orchestration.sweep import SweepHooks, run_sweep
 
         events = events or Events()
-        spec = self.repo.get_job_spec(job_id)
-        self.repo.set_job_status(job_id, RUNNING)
+        driver = f"{socket.gethostname()}:{os.getpid()}"
+        self.repo.claim_job(job_id, driver, self.settings.heartbeat_stale_seconds, resume=resume)
+        beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
+            spec = self.repo.get_job_spec(job_id)
             connect(self.settings, persistent=spec.deploy)
             if events.on_status:
                 events.on_status("preparing the model")
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
-            self.repo.set_model_config(job_id, read_model_config(model_dir))
+            model_config = read_model_config(model_dir)
+            self.repo.set_model_config(job_id, model_config)
+            finished, partial = self._carry_over(job_id, spec, events)
+            requests, refused = self._placements(spec, model_config)
+            for result in refused:
+                self.repo.save_outcome(job_id, result)
+                finished.append(result)
+                if events.on_outcome:
+                    events.on_outcome(result)
             started: set[str] = set()
 
             def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
@@ -195,23 +213,102 @@ class Service:
                 if events.on_outcome:
                     events.on_outcome(result)
 
+            left = len(spec.candidates) - len(finished)
             if events.on_status:
-                events.on_status(f"running {len(spec.candidates)} candidates on Ray")
+                events.on_status(f"running {left} candidate(s) on Ray" + (f" ({len(finished)} already done)" if finished else ""))
             early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
-            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, outcome, progress,
+            hooks = SweepHooks(on_outcome=outcome, on_items=lambda name, items: self.repo.save_items(job_id, name, items),
+                               on_progress=progress, should_stop=beat.cancelled.is_set)
+            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, hooks,
                                 early_stop=early_stop, calibration=spec.calibration,
-                                artifacts_dir=str(self.settings.artifacts_dir))
+                                artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
+                                partial=partial, max_retries=self.settings.max_retries,
+                                stream_chunk=self.settings.stream_chunk)
+            if hooks.stopped:
+                self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
+                return self.repo.get_job(job_id)
             baseline = next(r for r in results if r.is_baseline)
             if baseline.status != SUCCEEDED:
                 raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
         except BaseException as e:
             msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
-            self.repo.set_job_status(job_id, FAILED, error=msg)
+            self.repo.finish_job(job_id, FAILED, error=msg)
             raise
-        self.repo.set_job_status(job_id, SUCCEEDED)
+        finally:
+            beat.stop()
+        self.repo.finish_job(job_id, SUCCEEDED)
         if spec.deploy:
             self.deploy(job_id)
         return self.repo.get_job(job_id)
+
+    def _carry_over(self, job_id: str, spec: JobSpec, events: Events) -> tuple[list[CandidateResult], dict[str, list[ItemResult]]]:
+        """What this run need not compute: the job's own succeeded candidates (a resumed job), stored
+        results of earlier jobs with the same cache key (unless --no-cache), and per-item results
+        an interrupted candidate had already stored."""
+        from dataclasses import replace
+
+        from quantselect.engines.labelfree import needs_reference
+
+        stored = {r.name: r for r in self.repo.get_results(job_id)}
+        finished = [r for r in stored.values() if r.status == SUCCEEDED]
+        keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
+        for cand in spec.candidates:
+            if cand.name in {r.name for r in finished} or not keys.get(cand.name):
+                continue
+            hit = self.repo.find_cached(keys[cand.name], exclude_job=job_id)
+            if hit is None:
+                continue
+            source, result, items = hit
+            result = replace(result, name=cand.name, reused_from=result.reused_from or source, items=items)
+            self.repo.save_outcome(job_id, result)
+            finished.append(result)
+            if events.on_outcome:
+                events.on_outcome(result)
+        todo = [c for c in spec.candidates if c.name not in {r.name for r in finished}]
+        base = next((r for r in finished if r.is_baseline), None)
+        if base is not None and todo:
+            if needs_reference(spec.dataset):  # its reference outputs are not stored: compute them again
+                finished.remove(base)
+            elif spec.early_stop:  # the others compare with its stored per-item scores
+                base.items = self.repo.get_item_results(job_id, base.name)[base.name]
+        partial = {n: v for n, v in self.repo.get_item_results(job_id).items()
+                   if v and n not in {r.name for r in finished}}
+        return finished, partial
+
+    def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:
+        """Each candidate's GPU share from its memory estimate; candidates that fit on no node of the
+        cluster are refused here, before the sweep, with the numbers (the baseline's refusal fails the job)."""
+        from quantselect.domain import planner
+        from quantselect.orchestration.cluster import gpu_memory_bytes, gpus_per_node
+
+        nodes = gpus_per_node()
+        if not any(nodes):
+            return {}, []
+        try:
+            shape = planner.shape_from_config(model_config or {})
+        except InputError:
+            shape = None
+        memory = gpu_memory_bytes(self.settings)
+        requests, refused = {}, []
+        for cand in spec.candidates:
+            need = planner.candidate_need(shape, cand.config) if shape else None
+            req = planner.gpu_request(need, memory, max(nodes))
+            if req.gpus is None:
+                if cand.is_baseline:
+                    raise QuantselectError(f"the baseline fits on no node of this cluster: it {req.reason}")
+                refused.append(CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
+                                               error=f"refused before the sweep: it {req.reason}",
+                                               finished_at=datetime.now(timezone.utc)))
+            requests[cand.name] = req
+        return requests, refused
+
+    def resume(self, job_id: str, events: Events | None = None) -> Job:
+        return self.run_job(job_id, events, resume=True)
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a job: its driver sees the request within seconds, stops its workers (freeing their
+        GPUs) and marks it cancelled; a job that no live driver runs is cancelled at once."""
+        return self.repo.request_cancel(job_id, self.settings.heartbeat_stale_seconds)
 
     # ---- read ---------------------------------------------------------------------------
     def list_jobs(self) -> list[Job]:
@@ -253,6 +350,7 @@ class Service:
                 "error": r.error,
                 "eval_seconds": r.eval_seconds, "n_items": r.n_items, "device": r.device,
                 "throughput_engine": r.throughput_engine, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
+                "attempts": r.attempts, "reused_from": r.reused_from, "items_carried": r.items_carried,
                 "started_at": r.started_at.isoformat() if r.started_at else None,
                 "finished_at": r.finished_at.isoformat() if r.finished_at else None,
             })
@@ -339,6 +437,45 @@ class Service:
     def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
         return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,
                              deploy=deploy, candidates=list(demo_candidates()))
+
+
+class _Heartbeat:
+    """The driver's sign of life in the job row, every ``interval`` seconds, from a thread (so that a
+    long model conversion does not make the job look abandoned); ``cancelled`` is set once the job
+    is asked to cancel."""
+
+    def __init__(self, repo: Any, job_id: str, interval: float) -> None:
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(repo, job_id, interval), daemon=True,
+                                        name=f"quantselect-heartbeat-{job_id}")
+        self._thread.start()
+
+    def _run(self, repo: Any, job_id: str, interval: float) -> None:
+        while not self._stop.is_set():
+            if repo.heartbeat(job_id):
+                self.cancelled.set()
+            self._stop.wait(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def cache_keys(spec: JobSpec) -> dict[str, str]:
+    """Each candidate's result cache key (see ``results.result_cache_key``)."""
+    from quantselect.domain.results import result_cache_key
+    from quantselect.engines.models import model_fingerprint
+
+    model = model_fingerprint(spec.model_path)
+    dataset = {k: v for k, v in spec.dataset.to_dict().items() if k != "source"}
+    evaluation = {"early_stop": spec.early_stop}
+    if spec.early_stop:
+        evaluation.update(threshold=spec.threshold, confidence=spec.confidence)
+    calibration = spec.calibration.texts if spec.calibration else None
+    return {c.name: result_cache_key(model, dataset, c.config.to_dict(), calibration if c.config.calibrated else None,
+                                     evaluation)
+            for c in spec.candidates}
 
 
 def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] | None, target: Any,

@@ -46,6 +46,7 @@ class JobRequest(BaseModel):
     max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric).")
     stop: list[str] | None = Field(None, description="Generation: stop strings (default per metric; [] for none).")
     chat_template: bool = Field(False, description="Generation: wrap prompts in the model's chat template.")
+    no_cache: bool = Field(False, description="Run every candidate even when a stored result with the same inputs exists.")
 
 
 class DeployRequest(BaseModel):
@@ -55,7 +56,8 @@ class DeployRequest(BaseModel):
 
 def create_app(service: Service | None = None, *, connect_ray: bool = True) -> FastAPI:
     svc = service or Service()
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantselect-job")
+    # Jobs run side by side on the cluster (each its own driver thread); more wait, queued.
+    executor = ThreadPoolExecutor(max_workers=svc.settings.api_max_jobs, thread_name_prefix="quantselect-job")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,10 +81,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         msgs = ["{}: {}".format(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
         return JSONResponse(status_code=422, content={"detail": "; ".join(msgs)})
 
-    def _run(job_id: str) -> None:
+    def _run(job_id: str, resume: bool = False) -> None:
         try:
-            svc.run_job(job_id)
-        except Exception:  # the job row carries the error; keep the server up
+            svc.run_job(job_id, resume=resume)
+        except QuantselectError as e:  # the job row carries the error; keep the server up
+            log.warning("job %s: %s", job_id, e)
+        except Exception:
             log.exception("job %s failed", job_id)
 
     @app.get("/healthz")
@@ -98,7 +102,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                             calibration=body.calibration, calibration_samples=body.calibration_samples,
                             deploy=body.deploy, confidence=body.confidence,
                             policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
-                            stop=body.stop, chat_template=body.chat_template)
+                            stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache)
         job = svc.submit(req)
         executor.submit(_run, job.id)
         return job.to_dict()
@@ -111,6 +115,23 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     def get_job(job_id: str) -> dict[str, Any]:
         job, rows, _ = svc.results_table(job_id)
         return {**job.to_dict(), "results": rows}
+
+    @app.delete("/api/v1/jobs/{job_id}", status_code=202)
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel: the job's driver stops its workers within seconds and marks it cancelled."""
+        return svc.cancel(job_id).to_dict()
+
+    @app.post("/api/v1/jobs/{job_id}/resume", status_code=202)
+    def resume_job(job_id: str) -> dict[str, Any]:
+        """Continue a job whose driver died (or that failed or was cancelled), in this server."""
+        from quantselect.domain.results import SUCCEEDED
+        from quantselect.errors import ConflictError
+
+        job = svc.get_job(job_id)
+        if job.status == SUCCEEDED:
+            raise ConflictError(f"job {job_id} is succeeded; nothing to run")
+        executor.submit(_run, job_id, True)
+        return job.to_dict()
 
     @app.get("/api/v1/jobs/{job_id}/results")
     def get_results(job_id: str, items: bool = False) -> list[dict[str, Any]]:

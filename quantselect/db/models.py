@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text
-from sqlalchemy import UniqueConstraint, false
+from sqlalchemy import UniqueConstraint, false, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -49,6 +49,10 @@ class JobRow(Base):
     # {"source", "n", "texts"}: calibration samples for GPTQ/AWQ, split off the task data or from a file
     calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
     deploy: Mapped[bool] = mapped_column(Boolean)
+    use_cache: Mapped[bool] = mapped_column(Boolean, server_default=true())
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    driver: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running the job
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # that driver's last sign of life
     error: Mapped[str | None] = mapped_column(Text)
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
     base_url: Mapped[str | None] = mapped_column(Text)
@@ -89,6 +93,11 @@ class CandidateRow(Base):
     gpu_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     n_truncated: Mapped[int | None] = mapped_column(Integer)
     early_stop: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the sequential test's state at the end
+    attempts: Mapped[int | None] = mapped_column(Integer)  # worker processes it took
+    reused_from: Mapped[str | None] = mapped_column(String(32))  # the job whose stored result this is
+    items_carried: Mapped[int | None] = mapped_column(Integer)  # items an earlier attempt scored, kept
+    # hash of model, dataset, candidate config, calibration and evaluation settings: equal keys, equal results
+    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 

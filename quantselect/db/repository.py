@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 import uuid
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undefer
 
 from quantselect.db.engine import ensure_schema, make_engine, writer
@@ -14,20 +18,48 @@ from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
-    FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult, ItemResult, Job, JobSpec,
+    CANCELLED, FAILED, FINISHED, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult, ItemResult, Job,
+    JobSpec,
 )
-from quantselect.errors import NotFoundError
+from quantselect.errors import ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     from quantselect.settings import Settings
 
-JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED)
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 _MEASUREMENTS = (
     "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
     "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id", "n_truncated", "early_stop",
     "prefill_tokens_per_second", "decode_tokens_per_second_b16", "disk_bytes", "artifact_path", "artifact_reused",
+    "attempts", "reused_from", "items_carried",
 )
+DEFAULT_RETRY_SECONDS = 120.0  # how long a write waits for an unreachable database before giving up
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry one short transaction while the database is unreachable (a restart, a network blip,
+    a locked SQLite file), with backoff, for up to ``retry_seconds``. Every write is idempotent
+    (replace-as-a-whole or insert-if-missing), so a commit whose answer was lost is safe to repeat."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Repository", *args: Any, **kwargs: Any) -> T:
+        deadline, delay = time.monotonic() + self.retry_seconds, 0.2
+        while True:
+            try:
+                return fn(self, *args, **kwargs)
+            except (OperationalError, DBAPIError) as e:
+                transient = isinstance(e, OperationalError) or e.connection_invalidated
+                if not transient or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unreachable (%s); retrying in %.1fs", " ".join(str(e.orig).split())[:120], delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
 
 
 def _naive_utc(dt: datetime | None) -> datetime | None:
@@ -35,8 +67,9 @@ def _naive_utc(dt: datetime | None) -> datetime | None:
 
 
 class Repository:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.engine = engine
+        self.retry_seconds = retry_seconds
         self._read = sessionmaker(engine, expire_on_commit=False)
         self._write = sessionmaker(writer(engine), expire_on_commit=False)
 
@@ -44,22 +77,25 @@ class Repository:
     def open(cls, settings: "Settings") -> "Repository":
         engine = make_engine(settings.db_url)
         ensure_schema(engine)
-        return cls(engine)
+        return cls(engine, settings.db_retry_seconds)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ---- jobs
-    def create_job(self, spec: JobSpec) -> Job:
+    def create_job(self, spec: JobSpec, cache_keys: dict[str, str] | None = None) -> Job:
         ds = spec.dataset
+        keys = cache_keys or {}
         row = JobRow(
             id=uuid.uuid4().hex[:12], status=QUEUED, model=spec.model, model_path=spec.model_path,
             dataset_source=ds.source, dataset_kind=ds.kind, metric=ds.metric, n_items=len(ds),
             dataset=ds.to_dict(), threshold=spec.threshold, gpu_hour_usd=spec.gpu_hour_usd, deploy=spec.deploy,
             confidence=spec.confidence, policy=spec.policy, early_stop=spec.early_stop,
             target_gpu=spec.target_gpu, calibration=spec.calibration.to_dict() if spec.calibration else None,
+            use_cache=spec.use_cache,
             candidates=[
-                CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[])
+                CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[],
+                             cache_key=keys.get(c.name))
                 for i, c in enumerate(spec.candidates)
             ],
         )
@@ -88,12 +124,15 @@ class Repository:
                 confidence=row.confidence, policy=row.policy, early_stop=row.early_stop,
                 target_gpu=row.target_gpu,
                 calibration=Calibration.from_dict(row.calibration) if row.calibration else None,
+                use_cache=row.use_cache,
             )
 
+    @_retrying
     def set_model_config(self, job_id: str, config: dict[str, Any]) -> None:
         with self._write.begin() as s:
             self._job_row(s, job_id).model_config = config
 
+    @_retrying
     def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
         if status not in JOB_STATUSES:
             raise ValueError(f"job status {status!r} is not one of {JOB_STATUSES}")
@@ -101,6 +140,7 @@ class Repository:
             row = self._job_row(s, job_id)
             row.status, row.error, row.updated_at = status, error, utcnow()
 
+    @_retrying
     def set_deployment(self, job_id: str, candidate: str, base_url: str) -> None:
         with self._write.begin() as s:
             self._candidate_row(s, job_id, candidate)
@@ -112,7 +152,69 @@ class Repository:
             if s.execute(delete(JobRow).where(JobRow.id == job_id)).rowcount == 0:
                 raise NotFoundError(f"job {job_id!r} not found")
 
+    # ---- the driver: claim, heartbeat, cancel
+    @_retrying
+    def claim_job(self, job_id: str, driver: str, stale_after: float, resume: bool = False) -> Job:
+        """Make ``driver`` the one process running the job. Refused while another driver's heartbeat
+        is fresher than ``stale_after`` seconds and for a succeeded job; a failed or cancelled job only
+        when resuming."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id, _names(), lock=True)
+            if row.status == SUCCEEDED or (row.status in FINISHED and not resume):
+                hint = "" if row.status == SUCCEEDED else f" (`quantselect resume {job_id}` continues it)"
+                raise ConflictError(f"job {job_id} is {row.status}; nothing to run{hint}")
+            if row.cancel_requested and not resume:
+                raise ConflictError(f"job {job_id} is being cancelled")
+            fresh = row.heartbeat_at is not None and utcnow() - row.heartbeat_at < timedelta(seconds=stale_after)
+            if row.status == RUNNING and fresh and row.driver != driver:
+                raise ConflictError(f"job {job_id} is running in {row.driver} (heartbeat {row.heartbeat_at:%H:%M:%S} UTC); "
+                                    "cancel it first, or wait until that driver is gone")
+            row.status, row.error, row.driver, row.cancel_requested = RUNNING, None, driver, False
+            row.heartbeat_at = row.updated_at = utcnow()
+            return _job(row)
+
+    def heartbeat(self, job_id: str) -> bool | None:
+        """The driver's sign of life; answers whether the job was asked to cancel (None: the database
+        did not answer, which is not a reason to stop)."""
+        try:
+            with self._write.begin() as s:
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=utcnow()))
+                return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+        except (OperationalError, DBAPIError):
+            return None
+
+    @_retrying
+    def request_cancel(self, job_id: str, stale_after: float) -> Job:
+        """Ask the job's driver to stop it. A job no driver is running (queued, or its driver's
+        heartbeat is stale) is cancelled here and now."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id, _names(), lock=True)
+            if row.status in FINISHED:
+                raise ConflictError(f"job {job_id} is already {row.status}")
+            row.cancel_requested, row.updated_at = True, utcnow()
+            alive = row.status == RUNNING and row.heartbeat_at is not None and \
+                utcnow() - row.heartbeat_at < timedelta(seconds=stale_after)
+            if not alive:
+                row.status, row.error = CANCELLED, "cancelled before it ran" if row.status == QUEUED else "cancelled"
+                self._cancel_unfinished(s, job_id)
+            return _job(row)
+
+    @_retrying
+    def finish_job(self, job_id: str, status: str, error: str | None = None) -> None:
+        """The job's end: its status, and every candidate still unfinished marked cancelled/failed."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id)
+            row.status, row.error, row.updated_at = status, error, utcnow()
+            if status == CANCELLED:
+                self._cancel_unfinished(s, job_id)
+
+    @staticmethod
+    def _cancel_unfinished(s: Session, job_id: str) -> None:
+        s.execute(update(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.status.in_((PENDING, RUNNING)))
+                  .values(status=CANCELLED, error="cancelled", finished_at=utcnow()))
+
     # ---- candidates
+    @_retrying
     def mark_candidate_running(
         self, job_id: str, name: str, started_at: datetime, node_id: str | None = None,
         gpu_ids: list[str] | None = None,
@@ -122,6 +224,7 @@ class Repository:
             c.status, c.error, c.started_at, c.finished_at = RUNNING, None, _naive_utc(started_at), None
             c.node_id, c.gpu_ids = node_id, [str(g) for g in gpu_ids or []]
 
+    @_retrying
     def save_outcome(self, job_id: str, result: CandidateResult) -> None:
         """Measurements, status and the item results of one candidate, replaced as a whole."""
         if result.status not in CANDIDATE_STATUSES:
@@ -135,12 +238,39 @@ class Repository:
             c.finished_at = _naive_utc(result.finished_at)
             s.execute(delete(ItemResultRow).where(ItemResultRow.candidate_id == c.id))
             if result.items:
-                s.execute(insert(ItemResultRow), [
-                    {"candidate_id": c.id, "item_index": i.index, "correct": bool(i.correct), "score": i.score,
-                     "truncated": bool(i.truncated), "prediction": i.prediction,
-                     "choice_logprobs": i.choice_logprobs, "category": i.category}
-                    for i in result.items
-                ])
+                s.execute(insert(ItemResultRow), [_item_row(c.id, i) for i in result.items])
+
+    @_retrying
+    def save_items(self, job_id: str, name: str, items: list[ItemResult]) -> int:
+        """Per-item results of a candidate still running, stored as they arrive so that a resumed
+        job does not score them again. Items already stored are left as they are."""
+        if not items:
+            return 0
+        with self._write.begin() as s:
+            c = self._candidate_row(s, job_id, name)
+            have = set(s.scalars(select(ItemResultRow.item_index).where(ItemResultRow.candidate_id == c.id)))
+            new = [i for i in items if i.index not in have]
+            if new:
+                s.execute(insert(ItemResultRow), [_item_row(c.id, i) for i in new])
+            return len(new)
+
+    def cache_keys(self, job_id: str) -> dict[str, str | None]:
+        with self._read() as s:
+            q = select(CandidateRow.name, CandidateRow.cache_key).where(CandidateRow.job_id == job_id)
+            return dict(s.execute(q).all())
+
+    def find_cached(self, cache_key: str, exclude_job: str) -> tuple[str, CandidateResult, list[ItemResult]] | None:
+        """The latest succeeded result with this cache key in another job: (its job, result, items)."""
+        with self._read() as s:
+            c = s.scalar(select(CandidateRow).join(JobRow)
+                         .where(CandidateRow.cache_key == cache_key, CandidateRow.status == SUCCEEDED,
+                                CandidateRow.job_id != exclude_job)
+                         .order_by(CandidateRow.finished_at.desc()).limit(1))
+            if c is None:
+                return None
+            items = [_item(r) for r in s.scalars(select(ItemResultRow).where(ItemResultRow.candidate_id == c.id)
+                                                 .order_by(ItemResultRow.item_index))]
+            return c.job_id, _result(c), items
 
     def get_results(self, job_id: str) -> list[CandidateResult]:
         with self._read() as s:
@@ -160,14 +290,13 @@ class Repository:
                 .order_by(CandidateRow.position, ItemResultRow.item_index)
             )
             for name, r in s.execute(q):
-                out[name].append(ItemResult(r.item_index, r.correct, r.prediction, r.choice_logprobs, r.category,
-                                            score=r.score, truncated=r.truncated))
+                out[name].append(_item(r))
             return out
 
     # ---- helpers
     @staticmethod
-    def _job_row(s: Session, job_id: str, *options: Any) -> JobRow:
-        row = s.get(JobRow, job_id, options=options)
+    def _job_row(s: Session, job_id: str, *options: Any, lock: bool = False) -> JobRow:
+        row = s.get(JobRow, job_id, options=options, with_for_update=lock or None)
         if row is None:
             raise NotFoundError(f"job {job_id!r} not found")
         return row
@@ -190,6 +319,17 @@ def _names():
     return selectinload(JobRow.candidates).options(load_only(CandidateRow.name, CandidateRow.position))
 
 
+def _item_row(candidate_id: int, i: ItemResult) -> dict[str, Any]:
+    return {"candidate_id": candidate_id, "item_index": i.index, "correct": bool(i.correct), "score": i.score,
+            "truncated": bool(i.truncated), "prediction": i.prediction, "choice_logprobs": i.choice_logprobs,
+            "category": i.category}
+
+
+def _item(r: ItemResultRow) -> ItemResult:
+    return ItemResult(r.item_index, r.correct, r.prediction, r.choice_logprobs, r.category, score=r.score,
+                      truncated=r.truncated)
+
+
 def _job(r: JobRow) -> Job:
     return Job(
         id=r.id, status=r.status, model=r.model, model_path=r.model_path, dataset_source=r.dataset_source,
@@ -198,7 +338,8 @@ def _job(r: JobRow) -> Job:
         created_at=r.created_at, updated_at=r.updated_at, error=r.error,
         deployed_candidate=r.deployed_candidate, base_url=r.base_url,
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
-        target_gpu=r.target_gpu, model_config=r.model_config,
+        target_gpu=r.target_gpu, model_config=r.model_config, use_cache=r.use_cache,
+        cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at,
     )
 
 

@@ -178,3 +178,76 @@ def check_candidate(name: str, config: Any, shape: Shape, model_type: str | None
         fits = [g for g in (16, 32, 64, 128, 256) if all(v % g == 0 for v in widths.values())]
         hint = f" (group_size={max(fits)} fits)" if fits else ""
         raise InputError(f"candidate {name}: group size {group} does not divide the model's {what}{hint}")
+
+
+# ---- what one candidate's worker needs on a GPU (placement of a sweep) ----------------------------
+CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and the allocator's slack of one process
+EVAL_TOKENS = 2048  # padded tokens of the smallest evaluation batch worth running (the evaluator sizes
+# its batches from the free memory, so a share of a GPU is enough as long as this much fits)
+
+
+@dataclass(frozen=True)
+class CandidateNeed:
+    """GPU memory one candidate's worker needs: its weights at their precision, the working memory of
+    quantizing (one layer in fp32, and for GPTQ/AWQ the layer's Hessian) and of evaluating (one batch
+    of activations and fp32 logits, the KV cache of the measurement), and the CUDA context."""
+
+    weights: float
+    quantize: float
+    evaluate: float
+    context: float = CUDA_CONTEXT_BYTES
+
+    @property
+    def total(self) -> float:
+        return self.weights + max(self.quantize, self.evaluate) + self.context
+
+    def describe(self) -> str:
+        return (f"{self.total / GIB:.1f} GiB (weights {self.weights / GIB:.1f} + working "
+                f"{max(self.quantize, self.evaluate) / GIB:.1f} + CUDA context {self.context / GIB:.1f})")
+
+
+def candidate_need(shape: Shape, config: Any) -> CandidateNeed:
+    per_weight = config.bytes_per_weight()  # the reference (full precision) is bf16 on a GPU: 2 bytes
+    weights = shape.linear_params * per_weight + shape.other_params * 2
+    widest = max(shape.hidden, shape.intermediate, shape.heads * shape.head_dim)
+    layer = shape.hidden * shape.intermediate * 4.0  # the largest linear layer, in fp32
+    hessian = widest * widest * 4.0 * 2 if getattr(config, "calibrated", False) else 0.0
+    per_token = 4 * (8 * shape.hidden + 3 * shape.intermediate) + 8 * shape.vocab
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * 16 * 1024  # batch 16 x 1,024 tokens, 16-bit
+    return CandidateNeed(weights=weights, quantize=2 * layer + hessian, evaluate=EVAL_TOKENS * per_token + kv)
+
+
+def usable_gpu_memory(gpu_memory_bytes: float) -> float:
+    """What one GPU holds for candidates, the planner's headroom left out."""
+    return gpu_memory_bytes * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES
+
+
+@dataclass(frozen=True)
+class Request:
+    """Ray resources for one candidate: a fraction of one GPU, or ``gpus`` whole GPUs on one node
+    (a placement group); ``None`` gpus when it fits on no node of the cluster (``reason`` says why)."""
+
+    gpus: float | None
+    need: CandidateNeed | None
+    reason: str | None = None
+
+    @property
+    def whole_gpus(self) -> int:
+        return int(self.gpus) if self.gpus and self.gpus >= 1 else 1
+
+
+def gpu_request(need: CandidateNeed | None, gpu_memory_bytes: float | None, max_gpus_per_node: int) -> Request:
+    """The share of a GPU (rounded up to 1/100, so Ray's fractional accounting is exact) when the
+    candidate fits one GPU; else the power-of-two GPU count (≤ the largest node's) it takes; else a
+    refusal with the numbers. Without a known GPU memory, one whole GPU per candidate."""
+    if need is None or not gpu_memory_bytes:
+        return Request(gpus=1.0, need=need)
+    usable = usable_gpu_memory(gpu_memory_bytes)
+    if need.total <= usable:
+        return Request(gpus=min(1.0, max(0.01, -(-need.total * 100 // usable) / 100)), need=need)
+    n = next((g for g in (2, 4, 8, 16) if g <= max_gpus_per_node and need.total / g <= usable), None)
+    if n is None:
+        return Request(gpus=None, need=need, reason=(
+            f"needs {need.describe()}; the largest node has {max_gpus_per_node} GPU(s) of "
+            f"{gpu_memory_bytes / GIB:.0f} GiB ({usable / GIB:.1f} GiB usable each)"))
+    return Request(gpus=float(n), need=need)

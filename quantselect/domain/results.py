@@ -9,9 +9,10 @@ from typing import Any
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 
-# Job statuses
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-# Candidate statuses
+# Job statuses: queued -> running -> succeeded / failed / cancelled
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+# Candidate statuses: pending -> running -> succeeded / failed / cancelled
 PENDING = "pending"
 
 DEFAULT_THRESHOLD = 0.98
@@ -97,6 +98,7 @@ class JobSpec:
     early_stop: bool = False  # stop a candidate once its verdict is settled (anytime-valid test)
     target_gpu: str = "H100-80GB"  # the deployment GPU the cost is quoted for
     calibration: Calibration | None = None
+    use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs (--no-cache: never)
 
 
 @dataclass
@@ -151,6 +153,9 @@ class CandidateResult:
     gpu_ids: list[str] = field(default_factory=list)
     n_truncated: int | None = None  # items whose prompt was cut from the left to fit the context
     early_stop: dict[str, Any] | None = None  # the sequential test's final state, when early stopping ran
+    attempts: int | None = None  # worker processes it took (a killed worker is retried, bounded)
+    reused_from: str | None = None  # the job whose stored result this is (same model, data, config, settings)
+    items_carried: int | None = None  # per-item results an earlier attempt had stored, not scored again
     started_at: datetime | None = None
     finished_at: datetime | None = None
     items: list[ItemResult] = field(default_factory=list)
@@ -198,6 +203,10 @@ class Job:
     early_stop: bool = False
     target_gpu: str = "H100-80GB"
     model_config: dict[str, Any] | None = None
+    use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs
+    cancel_requested: bool = False
+    driver: str | None = None  # host:pid of the process running the job
+    heartbeat_at: datetime | None = None  # last sign of life of that driver
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -222,4 +231,26 @@ class Job:
             "error": self.error,
             "deployed_candidate": self.deployed_candidate,
             "base_url": self.base_url,
+            "use_cache": self.use_cache,
+            "cancel_requested": self.cancel_requested,
+            "driver": self.driver,
+            "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
         }
+
+
+# Bump when scoring changes in a way that makes stored per-item results incomparable with new ones.
+EVAL_VERSION = 1
+
+
+def result_cache_key(model_fingerprint: str, dataset: dict[str, Any], candidate_config: dict[str, Any],
+                     calibration: tuple[str, ...] | None, evaluation: dict[str, Any]) -> str:
+    """Equal keys, equal results: the model's weights, the items and how they are scored, the
+    candidate's config (and its calibration samples), and the evaluation settings that change
+    which items are scored (early stopping, with its threshold and confidence)."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"v": EVAL_VERSION, "model": model_fingerprint, "dataset": dataset, "config": candidate_config,
+                       "calibration": list(calibration) if calibration else None, "evaluation": evaluation},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -101,12 +101,12 @@ def load(folder: str | Path, device: str, reused: bool = False, check_probe: boo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantselect.engines.quantize import LoadedModel
+    from quantselect.engines.quantize import LoadedModel, device_map
 
     folder = Path(folder)
     meta = json.loads((folder / MARKER).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, output_loading_info=True,
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device_map(device), output_loading_info=True,
                                                        dtype=getattr(torch, meta.get("dtype", "float32")))
     model.eval()
     unmapped = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),

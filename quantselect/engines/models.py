@@ -169,3 +169,12 @@ def has_chat_template(model_path: str) -> bool | None:
         return bool(json.loads(config.read_text()).get("chat_template"))
     except (OSError, ValueError):
         return None
+
+
+def model_fingerprint(model: str) -> str:
+    """What identifies the model's weights for the result cache, cheaply: the resolved path and each
+    weight/config file's name, size and modification time (no hashing of gigabytes)."""
+    path = demo_gguf_path() if model == DEMO else Path(model).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    parts = [str(path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

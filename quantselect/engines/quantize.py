@@ -282,6 +282,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_map(device: str) -> str:
+    """One device, or every GPU the worker was given ("auto" splits the layers) when a candidate too
+    large for one GPU got several (a placement group)."""
+    import torch
+
+    return "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+
+
 def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None, *,
                    calibration: tuple[str, ...] | list[str] | None = None,
                    artifacts_dir: str | None = None) -> LoadedModel:
@@ -357,10 +365,13 @@ def _quantize(model_path: str, config: CandidateConfig, device: str, handler: Ha
     if handler.hf_config is not None:
         qconfig = handler.hf_config(config, device, calibration)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), quantization_config=qconfig,
-                                                     device_map=device, **handler.load_kwargs(device)).eval()
+                                                     device_map=device_map(device), **handler.load_kwargs(device)).eval()
         engine = handler.engine(config, device) if handler.engine else type(qconfig).__name__
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        spread = device_map(device) == "auto"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                     **({"device_map": "auto"} if spread else {}))
+        model = (model if spread else model.to(device)).eval()
         start = time.perf_counter()
         engine = handler.apply(model, config, device) if handler.apply is not None else f"{dtype} weights"
     quantize_seconds = time.perf_counter() - start if (handler.hf_config or handler.apply) else 0.0

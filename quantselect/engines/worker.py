@@ -20,6 +20,8 @@ from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
 
 Report = Callable[[str, int, int], None]  # phase, done, total
+Emit = Callable[[list[ItemResult]], None]  # per-item results as they are scored
+STREAM_CHUNK = 256  # items scored between two hand-overs of per-item results to the driver
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,19 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
                   threads: int | None = None, placement: dict[str, Any] | None = None,
                   baseline: BaselineShare | None = None, early_stop: EarlyStop | None = None,
                   measure_threads: int | None = None, calibration: tuple[str, ...] | list[str] | None = None,
-                  artifacts_dir: str | None = None) -> CandidateResult:
+                  artifacts_dir: str | None = None, done_items: list[ItemResult] | None = None,
+                  on_items: Emit | None = None, stream_chunk: int = STREAM_CHUNK) -> CandidateResult:
     """``measure_threads``: CPU threads for the throughput measurement, the same for every
     candidate of a job (one that ran alone with more threads would otherwise look cheaper).
     ``calibration``: samples for GPTQ/AWQ. ``artifacts_dir``: where quantized models are saved,
-    checked on reload and reused by later jobs (None: quantize in memory only)."""
+    checked on reload and reused by later jobs (None: quantize in memory only).
+    ``done_items``: items an earlier attempt already scored (kept, not scored again); ``on_items``
+    receives each chunk of ``stream_chunk`` newly scored items, so that a killed worker or driver
+    loses at most one chunk."""
     quiet_libraries()
     report = report or (lambda phase, done, total: None)
+    emit = on_items or (lambda items: None)
+    done = {i.index: i for i in (done_items or [])}
     result = CandidateResult(name=candidate.name, config=candidate.config.to_dict(),
                              started_at=datetime.now(timezone.utc), n_items=len(dataset))
     if placement:
@@ -130,9 +138,16 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
                                                progress=lambda d, t: report("evaluating", d, t))
             items = result.reference.baseline_results(dataset)  # 1.0 on every item, by definition
         elif early_stop is None or baseline is None or candidate.is_baseline:
-            items = _evaluate(evaluate, loaded, dataset, baseline, None, report, 0, len(dataset))
+            items = list(done.values())
+            result.items_carried = len(items)
+            left = [i for i in range(len(dataset)) if i not in done]
+            for start in range(0, len(left), max(1, stream_chunk)):
+                chunk = _evaluate(evaluate, loaded, dataset, baseline, left[start: start + stream_chunk], report,
+                                  len(items), len(dataset))
+                emit(chunk)
+                items += chunk
         else:
-            items = _evaluate_until_settled(evaluate, loaded, dataset, baseline, early_stop, report, result)
+            items = _evaluate_until_settled(evaluate, loaded, dataset, baseline, early_stop, report, result, done, emit)
         result.eval_seconds = time.perf_counter() - start
         result.items = sorted(items, key=lambda i: i.index)
         result.n_items = len(items)
@@ -171,15 +186,26 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
 
 
 def _evaluate_until_settled(evaluate: Any, loaded: Any, dataset: TaskDataset, baseline: BaselineShare,
-                            rule: EarlyStop, report: Report, result: CandidateResult) -> list[ItemResult]:
+                            rule: EarlyStop, report: Report, result: CandidateResult,
+                            done: dict[int, ItemResult] | None = None, emit: Emit | None = None) -> list[ItemResult]:
+    """Chunks in a seeded order; chunks an earlier attempt scored are replayed into the test from
+    ``done`` (same order, same decisions), the rest scored and handed to ``emit``."""
     from quantselect.domain.statistics import SequentialTest
 
+    done = done or {}
     test = SequentialTest(rule.threshold, rule.confidence)
     order = [i for i in evaluation_order(len(dataset), rule.seed) if i in baseline.scores]
     items: list[ItemResult] = []
     for start in range(0, len(order), rule.chunk):
-        chunk = _evaluate(evaluate, loaded, dataset, baseline, order[start: start + rule.chunk], report,
-                          len(items), len(dataset))
+        want = order[start: start + rule.chunk]
+        left = [i for i in want if i not in done]
+        chunk = [done[i] for i in want if i in done]
+        result.items_carried = (result.items_carried or 0) + len(chunk)
+        if left:
+            new = _evaluate(evaluate, loaded, dataset, baseline, left, report, len(items), len(dataset))
+            if emit:
+                emit(new)
+            chunk += new
         items += chunk
         test.update([baseline.scores[i.index] for i in chunk], [float(i.score) for i in chunk])
         if test.decision is not None:

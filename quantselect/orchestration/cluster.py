@@ -101,3 +101,35 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def gpus_per_node() -> list[int]:
+    """Whole GPUs of each live node."""
+    import ray
+
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def gpu_memory_bytes(settings: Settings) -> float | None:
+    """The memory of one GPU of the cluster: QUANTSELECT_GPU_MEMORY when set, else the smallest of the
+    GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows; None when unknown
+    (then every candidate gets a whole GPU: packing without knowing the memory could run out of it)."""
+    import ray
+
+    from quantselect.domain import planner
+    from quantselect.domain.gpus import GPUS
+
+    if settings.gpu_memory:
+        try:
+            return planner.parse_memory(settings.gpu_memory)
+        except Exception as e:  # noqa: BLE001 - a config error, said in one line
+            raise QuantselectError(f"QUANTSELECT_GPU_MEMORY: {e}") from None
+    sizes = []
+    for key in ray.cluster_resources():
+        if key.startswith("accelerator_type:"):
+            kind = key.split(":", 1)[1].lower().replace("-", "")
+            spec = next((g for g in GPUS.values() if g.name.split("-")[0].lower().replace("-", "") == kind), None)
+            if spec is None:
+                return None
+            sizes.append(spec.memory_gib * planner.GIB)
+    return min(sizes) if sizes else None

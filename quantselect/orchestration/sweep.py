@@ -1,15 +1,24 @@
 """Run every candidate of a job as its own Ray task, in parallel, and hand outcomes back as they
-finish. Workers never touch the database: the caller (the driver) persists each outcome."""
+finish. Workers never touch the database: the caller (the driver) persists each outcome, and the
+per-item results a worker streams while it runs.
+
+Placement: on a cluster with GPUs each candidate asks for the share of a GPU its memory estimate
+needs (several small candidates share one GPU), whole GPUs of one node through a placement group
+when it needs more than one, and is refused before the sweep when no node has enough. The longest
+(calibrated) candidates start first; at most as many tasks are in flight as can run at once, plus
+one; the driver waits on all of them together (``ray.wait``), never on one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
-from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult
+from quantselect.domain.planner import Request
+from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 
@@ -33,25 +42,71 @@ def plan_placement(n_candidates: int, gpus: float, cpus: float) -> Placement:
     return Placement(num_cpus=threads, num_gpus=0, threads=threads, slots=parallel)
 
 
+def concurrent_slots(requests: list[Request], gpus_per_node: list[int]) -> int:
+    """How many of these candidates can run at once: first-fit of their GPU shares, largest first,
+    onto the cluster's GPUs (a multi-GPU request takes whole GPUs of one node)."""
+    free = [[1.0] * n for n in gpus_per_node]
+    placed = 0
+    for r in sorted((r for r in requests if r.gpus), key=lambda r: -r.gpus):
+        if r.gpus >= 1:
+            node = next((g for g in free if sum(x >= 1 for x in g) >= r.gpus), None)
+            if node is None:
+                continue
+            for _ in range(int(r.gpus)):
+                node[node.index(next(x for x in node if x >= 1))] = 0.0
+        else:
+            slot = next(((g, i) for g in free for i, x in enumerate(g) if x + 1e-9 >= r.gpus), None)
+            if slot is None:
+                continue
+            slot[0][slot[1]] -= r.gpus
+        placed += 1
+    return max(1, placed)
+
+
 def _progress_board():
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_restarts=0)
     class ProgressBoard:
+        """Progress, attempts and the per-item results each candidate has streamed so far. It lives
+        on the driver's node: a worker node that leaves takes none of it along."""
+
         def __init__(self) -> None:
             self.state: ProgressSnapshot = {}
+            self.attempts: dict[str, int] = {}
+            self.items: dict[str, dict[int, ItemResult]] = {}
+            self.fresh: dict[str, list[ItemResult]] = {}
 
         def update(self, name: str, phase: str, done: int, total: int) -> None:
             self.state[name] = (phase, done, total)
 
-        def snapshot(self) -> ProgressSnapshot:
-            return dict(self.state)
+        def start(self, name: str) -> tuple[int, list[ItemResult]]:
+            """A worker begins (again): its attempt number and the items already scored."""
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+            return self.attempts[name], list(self.items.get(name, {}).values())
 
-    return ProgressBoard.remote()
+        def seed(self, name: str, items: list[ItemResult]) -> None:
+            self.items.setdefault(name, {}).update({i.index: i for i in items})
+
+        def add_items(self, name: str, items: list[ItemResult]) -> None:
+            self.seed(name, items)
+            self.fresh.setdefault(name, []).extend(items)
+
+        def drain(self) -> tuple[ProgressSnapshot, dict[str, list[ItemResult]], dict[str, int]]:
+            fresh, self.fresh = self.fresh, {}
+            return dict(self.state), fresh, dict(self.attempts)
+
+        def forget(self, name: str) -> None:
+            self.items.pop(name, None)
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int,
-                    baseline=None, early_stop=None, measure_threads=None, calibration=None, artifacts_dir=None):
+                    baseline=None, early_stop=None, measure_threads=None, calibration=None, artifacts_dir=None,
+                    stream_chunk=None):
     import ray
 
     from quantselect.engines.worker import run_candidate
@@ -59,14 +114,23 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
     ctx = ray.get_runtime_context()
     placement = {"node_id": ctx.get_node_id(),
                  "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+    attempt, done = ray.get(board.start.remote(candidate.name))
+    last: list = []
 
     def report(phase: str, done: int, total: int) -> None:
         board.update.remote(candidate.name, phase, done, total)
 
-    return run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement,
-                         baseline=baseline, early_stop=early_stop, measure_threads=measure_threads,
-                         calibration=calibration if candidate.config.calibrated else None,
-                         artifacts_dir=artifacts_dir)
+    def on_items(items: list[ItemResult]) -> None:
+        last[:] = [board.add_items.remote(candidate.name, items)]
+
+    result = run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement,
+                           baseline=baseline, early_stop=early_stop, measure_threads=measure_threads,
+                           calibration=calibration if candidate.config.calibrated else None,
+                           artifacts_dir=artifacts_dir, done_items=done, on_items=on_items,
+                           **({"stream_chunk": stream_chunk} if stream_chunk else {}))
+    result.attempts = attempt
+    ray.get(last)  # the streamed items reach the board before the outcome reaches the driver
+    return result
 
 
 def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> bool:
@@ -77,21 +141,44 @@ def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> boo
     return early_stop is not None or needs_reference(dataset)
 
 
+@dataclass
+class SweepHooks:
+    """The driver's side of a sweep, all optional: outcomes, streamed items, progress, and a stop
+    signal checked between waits (a cancelled job)."""
+
+    on_outcome: Callable[[CandidateResult], None] = lambda r: None
+    on_items: Callable[[str, list[ItemResult]], None] | None = None
+    on_progress: Callable[[ProgressSnapshot], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    stopped: bool = field(default=False, init=False)
+
+
 def run_sweep(
     model_path: str,
     candidates: list[Candidate],
     dataset: TaskDataset,
-    on_outcome: Callable[[CandidateResult], None],
+    on_outcome: Callable[[CandidateResult], None] | SweepHooks,
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
     poll_seconds: float = 0.5,
     early_stop: object | None = None,
     calibration: object | None = None,
     artifacts_dir: str | None = None,
+    *,
+    requests: dict[str, Request] | None = None,
+    finished: list[CandidateResult] | None = None,
+    partial: dict[str, list[ItemResult]] | None = None,
+    max_retries: int = 1,
+    stream_chunk: int | None = None,
 ) -> list[CandidateResult]:
-    """Run all candidates; ``on_outcome`` is called once per candidate as it finishes.
+    """Run the candidates; the hooks' ``on_outcome`` is called once per candidate as it finishes.
 
     ``calibration`` (a ``results.Calibration``) goes to the calibrated candidates (GPTQ, AWQ), which
     start first: they take longest. Quantized models are saved under ``artifacts_dir`` and reused.
+    ``requests``: each candidate's GPU share (``planner.gpu_request``); None: one GPU each.
+    ``finished``: outcomes already stored (a resumed job, reused results): not run again; a finished
+    baseline is shared from its stored items. ``partial``: per-item results a candidate had already
+    streamed before: the worker scores only the rest. A worker whose process or node dies is retried
+    ``max_retries`` times, from the items it had streamed.
 
     With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
     first, alone, and its per-item scores (and reference outputs) go to every other candidate.
@@ -101,88 +188,140 @@ def run_sweep(
     from quantselect.engines.worker import BaselineShare
     from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
 
+    hooks = on_outcome if isinstance(on_outcome, SweepHooks) else SweepHooks(on_outcome, None, on_progress)
+    finished = list(finished or [])
+    done_names = {r.name for r in finished}
+    todo = [c for c in candidates if c.name not in done_names]
     # Every candidate's throughput is measured with the threads it gets when all run side by side.
     measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus()).threads
-    candidates = sorted(candidates, key=lambda c: (not c.is_baseline, not c.config.calibrated))
-    extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir}
+    todo.sort(key=lambda c: (not c.is_baseline, not c.config.calibrated, -((requests or {}).get(c.name) or _ONE).whole_gpus))
+    extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir,
+             "stream_chunk": stream_chunk}
     board = _progress_board()
+    for name, items in (partial or {}).items():
+        if items and name not in done_names:
+            board.seed.remote(name, items)
     dataset_ref = ray.put(dataset)
-    poll = _Poller(board, on_progress)
+    run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries)
     try:
+        if not todo:
+            return finished
         if not needs_baseline_first(dataset, early_stop):
-            return _run(model_path, candidates, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure,
-                        extra=extra)
-        first = [c for c in candidates if c.is_baseline]
-        rest = [c for c in candidates if not c.is_baseline]
-        outcomes = _run(model_path, first, dataset_ref, board, poll, on_outcome, poll_seconds, measure=measure,
-                        extra=extra)
-        base = outcomes[0]
+            return finished + run(todo)
+        base = next((r for r in finished if r.is_baseline), None)
+        rest = [c for c in todo if not c.is_baseline]
+        outcomes: list[CandidateResult] = []
+        if base is None:
+            outcomes = run([c for c in todo if c.is_baseline])
+            base = outcomes[0] if outcomes else None
+        if hooks.stopped or base is None:
+            return finished + outcomes
         if base.status != SUCCEEDED:
             for cand in rest:  # nothing to compare with: say so rather than run them
                 result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
                                          error="not run: the baseline failed", finished_at=datetime.now(timezone.utc))
                 outcomes.append(result)
-                on_outcome(result)
-            return outcomes
+                hooks.on_outcome(result)
+            return finished + outcomes
         share = BaselineShare(scores={i.index: float(i.score) for i in base.items}, reference=base.reference)
         base.reference = None
-        return outcomes + _run(model_path, rest, dataset_ref, board, poll, on_outcome, poll_seconds,
-                               ray.put(share), early_stop, measure=measure, extra=extra)
+        return finished + outcomes + run(rest, ray.put(share), early_stop)
     finally:
         ray.kill(board)
         del dataset_ref
 
 
-class _Poller:
-    def __init__(self, board, on_progress) -> None:
-        self.board, self.on_progress, self.last = board, on_progress, {}
+_ONE = Request(gpus=1.0, need=None)
 
-    def __call__(self) -> None:
+
+class _Runner:
+    """Submits candidates with bounded fan-out, polls progress and streamed items, collects
+    outcomes in completion order, and stops everything when the driver says so."""
+
+    def __init__(self, model_path: str, dataset_ref: Any, board: Any, hooks: SweepHooks, poll_seconds: float,
+                 measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int) -> None:
+        self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
+        self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
+        self.max_retries = max_retries
+        self.last: ProgressSnapshot = {}
+        self.attempts: dict[str, int] = {}
+
+    def poll(self) -> None:
         import ray
 
-        if self.on_progress:
-            snap = ray.get(self.board.snapshot.remote())
-            if snap != self.last:
-                self.on_progress(snap)
-                self.last = snap
+        snap, fresh, self.attempts = ray.get(self.board.drain.remote())
+        if self.hooks.on_items:
+            for name, items in fresh.items():
+                self.hooks.on_items(name, items)
+        if self.hooks.on_progress and snap != self.last:
+            self.hooks.on_progress(snap)
+            self.last = snap
 
+    def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-def _run(model_path: str, candidates: list[Candidate], dataset_ref, board, poll: _Poller,
-         on_outcome: Callable[[CandidateResult], None], poll_seconds: float,
-         baseline=None, early_stop=None, measure: int | None = None,
-         extra: dict | None = None) -> list[CandidateResult]:
-    import ray
+        from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus, gpus_per_node
 
-    from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
+        if not candidates:
+            return []
+        gpus = cluster_gpus()
+        base = plan_placement(len(candidates), gpus, cluster_cpus())
+        task = ray.remote(
+            max_calls=1,  # a fresh process per candidate: its own peak memory, nothing leaked
+            max_retries=self.max_retries,  # retried when the worker process or its node dies
+        )(_candidate_task)
+        reqs = {c.name: self.requests.get(c.name) or _ONE for c in candidates}
+        slots = concurrent_slots(list(reqs.values()), gpus_per_node()) if gpus >= 1 else base.slots
+        max_in_flight = slots + 1  # one queued, so a freed GPU never waits for the driver
+        queue = list(candidates)
+        running: dict[Any, tuple[Candidate, Any]] = {}
+        outcomes: list[CandidateResult] = []
 
-    if not candidates:
-        return []
-    placement = plan_placement(len(candidates), cluster_gpus(), cluster_cpus())
-    task = ray.remote(
-        max_calls=1,  # a fresh process per candidate: its own peak memory, nothing leaked
-        max_retries=1,  # one retry if the worker process dies
-    )(_candidate_task).options(num_cpus=placement.num_cpus, num_gpus=placement.num_gpus)
-    queue = list(candidates)
-    running: dict = {}
-    max_in_flight = max(1, placement.slots * 2)
-    outcomes: list[CandidateResult] = []
-    while queue or running:
-        while queue and len(running) < max_in_flight:
-            cand = queue.pop(0)
-            running[task.remote(model_path, cand, dataset_ref, board, placement.threads, baseline, early_stop,
-                                measure, **(extra or {}))] = cand
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_seconds)
-        poll()
-        for ref in ready:
-            cand = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as e:  # the worker process died or Ray failed the task
-                msg = " ".join(str(e).split())[:400]
-                result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
-                                         error=f"worker failed: {type(e).__name__}: {msg}",
-                                         finished_at=datetime.now(timezone.utc))
-            outcomes.append(result)
-            on_outcome(result)
-    poll()
-    return outcomes
+        def submit(cand: Candidate):
+            if gpus < 1:
+                opts: dict[str, Any] = {"num_cpus": base.num_cpus, "num_gpus": 0}
+            elif reqs[cand.name].gpus and reqs[cand.name].gpus > 1:
+                pg = placement_group([{"GPU": 1}] * reqs[cand.name].whole_gpus, strategy="STRICT_PACK")
+                opts = {"num_cpus": 0, "num_gpus": reqs[cand.name].whole_gpus,
+                        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
+                return task.options(name=f"qs:{cand.name}", **opts), pg
+            else:
+                opts = {"num_cpus": 0, "num_gpus": reqs[cand.name].gpus}
+            return task.options(name=f"qs:{cand.name}", **opts), None
+
+        try:
+            while queue or running:
+                if self.hooks.should_stop():
+                    self.hooks.stopped = True
+                    break
+                while queue and len(running) < max_in_flight:
+                    cand = queue.pop(0)
+                    fn, pg = submit(cand)
+                    ref = fn.remote(self.model_path, cand, self.dataset_ref, self.board, base.threads, baseline,
+                                    early_stop, self.measure, **self.extra)
+                    running[ref] = (cand, pg)
+                ready, _ = ray.wait(list(running), num_returns=len(running), timeout=self.poll_seconds, fetch_local=False)
+                self.poll()
+                for ref in ready:
+                    cand, pg = running.pop(ref)
+                    if pg is not None:
+                        remove_placement_group(pg)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as e:  # the worker process (or its node) died, and so did its retries
+                        msg = " ".join(str(e).split())[:400]
+                        tries = self.attempts.get(cand.name) or self.max_retries + 1
+                        result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
+                                                 error=f"worker failed after {tries} attempt(s): {type(e).__name__}: {msg}",
+                                                 attempts=tries, finished_at=datetime.now(timezone.utc))
+                    self.board.forget.remote(cand.name)
+                    outcomes.append(result)
+                    self.hooks.on_outcome(result)
+        finally:
+            for ref, (_, pg) in running.items():  # stopped (or the driver failed): free their GPUs now
+                ray.cancel(ref, force=True)
+                if pg is not None:
+                    remove_placement_group(pg)
+        return outcomes

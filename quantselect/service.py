@@ -146,9 +146,10 @@ class Service:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
         from ray.job_submission import JobSubmissionClient
 
-        env = {"QUANTSELECT_DB_URL": self.settings.db_url}
-        if os.environ.get("QUANTSELECT_HOME"):
-            env["QUANTSELECT_HOME"] = str(self.settings.home)
+        # The driver on the cluster uses this process's database and quantselect settings (artifact
+        # storage, GPU memory, retries...): every QUANTSELECT_* variable set here goes along.
+        env = {k: v for k, v in os.environ.items() if k.startswith("QUANTSELECT_") and k != "QUANTSELECT_RAY_ADDRESS"}
+        env["QUANTSELECT_DB_URL"] = self.settings.db_url
         deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
             client = JobSubmissionClient(address)

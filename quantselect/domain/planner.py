@@ -249,5 +249,5 @@ def gpu_request(need: CandidateNeed | None, gpu_memory_bytes: float | None, max_
     if n is None:
         return Request(gpus=None, need=need, reason=(
             f"needs {need.describe()}; the largest node has {max_gpus_per_node} GPU(s) of "
-            f"{gpu_memory_bytes / GIB:.0f} GiB ({usable / GIB:.1f} GiB usable each)"))
+            f"{gpu_memory_bytes / GIB:.1f} GiB ({usable / GIB:.1f} GiB usable each)"))
     return Request(gpus=float(n), need=need)

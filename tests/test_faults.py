@@ -1,0 +1,196 @@
+"""Faults with real processes, counting rows afterwards: no result lost, none duplicated.
+
+A killed worker is retried (bounded) from the items it had streamed, then marked failed with the
+cause; a killed driver's job is resumed; a cancelled job stops its workers and frees their GPUs;
+a database that goes away for a few seconds costs nothing. Generation on a random tiny model runs
+to the token limit, which makes candidates slow enough to interrupt half-way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from quantselect.db import Repository
+from quantselect.service import Service, SubmitRequest
+from quantselect.settings import get_settings
+from tests.fixtures.common import EXAMPLES
+from tests.test_multinode import task_name
+
+GSM8K = str(EXAMPLES / "gsm8k-50.jsonl")
+
+
+def _slow_request(model, candidates: list[str], **kw) -> SubmitRequest:
+    return SubmitRequest(model=str(model), dataset=GSM8K, limit=40, max_new_tokens=48, candidates=candidates, **kw)
+
+
+def _workers(name: str | None = None, under: int | None = None) -> list[psutil.Process]:
+    """Live Ray worker processes running a candidate (of one name; in one process tree)."""
+    procs = psutil.Process(under).children(recursive=True) if under else psutil.process_iter()
+    return [p for p in procs if (t := task_name(p)) and (name is None or t == name)]
+
+
+def _wait(what: str, cond, timeout: float = 240, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+    return value
+
+
+def _assert_once(svc: Service, job_id: str, n_items: int, succeeded: set[str]) -> None:
+    results = {r.name: r for r in svc.results(job_id)}
+    assert len(results) == len(svc.get_job(job_id).candidate_names)
+    items = svc.item_results(job_id)
+    for name in succeeded:
+        assert results[name].status == "succeeded", (name, results[name].error)
+        assert sorted(i.index for i in items[name]) == list(range(n_items)), name
+
+
+def test_a_killed_worker_is_retried_from_its_streamed_items_then_failed_with_the_cause(ray_cluster, tiny_llama,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "8")
+    svc = Service()
+    job = svc.submit(_slow_request(tiny_llama, ["int8", "int4"]))
+    runner = threading.Thread(target=svc.run_job, args=(job.id,))
+    runner.start()
+    try:
+        # int8: killed once, after it stored its first chunk -> the retry scores only the rest
+        _wait("int8 to store items", lambda: len(svc.item_results(job.id)["int8"]) >= 8 and _workers("int8"))
+        for p in _workers("int8"):
+            p.kill()
+        # int4: killed on every attempt -> failed after 1 + max_retries attempts, with the cause
+        for _ in range(2):
+            victims = _wait("an int4 worker", lambda: _workers("int4"))
+            for p in victims:  # the worker and any process it forked (they share its title)
+                p.kill()
+            _wait("the int4 worker gone", lambda: not _workers("int4"), timeout=30)
+    finally:
+        runner.join(timeout=400)
+    assert not runner.is_alive()
+    assert svc.get_job(job.id).status == "succeeded"
+    _assert_once(svc, job.id, 40, {"baseline", "int8"})
+    results = {r.name: r for r in svc.results(job.id)}
+    assert results["int8"].attempts == 2 and results["int8"].items_carried >= 8
+    assert results["int4"].status == "failed" and results["int4"].attempts == 2
+    assert "worker failed after 2 attempt(s)" in results["int4"].error
+    assert svc.item_results(job.id)["int4"] == []  # a failed candidate keeps no partial items
+    assert svc.repo.count_rows()["item_results"] == 80
+
+
+def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items(ray_cluster, tiny_llama,
+                                                                                monkeypatch, qs_home):
+    """The driver runs in its own process (with its own local Ray); SIGKILL takes it and its cluster
+    down mid-job. `quantselect resume` continues here, on the test's cluster."""
+    monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "8")
+    monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "3")
+    svc = Service()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "quantselect", "submit", str(tiny_llama), GSM8K, "--limit", "40",
+         "--max-new-tokens", "48", "--candidates", "int8,w8a8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        job_id = _wait("the job", lambda: [j.id for j in svc.list_jobs()], timeout=120)[0]
+
+        def halfway():
+            done = {r.name for r in svc.results(job_id) if r.status == "succeeded"}
+            items = svc.item_results(job_id)
+            partial = [n for n in items if n not in done and len(items[n]) >= 8]
+            return done and partial and (done, partial)
+
+        done, partial = _wait("one candidate done and another half-way", halfway, timeout=300, every=0.05)
+        before = {r.name: r for r in svc.results(job_id)}
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert svc.get_job(job_id).status == "running"  # nobody marked it: the process just vanished
+    refused = CliRunner().invoke(cli, ["resume", job_id])  # its heartbeat is still fresh
+    assert refused.exit_code != 0 and "is running in" in refused.output
+    time.sleep(3.5)
+    res = CliRunner().invoke(cli, ["resume", job_id])
+    assert res.exit_code == 0, res.output
+    assert svc.get_job(job_id).status == "succeeded"
+    _assert_once(svc, job_id, 40, {"baseline", "int8", "w8a8"})
+    after = {r.name: r for r in svc.results(job_id)}
+    for name in done:  # finished candidates were kept as they were, not run again
+        assert after[name].finished_at == before[name].finished_at and after[name].score == before[name].score
+    for name in partial:
+        assert after[name].items_carried >= 8, after[name]
+    assert svc.repo.count_rows()["candidates"] == 3
+    assert svc.repo.count_rows()["item_results"] == 120
+
+
+def test_cancel_stops_the_workers_and_frees_their_gpus(ray_cluster, tiny_llama):
+    """Over REST (DELETE) for one job and the CLI for another, while the API keeps answering."""
+    from fastapi.testclient import TestClient
+
+    from quantselect.api.app import create_app
+
+    svc = Service()
+    with TestClient(create_app(svc)) as client:
+        body = {"model": str(tiny_llama), "dataset": GSM8K, "limit": 40, "max_new_tokens": 48,
+                "candidates": ["int8"]}
+        first = client.post("/api/v1/jobs", json=body).json()["id"]
+        second = client.post("/api/v1/jobs", json=body).json()["id"]
+        _wait("both jobs running", lambda: all(svc.get_job(j).status == "running" for j in (first, second))
+              and len(_workers(under=os.getpid())) >= 2)
+        assert client.get("/healthz").json() == {"status": "ok"}
+        r = client.delete(f"/api/v1/jobs/{first}")
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True
+        res = CliRunner().invoke(cli, ["cancel", second])
+        assert res.exit_code == 0 and "cancel requested" in res.output
+        for job_id in (first, second):
+            _wait("the job cancelled", lambda: svc.get_job(job_id).status == "cancelled", timeout=30)
+        _wait("the workers gone", lambda: not _workers(under=os.getpid()), timeout=30)
+        _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=30)
+        for job_id in (first, second):
+            assert {r.status for r in svc.results(job_id)} <= {"succeeded", "cancelled"}
+            assert client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "cancelled"
+        assert client.delete(f"/api/v1/jobs/{first}").status_code == 409  # already cancelled
+        assert client.delete("/api/v1/jobs/nope").status_code == 404
+
+
+def test_results_survive_a_database_that_goes_away_for_a_few_seconds(ray_cluster, tiny_llama, monkeypatch):
+    """A PostgreSQL server of its own is stopped while candidates are running and started again
+    seconds later: the driver's writes wait and retry; every result lands once."""
+    from tests.fixtures.postgres import PostgresServer, _admin
+
+    server = PostgresServer()
+    try:
+        _admin(f"{server.base}/postgres", "CREATE DATABASE qs_outage")
+        monkeypatch.setenv("QUANTSELECT_DB_URL", f"{server.base}/qs_outage")
+        monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "8")
+        svc = Service(get_settings())
+        job = svc.submit(_slow_request(tiny_llama, ["int8", "int4"]))
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                svc.run_job(job.id)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        _wait("items streaming", lambda: sum(map(len, svc.item_results(job.id).values())) >= 8)
+        server.stop()
+        time.sleep(6)  # outcomes and streamed items arrive meanwhile
+        server.start()
+        runner.join(timeout=400)
+        assert not runner.is_alive() and not errors, errors
+        assert svc.get_job(job.id).status == "succeeded"
+        _assert_once(svc, job.id, 40, {"baseline", "int8", "int4"})
+        assert svc.repo.count_rows() == {"jobs": 1, "candidates": 3, "item_results": 120}
+        svc.close()
+    finally:
+        server.close()

@@ -46,6 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATASET = ROOT / "examples" / "piqa-300.jsonl"
 OUT = ROOT / "benchmarks" / "results" / "sweep.json"
+COMMAND = ""
 
 
 # ---- the machine ---------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def run_experiment(name: str, *, home: Path, model: str, model_dir: Path, candid
         iv = sorted(iv)
         gaps[g] = [round(b[0] - a[1], 2) for a, b in zip(iv, iv[1:]) if b[0] >= a[1]]
     out = {
-        "name": name, "model": model, "candidates": candidates, "items": limit, "logical_gpus": gpus,
+        "name": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": COMMAND,
+        "model": model, "candidates": candidates, "items": limit, "logical_gpus": gpus,
         "ray_cpus": cpus, "gpu_memory": gpu_memory, "job_id": job.id,
         "wall_s": round(wall, 2),  # run_sweep entered -> last worker finished
         "run_job_s": round(t1 - t0, 2),  # the whole run_job call (Ray connect no-op, model resolved, DB)
@@ -449,11 +451,14 @@ def main() -> int:
                     help="before each experiment, wait up to this many seconds for the machine to be idle (0: don't)")
     ap.add_argument("--home", default=None, help="QUANTSELECT_HOME shared by the runs (default: a new temp dir)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the experiments of the existing --out file that this run skips (e.g. a rerun of one part)")
     args = ap.parse_args()
     if args.quick:
         args.bound_candidates, args.bound_items = "baseline,int8,w8a8", 16
         args.pack_candidates, args.pack_items, args.pack_gpus = "baseline,int8,int4,int3", 16, "1"
-    command = ".venv/bin/python benchmarks/sweep.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    global COMMAND
+    command = COMMAND = ".venv/bin/python benchmarks/sweep.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB; torch {info['torch']}, "
@@ -485,6 +490,13 @@ def main() -> int:
                                    wait_idle_s=args.wait_idle)
                 experiments.append(e)
                 packing.append(e)
+    if args.merge and Path(args.out).exists():
+        # keep the experiments of the earlier run that this run did not repeat (each keeps its date and command)
+        ran = {e["name"] for e in experiments}
+        kept = [e for e in json.loads(Path(args.out).read_text())["experiments"] if e["name"] not in ran]
+        experiments = kept + experiments
+        bound = next((e for e in experiments if e["name"] == "bound"), None)
+        packing = [e for e in experiments if e["name"].startswith("pack-")]
     summary = summarize(bound, packing)
     for p in summary.get("packing", []):
         bad = [s for s in p["shares"] if s is None or s > 0.25]

@@ -131,11 +131,13 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
 @cli.command()
 @click.option("--deploy", is_flag=True, help="Serve the recommended candidate when the job is done.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Items of the example dataset to use (default 60).")
-def demo(deploy: bool, limit: int | None) -> None:
+@click.option("--no-cache", is_flag=True, help="Run every candidate again even when an earlier demo stored its result.")
+def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
     """Run the whole job on the embedded default: a local Ray, SQLite, the bundled SmolLM2-135M-
     Instruct model and 60 PIQA items from examples/."""
     svc = _service()
     req = svc.demo_request(deploy=deploy) if limit is None else svc.demo_request(deploy=deploy, limit=limit)
+    req.use_cache = not no_cache
     job = svc.submit(req)
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
     _run_and_report(svc, job.id, deploy)

@@ -181,8 +181,7 @@ class Service:
         from quantselect.orchestration.sweep import SweepHooks, run_sweep
 
         events = events or Events()
-        driver = f"{socket.gethostname()}:{os.getpid()}"
-        self.repo.claim_job(job_id, driver, self.settings.heartbeat_stale_seconds, resume=resume)
+        self.claim(job_id, resume)
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
             spec = self.repo.get_job_spec(job_id)
@@ -302,6 +301,12 @@ class Service:
                                                finished_at=datetime.now(timezone.utc)))
             requests[cand.name] = req
         return requests, refused
+
+    def claim(self, job_id: str, resume: bool = False) -> Job:
+        """Make this process the job's driver (ConflictError while another live driver runs it, or
+        when there is nothing to run); claiming again from the same process is allowed."""
+        driver = f"{socket.gethostname()}:{os.getpid()}"
+        return self.repo.claim_job(job_id, driver, self.settings.heartbeat_stale_seconds, resume=resume)
 
     def resume(self, job_id: str, events: Events | None = None) -> Job:
         return self.run_job(job_id, events, resume=True)

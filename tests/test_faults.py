@@ -194,3 +194,25 @@ def test_results_survive_a_database_that_goes_away_for_a_few_seconds(ray_cluster
         svc.close()
     finally:
         server.close()
+
+
+def test_rest_resume_refuses_while_a_live_driver_runs_the_job_then_continues_it(ray_cluster, tiny_llama,
+                                                                                monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from quantselect.api.app import create_app
+
+    monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "2")
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=6,
+                                   candidates=["int8"]))
+    svc.repo.claim_job(job.id, "elsewhere:1234", 2)  # another driver, alive (fresh heartbeat)
+    with TestClient(create_app(svc)) as client:
+        r = client.post(f"/api/v1/jobs/{job.id}/resume")
+        assert r.status_code == 409 and "is running in elsewhere:1234" in r.json()["detail"]
+        time.sleep(2.5)  # that driver has gone silent
+        r = client.post(f"/api/v1/jobs/{job.id}/resume")
+        assert r.status_code == 202, r.json()
+        _wait("the job done", lambda: svc.get_job(job.id).status == "succeeded", timeout=240)
+        assert client.post(f"/api/v1/jobs/{job.id}/resume").status_code == 409  # nothing left to run
+    _assert_once(svc, job.id, 6, {"baseline", "int8"})

@@ -71,6 +71,8 @@ def test_small_candidates_share_a_gpu(ray_cluster, tiny_llama, monkeypatch):
         assert len(r.gpu_ids) == 1
         per_gpu.setdefault(r.gpu_ids[0], []).append(r.name)
     assert max(len(v) for v in per_gpu.values()) >= 2
+    # a throughput measured on a shared GPU is labelled, and never used as a cost
+    assert all("[GPU shared]" in r.throughput_engine for r in results)
 
 
 def test_a_baseline_that_fits_no_node_fails_the_job_before_the_sweep_with_the_numbers(ray_cluster, tiny_llama,

@@ -124,12 +124,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @app.post("/api/v1/jobs/{job_id}/resume", status_code=202)
     def resume_job(job_id: str) -> dict[str, Any]:
         """Continue a job whose driver died (or that failed or was cancelled), in this server."""
-        from quantselect.domain.results import SUCCEEDED
-        from quantselect.errors import ConflictError
-
-        job = svc.get_job(job_id)
-        if job.status == SUCCEEDED:
-            raise ConflictError(f"job {job_id} is succeeded; nothing to run")
+        job = svc.claim(job_id, resume=True)  # 409 now, not later, if a live driver runs it
         executor.submit(_run, job_id, True)
         return job.to_dict()
 

@@ -111,13 +111,16 @@ def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, 
     return ServingCost(cost_per_1m_tokens(usd_per_hour, tp), tp, weight_bytes=weights)
 
 
+SHARED_GPU = "[GPU shared]"  # marks a throughput measured while other candidates ran on the same GPU
+
+
 def measured_on(result: Any, target: GpuSpec) -> Throughput | None:
     """A candidate's batch-``COST_BATCH`` decode throughput when it was measured on the target GPU
-    type with a serving engine; eager ``generate()`` is never trusted for a cost (it ranks
-    quantized models wrongly on a GPU)."""
+    type with a serving engine, with the GPU to itself; eager ``generate()`` is never trusted for a
+    cost (it ranks quantized models wrongly on a GPU), nor a GPU shared with packed candidates."""
     spec = gpu_of_device(getattr(result, "device", None))
     tps = getattr(result, "decode_tokens_per_second_b16", None)
     engine = getattr(result, "throughput_engine", None) or ""
-    if spec is None or spec.name != target.name or not tps or "eager" in engine:
+    if spec is None or spec.name != target.name or not tps or "eager" in engine or SHARED_GPU in engine:
         return None
     return Throughput(float(tps), COST_BATCH, 1, "measured", f"{engine} on {result.device}")

@@ -162,6 +162,10 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         result.decode_tokens_per_second_b16 = speed.decode_b16
         result.prefill_tokens_per_second = speed.prefill_tokens_per_second
         result.throughput_engine = speed.engine
+        if placement and placement.get("shared_gpu"):  # packed with other candidates: not a cost figure
+            from quantselect.domain.cost import SHARED_GPU
+
+            result.throughput_engine = f"{speed.engine} {SHARED_GPU}"
         result.status = SUCCEEDED
     except BaseException as e:  # noqa: BLE001 - a candidate's failure is data, not a crash
         if isinstance(e, KeyboardInterrupt):

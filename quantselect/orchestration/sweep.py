@@ -113,7 +113,8 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
 
     ctx = ray.get_runtime_context()
     placement = {"node_id": ctx.get_node_id(),
-                 "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+                 "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+                 "shared_gpu": 0 < (ctx.get_assigned_resources().get("GPU") or 0) < 1}
     attempt, done = ray.get(board.start.remote(candidate.name))
     last: list = []
 

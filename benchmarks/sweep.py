@@ -18,8 +18,14 @@ folder (nothing reused), the job submitted and run, and each candidate's worker 
 "GPUs" here are Ray's logical GPUs on a CPU machine: the workers run on the CPU with one torch
 thread each (the placement a GPU cluster gets). See BENCHMARKS.md for what that does and does not show.
 
-    .venv/bin/python benchmarks/sweep.py            # full run, ~10-15 min on 2 cores
-    .venv/bin/python benchmarks/sweep.py --quick    # small run, a few minutes
+Each experiment first waits (``--wait-idle``) for the machine to be idle and counts the CPU-seconds
+that this benchmark's process tree and all other processes use while it runs: on a shared 2-core
+machine another user's test run doubles every duration.
+
+    .venv/bin/python benchmarks/sweep.py            # full run, ~15 min on 2 cores (plus any wait)
+    .venv/bin/python benchmarks/sweep.py --quick    # small run, ~5 min
+    .venv/bin/python benchmarks/sweep.py --skip bound --merge --first-repeat 2   # packing again, kept as run 2
+    .venv/bin/python benchmarks/sweep.py --summarize-only                        # table of the stored results
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATASET = ROOT / "examples" / "piqa-300.jsonl"
 OUT = ROOT / "benchmarks" / "results" / "sweep.json"
 COMMAND = ""
+CORES = os.cpu_count() or 1
 
 
 # ---- the machine ---------------------------------------------------------------------------------
@@ -279,6 +287,7 @@ def run_experiment(name: str, *, home: Path, model: str, model_dir: Path, candid
         sweep_mod.run_sweep = original
         ray.shutdown()
         svc.close()
+        shutil.rmtree(run_dir, ignore_errors=True)  # the database and the quantized artifacts
     t_sweep = entered[0]
     rows = []
     for r in results:
@@ -386,16 +395,16 @@ def summarize(bound: dict | None, packing: list[dict]) -> dict:
             "cpu": bound["cpu"], "retried": bound["retried"],
         }
     rows = []
-    by = {(e["logical_gpus"], e["gpu_memory"] is not None): e for e in packing}
-    for gpus in sorted({e["logical_gpus"] for e in packing}):
-        a, b = by.get((gpus, False)), by.get((gpus, True))
+    by = {(e["logical_gpus"], e.get("repeat", 1), e["gpu_memory"] is not None): e for e in packing}
+    for gpus, rep in sorted({(e["logical_gpus"], e.get("repeat", 1)) for e in packing}):
+        a, b = by.get((gpus, rep, False)), by.get((gpus, rep, True))
         if not (a and b):
             continue
         tok = [(x["decode_tok_s_b1"], y["decode_tok_s_b1"]) for x in a["candidates_timeline"]
                for y in b["candidates_timeline"] if x["name"] == y["name"] and x["decode_tok_s_b1"] and y["decode_tok_s_b1"]]
         ratios = sorted(y / x for x, y in tok)
         rows.append({
-            "gpus": gpus, "candidates": len(a["candidates"]), "items": a["items"],
+            "gpus": gpus, "repeat": rep, "candidates": len(a["candidates"]), "items": a["items"],
             "one_per_gpu_wall_s": a["wall_s"], "packed_wall_s": b["wall_s"],
             "speedup": round(a["wall_s"] / b["wall_s"], 3), "target": 1.5, "met": a["wall_s"] / b["wall_s"] >= 1.5,
             "gpu_memory": b["gpu_memory"], "shares": sorted({x["share"] for x in b["candidates_timeline"]}),
@@ -404,12 +413,30 @@ def summarize(bound: dict | None, packing: list[dict]) -> dict:
             "one_per_gpu_work_s": a["work_s"], "packed_work_s": b["work_s"],
             "one_per_gpu_mean_duration_s": round(a["work_s"] / len(a["candidates_timeline"]), 2),
             "packed_mean_duration_s": round(b["work_s"] / len(b["candidates_timeline"]), 2),
+            # How busy the machine's cores were, and the shortest wall the packed run's CPU time allows
+            # on them: packing cannot beat that floor on a CPU machine, however it schedules.
+            "one_per_gpu_cores_busy": round(a["cpu"]["total_busy_cpu_s"] / a["wall_s"], 2),
+            "packed_cores_busy": round(b["cpu"]["total_busy_cpu_s"] / b["wall_s"], 2),
+            "packed_cpu_floor_s": round(b["cpu"]["total_busy_cpu_s"] / CORES, 1),
             "one_per_gpu_cpu": a["cpu"], "packed_cpu": b["cpu"],
             "retried": a["retried"] + b["retried"],
             "packed_vs_alone_decode_tok_s_median": round(ratios[len(ratios) // 2], 3) if ratios else None,
         })
     out["packing"] = rows
+    out["packing_median_speedup"] = {}
+    for gpus in sorted({r["gpus"] for r in rows}):
+        ups = sorted(r["speedup"] for r in rows if r["gpus"] == gpus)
+        mid = len(ups) // 2
+        out["packing_median_speedup"][str(gpus)] = {
+            "runs": len(ups), "speedups": ups, "met": None,
+            "median": ups[mid] if len(ups) % 2 else round((ups[mid - 1] + ups[mid]) / 2, 3)}
+        out["packing_median_speedup"][str(gpus)]["met"] = out["packing_median_speedup"][str(gpus)]["median"] >= 1.5
     return out
+
+
+def commands(experiments: list[dict]) -> list[str]:
+    """The commands that produced these experiments (a results file may merge several runs)."""
+    return list(dict.fromkeys(e.get("command", "") for e in sorted(experiments, key=lambda e: e.get("date", ""))))
 
 
 def markdown(summary: dict) -> str:
@@ -422,17 +449,33 @@ def markdown(summary: dict) -> str:
                   f"| {lb['bound_s']:.1f} | **{lb['ratio']:.2f}** | ≤ 1.2 | {'yes' if lb['met'] else 'no'} "
                   f"| {lb['cpu']['other_processes_cpu_s']:.0f} |", ""]
     if summary.get("packing"):
-        lines += ["| packing (tiny Llama) | GPUs | candidates | share each | one per GPU: wall s, max per GPU "
-                  "| packed: wall s, max per GPU | speed-up | target | met | other CPU-s (a / b) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| packing (tiny Llama), run | GPUs | candidates | share each | one per GPU: wall s, max per GPU "
+                  "| packed: wall s, max per GPU | speed-up | target | met | cores busy (a / b) | packed CPU floor s "
+                  "| other CPU-s (a / b) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in summary["packing"]:
             lines.append(
-                f"| {p['items']} items | {p['gpus']} | {p['candidates']} | {', '.join(f'{s:.2f}' for s in p['shares'])} "
+                f"| {p['items']} items, {p['repeat']} | {p['gpus']} | {p['candidates']} | {', '.join(f'{s:.2f}' for s in p['shares'])} "
                 f"({p['gpu_memory']}) | {p['one_per_gpu_wall_s']:.1f}, {max(p['one_per_gpu_max_concurrent_per_gpu'].values())} "
                 f"| {p['packed_wall_s']:.1f}, {max(p['packed_max_concurrent_per_gpu'].values())} "
                 f"| **{p['speedup']:.2f}×** | ≥ 1.5× | {'yes' if p['met'] else 'no'} "
+                f"| {p['one_per_gpu_cores_busy']:.2f} / {p['packed_cores_busy']:.2f} | {p['packed_cpu_floor_s']:.1f} "
                 f"| {p['one_per_gpu_cpu']['other_processes_cpu_s']:.0f} / {p['packed_cpu']['other_processes_cpu_s']:.0f} |")
+        for gpus, m in summary.get("packing_median_speedup", {}).items():
+            lines.append(f"\nPacking on {gpus} logical GPU(s): median speed-up **{m['median']:.2f}×** over {m['runs']} "
+                         f"run(s) ({', '.join(f'{x:.2f}' for x in m['speedups'])}).")
     return "\n".join(lines)
+
+
+def write_markdown(out: Path, data: dict) -> None:
+    """The table next to the JSON, with the machine and the commands that produced it."""
+    m = data["machine"]
+    text = (f"# Distributed sweep: placement and packing\n\n"
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, no GPU (Ray logical GPUs); "
+            f"torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}.\n\nCommands:\n\n"
+            + "".join(f"    {c}\n" for c in data.get("commands", [data.get("command", "")]))
+            + "\n" + markdown(data["summary"]) + f"\n\nFull data: `{out.name}`.\n")
+    out.with_suffix(".md").write_text(text)
 
 
 def main() -> int:
@@ -444,6 +487,9 @@ def main() -> int:
     ap.add_argument("--pack-candidates", default="baseline,bf16,fp16,int8,w8a8,int4,int3,int2")
     ap.add_argument("--pack-items", type=int, default=60)
     ap.add_argument("--pack-gpus", default="1,2", help="logical GPU counts to run the packing pair on")
+    ap.add_argument("--repeats", type=int, default=1, help="run each packing pair this many times")
+    ap.add_argument("--first-repeat", type=int, default=1,
+                    help="number of the first repeat (with --merge: add repeats to an earlier run's)")
     ap.add_argument("--gpu-memory", default="8GiB", help="QUANTSELECT_GPU_MEMORY of the packed runs")
     ap.add_argument("--cpus", type=int, default=2, help="Ray's CPUs (the tasks of a GPU cluster take none)")
     ap.add_argument("--skip", choices=("bound", "packing"), action="append", default=[])
@@ -451,6 +497,7 @@ def main() -> int:
                     help="before each experiment, wait up to this many seconds for the machine to be idle (0: don't)")
     ap.add_argument("--home", default=None, help="QUANTSELECT_HOME shared by the runs (default: a new temp dir)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--summarize-only", action="store_true", help="recompute the summary of --out; run nothing")
     ap.add_argument("--merge", action="store_true",
                     help="keep the experiments of the existing --out file that this run skips (e.g. a rerun of one part)")
     args = ap.parse_args()
@@ -460,12 +507,33 @@ def main() -> int:
     global COMMAND
     command = COMMAND = ".venv/bin/python benchmarks/sweep.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
 
+    if args.summarize_only:  # recompute the summary and the table of an existing results file
+        data = json.loads(Path(args.out).read_text())
+        exps = data["experiments"]
+        data["summary"] = summarize(next((e for e in exps if e["name"] == "bound"), None),
+                                    [e for e in exps if e["name"].startswith("pack-")])
+        data["commands"] = commands(exps)
+        Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+        write_markdown(Path(args.out), data)
+        print(markdown(data["summary"]))
+        return 0
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB; torch {info['torch']}, "
           f"ray {info['ray']}; load {info['load_average_at_start']}", flush=True)
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="qs-sweep-home-"))
+    tiny_root = Path(tempfile.mkdtemp(prefix="qs-sweep-tiny-"))
+    try:
+        return run_all(args, info, home, tiny_root)
+    finally:
+        shutil.rmtree(tiny_root, ignore_errors=True)
+        if not args.home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def run_all(args, info: dict, home: Path, tiny_root: Path) -> int:
+    command = COMMAND
     check_settings_home(home)
-    demo_dir, tiny_dir = prepare(home, Path(tempfile.mkdtemp(prefix="qs-sweep-tiny-")) / "tiny-llama")
+    demo_dir, tiny_dir = prepare(home, tiny_root / "tiny-llama")
 
     if args.wait_idle:
         wait_idle(args.wait_idle)
@@ -482,18 +550,24 @@ def main() -> int:
         experiments.append(bound)
     packing = []
     if "packing" not in args.skip:
-        for gpus in [int(g) for g in args.pack_gpus.split(",")]:
-            for mode, mem in (("one-per-gpu", None), ("packed", args.gpu_memory)):
-                e = run_experiment(f"pack-{gpus}gpu-{mode}", home=home, model=str(tiny_dir), model_dir=tiny_dir,
-                                   candidates=args.pack_candidates.split(","), limit=args.pack_items,
-                                   gpus=gpus, cpus=args.cpus, gpu_memory=mem,
-                                   wait_idle_s=args.wait_idle)
-                experiments.append(e)
-                packing.append(e)
+        for rep in range(args.first_repeat, args.first_repeat + args.repeats):
+            for gpus in [int(g) for g in args.pack_gpus.split(",")]:
+                for mode, mem in (("one-per-gpu", None), ("packed", args.gpu_memory)):
+                    e = run_experiment(f"pack-{gpus}gpu-{mode}" + (f"-r{rep}" if rep > 1 else ""), home=home,
+                                       model=str(tiny_dir), model_dir=tiny_dir,
+                                       candidates=args.pack_candidates.split(","), limit=args.pack_items,
+                                       gpus=gpus, cpus=args.cpus, gpu_memory=mem, wait_idle_s=args.wait_idle)
+                    e["repeat"] = rep
+                    experiments.append(e)
+                    packing.append(e)
     if args.merge and Path(args.out).exists():
         # keep the experiments of the earlier run that this run did not repeat (each keeps its date and command)
         ran = {e["name"] for e in experiments}
-        kept = [e for e in json.loads(Path(args.out).read_text())["experiments"] if e["name"] not in ran]
+        earlier = json.loads(Path(args.out).read_text())
+        kept = [e for e in earlier["experiments"] if e["name"] not in ran]
+        for e in kept:
+            e.setdefault("date", earlier["date"])
+            e.setdefault("command", earlier["command"])
         experiments = kept + experiments
         bound = next((e for e in experiments if e["name"] == "bound"), None)
         packing = [e for e in experiments if e["name"].startswith("pack-")]
@@ -505,6 +579,7 @@ def main() -> int:
     table = markdown(summary)
     print("\n" + table)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+              "commands": commands(experiments),
               "machine": info, "core_scaling": scaling,
               "other_load": {e["name"]: e["cpu"]["other_processes_cpu_s"] for e in experiments},
               "load_average_at_end": list(os.getloadavg()),
@@ -514,6 +589,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out, result)
     print(f"\nwritten: {out}")
     return 0
 

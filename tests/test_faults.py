@@ -33,7 +33,8 @@ def _slow_request(model, candidates: list[str], **kw) -> SubmitRequest:
 
 
 def _workers(name: str | None = None, under: int | None = None) -> list[psutil.Process]:
-    """Live Ray worker processes running a candidate (of one name; in one process tree)."""
+    """Live Ray worker processes running a candidate (of one name) in the process tree of ``under``
+    (this test's own Ray cluster: never another run's workers on the same machine)."""
     procs = psutil.Process(under).children(recursive=True) if under else psutil.process_iter()
     return [p for p in procs if (t := task_name(p)) and (name is None or t == name)]
 
@@ -64,15 +65,16 @@ def test_a_killed_worker_is_retried_from_its_streamed_items_then_failed_with_the
     runner.start()
     try:
         # int8: killed once, after it stored its first chunk -> the retry scores only the rest
-        _wait("int8 to store items", lambda: len(svc.item_results(job.id)["int8"]) >= 8 and _workers("int8"))
-        for p in _workers("int8"):
+        _wait("int8 to store items",
+              lambda: len(svc.item_results(job.id)["int8"]) >= 8 and _workers("int8", under=os.getpid()))
+        for p in _workers("int8", under=os.getpid()):
             p.kill()
         # int4: killed on every attempt -> failed after 1 + max_retries attempts, with the cause
         for _ in range(2):
-            victims = _wait("an int4 worker", lambda: _workers("int4"))
+            victims = _wait("an int4 worker", lambda: _workers("int4", under=os.getpid()))
             for p in victims:  # the worker and any process it forked (they share its title)
                 p.kill()
-            _wait("the int4 worker gone", lambda: not _workers("int4"), timeout=30)
+            _wait("the int4 worker gone", lambda: not _workers("int4", under=os.getpid()), timeout=30)
     finally:
         runner.join(timeout=400)
     assert not runner.is_alive()

@@ -71,6 +71,8 @@ def test_small_candidates_share_a_gpu(ray_cluster, tiny_llama, monkeypatch):
         assert len(r.gpu_ids) == 1
         per_gpu.setdefault(r.gpu_ids[0], []).append(r.name)
     assert max(len(v) for v in per_gpu.values()) >= 2
+    for r in results:  # the worker's own timings fit inside its interval
+        assert 0 < r.eval_seconds < (r.finished_at - r.started_at).total_seconds(), (r.name, r.eval_seconds)
     # a throughput measured on a shared GPU is labelled, and never used as a cost
     assert all("[GPU shared]" in r.throughput_engine for r in results)
 

@@ -141,8 +141,8 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
             items = list(done.values())
             result.items_carried = len(items)
             left = [i for i in range(len(dataset)) if i not in done]
-            for start in range(0, len(left), max(1, stream_chunk)):
-                chunk = _evaluate(evaluate, loaded, dataset, baseline, left[start: start + stream_chunk], report,
+            for at in range(0, len(left), max(1, stream_chunk)):
+                chunk = _evaluate(evaluate, loaded, dataset, baseline, left[at: at + stream_chunk], report,
                                   len(items), len(dataset))
                 emit(chunk)
                 items += chunk

@@ -158,3 +158,20 @@ def test_two_jobs_share_the_cluster_while_the_api_answers(ray_cluster, tiny_llam
             time.sleep(0.2)
     assert all(seen[j] in (["queued", "running", "succeeded"], ["queued", "succeeded"]) for j in ids), seen
     assert both_running, seen  # the two drivers ran side by side
+
+
+def test_a_candidate_larger_than_one_gpu_gets_a_placement_group_of_several(ray_cluster, tiny_llama, monkeypatch):
+    """2 GiB GPUs (0.8 GiB usable) for candidates that need ~1.3 GiB: each takes both logical GPUs
+    of the node through a STRICT_PACK placement group, one after the other, and frees them after."""
+    monkeypatch.setenv("QUANTSELECT_GPU_MEMORY", "2GiB")
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=6,
+                                   candidates=["int8"]))
+    assert svc.run_job(job.id).status == "succeeded"
+    results = sorted(svc.results(job.id), key=lambda r: r.started_at)
+    assert all(sorted(r.gpu_ids) == ["0", "1"] for r in results), [(r.name, r.gpu_ids) for r in results]
+    assert results[0].finished_at <= results[1].started_at  # two GPUs each, on a 2-GPU node: one at a time
+    from ray.util import placement_group_table
+
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+    assert ray_cluster.available_resources().get("GPU") == 2

@@ -284,7 +284,8 @@ class _Runner:
             if gpus < 1:
                 opts: dict[str, Any] = {"num_cpus": base.num_cpus, "num_gpus": 0}
             elif reqs[cand.name].gpus and reqs[cand.name].gpus > 1:
-                pg = placement_group([{"GPU": 1}] * reqs[cand.name].whole_gpus, strategy="STRICT_PACK")
+                # one bundle of n GPUs: reserved all at once, on one node (a task must fit in one bundle)
+                pg = placement_group([{"GPU": reqs[cand.name].whole_gpus}], strategy="STRICT_PACK")
                 opts = {"num_cpus": 0, "num_gpus": reqs[cand.name].whole_gpus,
                         "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
                 return task.options(name=f"qs:{cand.name}", **opts), pg

@@ -176,67 +176,84 @@ class Service:
         was cancelled): succeeded candidates are kept, per-item results already stored are not
         scored again; refused while another driver's heartbeat is fresh."""
         from quantselect.engines.models import resolve_model
-        from quantselect.engines.worker import EarlyStop
-        from quantselect.orchestration.cluster import connect
-        from quantselect.orchestration.sweep import SweepHooks, run_sweep
 
         events = events or Events()
         self.claim(job_id, resume)
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
             spec = self.repo.get_job_spec(job_id)
-            connect(self.settings, persistent=spec.deploy)
             if events.on_status:
                 events.on_status("preparing the model")
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
             model_config = read_model_config(model_dir)
             self.repo.set_model_config(job_id, model_config)
             finished, partial = self._carry_over(job_id, spec, events)
-            requests, refused = self._placements(spec, model_config)
-            for result in refused:
-                self.repo.save_outcome(job_id, result)
-                finished.append(result)
-                if events.on_outcome:
-                    events.on_outcome(result)
-            started: set[str] = set()
-
-            def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
-                for name, (phase, _, _) in snapshot.items():
-                    if name not in started and phase not in (SUCCEEDED, FAILED):
-                        started.add(name)
-                        self.repo.mark_candidate_running(job_id, name, datetime.now(timezone.utc))
-                if events.on_progress:
-                    events.on_progress(snapshot)
-
-            def outcome(result: CandidateResult) -> None:
-                self.repo.save_outcome(job_id, result)
-                if events.on_outcome:
-                    events.on_outcome(result)
-
-            left = len(spec.candidates) - len(finished)
-            if events.on_status:
-                events.on_status(f"running {left} candidate(s) on Ray" + (f" ({len(finished)} already done)" if finished else ""))
-            early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
-            hooks = SweepHooks(on_outcome=outcome, on_items=lambda name, items: self.repo.save_items(job_id, name, items),
-                               on_progress=progress, should_stop=beat.cancelled.is_set)
-            results = run_sweep(str(model_dir), spec.candidates, spec.dataset, hooks,
-                                early_stop=early_stop, calibration=spec.calibration,
-                                artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
-                                partial=partial, max_retries=self.settings.max_retries,
-                                stream_chunk=self.settings.stream_chunk)
-            if hooks.stopped:
+            results = finished
+            if len(finished) < len(spec.candidates):  # else all reused or kept: no Ray needed
+                results = self._sweep(job_id, spec, model_dir, model_config, finished, partial, events, beat)
+            if results is None:
                 self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
                 return self.repo.get_job(job_id)
-            baseline = next(r for r in results if r.is_baseline)
-            if baseline.status != SUCCEEDED:
-                raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
+            self._succeed(job_id, results)
         except BaseException as e:
             msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
             self.repo.finish_job(job_id, FAILED, error=msg)
             raise
         finally:
             beat.stop()
+        return self._deployed(job_id, spec)
+
+    def _sweep(self, job_id: str, spec: JobSpec, model_dir: Path, model_config: dict[str, Any] | None,
+               finished: list[CandidateResult], partial: dict[str, list[ItemResult]], events: Events,
+               beat: "_Heartbeat") -> list[CandidateResult] | None:
+        """Run the candidates not yet finished on Ray; None when the job was cancelled meanwhile."""
+        from quantselect.engines.worker import EarlyStop
+        from quantselect.orchestration.cluster import connect
+        from quantselect.orchestration.sweep import SweepHooks, run_sweep
+
+        connect(self.settings, persistent=spec.deploy)
+        requests, refused = self._placements(spec, model_config)
+        for result in refused:
+            self.repo.save_outcome(job_id, result)
+            finished.append(result)
+            if events.on_outcome:
+                events.on_outcome(result)
+        started: set[str] = set()
+
+        def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
+            for name, (phase, _, _) in snapshot.items():
+                if name not in started and phase not in (SUCCEEDED, FAILED):
+                    started.add(name)
+                    self.repo.mark_candidate_running(job_id, name, datetime.now(timezone.utc))
+            if events.on_progress:
+                events.on_progress(snapshot)
+
+        def outcome(result: CandidateResult) -> None:
+            self.repo.save_outcome(job_id, result)
+            if events.on_outcome:
+                events.on_outcome(result)
+
+        left = len(spec.candidates) - len(finished)
+        if events.on_status:
+            events.on_status(f"running {left} candidate(s) on Ray" + (f" ({len(finished)} already done)" if finished else ""))
+        early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
+        hooks = SweepHooks(on_outcome=outcome, on_items=lambda name, items: self.repo.save_items(job_id, name, items),
+                           on_progress=progress, should_stop=beat.cancelled.is_set)
+        results = run_sweep(str(model_dir), spec.candidates, spec.dataset, hooks,
+                            early_stop=early_stop, calibration=spec.calibration,
+                            artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
+                            partial=partial, max_retries=self.settings.max_retries,
+                            stream_chunk=self.settings.stream_chunk)
+        return None if hooks.stopped else results
+
+    def _succeed(self, job_id: str, results: list[CandidateResult]) -> None:
+        baseline = next(r for r in results if r.is_baseline)
+        if baseline.status != SUCCEEDED:
+            raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
         self.repo.finish_job(job_id, SUCCEEDED)
+
+    def _deployed(self, job_id: str, spec: JobSpec) -> Job:
+        """The succeeded job, deployed first when it asked for it (a failed deployment does not fail the job)."""
         if spec.deploy:
             self.deploy(job_id)
         return self.repo.get_job(job_id)

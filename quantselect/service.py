@@ -270,7 +270,7 @@ class Service:
         finished = [r for r in stored.values() if r.status == SUCCEEDED]
         keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
         for cand in spec.candidates:
-            if cand.name in {r.name for r in finished} or not keys.get(cand.name):
+            if stored[cand.name].status == SUCCEEDED or not keys.get(cand.name):
                 continue
             hit = self.repo.find_cached(keys[cand.name], exclude_job=job_id)
             if hit is None:
@@ -281,15 +281,15 @@ class Service:
             finished.append(result)
             if events.on_outcome:
                 events.on_outcome(result)
-        todo = [c for c in spec.candidates if c.name not in {r.name for r in finished}]
+        done = {r.name for r in finished}
         base = next((r for r in finished if r.is_baseline), None)
-        if base is not None and todo:
+        if base is not None and len(done) < len(spec.candidates):
             if needs_reference(spec.dataset):  # its reference outputs are not stored: compute them again
                 finished.remove(base)
             elif spec.early_stop:  # the others compare with its stored per-item scores
                 base.items = self.repo.get_item_results(job_id, base.name)[base.name]
-        partial = {n: v for n, v in self.repo.get_item_results(job_id).items()
-                   if v and n not in {r.name for r in finished}}
+        done = {r.name for r in finished}  # less a baseline that must run again
+        partial = {n: v for n, v in self.repo.get_item_results(job_id).items() if v and n not in done}
         return finished, partial
 
     def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:

@@ -158,8 +158,7 @@ def run_sweep(
     model_path: str,
     candidates: list[Candidate],
     dataset: TaskDataset,
-    on_outcome: Callable[[CandidateResult], None] | SweepHooks,
-    on_progress: Callable[[ProgressSnapshot], None] | None = None,
+    hooks: SweepHooks,
     poll_seconds: float = 0.5,
     early_stop: object | None = None,
     calibration: object | None = None,
@@ -171,7 +170,7 @@ def run_sweep(
     max_retries: int = 1,
     stream_chunk: int | None = None,
 ) -> list[CandidateResult]:
-    """Run the candidates; the hooks' ``on_outcome`` is called once per candidate as it finishes.
+    """Run the candidates; ``hooks.on_outcome`` is called once per candidate as it finishes.
 
     ``calibration`` (a ``results.Calibration``) goes to the calibrated candidates (GPTQ, AWQ), which
     start first: they take longest. Quantized models are saved under ``artifacts_dir`` and reused.
@@ -189,7 +188,6 @@ def run_sweep(
     from quantselect.engines.worker import BaselineShare
     from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
 
-    hooks = on_outcome if isinstance(on_outcome, SweepHooks) else SweepHooks(on_outcome, None, on_progress)
     finished = list(finished or [])
     done_names = {r.name for r in finished}
     todo = [c for c in candidates if c.name not in done_names]
@@ -281,17 +279,16 @@ class _Runner:
         outcomes: list[CandidateResult] = []
 
         def submit(cand: Candidate):
+            req, pg = reqs[cand.name], None
             if gpus < 1:
                 opts: dict[str, Any] = {"num_cpus": base.num_cpus, "num_gpus": 0}
-            elif reqs[cand.name].gpus and reqs[cand.name].gpus > 1:
+            elif req.gpus and req.gpus > 1:
                 # one bundle of n GPUs: reserved all at once, on one node (a task must fit in one bundle)
-                pg = placement_group([{"GPU": reqs[cand.name].whole_gpus}], strategy="STRICT_PACK")
-                opts = {"num_cpus": 0, "num_gpus": reqs[cand.name].whole_gpus,
-                        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
-                return task.options(name=f"qs:{cand.name}", **opts), pg
+                pg = placement_group([{"GPU": req.whole_gpus}], strategy="STRICT_PACK")
+                opts = {"num_cpus": 0, "num_gpus": req.whole_gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
             else:
-                opts = {"num_cpus": 0, "num_gpus": reqs[cand.name].gpus}
-            return task.options(name=f"qs:{cand.name}", **opts), None
+                opts = {"num_cpus": 0, "num_gpus": req.gpus}
+            return task.options(name=f"qs:{cand.name}", **opts), pg
 
         try:
             while queue or running:

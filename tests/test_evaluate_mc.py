@@ -106,12 +106,68 @@ def test_batch_size_and_packing_do_not_change_scores(smol, piqa_items, monkeypat
     monkeypatch.setitem(ev.TOKENS_PER_BATCH, "cpu", 1)  # one row per forward pass
     one_by_one = ev.score_multiple_choice(smol.model, tok, piqa_items)
     monkeypatch.setitem(ev.TOKENS_PER_BATCH, "cpu", 2048)
+    monkeypatch.setattr(ev, "_unpadded_supported", lambda model: False)  # padded rows through the model
+    padded = ev.score_multiple_choice(smol.model, tok, piqa_items)
     monkeypatch.setattr(ev, "_pack_length", lambda model: 0)  # one row per choice, the model's own mask
     unpacked = ev.score_multiple_choice(smol.model, tok, piqa_items)
-    for a, b, c in zip(batched, one_by_one, unpacked):
-        assert a.prediction == b.prediction == c.prediction
-        assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-3)
-        assert a.choice_logprobs == pytest.approx(c.choice_logprobs, abs=1e-3)
+    for a, b, c, d in zip(batched, one_by_one, padded, unpacked):
+        assert a.prediction == b.prediction == c.prediction == d.prediction
+        for other in (b, c, d):
+            assert a.choice_logprobs == pytest.approx(other.choice_logprobs, abs=1e-3)
+
+
+def test_unpadded_rows_give_the_hidden_states_of_padded_rows_in_every_family(tiny_models, demo_model_dir):
+    """The batch as one unpadded sequence (attention on rows only), with and without a shared prefix
+    run once, against the same rows padded, token by token, for packed rows of several lengths."""
+    import torch
+
+    mixed = [Item("Question: which is heavier?\nAnswer:", ("a brick of lead", "a brick of foam", "a feather"), 0),
+             Item("Pick one:", ("yes", "no"), 1),
+             Item("A much longer question that takes many more tokens than the others do?\nAnswer:",
+                  ("the first of the two answers", "the second"), 0)]
+    instructed = [Item(f"Answer with the name of the colour, in one word. Question: {q}\nAnswer:", c, 0)
+                  for q, c in [("what colour is the sky on a clear day?", ("blue", "green")),
+                               ("grass?", ("green", "red", "a deep shade of purple")),
+                               ("what colour is fresh snow, when it has just fallen?", ("white", "black"))]]
+    for family, path in {**tiny_models, "smollm2": demo_model_dir}.items():
+        lm = load_candidate(str(path), CATALOG["baseline"], "cpu")
+        assert ev._unpadded_supported(lm.model), family
+        for items, shares in ((mixed, False), (instructed, True)):
+            rows = sorted(ev._rows(lm.tokenizer, items, ev._max_length(lm.model), ev._pack_length(lm.model)),
+                          key=lambda r: -len(r))
+            skip = ev._batch_prefix(rows)
+            assert (skip > 3) == shares, (family, skip)
+            ids, pos, mask, _, _ = ev._pack_batch(rows, lm.model.dtype, own_mask=False)
+            lengths = [len(r) for r in rows]
+            assert len(set(lengths)) > 1  # there is padding to leave out
+            u_ids, u_pos, u_mask, _, _ = ev._pack_batch(rows, lm.model.dtype, own_mask=False, skip=skip)
+            with torch.inference_mode():
+                hidden, where = ev._forward_unpadded(lm.model, u_ids, u_pos, u_mask, [n - skip for n in lengths],
+                                                     torch.device("cpu"), prefix=rows[0].shared[:skip])
+                padded = lm.model.base_model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+            assert hidden.shape[0] == sum(lengths) - (len(rows) - 1) * skip
+            assert torch.allclose(hidden[:skip], padded[0, :skip], atol=1e-4), family
+            for b, n in enumerate(lengths):
+                width = u_ids.shape[1]
+                got = hidden[where[b * width: b * width + n - skip]]
+                assert torch.allclose(got, padded[b, skip:n], atol=1e-4), (family, shares)
+
+
+def test_the_vocabulary_projection_in_blocks_equals_one_log_softmax(monkeypatch):
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=True)
+    hidden, targets = torch.randn(37, 16), torch.randint(0, 1000, (37,))
+    monkeypatch.setitem(ev.HEAD_BLOCK, "cpu", (8, 128))  # blocks that split rows and vocabulary unevenly
+    for softcap in (None, 3.0):
+        logits = head(hidden)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        expected = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        with torch.inference_mode():
+            got = ev._target_logprobs(hidden, head, targets, softcap, torch.device("cpu"))
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_every_tiny_family_packs_as_it_scores_alone(tiny_models):

@@ -194,7 +194,8 @@ class Service:
             if results is None:
                 self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
                 return self.repo.get_job(job_id)
-            self._succeed(job_id, results)
+            if self._succeed(job_id, results) != SUCCEEDED:  # a cancel came in at the very end
+                return self.repo.get_job(job_id)
         except BaseException as e:
             msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
             self.repo.finish_job(job_id, FAILED, error=msg)
@@ -246,11 +247,11 @@ class Service:
                             stream_chunk=self.settings.stream_chunk)
         return None if hooks.stopped else results
 
-    def _succeed(self, job_id: str, results: list[CandidateResult]) -> None:
+    def _succeed(self, job_id: str, results: list[CandidateResult]) -> str:
         baseline = next(r for r in results if r.is_baseline)
         if baseline.status != SUCCEEDED:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
-        self.repo.finish_job(job_id, SUCCEEDED)
+        return self.repo.finish_job(job_id, SUCCEEDED)
 
     def _deployed(self, job_id: str, spec: JobSpec) -> Job:
         """The succeeded job, deployed first when it asked for it (a failed deployment does not fail the job)."""

@@ -154,6 +154,27 @@ def test_save_outcome_is_idempotent(repo):
     assert repo.get_results(job.id)[1].error == "OOM"
 
 
+def test_a_cancel_asked_for_as_the_last_candidate_finishes_ends_the_job_cancelled(repo):
+    """The driver checks for a cancel between candidates; one that lands after its last check must
+    still win over "succeeded" (and so keep the job from being deployed)."""
+    job = repo.create_job(make_spec())
+    repo.claim_job(job.id, driver="driver-1", stale_after=60)
+    repo.heartbeat(job.id)
+    for name in ("bf16", "int8"):
+        repo.save_outcome(job.id, outcome(name))
+    asked = repo.request_cancel(job.id, stale_after=60)  # the driver is alive: only asked
+    assert asked.status == "running"
+    assert repo.finish_job(job.id, "succeeded") == "cancelled"
+    done = repo.get_job(job.id)
+    assert done.status == "cancelled" and "after its last candidate" in done.error
+    statuses = {r.name: r.status for r in repo.get_results(job.id)}
+    assert statuses.pop("bf16") == statuses.pop("int8") == "succeeded"  # finished results are kept
+    assert set(statuses.values()) == {"cancelled"}  # the rest (the baseline here) never ran
+    other = repo.create_job(make_spec())
+    repo.claim_job(other.id, driver="driver-2", stale_after=60)
+    assert repo.finish_job(other.id, "succeeded") == "succeeded"
+
+
 def test_unknown_ids_raise_not_found(repo):
     with pytest.raises(NotFoundError, match="job 'nope' not found"):
         repo.get_job("nope")

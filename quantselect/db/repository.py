@@ -200,13 +200,18 @@ class Repository:
             return _job(row)
 
     @_retrying
-    def finish_job(self, job_id: str, status: str, error: str | None = None) -> None:
-        """The job's end: its status, and every candidate still unfinished marked cancelled/failed."""
+    def finish_job(self, job_id: str, status: str, error: str | None = None) -> str:
+        """The job's end: its status, and every candidate still unfinished marked cancelled. A job
+        whose cancel was asked for after the driver last looked ends cancelled, not succeeded (its
+        results stay; ``resume`` finishes it). Returns the status written."""
         with self._write.begin() as s:
-            row = self._job_row(s, job_id)
+            row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
+            if status == SUCCEEDED and row.cancel_requested:
+                status, error = CANCELLED, "cancelled by request (after its last candidate had finished)"
             row.status, row.error, row.updated_at = status, error, utcnow()
             if status == CANCELLED:
                 self._cancel_unfinished(s, job_id)
+            return status
 
     @staticmethod
     def _cancel_unfinished(s: Session, job_id: str) -> None:

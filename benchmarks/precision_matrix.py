@@ -27,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CANDIDATES = ("baseline", "bf16", "int8", "w8a8", "int4", "fp8", "nf4", "int4-gptq", "int4-awq")
+# The weight-only candidates first (the targets are about them), then the rest; on a GPU the baseline
+# is bf16, so a separate bf16 row would measure the same model twice.
+CANDIDATES = ("baseline", "int8", "int4", "int4-gptq", "int4-awq", "fp8", "w8a8", "nf4")
 
 
 def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int, device: str = "cuda") -> Path:
@@ -65,6 +67,8 @@ def main() -> None:
                     help="HBM bandwidth of the GPU in TB/s (default: from the GPU table, e.g. H100 SXM 3.35)")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--calibration-samples", type=int, default=32)
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="start no further candidate after this many seconds (those left are listed as skipped)")
     args = ap.parse_args()
 
     import torch
@@ -103,7 +107,21 @@ def main() -> None:
     ds = load_dataset(REPO / "examples/piqa-300.jsonl", limit=args.items)
     calibration = calibration_texts(load_dataset(REPO / "examples/piqa-300.jsonl").items[-args.calibration_samples:])
     rows = []
+    report = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "python": platform.python_version(), "params": n_params, "items": len(ds), "rows": rows}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for lib in ("torchao", "bitsandbytes", "gptqmodel", "optimum"):
+        try:
+            report[lib] = version(lib)
+        except PackageNotFoundError:
+            report[lib] = None
     for name in args.candidates.split(","):
+        if args.budget_seconds is not None and time.perf_counter() - t0 > args.budget_seconds:
+            rows.append({"name": name, "status": "skipped", "error": f"the {args.budget_seconds:.0f} s budget was spent"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         cand = parse_candidate(name)
         reason = availability(cand.config)
         if reason:
@@ -131,19 +149,9 @@ def main() -> None:
                "wall_seconds": time.perf_counter() - t}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        args.out.write_text(json.dumps(report, indent=2))  # after every row: a run cut short keeps what it measured
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    report = {"gpu": device_name, "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(),
-              "params": n_params, "items": len(ds), "rows": rows}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for lib in ("torchao", "bitsandbytes", "gptqmodel", "optimum"):
-        try:
-            report[lib] = version(lib)
-        except PackageNotFoundError:
-            report[lib] = None
     args.out.write_text(json.dumps(report, indent=2))
     print(f"GPU {report['gpu']}, {args.bandwidth_tbs} TB/s; " + ", ".join(f"{k} {report.get(k)}" for k in
           ("torch", "transformers", "torchao", "bitsandbytes", "gptqmodel")))

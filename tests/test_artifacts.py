@@ -12,10 +12,12 @@ from quantselect.engines.quantize import load_candidate
 
 
 def logits(lm):
+    """The logits of a LoadedModel, or of a bare model."""
     import torch
 
     with torch.inference_mode():
-        return lm.model(torch.arange(1, 33).unsqueeze(0)).logits.float()
+        model = lm.model if hasattr(lm, "tokenizer") else lm  # a causal LM's own .model is its trunk
+        return model(torch.arange(1, 33).unsqueeze(0)).logits.float()
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "int3"])
@@ -89,3 +91,31 @@ def test_unquantized_and_unsavable_candidates_make_no_artifact(tiny_llama, tmp_p
         lm = load_candidate(str(tiny_llama), CATALOG[name], "cpu", artifacts_dir=str(root))
         assert lm.artifact_path is None and not lm.reused
     assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name,kernel,forced", [("int4-gptq", "gptq_torch", "TorchLinear"),
+                                                ("int4-awq", "torch_awq", "AwqTorchLinear")])
+def test_gptq_and_awq_artifacts_reload_with_the_kernel_chosen_for_the_device(tiny_llama, tmp_path, monkeypatch, name,
+                                                                           kernel, forced):
+    """On a GPU, GPTQModel's own choice would build kernels with nvcc at load time (and, for GPTQ,
+    download CUTLASS first): the reload names a kernel that needs no build. Here the mechanism is
+    checked on CPU with a kernel that runs there: transformers takes the named kernel, and the
+    bits and group size still come from the saved config, so the outputs stay the artifact's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantselect.engines.quantize import CUDA_KERNELS, gptqmodel_reload_kwargs
+
+    calibration = [f"sample {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]
+    saved = load_candidate(str(tiny_llama), CATALOG[name], "cpu", artifacts_dir=str(tmp_path), calibration=calibration)
+    folder = saved.artifact_path
+    assert gptqmodel_reload_kwargs(folder, "cpu") == {}  # on CPU GPTQModel's own choice builds nothing
+    method = "gptq" if name == "int4-gptq" else "awq"
+    assert gptqmodel_reload_kwargs(folder, "cuda")["quantization_config"].backend == CUDA_KERNELS[method]
+    monkeypatch.setenv(f"QUANTSELECT_{method.upper()}_CUDA_KERNEL", kernel)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=saved.model.dtype,
+                                                 **gptqmodel_reload_kwargs(folder, "cuda")).eval()
+    from quantselect.engines.measure import kernels
+
+    assert kernels(model) == f", kernels {forced}"
+    assert torch.allclose(logits(model), logits(saved), atol=2e-2, rtol=0)

@@ -127,3 +127,25 @@ def test_calibrated_and_nf4_candidates_on_the_bundled_model(demo_model_dir, tmp_
         results = ev.score_multiple_choice(lm.model, lm.tokenizer, items)
         agree = sum(a.prediction == b.prediction for a, b in zip(base_results, results)) / len(items)
         assert agree >= 0.6, (spec, agree)
+
+
+def test_a_quantizer_transformers_leaves_uncompiled_is_compiled_for_the_gpu_measurement_and_named(tiny_llama):
+    """transformers compiles static-cache decoding only for quantizers it calls compileable; for the
+    others (bitsandbytes, GPTQ, AWQ) the GPU measurement lets it compile and says so in the engine
+    name, with the kernel classes the model runs, and puts the quantizer back afterwards."""
+    from quantselect.engines import measure
+
+    lm = load_candidate(str(tiny_llama), CATALOG["nf4"], "cpu")
+    quantizer = lm.model.hf_quantizer
+    assert not quantizer.is_compileable  # if transformers changes this, the forcing is no longer needed
+    with measure._compile_allowed(lm.model) as note:
+        assert lm.model.hf_quantizer.is_compileable and note == ", forced for bitsandbytes"
+        assert lm.model.hf_quantizer.quantization_config is quantizer.quantization_config
+    assert lm.model.hf_quantizer is quantizer
+    assert measure.kernels(lm.model) == ", kernels Linear4bit"
+    plain = load_candidate(str(tiny_llama), CATALOG["int8"], "cpu")  # torchao: transformers compiles it itself
+    with measure._compile_allowed(plain.model) as note:
+        assert note == ""
+    assert measure.kernels(plain.model) == ""  # torchao's tensors live in plain nn.Linear layers
+    speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=4)
+    assert speed.engine == "transformers generate (eager) on cpu, kernels Linear4bit" and speed.decode_b1 > 0

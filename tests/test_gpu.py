@@ -1,6 +1,7 @@
 """Every candidate on a CUDA GPU (``make device-check``; skipped with the reason elsewhere): each
-quantizes a tiny model, saves and reloads its artifact, stays close to the bf16 baseline, and is
-measured with the serving engine (static-cache generation compiled by transformers)."""
+quantizes a tiny model, saves and reloads its artifact, stays close to the bf16 baseline, and
+decodes; the compiled serving engine (static-cache generation) measures a candidate transformers
+compiles itself and one it leaves uncompiled."""
 
 from __future__ import annotations
 
@@ -35,8 +36,26 @@ def test_every_candidate_on_the_gpu(tiny_llama, tmp_path, name):
         ref, out = base.model(x).logits.float(), lm.model(x).logits.float()
     assert torch.isfinite(out).all()
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9
+    # decoding works (eager and short here: the compiled engine of every candidate is measured by
+    # benchmarks/precision_matrix.py, and one compile per candidate would not fit the check's minutes)
+    assert measure.decode_tokens_per_second(lm.model, lm.tokenizer, new_tokens=4, repeats=1) > 0
+
+
+@pytest.mark.parametrize("name", ["bf16", "int4-gptq"])
+def test_the_compiled_serving_engine_measures_on_the_gpu(tiny_llama, tmp_path, name):
+    """Static-cache generation compiled: by transformers itself (bf16), and forced for a quantizer
+    it leaves uncompiled (GPTQ, with GPTQModel's Triton kernel chosen at reload: no nvcc build)."""
+    from quantselect.engines import measure
+    from quantselect.engines.quantize import load_candidate
+
+    config = CATALOG[name]
+    lm = load_candidate(str(tiny_llama), config, "cuda", artifacts_dir=str(tmp_path),
+                        calibration=CALIBRATION if config.calibrated else None)
     speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=16)
-    assert "compiled" in speed.engine and speed.decode_b1 > 0 and speed.decode_b16 > speed.decode_b1
+    assert "compiled" in speed.engine and "eager" not in speed.engine, speed.engine
+    assert speed.decode_b1 > 0 and speed.decode_b16 > speed.decode_b1
+    if name == "int4-gptq":
+        assert "forced for gptq" in speed.engine and "Triton" in speed.engine, speed.engine
 
 
 def test_multiple_choice_scoring_on_the_gpu_matches_the_padded_path(tiny_llama, monkeypatch):

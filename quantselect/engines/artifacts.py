@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,13 +102,17 @@ def load(folder: str | Path, device: str, reused: bool = False, check_probe: boo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantselect.engines.quantize import LoadedModel, device_map
+    from quantselect.engines.quantize import LoadedModel, device_map, gptqmodel_reload_kwargs
 
     folder = Path(folder)
     meta = json.loads((folder / MARKER).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device_map(device), output_loading_info=True,
-                                                       dtype=getattr(torch, meta.get("dtype", "float32")))
+    with warnings.catch_warnings():  # a kernel chosen for the device: transformers warns that it takes just that
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device_map(device),
+                                                           output_loading_info=True,
+                                                           dtype=getattr(torch, meta.get("dtype", "float32")),
+                                                           **gptqmodel_reload_kwargs(folder, device))
     model.eval()
     unmapped = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),
                        *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))})

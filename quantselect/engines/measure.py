@@ -9,10 +9,14 @@ wrongly. Each figure is taken after a warm-up at the same shapes (which also pay
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 THROUGHPUT_PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -45,22 +49,74 @@ class Throughput:
 PREFILL_SHAPE = (4, 256)  # sequences x tokens per prefill measurement
 
 
-def engine_name(device: str) -> str:
+def engine_name(device: str, note: str = "") -> str:
     if device == "cuda":
-        return "transformers generate, static cache compiled (torch.compile) on cuda"
+        return f"transformers generate, static cache compiled (torch.compile{note}) on cuda"
     return "transformers generate (eager) on cpu"
 
 
+def kernels(model: Any) -> str:
+    """The quantized linear layers' kernel classes (GPTQModel's, bitsandbytes'), if any: ``nn.Linear``
+    itself (plain or holding torchao's tensors) is not named."""
+    import torch
+
+    names = sorted({type(m).__name__ for m in model.modules()
+                    if type(m) is not torch.nn.Linear and "Linear" in type(m).__name__ and not list(m.children())})
+    return f", kernels {'/'.join(names)}" if names else ""
+
+
+class _Compileable:
+    """A model's quantizer, said to be compileable: transformers leaves models of some quantizers
+    (GPTQ, AWQ, bitsandbytes) uncompiled by default, and eager decoding is what a GPU must not be
+    measured with; if ``torch.compile`` cannot take them, the measurement falls back and says so."""
+
+    is_compileable = True
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextmanager
+def _compile_allowed(model: Any) -> Iterator[str]:
+    """Let transformers compile this model's decoding; yields a note for the engine name when that
+    had to be forced."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or quantizer.is_compileable:
+        yield ""
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", "quantized")
+    model.hf_quantizer = _Compileable(quantizer)
+    try:
+        yield f", forced for {getattr(method, 'value', method)}"
+    finally:
+        model.hf_quantizer = quantizer
+
+
 def throughput(model: Any, tokenizer: Any, new_tokens: int = 32) -> Throughput:
-    """Prefill tokens/s, and decode tokens/s at batch 1 and batch 16, each after a warm-up."""
+    """Prefill tokens/s, and decode tokens/s at batch 1 and batch 16, each after a warm-up; on a GPU
+    with the compiled static-cache engine, or -- named so, and then never used as a cost -- eager
+    where ``torch.compile`` fails on the model's kernels."""
     device = next(model.parameters()).device
-    static = device.type == "cuda"
-    return Throughput(
-        prefill_tokens_per_second=prefill_tokens_per_second(model),
-        decode_b1=decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=static),
-        decode_b16=decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=static, repeats=1),
-        engine=engine_name(device.type),
-    )
+    prefill = prefill_tokens_per_second(model)
+    if device.type != "cuda":
+        b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1)
+        b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, repeats=1)
+        return Throughput(prefill, b1, b16, engine_name(device.type) + kernels(model))
+    with _compile_allowed(model) as note:
+        try:
+            b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=True)
+            b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=True, repeats=1)
+            engine = engine_name("cuda", note)
+        except Exception as e:  # noqa: BLE001 -- the compiler's errors have no common type
+            log.warning("torch.compile failed on this model (%s: %s); measuring it eager", type(e).__name__, e)
+            b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=True, compiled=False)
+            b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=True, repeats=1,
+                                           compiled=False)
+            engine = f"transformers generate, static cache eager (torch.compile failed: {type(e).__name__}) on cuda"
+    return Throughput(prefill, b1, b16, engine + kernels(model))
 
 
 def _sync(device: Any) -> None:
@@ -90,10 +146,11 @@ def prefill_tokens_per_second(model: Any, shape: tuple[int, int] = PREFILL_SHAPE
 
 
 def decode_tokens_per_second(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 2, batch: int = 1,
-                             static: bool = False) -> float:
+                             static: bool = False, compiled: bool = True) -> float:
     """Greedy decode of ``batch`` copies of one prompt (new tokens of all rows per second, prefill
     included, as a server sees it) after a warm-up; the best of ``repeats`` runs (least disturbed by
-    other work on a shared machine). ``static``: a static KV cache, which transformers compiles."""
+    other work on a shared machine). ``static``: a static KV cache, which transformers compiles on a
+    GPU unless ``compiled`` is false."""
     import torch
 
     device = next(model.parameters()).device
@@ -103,6 +160,8 @@ def decode_tokens_per_second(model: Any, tokenizer: Any, new_tokens: int = 32, r
                                   pad_token_id=pad)
     if static:
         kwargs["cache_implementation"] = "static"
+        if not compiled:
+            kwargs["disable_compile"] = True
     best = 0.0
     with torch.inference_mode():
         # warm-up at the measured shapes: a static cache compiles here, once

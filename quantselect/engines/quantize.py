@@ -7,6 +7,7 @@ and serving replicas, never by ``import quantselect`` or the CLI's ``--help``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -213,6 +214,9 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     import random
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+    if device == "cuda":  # no nvcc build of the optional fused GPTQ step, no network (see gptqmodel_reload_kwargs)
+        os.environ.setdefault("GPTQMODEL_DISABLE_GPTQ_CUDA", "1")
+        os.environ.setdefault("GPTQMODEL_OFFLINE", "1")
     import numpy as np
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -224,11 +228,12 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     np.random.seed(0)
     torch.manual_seed(0)
     kwargs: dict[str, Any] = dict(bits=config.bits, group_size=config.group_size, offload_to_disk=False)
-    quantize_kwargs: dict[str, Any] = {}
+    # The torch kernels while quantizing: on CUDA, AUTO would pick AWQ's GEMM kernel, which GPTQModel
+    # first compiles with nvcc (about a minute, and quantize() fails if that build does).
+    quantize_kwargs: dict[str, Any] = {"backend": BACKEND.GPTQ_TORCH}
     if isinstance(config, Awq):
         kwargs["method"] = "awq"
-        if device != "cuda":
-            quantize_kwargs["backend"] = BACKEND.AWQ_TORCH
+        quantize_kwargs["backend"] = BACKEND.AWQ_TORCH
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # AWQ's torch kernel takes 16-bit only; GPTQ calibrates in fp32 on CPU (bf16 is slow without AMX).
     dtype = torch.bfloat16 if device == "cuda" or isinstance(config, Awq) else torch.float32
@@ -238,6 +243,35 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     tokenizer.save_pretrained(str(folder))
     kind = "AWQ" if isinstance(config, Awq) else "GPTQ"
     return f"GPTQModel {kind} {config.bits}-bit g{config.group_size} ({len(calibration)} calibration samples)"
+
+
+# GPTQModel's kernels when transformers loads a GPTQ / AWQ artifact onto a GPU. Left to AUTO,
+# GPTQModel 7.6 picks Machete (GPTQ, group size 64/128: downloads CUTLASS from GitHub, then builds it
+# with nvcc for minutes; without network the load fails) or Marlin (GPTQ g32, AWQ: a ~2 min nvcc
+# build). The Triton kernels need no build and still read only the 4-bit weights per token.
+CUDA_KERNELS = {"gptq": "gptq_triton", "awq": "gemm_triton"}
+
+
+def gptqmodel_reload_kwargs(folder: Any, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that choose GPTQModel's kernel for an artifact on ``device``
+    (transformers takes only ``backend`` from the config given; bits and group size stay the saved ones)."""
+    import json
+    from pathlib import Path
+
+    if device != "cuda":
+        return {}
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower()
+    backend = os.environ.get(f"QUANTSELECT_{method.upper()}_CUDA_KERNEL") or CUDA_KERNELS.get(method)
+    if method == "gptq":
+        from transformers import GPTQConfig
+
+        return {"quantization_config": GPTQConfig(bits=qc["bits"], backend=backend)}
+    if method == "awq":
+        from transformers import AwqConfig
+
+        return {"quantization_config": AwqConfig(bits=qc["bits"], backend=backend)}
+    return {}
 
 
 def _gptqmodel_logs_out_of_cwd() -> None:

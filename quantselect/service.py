@@ -270,10 +270,19 @@ class Service:
         stored = {r.name: r for r in self.repo.get_results(job_id)}
         finished = [r for r in stored.values() if r.status == SUCCEEDED]
         keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
+        keys = {n: k for n, k in keys.items() if k and stored[n].status != SUCCEEDED}
+        devices = None
+        if any(self.repo.has_cached(k, exclude_job=job_id) for k in keys.values()):
+            # A stored result counts only where it was measured on the hardware this cluster measures
+            # on: the baseline is fp32 on a CPU and bf16 on a GPU, and speed is the device's own.
+            from quantselect.orchestration.cluster import connect, device_patterns
+
+            connect(self.settings, persistent=spec.deploy)
+            devices = device_patterns()
         for cand in spec.candidates:
-            if stored[cand.name].status == SUCCEEDED or not keys.get(cand.name):
+            if cand.name not in keys:
                 continue
-            hit = self.repo.find_cached(keys[cand.name], exclude_job=job_id)
+            hit = self.repo.find_cached(keys[cand.name], exclude_job=job_id, devices=devices)
             if hit is None:
                 continue
             source, result, items = hit

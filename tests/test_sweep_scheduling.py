@@ -178,3 +178,31 @@ def test_a_candidate_larger_than_one_gpu_gets_a_placement_group_of_several(ray_c
     while ray_cluster.available_resources().get("GPU") != 2:
         assert time.monotonic() < deadline, ray_cluster.available_resources()
         time.sleep(0.2)
+
+
+def test_a_stored_result_measured_on_other_hardware_is_not_reused(ray_cluster, tiny_llama):
+    """A result depends on where it ran -- the baseline is fp32 on a CPU and bf16 on a GPU, and the
+    speed is the device's own -- so a result stored by a GPU run is not reused by a run on a cluster
+    that measures on CPUs (this one: its GPUs are logical), and the other way round."""
+    from sqlalchemy import update
+
+    from quantselect.db.models import CandidateRow
+    from quantselect.orchestration.cluster import device_patterns
+
+    assert device_patterns() == ["cpu"]
+    svc = Service()
+    req = SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=12, candidates=["int8"])
+    first = svc.submit(req)
+    assert svc.run_job(first.id).status == "succeeded"
+    with svc.repo.engine.begin() as c:  # as if it had run on a GPU node
+        c.execute(update(CandidateRow).where(CandidateRow.job_id == first.id).values(device="cuda:NVIDIA H100 80GB HBM3"))
+    second = svc.submit(req)
+    assert svc.run_job(second.id).status == "succeeded"
+    assert all(r.reused_from is None and r.device == "cpu" for r in svc.results(second.id))
+    third = svc.submit(req)  # a CPU result is there now: that one is reused
+    assert svc.run_job(third.id).status == "succeeded"
+    assert {r.reused_from for r in svc.results(third.id)} == {second.id}
+    # and on a cluster of H100 nodes, the GPU result would be the one
+    hit = svc.repo.find_cached(svc.repo.cache_keys(third.id)["int8"], exclude_job=third.id, devices=["cuda:%H100%"])
+    assert hit is not None and hit[0] == first.id
+    assert svc.repo.find_cached(svc.repo.cache_keys(third.id)["int8"], exclude_job=third.id, devices=["cuda:%A100%"]) is None

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, false, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undefer
 
@@ -264,13 +264,24 @@ class Repository:
             q = select(CandidateRow.name, CandidateRow.cache_key).where(CandidateRow.job_id == job_id)
             return dict(s.execute(q).all())
 
-    def find_cached(self, cache_key: str, exclude_job: str) -> tuple[str, CandidateResult, list[ItemResult]] | None:
-        """The latest succeeded result with this cache key in another job: (its job, result, items)."""
+    def has_cached(self, cache_key: str, exclude_job: str) -> bool:
+        """Whether another job stored a succeeded result with this cache key (measured anywhere)."""
         with self._read() as s:
-            c = s.scalar(select(CandidateRow).join(JobRow)
-                         .where(CandidateRow.cache_key == cache_key, CandidateRow.status == SUCCEEDED,
-                                CandidateRow.job_id != exclude_job)
-                         .order_by(CandidateRow.finished_at.desc()).limit(1))
+            return s.scalar(select(CandidateRow.id).where(
+                CandidateRow.cache_key == cache_key, CandidateRow.status == SUCCEEDED,
+                CandidateRow.job_id != exclude_job).limit(1)) is not None
+
+    def find_cached(self, cache_key: str, exclude_job: str,
+                    devices: list[str] | None = None) -> tuple[str, CandidateResult, list[ItemResult]] | None:
+        """The latest succeeded result with this cache key in another job: (its job, result, items);
+        ``devices``: only one measured on a device matching one of these LIKE patterns (any case)."""
+        with self._read() as s:
+            q = (select(CandidateRow).join(JobRow)
+                 .where(CandidateRow.cache_key == cache_key, CandidateRow.status == SUCCEEDED,
+                        CandidateRow.job_id != exclude_job))
+            if devices is not None:
+                q = q.where(or_(false(), *(CandidateRow.device.ilike(p) for p in devices)))
+            c = s.scalar(q.order_by(CandidateRow.finished_at.desc()).limit(1))
             if c is None:
                 return None
             items = [_item(r) for r in s.scalars(select(ItemResultRow).where(ItemResultRow.candidate_id == c.id)

@@ -110,6 +110,21 @@ def gpus_per_node() -> list[int]:
     return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def device_patterns() -> list[str]:
+    """What the cluster's nodes measure on, as SQL LIKE patterns of a result's ``device``: ``cuda:%H100%``
+    for a node whose GPUs Ray recognised (``accelerator_type:H100``), ``cpu`` for a node without
+    (logical GPUs included: a worker there runs on the CPU)."""
+    import ray
+
+    patterns: set[str] = set()
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        kinds = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
+        patterns.update(f"cuda:%{k.split('-')[0]}%" for k in kinds) if kinds else patterns.add("cpu")
+    return sorted(patterns)
+
+
 def gpu_memory_bytes(settings: Settings) -> float | None:
     """The memory of one GPU of the cluster: QUANTSELECT_GPU_MEMORY when set, else the smallest of the
     GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows; None when unknown

@@ -165,7 +165,9 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
               help="Scoring (default: accuracy for multiple choice; final_number when references hold '####', "
                    "else exact_match; top1_agreement for prompts without labels).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N items.")
-@click.option("--address", default=None, help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API.")
+@click.option("--address", default=None,
+              help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API. An absolute "
+                   "MODEL path not found here is checked by the driver on the cluster.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the job (the default without --address).")
 @click.option("--deploy", is_flag=True, help="Serve the recommended candidate when the job is done.")
 @click.option("--confidence", type=float, default=DEFAULT_CONFIDENCE, show_default=True,
@@ -189,7 +191,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            chat_template: bool, no_cache: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
     (JSONL or CSV)."""
-    from quantselect.service import SubmitRequest
+    from quantselect.service import SubmitRequest, model_is_here
 
     if wait is False and not address:
         raise InputError("--no-wait needs --address: without it the job runs in this process")
@@ -202,9 +204,11 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         candidates=candidates.split(",") if candidates is not None else None,
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
-                        chat_template=chat_template, use_cache=not no_cache)
+                        chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address))
     job = svc.submit(req)
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
+    if address and not model_is_here(model):
+        click.echo(f"{model}: not on this machine; the job's driver reads and checks it on the cluster")
     if address:
         sid = svc.submit_remote(job.id, address)
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")

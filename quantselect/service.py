@@ -69,6 +69,9 @@ class SubmitRequest:
     stop: list[str] | None = None
     chat_template: bool = False
     use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs
+    # The model path is read where the job's driver runs (submit --address): when it is not here,
+    # the model is checked by the driver on the cluster instead.
+    model_on_cluster: bool = False
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written."""
-        from quantselect.engines.models import check_model, has_chat_template
+        from quantselect.engines.models import check_model
 
         from quantselect.domain.gpus import gpu
 
@@ -123,10 +126,13 @@ class Service:
         else:
             items = req.items[: req.limit] if req.limit else req.items
             dataset = parse_records(items, metric=req.metric, **generation)
-        model_path = check_model(req.model)
-        if req.chat_template and has_chat_template(model_path) is False:
-            raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an instruct model")
-        check_candidates_fit(candidates, model_path)
+        if req.model_on_cluster and not model_is_here(req.model):
+            if not Path(req.model).is_absolute():
+                raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
+            model_path = req.model  # checked by the driver, on the cluster (check_model_on_driver)
+        else:
+            model_path = check_model(req.model)
+            check_model_fits(model_path, candidates, req.chat_template, req.model)
         calibration = None
         if any(c.config.calibrated for c in candidates):
             dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
@@ -140,7 +146,8 @@ class Service:
 
     def submit(self, req: SubmitRequest) -> Job:
         spec = self.build_spec(req)
-        return self.repo.create_job(spec, cache_keys(spec))
+        # a model only the cluster can read gets its cache keys from the driver (they hash its files)
+        return self.repo.create_job(spec, cache_keys(spec) if model_is_here(spec.model_path) else {})
 
     def submit_remote(self, job_id: str, address: str, resume: bool = False) -> str:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
@@ -184,6 +191,8 @@ class Service:
             spec = self.repo.get_job_spec(job_id)
             if events.on_status:
                 events.on_status("preparing the model")
+            if not any(self.repo.cache_keys(job_id).values()):  # submitted where the model was not readable
+                self._check_model_on_driver(job_id, spec)
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
             model_config = read_model_config(model_dir)
             self.repo.set_model_config(job_id, model_config)
@@ -252,6 +261,18 @@ class Service:
         if baseline.status != SUCCEEDED:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
         return self.repo.finish_job(job_id, SUCCEEDED)
+
+    def _check_model_on_driver(self, job_id: str, spec: JobSpec) -> None:
+        """What submit checks when it can read the model, checked by the driver when it could not:
+        the model itself, the candidates' parameters against it, and its cache keys."""
+        from quantselect.engines.models import check_model
+
+        try:
+            check_model(spec.model_path)
+            check_model_fits(spec.model_path, spec.candidates, spec.dataset.chat_template, spec.model)
+        except InputError as e:
+            raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
+        self.repo.set_cache_keys(job_id, cache_keys(spec))
 
     def _deployed(self, job_id: str, spec: JobSpec) -> Job:
         """The succeeded job, deployed first when it asked for it (a failed deployment does not fail the job)."""
@@ -531,6 +552,21 @@ def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] |
             continue
         out[r.name] = cost.serving_cost(config, shape, target, price, cost.measured_on(r, target))
     return out
+
+
+def model_is_here(model: str) -> bool:
+    """Whether this process can read the model (the bundled demo, or a path that exists)."""
+    from quantselect.engines.models import DEMO
+
+    return model == DEMO or Path(model).expanduser().exists()
+
+
+def check_model_fits(model_path: str, candidates: list[Any], chat_template: bool, shown: str) -> None:
+    from quantselect.engines.models import has_chat_template
+
+    if chat_template and has_chat_template(model_path) is False:
+        raise InputError(f"{shown}: the tokenizer has no chat template; drop --chat-template or use an instruct model")
+    check_candidates_fit(candidates, model_path)
 
 
 def check_candidates_fit(candidates: list[Any], model_path: str) -> None:

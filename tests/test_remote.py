@@ -97,3 +97,45 @@ def test_the_persistent_local_head_is_reached_on_loopback_even_if_ray_was_import
     finally:
         subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
         subprocess.run(["pkill", "-9", "-f", f"port={env['QUANTSELECT_LOCAL_RAY_PORT']}"], check=False)
+
+
+def test_a_model_only_the_cluster_can_read_is_checked_by_the_driver(ray_cluster, tiny_llama, tmp_path):
+    """`submit --address` with a model path this machine cannot read: submit checks the rest, the
+    driver checks the model (failing the job with the reason, and where), and computes the cache
+    keys it could not, so that a later job of the same model reuses its results."""
+    import shutil
+    from dataclasses import replace
+
+    from quantselect.errors import InputError, QuantselectError
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    storage = tmp_path / "cluster-storage" / "llama"  # mounted on the cluster's nodes, not (yet) here
+    req = SubmitRequest(model=str(storage), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=12, candidates=["int8"],
+                        model_on_cluster=True)
+    with pytest.raises(InputError, match="model path does not exist"):
+        svc.submit(replace(req, model_on_cluster=False))
+    with pytest.raises(InputError, match="must be absolute"):
+        svc.submit(replace(req, model="relative/llama"))
+    job = svc.submit(req)
+    assert set(svc.repo.cache_keys(job.id).values()) == {None}
+    with pytest.raises(QuantselectError, match=r"on the driver's machine \(.*\): .*model path does not exist"):
+        svc.run_job(job.id)
+    assert svc.get_job(job.id).status == "failed" and "driver's machine" in svc.get_job(job.id).error
+    shutil.copytree(tiny_llama, storage)  # now the driver can read it
+    assert svc.resume(job.id).status == "succeeded"
+    keys = svc.repo.cache_keys(job.id)
+    assert all(keys.values())
+    again = svc.submit(replace(req, model_on_cluster=False))  # readable here: keys at submit, equal
+    assert svc.repo.cache_keys(again.id) == keys
+    assert svc.run_job(again.id).status == "succeeded"
+    assert {r.reused_from for r in svc.results(again.id)} == {job.id}
+
+
+def test_submit_with_address_leaves_a_model_it_cannot_read_to_the_cluster(tmp_path):
+    missing = tmp_path / "on-the-cluster-only"
+    res = CliRunner().invoke(cli, ["submit", str(missing), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "6",
+                                   "--candidates", "int8", "--address", f"http://127.0.0.1:{free_port()}"])
+    assert "not on this machine; the job's driver reads and checks it on the cluster" in res.output
+    assert res.exit_code == 1 and "cannot submit to the Ray cluster" in res.output  # nobody listens there
+    assert "Traceback" not in res.output

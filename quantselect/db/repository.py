@@ -128,6 +128,12 @@ class Repository:
             )
 
     @_retrying
+    @_retrying
+    def set_cache_keys(self, job_id: str, keys: dict[str, str]) -> None:
+        with self._write.begin() as s:
+            for c in self._job_row(s, job_id, selectinload(JobRow.candidates)).candidates:
+                c.cache_key = keys.get(c.name)
+
     def set_model_config(self, job_id: str, config: dict[str, Any]) -> None:
         with self._write.begin() as s:
             self._job_row(s, job_id).model_config = config

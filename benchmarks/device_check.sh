@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 PY=${DEVICE_PY:-python3}
-TEST_BUDGET=${TEST_BUDGET:-180}      # seconds for the GPU-marked tests
-MATRIX_BUDGET=${MATRIX_BUDGET:-220}  # seconds after which the matrix starts no further candidate
-MATRIX_LIMIT=${MATRIX_LIMIT:-300}    # seconds after which the matrix is stopped
+TEST_BUDGET=${TEST_BUDGET:-210}      # seconds for the GPU-marked tests
+MATRIX_BUDGET=${MATRIX_BUDGET:-200}  # seconds after which the matrix starts no further candidate
+MATRIX_LIMIT=${MATRIX_LIMIT:-280}    # seconds after which the matrix is stopped
 start=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - start )) s: $*"; }
 

@@ -73,3 +73,30 @@ def test_multiple_choice_scoring_on_the_gpu_matches_the_padded_path(tiny_llama, 
     padded = ev.score_multiple_choice(model, lm.tokenizer, items)
     for a, b in zip(fast, padded):
         assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-3)
+
+
+def test_the_servers_compiled_static_cache_decodes_like_the_dynamic_cache(tiny_llama):
+    """A GPU replica's engine: the one-token step compiled with CUDA graphs over a static cache reused
+    across requests (fp32, so that only the engine can differ)."""
+    import torch
+
+    from quantselect.engines.decode import Decoder
+    from quantselect.engines.quantize import load_candidate
+
+    lm = load_candidate(str(tiny_llama), CATALOG["baseline"], "cuda")
+    model = lm.model.float()
+    static, dynamic = Decoder(model, static=True, max_len=128), Decoder(model, static=False)
+    static.warm_up()
+    for prompt in ("Once upon a time", "The capital of France is"):
+        ids = lm.tokenizer(prompt)["input_ids"]
+        runs = []
+        for decoder in (static, dynamic):
+            out = []
+            with torch.inference_mode():
+                logits = decoder.prefill(ids)
+                for _ in range(16):
+                    out.append(int(logits.argmax()))
+                    logits = decoder.step(out[-1])
+            runs.append(out)
+        assert runs[0] == runs[1], prompt
+    assert static.compiled  # torch.compile took the model: no fallback to eager

@@ -173,3 +173,24 @@ def test_serving_imports_no_torch_and_no_db():
             "bad = [m for m in ('torch', 'transformers', 'quantselect.db') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_llama, serve_port):
+    """The engine a GPU replica uses by default (a static KV cache, one request at a time; compiled
+    there), here eager on CPU: the same greedy text as the dynamic engine, streamed or not."""
+    from quantselect.serving.deploy import deploy, undeploy
+
+    url = deploy("tiny-static", str(tiny_llama), CATALOG["int8"].to_dict(), port=serve_port, engine="static")
+    try:
+        assert httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()["decoding"] == "static KV cache"
+        static, dynamic = _client(url), _client(tiny_url)
+        for prompt in ("Once upon a time", "The weather today", "a b c d e f"):
+            a = static.completions.create(model="tiny-static", prompt=prompt, max_tokens=16, temperature=0)
+            b = dynamic.completions.create(model="tiny-int8", prompt=prompt, max_tokens=16, temperature=0)
+            assert a.choices[0].text == b.choices[0].text and a.usage == b.usage
+        chunks = static.completions.create(model="tiny-static", prompt="Once upon a time", max_tokens=16,
+                                           temperature=0, stream=True)
+        first = dynamic.completions.create(model="tiny-int8", prompt="Once upon a time", max_tokens=16, temperature=0)
+        assert "".join(c.choices[0].text for c in chunks) == first.choices[0].text
+    finally:
+        undeploy("tiny-static")

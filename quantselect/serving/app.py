@@ -85,7 +85,8 @@ def _sse(obj: Any) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
 @serve.ingress(api)
 class QuantizedModelServer:
-    def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False):
+    def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False, engine: Optional[str] = None):
+        from quantselect.engines.decode import Decoder
         from quantselect.engines.quantize import load_candidate
 
         if model_path == "demo":  # the bundled SmolLM2, converted once under $QUANTSELECT_HOME/models
@@ -99,6 +100,17 @@ class QuantizedModelServer:
         self.lock = threading.Lock()  # one forward pass at a time per replica
         eos = self.loaded.model.generation_config.eos_token_id
         self.eos = ({self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+        # The engine throughput was measured with: on a GPU a static KV cache with a compiled step
+        # (one request at a time: the cache is the replica's), on CPU a dynamic cache, eager.
+        engine = engine or ("static" if self.loaded.device == "cuda" else "dynamic")
+        if engine not in ("static", "dynamic"):
+            raise ValueError(f"engine {engine!r}: give 'static' or 'dynamic'")
+        self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
+            if engine == "static" else None
+        self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
+        if self.static is not None and self.static.compiled:
+            self.static.warm_up()
+        self.engine = f"{engine} KV cache" + (", compiled step" if self.static is not None and self.static.compiled else "")
 
     # -- generation ----------------------------------------------------------------------------
     def _check_model(self, req: _Sampling) -> None:
@@ -112,16 +124,24 @@ class QuantizedModelServer:
     def _generate(self, ids: list[int], req: _Sampling, max_tokens: int) -> Iterator[tuple[str, Optional[str], int]]:
         """Yield (text delta, finish reason or None, completion tokens so far); the last item has a reason.
         A token-by-token loop over the KV cache, so streaming and stop sequences need no threads."""
+        from quantselect.engines.decode import Decoder
+
+        if self.static is not None and self.static.fits(len(ids), max_tokens):
+            with self.static_lock:
+                yield from self._decode(self.static, ids, req, max_tokens)
+        else:
+            yield from self._decode(Decoder(self.loaded.model, static=False), ids, req, max_tokens)
+
+    def _decode(self, decoder: Any, ids: list[int], req: _Sampling, max_tokens: int) -> Iterator[tuple[str, Optional[str], int]]:
         import torch
 
         stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
         hold = max((len(s) for s in stops), default=1) - 1  # held back: could be the start of a stop
         gen = torch.Generator(device=self.loaded.device).manual_seed(req.seed) if req.seed is not None else None
-        inp, past, out, sent, text = torch.tensor([ids], device=self.loaded.device), None, [], 0, ""
+        out, sent, text = [], 0, ""
         for _ in range(max_tokens):
             with self.lock, torch.inference_mode():
-                r = self.loaded.model(input_ids=inp, past_key_values=past, use_cache=True)
-                past, logits = r.past_key_values, r.logits[0, -1].float()
+                logits = decoder.step(out[-1]) if out else decoder.prefill(ids)
                 if req.temperature == 0:
                     tok = int(logits.argmax())
                 else:
@@ -132,7 +152,6 @@ class QuantizedModelServer:
                 yield text[sent:], "stop", len(out)
                 return
             out.append(tok)
-            inp = torch.tensor([[tok]], device=self.loaded.device)
             text = self.tok.decode(out, skip_special_tokens=True)
             hits = [i for i in (text.find(s) for s in stops) if i >= 0]
             if hits:
@@ -178,7 +197,8 @@ class QuantizedModelServer:
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "model": self.name, "device": self.loaded.device, "engine": self.loaded.engine}
+        return {"status": "ok", "model": self.name, "device": self.loaded.device, "engine": self.loaded.engine,
+                "decoding": self.engine}
 
     @api.get("/v1/models")
     def models(self) -> dict:
@@ -204,11 +224,15 @@ class QuantizedModelServer:
         return self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)
 
 
-def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False) -> serve.Application:
-    """Pure builder: the Serve application serving ``model_path`` quantized as ``config``."""
+def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
+              engine: Optional[str] = None) -> serve.Application:
+    """Pure builder: the Serve application serving ``model_path`` quantized as ``config``; ``engine``:
+    ``static`` or ``dynamic`` KV cache (default: static on a GPU, dynamic on CPU)."""
     config_from_dict(config)  # fail here, with an InputError, rather than in a replica
+    if engine not in (None, "static", "dynamic"):
+        raise ValueError(f"engine {engine!r}: give 'static' or 'dynamic'")
     resources = {"num_cpus": 0, **({"num_gpus": 1} if use_gpu else {})}
-    return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu)
+    return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine)
 
 
 class AppArgs(BaseModel):
@@ -219,6 +243,7 @@ class AppArgs(BaseModel):
     model_path: str
     config: Union[str, dict[str, Any]]  # a catalogue name ("int4") or a CandidateConfig.to_dict()
     use_gpu: bool = False
+    engine: Optional[Literal["static", "dynamic"]] = None
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -230,4 +255,4 @@ def app_builder(args: dict) -> serve.Application:
         config = CATALOG[a.config].to_dict()
     else:
         config = a.config
-    return build_app(a.name, a.model_path, config, a.use_gpu)
+    return build_app(a.name, a.model_path, config, a.use_gpu, a.engine)

@@ -106,7 +106,7 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written."""
-        from quantselect.engines.models import check_model
+        from quantselect.engines.models import check_model, has_chat_template
 
         from quantselect.domain.gpus import gpu
 
@@ -132,7 +132,10 @@ class Service:
             model_path = req.model  # checked by the driver, on the cluster (check_model_on_driver)
         else:
             model_path = check_model(req.model)
-            check_model_fits(model_path, candidates, req.chat_template, req.model)
+            if req.chat_template and has_chat_template(model_path) is False:
+                raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an "
+                                 "instruct model")
+            check_candidates_fit(candidates, model_path)
         calibration = None
         if any(c.config.calibrated for c in candidates):
             dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
@@ -191,8 +194,8 @@ class Service:
             spec = self.repo.get_job_spec(job_id)
             if events.on_status:
                 events.on_status("preparing the model")
-            if not any(self.repo.cache_keys(job_id).values()):  # submitted where the model was not readable
-                self._check_model_on_driver(job_id, spec)
+            if not any(self.repo.cache_keys(job_id).values()):  # e.g. submitted where the model was not readable
+                self._keys_on_driver(job_id, spec)
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
             model_config = read_model_config(model_dir)
             self.repo.set_model_config(job_id, model_config)
@@ -262,14 +265,14 @@ class Service:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
         return self.repo.finish_job(job_id, SUCCEEDED)
 
-    def _check_model_on_driver(self, job_id: str, spec: JobSpec) -> None:
-        """What submit checks when it can read the model, checked by the driver when it could not:
-        the model itself, the candidates' parameters against it, and its cache keys."""
+    def _keys_on_driver(self, job_id: str, spec: JobSpec) -> None:
+        """A job submitted where its model could not be read: the driver checks the model (saying
+        where, when it cannot read it either) and stores the cache keys, which hash its files.
+        Candidate parameters that do not suit the model then fail their candidate, with the reason."""
         from quantselect.engines.models import check_model
 
         try:
             check_model(spec.model_path)
-            check_model_fits(spec.model_path, spec.candidates, spec.dataset.chat_template, spec.model)
         except InputError as e:
             raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
         self.repo.set_cache_keys(job_id, cache_keys(spec))
@@ -559,14 +562,6 @@ def model_is_here(model: str) -> bool:
     from quantselect.engines.models import DEMO
 
     return model == DEMO or Path(model).expanduser().exists()
-
-
-def check_model_fits(model_path: str, candidates: list[Any], chat_template: bool, shown: str) -> None:
-    from quantselect.engines.models import has_chat_template
-
-    if chat_template and has_chat_template(model_path) is False:
-        raise InputError(f"{shown}: the tokenizer has no chat template; drop --chat-template or use an instruct model")
-    check_candidates_fit(candidates, model_path)
 
 
 def check_candidates_fit(candidates: list[Any], model_path: str) -> None:

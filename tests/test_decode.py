@@ -28,6 +28,7 @@ def test_the_static_cache_decodes_the_tokens_of_the_dynamic_cache(tiny_models, d
     path = demo_model_dir if family == "smollm2" else tiny_models[family]
     lm = load_candidate(str(path), CATALOG["baseline"], "cpu")
     static, dynamic = Decoder(lm.model, static=True, compiled=False, max_len=64), Decoder(lm.model, static=False)
+    static.warm_up()  # what a GPU replica does at start (compiling there); the next requests reset the cache
     prompts = [lm.tokenizer(p)["input_ids"] for p in ("Once upon a time", "The capital of France is", "1, 2, 3,")]
     for ids in prompts:  # the same static cache, reset between requests
         assert greedy(static, ids, 20) == greedy(dynamic, ids, 20), family

@@ -92,5 +92,8 @@ class Decoder:
 
         with torch.inference_mode():
             logits = self.prefill([int(getattr(self.model.config, "bos_token_id", None) or 1)] * 4)
+            compiled, self.compiled = self.compiled, False
+            logits = self.step(int(logits.argmax()))  # eager first: kernels that tune do it outside a graph
+            self.compiled = compiled
             for _ in range(steps):
                 logits = self.step(int(logits.argmax()))

@@ -106,6 +106,9 @@ def throughput(model: Any, tokenizer: Any, new_tokens: int = 32) -> Throughput:
         b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, repeats=1)
         return Throughput(prefill, b1, b16, engine_name(device.type) + kernels(model))
     with _compile_allowed(model) as note:
+        if note:  # kernels outside torch (GPTQModel's Triton, bitsandbytes) tune eagerly, not while a CUDA graph records
+            for batch in (1, 16):
+                decode_tokens_per_second(model, tokenizer, 2, repeats=1, batch=batch, static=True, compiled=False)
         try:
             b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=True)
             b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=True, repeats=1)

@@ -129,7 +129,7 @@ class Service:
         if req.model_on_cluster and not model_is_here(req.model):
             if not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
-            model_path = req.model  # checked by the driver, on the cluster (check_model_on_driver)
+            model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
         else:
             model_path = check_model(req.model)
             if req.chat_template and has_chat_template(model_path) is False:

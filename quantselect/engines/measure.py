@@ -101,23 +101,22 @@ def throughput(model: Any, tokenizer: Any, new_tokens: int = 32) -> Throughput:
     where ``torch.compile`` fails on the model's kernels."""
     device = next(model.parameters()).device
     prefill = prefill_tokens_per_second(model)
+
+    def decode(n: int = new_tokens, **kw: Any) -> tuple[float, float]:  # batch 1, batch 16
+        return (decode_tokens_per_second(model, tokenizer, n, batch=1, **kw),
+                decode_tokens_per_second(model, tokenizer, n, batch=16, repeats=1, **kw))
+
     if device.type != "cuda":
-        b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1)
-        b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, repeats=1)
-        return Throughput(prefill, b1, b16, engine_name(device.type) + kernels(model))
+        return Throughput(prefill, *decode(), engine_name(device.type) + kernels(model))
     with _compile_allowed(model) as note:
         if note:  # kernels outside torch (GPTQModel's Triton, bitsandbytes) tune eagerly, not while a CUDA graph records
-            for batch in (1, 16):
-                decode_tokens_per_second(model, tokenizer, 2, repeats=1, batch=batch, static=True, compiled=False)
+            decode(2, static=True, compiled=False)
         try:
-            b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=True)
-            b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=True, repeats=1)
+            b1, b16 = decode(static=True)
             engine = engine_name("cuda", note)
         except Exception as e:  # noqa: BLE001 -- the compiler's errors have no common type
             log.warning("torch.compile failed on this model (%s: %s); measuring it eager", type(e).__name__, e)
-            b1 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=1, static=True, compiled=False)
-            b16 = decode_tokens_per_second(model, tokenizer, new_tokens, batch=16, static=True, repeats=1,
-                                           compiled=False)
+            b1, b16 = decode(static=True, compiled=False)
             engine = f"transformers generate, static cache eager (torch.compile failed: {type(e).__name__}) on cuda"
     return Throughput(prefill, b1, b16, engine + kernels(model))
 

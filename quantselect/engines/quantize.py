@@ -210,7 +210,6 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     (``quantization_config`` in ``config.json``). The model GPTQModel holds in memory after GPTQ is
     not the deployable form (measured: wrong outputs until saved and reloaded), so the saved
     folder is what gets loaded, evaluated and served. AWQ on CPU needs its torch kernel."""
-    import os
     import random
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))

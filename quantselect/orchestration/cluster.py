@@ -110,6 +110,11 @@ def gpus_per_node() -> list[int]:
     return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def accelerator_types(resources: dict[str, float]) -> list[str]:
+    """The GPU types Ray recognised, from its resources (``accelerator_type:H100`` -> ``H100``)."""
+    return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+
+
 def device_patterns() -> list[str]:
     """What the cluster's nodes measure on, as SQL LIKE patterns of a result's ``device``: ``cuda:%H100%``
     for a node whose GPUs Ray recognised (``accelerator_type:H100``), ``cpu`` for a node without
@@ -120,7 +125,7 @@ def device_patterns() -> list[str]:
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
-        kinds = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
+        kinds = accelerator_types(node["Resources"])
         patterns.update(f"cuda:%{k.split('-')[0]}%" for k in kinds) if kinds else patterns.add("cpu")
     return sorted(patterns)
 
@@ -140,11 +145,10 @@ def gpu_memory_bytes(settings: Settings) -> float | None:
         except Exception as e:  # noqa: BLE001 - a config error, said in one line
             raise QuantselectError(f"QUANTSELECT_GPU_MEMORY: {e}") from None
     sizes = []
-    for key in ray.cluster_resources():
-        if key.startswith("accelerator_type:"):
-            kind = key.split(":", 1)[1].lower().replace("-", "")
-            spec = next((g for g in GPUS.values() if g.name.split("-")[0].lower().replace("-", "") == kind), None)
-            if spec is None:
-                return None
-            sizes.append(spec.memory_gib * planner.GIB)
+    for kind in accelerator_types(ray.cluster_resources()):
+        kind = kind.lower().replace("-", "")
+        spec = next((g for g in GPUS.values() if g.name.split("-")[0].lower().replace("-", "") == kind), None)
+        if spec is None:
+            return None
+        sizes.append(spec.memory_gib * planner.GIB)
     return min(sizes) if sizes else None

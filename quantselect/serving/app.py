@@ -102,15 +102,15 @@ class QuantizedModelServer:
         self.eos = ({self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
         # The engine throughput was measured with: on a GPU a static KV cache with a compiled step
         # (one request at a time: the cache is the replica's), on CPU a dynamic cache, eager.
+        # (build_app has validated ``engine``)
         engine = engine or ("static" if self.loaded.device == "cuda" else "dynamic")
-        if engine not in ("static", "dynamic"):
-            raise ValueError(f"engine {engine!r}: give 'static' or 'dynamic'")
         self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
             if engine == "static" else None
         self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
+        self.engine = f"{engine} KV cache"
         if self.static is not None and self.static.compiled:
             self.static.warm_up()
-        self.engine = f"{engine} KV cache" + (", compiled step" if self.static is not None and self.static.compiled else "")
+            self.engine += ", compiled step"
 
     # -- generation ----------------------------------------------------------------------------
     def _check_model(self, req: _Sampling) -> None:

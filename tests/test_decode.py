@@ -38,3 +38,53 @@ def test_the_static_cache_decodes_the_tokens_of_the_dynamic_cache(tiny_models, d
 def test_the_static_cache_is_never_longer_than_the_model_context(tiny_llama):
     lm = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu")
     assert Decoder(lm.model, static=True).max_len == 512  # the tiny models' max_position_embeddings
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "smollm2"])
+def test_a_batch_decodes_each_row_as_if_it_were_alone(tiny_models, demo_model_dir, family):
+    """Rows join a running batch (left-padded, caches merged) and leave it, and each row's logits are
+    those of its sequence decoded alone with the dynamic cache."""
+    import torch
+
+    from quantselect.engines.decode import BatchDecoder
+
+    path = demo_model_dir if family == "smollm2" else tiny_models[family]
+    lm = load_candidate(str(path), CATALOG["baseline"], "cpu")
+    texts = ("Once upon a time", "The capital of France is", "1, 2, 3,", "A much longer prompt than the others, with commas")
+    prompts = [lm.tokenizer(p)["input_ids"] for p in texts]
+    alone = []
+    for ids in prompts:  # each sequence alone: 12 greedy tokens and the logits before each of them
+        d, logits, toks = Decoder(lm.model, static=False), [], []
+        with torch.inference_mode():
+            x = d.prefill(ids)
+            for _ in range(12):
+                logits.append(x)
+                toks.append(int(x.argmax()))
+                x = d.step(toks[-1])
+        alone.append((logits, toks))
+
+    batch = BatchDecoder(lm.model)
+    rows: list[int] = []  # the sequence each row decodes
+    done = [0] * len(prompts)  # tokens fed to each sequence so far
+    joins = {0: [0, 1], 3: [2], 5: [3]}  # step -> sequences joining then (two at once, then one by one)
+    with torch.inference_mode():
+        for t in range(30):
+            new = joins.get(t, [])
+            if new and (batch.can_add() or not rows):
+                logits = batch.add([prompts[s] for s in new])
+                rows += new
+                for r, s in enumerate(new):
+                    torch.testing.assert_close(logits[r], alone[s][0][0], atol=2e-4, rtol=2e-4)
+            elif new:  # not mergeable: they join when the batch is empty
+                joins[t + 1] = joins.get(t + 1, []) + new
+                new = []
+            if not new and rows:
+                logits = batch.step([alone[s][1][done[s]] for s in rows])
+                for r, s in enumerate(rows):
+                    done[s] += 1
+                    if done[s] < 12:
+                        torch.testing.assert_close(logits[r], alone[s][0][done[s]], atol=2e-4, rtol=2e-4)
+                keep = [r for r, s in enumerate(rows) if done[s] < 11 - s]  # they finish at different steps
+                batch.keep(keep)
+                rows = [rows[r] for r in keep]
+    assert all(done) and batch.rows == 0

@@ -100,3 +100,33 @@ def test_the_servers_compiled_static_cache_decodes_like_the_dynamic_cache(tiny_l
             runs.append(out)
         assert runs[0] == runs[1], prompt
     assert static.compiled  # torch.compile took the model: no fallback to eager
+
+
+def test_the_batched_engine_decodes_each_row_like_the_dynamic_cache_on_the_gpu(tiny_llama):
+    """The server's batch on a GPU (``engine: dynamic``, and requests longer than the static cache):
+    two sequences, the second joining a step later, each greedy-decodes as it does alone."""
+    import torch
+
+    from quantselect.engines.decode import BatchDecoder, Decoder
+    from quantselect.engines.quantize import load_candidate
+
+    lm = load_candidate(str(tiny_llama), CATALOG["baseline"], "cuda")
+    model = lm.model.float()
+    prompts = [lm.tokenizer(p)["input_ids"] for p in ("Once upon a time", "The capital of France is a city")]
+    alone = []
+    with torch.inference_mode():
+        for ids in prompts:
+            d, out = Decoder(model, static=False), []
+            logits = d.prefill(ids)
+            for _ in range(12):
+                out.append(int(logits.argmax()))
+                logits = d.step(out[-1])
+            alone.append(out)
+        batch, outs = BatchDecoder(model), [[], []]
+        outs[0].append(int(batch.add(prompts[:1])[0].argmax()))
+        outs[1].append(int(batch.add(prompts[1:])[0].argmax()))
+        while len(outs[1]) < 12:
+            logits = batch.step([o[-1] for o in outs])
+            for o, row in zip(outs, logits):
+                o.append(int(row.argmax()))
+    assert outs[0][:12] == alone[0] and outs[1] == alone[1]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -46,6 +48,7 @@ def test_deploy_returns_openai_base_url(tiny_url, serve_port):
     assert "tiny-int8" in list_deployments()
     health = httpx.get(tiny_url.removesuffix("/v1") + "/healthz").json()
     assert health["status"] == "ok" and health["model"] == "tiny-int8" and "torchao" in health["engine"]
+    assert health["threads"] == len(os.sched_getaffinity(0))  # all cores, not the one thread Ray gives the actor
     models = _client(tiny_url).models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [("tiny-int8", "model", "quantselect")]
 
@@ -90,6 +93,41 @@ def test_chat_smollm2_int4_answers(smol_url):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_concurrent_requests_are_decoded_together(smol_url):
+    """Requests that arrive while others decode join their batch (``healthz`` reports the most rows
+    decoded together), and each gets the greedy answer it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _client(smol_url)
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
+                 "Say hello in Spanish.", "What do bees make?", "Which planet is the largest?"]
+
+    def ask(q: str) -> tuple[str, int, str]:
+        r = client.chat.completions.create(model="smollm2-int4", messages=[{"role": "user", "content": q}],
+                                           max_tokens=20, temperature=0)
+        return r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
+
+    alone = [ask(q) for q in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone
+    health = httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()
+    assert health["decoding"] == "dynamic KV cache, batches of up to 16"
+    assert health["batch"]["peak_rows"] >= 2, health
+    # a streamed answer abandoned half-way (minutes of tokens left) leaves the batch within seconds
+    with httpx.stream("POST", smol_url + "/completions", timeout=60,
+                      json={"prompt": "Count: 1, 2, 3,", "max_tokens": 4000, "temperature": 0, "stream": True}) as r:
+        next(r.iter_lines())
+        assert httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 1
+    for _ in range(100):
+        if httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the abandoned answer is still decoding")
+    assert ask(questions[0]) == alone[0]
 
 
 def test_stop_sequences_truncate(smol_url):
@@ -182,7 +220,7 @@ def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_lla
 
     url = deploy("tiny-static", str(tiny_llama), CATALOG["int8"].to_dict(), port=serve_port, engine="static")
     try:
-        assert httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()["decoding"] == "static KV cache"
+        assert httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()["decoding"] == "static KV cache, one request at a time"
         static, dynamic = _client(url), _client(tiny_url)
         for prompt in ("Once upon a time", "The weather today", "a b c d e f"):
             a = static.completions.create(model="tiny-static", prompt=prompt, max_tokens=16, temperature=0)

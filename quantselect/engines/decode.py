@@ -8,8 +8,14 @@ returning the next token's logits):
   reduce-overhead: CUDA graphs). This is the engine GPU throughput is measured with
   (``measure.throughput``); a step that ``torch.compile`` cannot take falls back to eager, once,
   with a warning.
-- ``dynamic``: a cache that grows with the sequence, eager -- what CPU throughput is measured with,
-  and the GPU server's engine for a request longer than the static cache.
+- ``dynamic``: a cache that grows with the sequence, eager -- the GPU server's engine for a request
+  longer than the static cache.
+
+``BatchDecoder`` decodes many sequences at once with a dynamic cache, eager -- what CPU throughput is
+measured with at batch 16, and the server's batched engine: sequences join the running batch
+(prefilled together, left-padded, their caches merged in) and leave it when they finish, between
+two steps (iteration-level, "continuous" batching). Padding is masked, and each row has its own
+positions, so a row's logits are those of the sequence decoded alone.
 """
 
 from __future__ import annotations
@@ -97,3 +103,96 @@ class Decoder:
             self.compiled = compiled
             for _ in range(steps):
                 logits = self.step(int(logits.argmax()))
+
+
+class BatchDecoder:
+    """Rows of sequences sharing one dynamic KV cache: ``add`` prefills new sequences and appends them
+    as rows, ``step`` feeds one token per row, ``keep`` drops the finished rows. Caches whose layers
+    are not all plain (sliding-window, hybrid) cannot be merged: ``can_add`` then says new rows wait
+    until the batch is empty."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._cache: Any = None
+        self._mask: Any = None  # [rows, cached tokens]: 0 on the left padding
+        self._pos: Any = None  # [rows]: the next token's position in its own sequence
+
+    @property
+    def rows(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[0])
+
+    def can_add(self) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    def add(self, prompts: list[list[int]]) -> Any:
+        """Prefill ``prompts`` (one forward pass, left-padded) and append them as the last rows;
+        the next token's logits per new row, [len(prompts), vocab] in float32."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        pos = mask.sum(-1)
+        if self._cache is None:
+            self._cache, self._mask, self._pos = out.past_key_values, mask, pos
+        else:
+            self._merge(out.past_key_values, mask, pos)
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: list[int]) -> Any:
+        """One token per row through the model; the next logits, [rows, vocab] in float32."""
+        import torch
+
+        x = torch.tensor(tokens, device=self.device).unsqueeze(1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((self.rows, 1))], dim=1)
+        out = self.model(input_ids=x, attention_mask=self._mask, position_ids=self._pos.unsqueeze(1),
+                         past_key_values=self._cache, use_cache=True)
+        self._cache, self._pos = out.past_key_values, self._pos + 1
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); the columns no kept row attends to are dropped."""
+        import torch
+
+        if not rows:
+            self._cache = self._mask = self._pos = None
+            return
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._pos = self._mask[index], self._pos[index]
+        if self.can_add():  # plain layers: the left columns that are padding in every row go
+            first = int(self._mask.any(0).int().argmax())
+            if first:
+                for layer in self._cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                self._mask = self._mask[:, first:]
+
+    def _merge(self, cache: Any, mask: Any, pos: Any) -> None:
+        import torch
+
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left_pad(t: Any, dim: int) -> Any:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, new in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(new.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(new.values, 2)])
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)])
+        self._pos = torch.cat([self._pos, pos])

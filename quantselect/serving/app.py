@@ -8,6 +8,9 @@ imported only inside the replica (``load_candidate``); importing this module doe
 # No `from __future__ import annotations`: serve.ingress rebuilds the route signatures and FastAPI must
 # see the request models as classes, not strings (else the body becomes a required query parameter).
 import json
+import logging
+import os
+import queue
 import threading
 import time
 import uuid
@@ -20,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from quantselect.domain.candidates import CATALOG, config_from_dict
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -82,10 +87,135 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+MAX_ROWS = 16  # sequences a replica decodes at once: the serving batch the cost figures assume
+
+
+class _Sequence:
+    """One answer being generated: its sampling, stop strings and token limit, and the (text delta,
+    finish reason or None, completion tokens so far) items it has produced, the last with a reason."""
+
+    def __init__(self, tok: Any, eos: set, ids: list[int], req: _Sampling, max_tokens: int, device: str) -> None:
+        import torch
+
+        self.tok, self.eos, self.ids, self.max_tokens = tok, eos, ids, max_tokens
+        self.temperature, self.top_p = req.temperature, req.top_p
+        self.stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # held back: could start a stop
+        self.gen = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
+        self.out: list[int] = []
+        self.text, self.sent = "", 0
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.finished = self.cancelled = False
+        self.stream: Iterator[tuple[str, Optional[str], int]] = iter(())
+
+    def sample(self, logits: Any) -> int:
+        import torch
+
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs, idx = torch.sort(torch.softmax(logits / self.temperature, -1), descending=True)
+        probs[(torch.cumsum(probs, -1) - probs) >= self.top_p] = 0
+        return int(idx[torch.multinomial(probs / probs.sum(), 1, generator=self.gen)])
+
+    def push(self, tok: int) -> bool:
+        """Take the next token; true when the answer is finished (end of sequence, a stop string, the limit)."""
+        if tok in self.eos:
+            return self._emit(self.text[self.sent:], "stop")
+        self.out.append(tok)
+        self.text = self.tok.decode(self.out, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return self._emit(self.text[self.sent:min(hits)], "stop")
+        if len(self.out) >= self.max_tokens:
+            return self._emit(self.text[self.sent:], "length")
+        safe = len(self.text) - self.hold - (1 if self.text.endswith("\ufffd") else 0)
+        if safe > self.sent:
+            self._emit(self.text[self.sent:safe], None)
+            self.sent = safe
+        return False
+
+    def _emit(self, delta: str, reason: Optional[str]) -> bool:
+        self.items.put((delta, reason, len(self.out)))
+        self.finished = reason is not None
+        return self.finished
+
+    def fail(self, error: Exception) -> None:
+        self.items.put(error)
+        self.finished = True
+
+    def drain(self) -> Iterator[tuple[str, Optional[str], int]]:
+        while not self.items.empty():
+            yield self.items.get()
+
+    def results(self) -> Iterator[tuple[str, Optional[str], int]]:
+        """The items as the batch produces them."""
+        while True:
+            item = self.items.get()
+            if isinstance(item, Exception):
+                raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", "server_error", None)
+            yield item
+            if item[1] is not None:
+                return
+
+
+class _Batch:
+    """The replica's batched decoding: a thread that feeds every running sequence one token per step
+    (``BatchDecoder``); waiting sequences join between two steps, up to ``max_rows``, and finished or
+    abandoned ones leave."""
+
+    def __init__(self, model: Any, lock: threading.Lock, max_rows: int) -> None:
+        from quantselect.engines.decode import BatchDecoder
+
+        self.decoder, self.lock, self.max_rows = BatchDecoder(model), lock, max_rows
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.rows: list[_Sequence] = []
+        self.peak = 0  # the most sequences decoded together so far
+        threading.Thread(target=self._run, name="quantselect-batch", daemon=True).start()
+
+    def submit(self, seq: _Sequence) -> None:
+        self.waiting.put(seq)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the running answers fail, the replica stays up
+                log.exception("batched decoding failed")
+                for seq in self.rows:
+                    seq.fail(e)
+                self.rows = []
+                self.decoder.keep([])
+
+    def _iteration(self) -> None:
+        import torch
+
+        new: list[_Sequence] = [] if self.rows else [self.waiting.get()]  # idle: wait for a request
+        if not self.rows or self.decoder.can_add():
+            while len(self.rows) + len(new) < self.max_rows and not self.waiting.empty():
+                new.append(self.waiting.get())
+        new = [s for s in new if not s.cancelled]
+        if not new and not self.rows:
+            return
+        with self.lock, torch.inference_mode():
+            if new:  # the newcomers' prompts in one pass; the running rows wait for it
+                logits, fed = self.decoder.add([s.ids for s in new]), new
+                self.rows += new
+            else:
+                logits, fed = self.decoder.step([s.out[-1] for s in self.rows]), self.rows
+        self.peak = max(self.peak, len(self.rows))
+        for i, seq in enumerate(fed):
+            seq.push(seq.sample(logits[i]))
+        keep = [i for i, s in enumerate(self.rows) if not (s.finished or s.cancelled)]
+        self.decoder.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * MAX_ROWS)
 @serve.ingress(api)
 class QuantizedModelServer:
     def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False, engine: Optional[str] = None):
+        import torch
+
         from quantselect.engines.decode import Decoder
         from quantselect.engines.quantize import load_candidate
 
@@ -95,22 +225,28 @@ class QuantizedModelServer:
 
             model_path = str(resolve_model("demo", get_settings().models_dir))
         self.name = name
+        if not use_gpu:  # Ray gives an actor without CPUs one torch thread; a CPU replica decodes with all cores
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.loaded = load_candidate(model_path, config_from_dict(config), device="cuda" if use_gpu else "cpu")
         self.tok = self.loaded.tokenizer
         self.lock = threading.Lock()  # one forward pass at a time per replica
         eos = self.loaded.model.generation_config.eos_token_id
         self.eos = ({self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
-        # The engine throughput was measured with: on a GPU a static KV cache with a compiled step
-        # (one request at a time: the cache is the replica's), on CPU a dynamic cache, eager.
-        # (build_app has validated ``engine``)
+        # The engines throughput was measured with: on CPU a batch of up to MAX_ROWS sequences on a
+        # dynamic cache, eager; on a GPU a static KV cache with a compiled step, one request at a time
+        # (the cache is the replica's), and the batch for requests longer than it. (build_app has
+        # validated ``engine``.)
         engine = engine or ("static" if self.loaded.device == "cuda" else "dynamic")
         self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
             if engine == "static" else None
         self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
+        self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS)
+        self.threads = torch.get_num_threads()
         self.engine = f"{engine} KV cache"
         if self.static is not None and self.static.compiled:
             self.static.warm_up()
             self.engine += ", compiled step"
+        self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
     def _check_model(self, req: _Sampling) -> None:
@@ -121,47 +257,30 @@ class QuantizedModelServer:
     def _tokens(self, prompt: str, special: bool = True) -> list[int]:
         return self.tok(prompt, add_special_tokens=special)["input_ids"]
 
-    def _generate(self, ids: list[int], req: _Sampling, max_tokens: int) -> Iterator[tuple[str, Optional[str], int]]:
-        """Yield (text delta, finish reason or None, completion tokens so far); the last item has a reason.
-        A token-by-token loop over the KV cache, so streaming and stop sequences need no threads."""
-        from quantselect.engines.decode import Decoder
-
+    def _start(self, ids: list[int], req: _Sampling, max_tokens: int) -> "_Sequence":
+        """Start generating an answer to ``ids``; its ``stream`` yields (text delta, finish reason or
+        None, completion tokens so far), the last item with a reason. The batch takes it at once, the
+        static cache (one request at a time) when the stream is first read."""
+        seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
-            with self.static_lock:
-                yield from self._decode(self.static, ids, req, max_tokens)
+            seq.stream = self._static(seq)
         else:
-            yield from self._decode(Decoder(self.loaded.model, static=False), ids, req, max_tokens)
+            self.batch.submit(seq)
+            seq.stream = seq.results()
+        return seq
 
-    def _decode(self, decoder: Any, ids: list[int], req: _Sampling, max_tokens: int) -> Iterator[tuple[str, Optional[str], int]]:
+    def _static(self, seq: "_Sequence") -> Iterator[tuple[str, Optional[str], int]]:
         import torch
 
-        stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # held back: could be the start of a stop
-        gen = torch.Generator(device=self.loaded.device).manual_seed(req.seed) if req.seed is not None else None
-        out, sent, text = [], 0, ""
-        for _ in range(max_tokens):
-            with self.lock, torch.inference_mode():
-                logits = decoder.step(out[-1]) if out else decoder.prefill(ids)
-                if req.temperature == 0:
-                    tok = int(logits.argmax())
-                else:
-                    probs, idx = torch.sort(torch.softmax(logits / req.temperature, -1), descending=True)
-                    probs[(torch.cumsum(probs, -1) - probs) >= req.top_p] = 0
-                    tok = int(idx[torch.multinomial(probs / probs.sum(), 1, generator=gen)])
-            if tok in self.eos:
-                yield text[sent:], "stop", len(out)
-                return
-            out.append(tok)
-            text = self.tok.decode(out, skip_special_tokens=True)
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if hits:
-                yield text[sent:min(hits)], "stop", len(out)
-                return
-            safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)
-            if safe > sent:
-                yield text[sent:safe], None, len(out)
-                sent = safe
-        yield text[sent:], "length", len(out)
+        with self.static_lock:
+            logits = None
+            while True:
+                with self.lock, torch.inference_mode():
+                    logits = self.static.step(seq.out[-1]) if logits is not None else self.static.prefill(seq.ids)
+                    done = seq.push(seq.sample(logits))
+                yield from seq.drain()
+                if done:
+                    return
 
     def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: int):
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -169,8 +288,8 @@ class QuantizedModelServer:
         if req.stream:
             return StreamingResponse(self._stream(req, ids, chat, max_tokens, head), media_type="text/event-stream")
         choices, used = [], 0
-        for i, p in enumerate(ids):
-            parts = list(self._generate(p, req, max_tokens))
+        for i, answer in enumerate([self._start(p, req, max_tokens) for p in ids]):  # all prompts batched
+            parts = list(answer.stream)
             text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
             body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
             choices.append({"index": i, **body, "finish_reason": reason})
@@ -180,15 +299,20 @@ class QuantizedModelServer:
     def _stream(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: int, head: dict) -> Iterator[str]:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         used = 0
-        for i, p in enumerate(ids):
-            if chat:
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            for delta, reason, n in self._generate(p, req, max_tokens):
-                if delta or reason:
-                    body = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
-                    yield _sse({**head, "choices": [{"index": i, **body, "finish_reason": reason}]})
-                if reason:
-                    used += n
+        answers = [self._start(p, req, max_tokens) for p in ids]
+        try:
+            for i, answer in enumerate(answers):
+                if chat:
+                    yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                for delta, reason, n in answer.stream:
+                    if delta or reason:
+                        body = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
+                        yield _sse({**head, "choices": [{"index": i, **body, "finish_reason": reason}]})
+                    if reason:
+                        used += n
+        finally:  # a client gone: its answers leave the batch
+            for answer in answers:
+                answer.cancelled = True
         if (req.stream_options or {}).get("include_usage"):
             n_prompt = sum(len(p) for p in ids)
             yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}})
@@ -198,7 +322,8 @@ class QuantizedModelServer:
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "device": self.loaded.device, "engine": self.loaded.engine,
-                "decoding": self.engine}
+                "decoding": self.engine, "batch": {"max_rows": MAX_ROWS, "rows": len(self.batch.rows), "peak_rows": self.batch.peak},
+                "threads": self.threads}
 
     @api.get("/v1/models")
     def models(self) -> dict:

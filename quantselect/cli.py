@@ -348,11 +348,22 @@ def recommend(job_id: str, threshold: float | None, confidence: float | None, po
 @cli.command()
 @click.argument("job_id")
 @click.option("--candidate", default=None, help="Serve this candidate instead of the recommended one.")
-def deploy(job_id: str, candidate: str | None) -> None:
-    """Serve a job's recommended candidate (Ray Serve, OpenAI-compatible)."""
+@click.option("--engine", type=click.Choice(["static", "dynamic"]), default=None,
+              help="Decoding: static (a static KV cache, compiled on a GPU, one request at a time; the GPU "
+                   "default) or dynamic (up to 16 requests batched; the CPU default).")
+def deploy(job_id: str, candidate: str | None, engine: str | None) -> None:
+    """Serve a job's recommended candidate (Ray Serve, OpenAI-compatible). A candidate of the job
+    served before is stopped once the new one answers."""
     svc = _service()
-    url = svc.deploy(job_id, candidate)
+    url = svc.deploy(job_id, candidate, engine)
     _print_deployment(url, svc.get_job(job_id).deployed_candidate)
+
+
+@cli.command()
+@click.argument("job_id")
+def undeploy(job_id: str) -> None:
+    """Stop serving a job's deployed candidate (the local Ray head keeps running: `ray stop` ends it)."""
+    click.echo(f"Stopped serving {_service().undeploy(job_id)}.")
 
 
 @cli.command()

@@ -83,6 +83,11 @@ class Events:
     on_status: Callable[[str], None] | None = None
 
 
+def _app_name(base_url: str | None) -> str | None:
+    """The deployment's name in its OpenAI base URL (``http://host:port/models/<name>/v1``)."""
+    return base_url.rstrip("/").split("/")[-2] if base_url else None
+
+
 class Service:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
@@ -440,11 +445,17 @@ class Service:
         return recommend(results, t, costs, items=items, confidence=c, policy=p, target_gpu=target.name)
 
     # ---- deploy -------------------------------------------------------------------------
-    def deploy(self, job_id: str, candidate: str | None = None) -> str:
+    def deploy(self, job_id: str, candidate: str | None = None, engine: str | None = None) -> str:
+        """Serve the job's recommended (or the named) candidate; ``engine``: ``static`` or ``dynamic``
+        decoding (default: static on a GPU, dynamic on CPU). A candidate of the job served before is
+        stopped once the new one answers."""
         from quantselect.engines.models import resolve_model
         from quantselect.orchestration.cluster import connect
-        from quantselect.serving.deploy import deploy
+        from quantselect.serving.deploy import deploy, list_deployments, undeploy
 
+        if engine not in (None, "static", "dynamic"):
+            raise InputError(f"engine {engine!r}: give static (a static KV cache, one request at a time) "
+                             "or dynamic (requests batched)")
         job = self.get_job(job_id)
         if job.status != SUCCEEDED:
             raise ConflictError(f"job {job_id} is {job.status}; only a succeeded job can be deployed")
@@ -463,10 +474,31 @@ class Service:
         # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
         model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
-        url = deploy(f"{name}-{job_id[:6]}", str(model_dir), chosen.config,
-                     host=self.settings.serve_host, port=self.settings.serve_port, use_gpu=use_gpu)
+        app = f"{name}-{job_id[:6]}"
+        url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host,
+                     port=self.settings.serve_port, use_gpu=use_gpu, engine=engine)
         self.repo.set_deployment(job_id, name, url)
+        before = _app_name(job.base_url)
+        if before and before != app and before in list_deployments():
+            undeploy(before)
         return url
+
+    def undeploy(self, job_id: str) -> str:
+        """Stop serving the job's deployed candidate; returns the deployment's name. The job forgets
+        it even when it no longer runs (the cluster was stopped)."""
+        from quantselect.orchestration.cluster import connect, local_head_is_up
+        from quantselect.serving.deploy import list_deployments, undeploy
+
+        job = self.get_job(job_id)
+        app = _app_name(job.base_url)
+        if app is None:
+            raise ConflictError(f"job {job_id} is not deployed")
+        if self.settings.ray_address or os.environ.get("RAY_ADDRESS") or local_head_is_up(self.settings):
+            connect(self.settings, persistent=True)
+            if app in list_deployments():
+                undeploy(app)
+        self.repo.set_deployment(job_id, None, None)
+        return app
 
     # ---- plan -----------------------------------------------------------------------------
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,

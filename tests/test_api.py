@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -103,6 +104,22 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
     assert client.get(f"/api/v1/jobs/{job_id}").json()["base_url"] == base_url
-    from quantselect.serving.deploy import undeploy
 
-    undeploy(model)
+    # Another candidate of the job, batched decoding asked for: it replaces the first once it answers.
+    from quantselect.serving.deploy import list_deployments
+
+    assert client.post(f"/api/v1/jobs/{job_id}/deploy", json={"engine": "fast"}).status_code == 422
+    again = client.post(f"/api/v1/jobs/{job_id}/deploy", json={"candidate": "baseline", "engine": "dynamic"})
+    assert again.status_code == 200, again.text
+    new_url = again.json()["base_url"]
+    new_model = new_url.rstrip("/").split("/")[-2]
+    assert new_model.startswith("baseline-") and new_model in list_deployments() and model not in list_deployments()
+    health = httpx.get(new_url.removesuffix("/v1") + "/healthz", timeout=30).json()
+    assert health["decoding"].startswith("dynamic KV cache") and health["model"] == new_model
+    # Stopping it: the deployment goes, the job forgets it, and a second stop is a conflict.
+    gone = client.delete(f"/api/v1/jobs/{job_id}/deploy")
+    assert gone.status_code == 200 and gone.json() == {"job_id": job_id, "stopped": new_model}
+    assert new_model not in list_deployments()
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["base_url"] is None and job["deployed_candidate"] is None
+    assert client.delete(f"/api/v1/jobs/{job_id}/deploy").status_code == 409

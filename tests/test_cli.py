@@ -38,8 +38,8 @@ def test_import_and_help_stay_light():
     assert out.stdout.strip() == ""
     help_out = subprocess.run([sys.executable, "-m", "quantselect", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_out.returncode == 0
-    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "api", "db", "candidates",
-                    "plan", "gpus"):
+    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "undeploy", "api", "db",
+                    "candidates", "plan", "gpus"):
         assert command in help_out.stdout
 
 
@@ -180,5 +180,10 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
 def test_unknown_job_is_a_clear_error():
     res = CliRunner().invoke(cli, ["status", "nope"])
     assert res.exit_code == 2 and "job 'nope' not found" in res.output
+    for args in (["deploy", "nope"], ["undeploy", "nope"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and "not found" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["deploy", "nope", "--engine", "fast"])
+    assert res.exit_code == 2 and "'fast' is not one of 'static', 'dynamic'" in res.output
     res = CliRunner().invoke(cli, ["recommend", "nope"])
     assert res.exit_code == 2 and "not found" in res.output

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +51,9 @@ class JobRequest(BaseModel):
 
 class DeployRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    candidate: str | None = None
+    candidate: str | None = Field(None, description="Serve this candidate instead of the recommended one.")
+    engine: Literal["static", "dynamic"] | None = Field(
+        None, description="Decoding: 'static' (one request at a time; the GPU default) or 'dynamic' (batched; the CPU default).")
 
 
 def create_app(service: Service | None = None, *, connect_ray: bool = True) -> FastAPI:
@@ -143,7 +145,11 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     @app.post("/api/v1/jobs/{job_id}/deploy")
     def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:
-        url = svc.deploy(job_id, body.candidate if body else None)
+        url = svc.deploy(job_id, body.candidate if body else None, body.engine if body else None)
         return {"job_id": job_id, "candidate": svc.get_job(job_id).deployed_candidate, "base_url": url}
+
+    @app.delete("/api/v1/jobs/{job_id}/deploy")
+    def undeploy(job_id: str) -> dict[str, Any]:
+        return {"job_id": job_id, "stopped": svc.undeploy(job_id)}
 
     return app

@@ -147,9 +147,11 @@ class Repository:
             row.status, row.error, row.updated_at = status, error, utcnow()
 
     @_retrying
-    def set_deployment(self, job_id: str, candidate: str, base_url: str) -> None:
+    def set_deployment(self, job_id: str, candidate: str | None, base_url: str | None) -> None:
+        """The job's served candidate and its URL; None, None: it is served no more."""
         with self._write.begin() as s:
-            self._candidate_row(s, job_id, candidate)
+            if candidate is not None:
+                self._candidate_row(s, job_id, candidate)
             row = self._job_row(s, job_id)
             row.deployed_candidate, row.base_url, row.updated_at = candidate, base_url, utcnow()
 

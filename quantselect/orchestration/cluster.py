@@ -68,14 +68,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_head_is_up(settings: Settings) -> bool:
+    """Whether the detached local head answers (a probe: `ray status` retries for minutes when nothing listens)."""
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0
+
+
 def ensure_local_head(settings: Settings) -> str:
     """Start a detached local Ray head on 127.0.0.1 (with the dashboard, for the Jobs API) unless
     one already answers there; returns its address."""
     address = f"127.0.0.1:{settings.local_ray_port}"
-    with socket.socket() as probe:  # `ray status` retries for minutes when nothing listens
-        probe.settimeout(1)
-        if probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0:
-            return address
+    if local_head_is_up(settings):
+        return address
     # The agents get free ports: their defaults (e.g. 52365) may be held by another local Ray, and a
     # head whose job agent cannot bind refuses every job ("No available agent").
     agents = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",

@@ -486,14 +486,14 @@ class Service:
     def undeploy(self, job_id: str) -> str:
         """Stop serving the job's deployed candidate; returns the deployment's name. The job forgets
         it even when it no longer runs (the cluster was stopped)."""
-        from quantselect.orchestration.cluster import connect, local_head_is_up
+        from quantselect.orchestration.cluster import cluster_exists, connect
         from quantselect.serving.deploy import list_deployments, undeploy
 
         job = self.get_job(job_id)
         app = _app_name(job.base_url)
         if app is None:
             raise ConflictError(f"job {job_id} is not deployed")
-        if self.settings.ray_address or os.environ.get("RAY_ADDRESS") or local_head_is_up(self.settings):
+        if cluster_exists(self.settings):  # none: nothing is served, and none is started to find that out
             connect(self.settings, persistent=True)
             if app in list_deployments():
                 undeploy(app)

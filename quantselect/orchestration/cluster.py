@@ -75,6 +75,14 @@ def local_head_is_up(settings: Settings) -> bool:
         return probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0
 
 
+def cluster_exists(settings: Settings) -> bool:
+    """Whether there is a cluster ``connect(persistent=True)`` would join rather than start: this
+    process is connected, an address is set, or the local head answers."""
+    ray = sys.modules.get("ray")
+    return bool((ray is not None and ray.is_initialized()) or settings.ray_address or os.environ.get("RAY_ADDRESS")
+                or local_head_is_up(settings))
+
+
 def ensure_local_head(settings: Settings) -> str:
     """Start a detached local Ray head on 127.0.0.1 (with the dashboard, for the Jobs API) unless
     one already answers there; returns its address."""

@@ -156,6 +156,17 @@ def test_errors_are_openai_shaped(tiny_url):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(tiny_url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500 and r.json()["error"]["type"] == "invalid_request_error"
+    # prompts the model cannot take: a 400 before anything is generated (streamed or not); the rest
+    # of the context bounds max_tokens
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny-int8", prompt="a " * 600, max_tokens=4, stream=stream)
+        assert e.value.body["code"] == "context_length_exceeded" and "512 tokens" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny-int8", prompt=["Hi", ""], max_tokens=4, stream=stream)
+        assert e.value.body["code"] == "invalid_prompt"
+    r = client.completions.create(model="tiny-int8", prompt="a " * 505, max_tokens=100, temperature=0)
+    assert r.usage.prompt_tokens == 506 and r.usage.completion_tokens <= 6
 
 
 def test_deploy_validates_before_touching_ray(serve_port):

@@ -129,7 +129,8 @@ class BatchDecoder:
 
     def add(self, prompts: list[list[int]]) -> Any:
         """Prefill ``prompts`` (one forward pass, left-padded) and append them as the last rows;
-        the next token's logits per new row, [len(prompts), vocab] in float32."""
+        the next token's logits per new row, [len(prompts), vocab] in float32. If it fails, the rows
+        already there are untouched."""
         import torch
 
         width = max(len(p) for p in prompts)
@@ -191,8 +192,11 @@ class BatchDecoder:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for mine, new in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(new.keys, 2)])
-            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(new.values, 2)])
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)])
-        self._pos = torch.cat([self._pos, pos])
+        # built in full before any is assigned: a failure (out of memory) leaves the running batch as it was
+        merged = [(torch.cat([left_pad(mine.keys, 2), left_pad(new.keys, 2)]),
+                   torch.cat([left_pad(mine.values, 2), left_pad(new.values, 2)]))
+                  for mine, new in zip(self._cache.layers, cache.layers)]
+        mask, pos = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)]), torch.cat([self._pos, pos])
+        for layer, (keys, values) in zip(self._cache.layers, merged):
+            layer.keys, layer.values = keys, values
+        self._mask, self._pos = mask, pos

@@ -198,7 +198,13 @@ class _Batch:
             return
         with self.lock, torch.inference_mode():
             if new:  # the newcomers' prompts in one pass; the running rows wait for it
-                logits, fed = self.decoder.add([s.ids for s in new]), new
+                try:
+                    logits, fed = self.decoder.add([s.ids for s in new]), new
+                except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the newcomers fail, the batch goes on
+                    log.exception("prefilling %d new sequences failed", len(new))
+                    for seq in new:
+                        seq.fail(e)
+                    return
                 self.rows += new
             else:
                 logits, fed = self.decoder.step([s.out[-1] for s in self.rows]), self.rows
@@ -242,6 +248,7 @@ class QuantizedModelServer:
         self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
         self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS)
         self.threads = torch.get_num_threads()
+        self.context = int(getattr(self.loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.engine = f"{engine} KV cache"
         if self.static is not None and self.static.compiled:
             self.static.warm_up()
@@ -261,6 +268,7 @@ class QuantizedModelServer:
         """Start generating an answer to ``ids``; its ``stream`` yields (text delta, finish reason or
         None, completion tokens so far), the last item with a reason. The batch takes it at once, the
         static cache (one request at a time) when the stream is first read."""
+        max_tokens = min(max_tokens, self.context - len(ids))  # _respond has checked the prompt fits
         seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
             seq.stream = self._static(seq)
@@ -283,6 +291,12 @@ class QuantizedModelServer:
                     return
 
     def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: int):
+        for p in ids:  # before a stream starts: an error there could not be a 400 any more
+            if not p:
+                raise ApiError(400, "The prompt is empty: give at least one token.", "invalid_request_error", "invalid_prompt")
+            if len(p) >= self.context:
+                raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                               f"{len(p)}. Shorten it.", "invalid_request_error", "context_length_exceeded")
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": self.name}
         if req.stream:

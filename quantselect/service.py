@@ -3,6 +3,7 @@ layers; knows nothing of click or HTTP. Heavy modules are imported inside the me
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -12,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from quantselect.domain.candidates import DEFAULT_CANDIDATES, Candidate, resolve_candidates
+from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, resolve_candidates
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -34,6 +35,8 @@ from quantselect.domain.results import (
 from quantselect.domain.selection import Recommendation, recommend
 from quantselect.errors import ConflictError, InputError, QuantselectError
 from quantselect.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
@@ -248,6 +251,8 @@ class Service:
 
         def outcome(result: CandidateResult) -> None:
             self.repo.save_outcome(job_id, result)
+            if result.is_baseline and result.reference is not None:
+                self._save_reference(job_id, result)
             if events.on_outcome:
                 events.on_outcome(result)
 
@@ -323,13 +328,42 @@ class Service:
         done = {r.name for r in finished}
         base = next((r for r in finished if r.is_baseline), None)
         if base is not None and len(done) < len(spec.candidates):
-            if needs_reference(spec.dataset):  # its reference outputs are not stored: compute them again
-                finished.remove(base)
-            elif spec.early_stop:  # the others compare with its stored per-item scores
-                base.items = self.repo.get_item_results(job_id, base.name)[base.name]
+            if needs_reference(spec.dataset):  # the others compare with its stored reference outputs
+                base.reference = self._stored_reference(job_id, spec)
+                if base.reference is None:  # none stored (or not for these items): compute them again
+                    finished.remove(base)
+            if base in finished and (spec.early_stop or base.reference is not None):
+                base.items = self.repo.get_item_results(job_id, base.name)[base.name]  # its per-item scores
         done = {r.name for r in finished}  # less a baseline that must run again
         partial = {n: v for n, v in self.repo.get_item_results(job_id).items() if v and n not in done}
         return finished, partial
+
+    def _reference_path(self, job_id: str) -> Path | None:
+        """Where the baseline's reference outputs (label-free metrics) are kept: by the baseline's
+        cache key, which hashes the model, the items and the generation settings."""
+        key = self.repo.cache_keys(job_id).get(BASELINE)
+        return self.settings.artifacts_dir / "references" / f"{key}.npz" if key else None
+
+    def _save_reference(self, job_id: str, result: CandidateResult) -> None:
+        path = self._reference_path(job_id)
+        if path is not None and not path.exists():
+            try:
+                result.reference.save(path)
+            except OSError as e:  # a resume then computes it again
+                log.warning("could not keep the baseline's reference outputs at %s: %s", path, e)
+
+    def _stored_reference(self, job_id: str, spec: JobSpec) -> Any:
+        from quantselect.engines.labelfree import Reference
+
+        path = self._reference_path(job_id)
+        if path is None or not path.is_file():
+            return None
+        try:
+            reference = Reference.load(path)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("the stored reference outputs at %s cannot be read (%s); the baseline runs again", path, e)
+            return None
+        return reference if reference.matches(spec.dataset) else None
 
     def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:
         """Each candidate's GPU share from its memory estimate; candidates that fit on no node of the

@@ -90,3 +90,33 @@ def test_label_free_prompts_only_with_early_stopping(ray_cluster, tiny_llama):
     assert sorted(i.index for i in items["int2"]) == sorted({i.index for i in items["int2"]})
     rec = svc.recommend(job.id)
     assert rec.verdict("int8").relative_score == pytest.approx(results["int8"].score)  # the baseline scores 1 on every item
+
+
+def test_a_label_free_baseline_is_reused_with_its_stored_reference_outputs(ray_cluster, tiny_llama):
+    """The baseline's reference outputs (label-free metrics) are kept by its cache key: a later job of
+    the same model and items reuses the baseline instead of running it again, and scores its new
+    candidates against them. Without the file the baseline runs again."""
+    from quantselect.service import SubmitRequest
+    from quantselect.settings import get_settings
+
+    svc = Service()
+    req = dict(model=str(tiny_llama), dataset=str(EXAMPLES / "gsm8k-prompts-50.jsonl"), limit=12, max_new_tokens=8)
+    first = svc.submit(SubmitRequest(candidates=["int8"], **req))
+    svc.run_job(first.id)
+    stored = list((get_settings().artifacts_dir / "references").glob("*.npz"))
+    assert len(stored) == 1
+
+    second = svc.submit(SubmitRequest(candidates=["int8", "int4"], **req))
+    svc.run_job(second.id)
+    results = {r.name: r for r in svc.results(second.id)}
+    assert results["baseline"].reused_from == first.id and results["int8"].reused_from == first.id
+    assert results["int4"].status == "succeeded" and results["int4"].reused_from is None
+    items = svc.item_results(second.id)
+    assert len(items["int4"]) == 12 and all(0 <= i.score <= 1 and "mean_kl" in i.prediction for i in items["int4"])
+
+    stored[0].unlink()
+    third = svc.submit(SubmitRequest(candidates=["int8", "int2"], **req))
+    svc.run_job(third.id)
+    results = {r.name: r for r in svc.results(third.id)}
+    assert results["baseline"].reused_from is None and results["baseline"].status == "succeeded"
+    assert results["int2"].status == "succeeded" and stored[0].is_file()  # computed again, and kept

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -96,6 +98,36 @@ class Reference:
     @property
     def nbytes(self) -> int:
         return sum(i.tokens.nbytes + i.top_ids.nbytes + i.top_logprobs.nbytes + len(i.text) for i in self.items)
+
+    def save(self, path: Path) -> None:
+        """To one ``.npz`` file (no pickle), written whole or not at all."""
+        meta = {"top_k": self.top_k, "settings": self.settings,
+                "items": [[i.n_prompt, i.text, i.truncated, i.digest] for i in self.items]}
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        for n, i in enumerate(self.items):
+            arrays[f"tokens_{n}"], arrays[f"top_ids_{n}"], arrays[f"top_logprobs_{n}"] = i.tokens, i.top_ids, i.top_logprobs
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            items = [ReferenceItem(z[f"tokens_{n}"], n_prompt, text, truncated, z[f"top_ids_{n}"],
+                                   z[f"top_logprobs_{n}"], digest)
+                     for n, (n_prompt, text, truncated, digest) in enumerate(meta["items"])]
+        return cls(items, meta["top_k"], meta["settings"])
+
+    def matches(self, dataset: TaskDataset) -> bool:
+        """Whether this reference was built for ``dataset`` (its prompts and generation settings)."""
+        try:
+            _check(dataset, self)
+        except ValueError:
+            return False
+        return True
 
     def baseline_results(self, dataset: TaskDataset) -> list[ItemResult]:
         """The baseline's own item results (score 1 on every item, by definition), without a second

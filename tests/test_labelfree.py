@@ -166,3 +166,14 @@ def test_the_reference_is_compact_and_picklable(reference):
     positions = sum(len(r.tokens) - 1 for r in reference.items)
     assert len(pickle.dumps(reference)) < positions * lf.TOP_K * 8 + 4096 * len(reference)
 
+
+
+def test_the_reference_is_saved_and_loaded_whole(reference, tmp_path):
+    path = tmp_path / "refs" / "key.npz"
+    reference.save(path)
+    back = lf.Reference.load(path)
+    assert (back.top_k, back.settings, len(back)) == (reference.top_k, reference.settings, len(reference))
+    for a, b in zip(back.items, reference.items):
+        assert (a.n_prompt, a.text, a.truncated, a.digest) == (b.n_prompt, b.text, b.truncated, b.digest)
+        assert (a.tokens == b.tokens).all() and (a.top_ids == b.top_ids).all() and (a.top_logprobs == b.top_logprobs).all()
+    assert [p.name for p in path.parent.iterdir()] == ["key.npz"]  # no temporary file left

@@ -20,7 +20,6 @@ prompt repeated, batch 1 and 16, the same thread count) -- the figures a job sto
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,8 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def load_prompts(n: int) -> list[str]:
-    lines = (ROOT / "examples" / "gsm8k-prompts-50.jsonl").read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines[:n]]
+    from quantselect.domain.dataset import load_dataset
+
+    return [item.prompt for item in load_dataset(ROOT / "examples" / "gsm8k-prompts-50.jsonl", limit=n).items]
 
 
 def timed(client, name: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[float, int]:

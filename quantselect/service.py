@@ -86,9 +86,8 @@ class Events:
     on_status: Callable[[str], None] | None = None
 
 
-def _app_name(base_url: str | None) -> str | None:
-    """The deployment's name in its OpenAI base URL (``http://host:port/models/<name>/v1``)."""
-    return base_url.rstrip("/").split("/")[-2] if base_url else None
+def _deployment_name(job_id: str, candidate: str) -> str:
+    return f"{candidate}-{job_id[:6]}"
 
 
 class Service:
@@ -485,11 +484,10 @@ class Service:
         stopped once the new one answers."""
         from quantselect.engines.models import resolve_model
         from quantselect.orchestration.cluster import connect
+        from quantselect.serving.app import check_engine
         from quantselect.serving.deploy import deploy, list_deployments, undeploy
 
-        if engine not in (None, "static", "dynamic"):
-            raise InputError(f"engine {engine!r}: give static (a static KV cache, one request at a time) "
-                             "or dynamic (requests batched)")
+        check_engine(engine)  # before a Ray head is started
         job = self.get_job(job_id)
         if job.status != SUCCEEDED:
             raise ConflictError(f"job {job_id} is {job.status}; only a succeeded job can be deployed")
@@ -508,11 +506,11 @@ class Service:
         # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
         model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
-        app = f"{name}-{job_id[:6]}"
+        app = _deployment_name(job_id, name)
         url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host,
                      port=self.settings.serve_port, use_gpu=use_gpu, engine=engine)
         self.repo.set_deployment(job_id, name, url)
-        before = _app_name(job.base_url)
+        before = job.deployed_candidate and _deployment_name(job_id, job.deployed_candidate)
         if before and before != app and before in list_deployments():
             undeploy(before)
         return url
@@ -524,9 +522,9 @@ class Service:
         from quantselect.serving.deploy import list_deployments, undeploy
 
         job = self.get_job(job_id)
-        app = _app_name(job.base_url)
-        if app is None:
+        if job.deployed_candidate is None:
             raise ConflictError(f"job {job_id} is not deployed")
+        app = _deployment_name(job_id, job.deployed_candidate)
         if cluster_exists(self.settings):  # none: nothing is served, and none is started to find that out
             connect(self.settings, persistent=True)
             if app in list_deployments():

@@ -1,4 +1,4 @@
-"""Token-by-token decoding of one sequence, for the OpenAI-compatible server.
+"""Token-by-token decoding for the OpenAI-compatible server.
 
 Two engines behind one interface (``prefill`` the prompt, then ``step`` a token at a time, each
 returning the next token's logits):
@@ -8,13 +8,14 @@ returning the next token's logits):
   reduce-overhead: CUDA graphs). This is the engine GPU throughput is measured with
   (``measure.throughput``); a step that ``torch.compile`` cannot take falls back to eager, once,
   with a warning.
-- ``dynamic``: a cache that grows with the sequence, eager -- the GPU server's engine for a request
-  longer than the static cache.
+- ``dynamic``: a cache that grows with the sequence, eager -- one sequence alone, the reference the
+  tests hold the other engines to.
 
-``BatchDecoder`` decodes many sequences at once with a dynamic cache, eager -- what CPU throughput is
-measured with at batch 16, and the server's batched engine: sequences join the running batch
-(prefilled together, left-padded, their caches merged in) and leave it when they finish, between
-two steps (iteration-level, "continuous" batching). Padding is masked, and each row has its own
+``BatchDecoder`` decodes many sequences at once with a dynamic cache, eager -- the kind of engine CPU
+throughput is measured with (``generate()``, batch 16), and the server's batched engine (on a GPU:
+for requests longer than the static cache, or every request with ``engine: dynamic``): sequences
+join the running batch (prefilled together, left-padded, their caches merged in) and leave it when
+they finish, between two steps (iteration-level, "continuous" batching). Padding is masked, and each row has its own
 positions, so a row's logits are those of the sequence decoded alone.
 """
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from quantselect.domain.candidates import CATALOG, config_from_dict
+from quantselect.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -363,13 +364,18 @@ class QuantizedModelServer:
         return self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)
 
 
+def check_engine(engine: Optional[str]) -> None:
+    if engine not in (None, "static", "dynamic"):
+        raise InputError(f"engine {engine!r}: give static (a static KV cache, one request at a time) "
+                         "or dynamic (requests batched)")
+
+
 def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
               engine: Optional[str] = None) -> serve.Application:
     """Pure builder: the Serve application serving ``model_path`` quantized as ``config``; ``engine``:
     ``static`` or ``dynamic`` KV cache (default: static on a GPU, dynamic on CPU)."""
     config_from_dict(config)  # fail here, with an InputError, rather than in a replica
-    if engine not in (None, "static", "dynamic"):
-        raise ValueError(f"engine {engine!r}: give 'static' or 'dynamic'")
+    check_engine(engine)
     resources = {"num_cpus": 0, **({"num_gpus": 1} if use_gpu else {})}
     return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine)
 

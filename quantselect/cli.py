@@ -420,6 +420,45 @@ def db_upgrade() -> None:
     click.echo(f"database at revision {current_revision(settings.db_url)}")
 
 
+@cli.group()
+def cache() -> None:
+    """The quantized models and reference outputs kept on disk (the artifacts folder)."""
+
+
+@cache.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def cache_list(fmt: str) -> None:
+    """Everything in the cache, oldest use first: size, when last used, the jobs that point at it."""
+    from quantselect.render import cache_table
+
+    svc = _service()
+    entries = svc.cache_entries()
+    if fmt == "json":
+        return _echo_json([e.to_dict() for e in entries])
+    click.echo(cache_table(entries, svc.settings.artifacts_dir))
+
+
+@cache.command("prune")
+@click.argument("keys", nargs=-1)
+@click.option("--older-than", default=None, metavar="AGE", help="Only what was last used longer ago, e.g. 30d, 12h, 2w.")
+@click.option("--all", "everything", is_flag=True, help="Everything (still keeping what is served or in use).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool, dry_run: bool) -> None:
+    """Remove cache entries: the KEYs `cache list` shows, or --all, optionally only those unused for
+    --older-than AGE. What a deployment serves and what a running job may use is kept. Stored results
+    stay valid; a later job quantizes again where it needs a removed model."""
+    from quantselect.render import fmt_bytes
+
+    plan = _service().prune_cache(keys, older_than, everything, dry_run)
+    verb = "Would remove" if dry_run else "Removed"
+    for e in plan.remove:
+        click.echo(f"{verb} {e.kind} {e.key} ({fmt_bytes(e.size_bytes)})")
+    for e, why in plan.keep:
+        click.echo(f"Kept {e.kind} {e.key}: {why}")
+    click.echo(f"{verb} {len(plan.remove)} entr{'y' if len(plan.remove) == 1 else 'ies'}, "
+               f"{fmt_bytes(sum(e.size_bytes for e in plan.remove))}.")
+
+
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def candidates(fmt: str) -> None:

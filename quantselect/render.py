@@ -93,3 +93,17 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
         note = " (this machine's speed: never used as a GPU cost)" if engine.endswith("cpu") else ""
         lines.append(f"  tok/s b1/b16 measured with {engine}{note}")
     return "\n".join(lines)
+
+
+def cache_table(entries: Sequence[Any], root: Any) -> str:
+    """``quantselect cache list``: one row per entry, then the total."""
+    rows = [[e.kind, e.key, e.candidate or "-", fmt_bytes(e.size_bytes), e.last_used.strftime("%Y-%m-%d %H:%M"),
+             _ids(e.jobs), _ids(e.served_by)] for e in entries]
+    total = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {fmt_bytes(sum(e.size_bytes for e in entries))} in {root}"
+    if not rows:
+        return f"The cache is empty ({root})."
+    return table(["kind", "key", "candidate", "size", "last used (UTC)", "jobs", "served by"], rows) + "\n" + total
+
+
+def _ids(ids: Sequence[str], most: int = 3) -> str:
+    return ",".join(ids[:most]) + (f" +{len(ids) - most}" if len(ids) > most else "") if ids else "-"

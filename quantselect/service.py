@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, parse_age, plan_prune
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, resolve_candidates
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
@@ -352,6 +353,7 @@ class Service:
                 log.warning("could not keep the baseline's reference outputs at %s: %s", path, e)
 
     def _stored_reference(self, job_id: str, spec: JobSpec) -> Any:
+        from quantselect.engines.artifacts import touch
         from quantselect.engines.labelfree import Reference
 
         path = self._reference_path(job_id)
@@ -362,7 +364,10 @@ class Service:
         except (OSError, ValueError, KeyError) as e:
             log.warning("the stored reference outputs at %s cannot be read (%s); the baseline runs again", path, e)
             return None
-        return reference if reference.matches(spec.dataset) else None
+        if not reference.matches(spec.dataset):
+            return None
+        touch(path)  # used: `cache prune --older-than` keeps it
+        return reference
 
     def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:
         """Each candidate's GPU share from its memory estimate; candidates that fit on no node of the
@@ -531,6 +536,36 @@ class Service:
                 undeploy(app)
         self.repo.set_deployment(job_id, None, None)
         return app
+
+    # ---- the disk cache --------------------------------------------------------------------
+    def cache_entries(self) -> list[CacheEntry]:
+        """What the artifacts folder holds, oldest use first, each with the jobs that point at it."""
+        from quantselect.engines.artifacts import scan
+
+        entries = attach_uses(scan(self.settings.artifacts_dir), self.repo.candidate_uses())
+        return sorted(entries, key=lambda e: e.last_used)
+
+    def prune_cache(self, keys: list[str] | tuple[str, ...] = (), older_than: str | None = None,
+                    everything: bool = False, dry_run: bool = False) -> PrunePlan:
+        """Remove what ``plan_prune`` selects (see there for what is always kept); with ``dry_run``
+        only say so. An entry a process has locked (a job building or loading it) is kept too.
+        The database is not touched: stored results stay valid without their artifacts."""
+        from quantselect.engines.artifacts import remove, scan
+
+        age = parse_age(older_than) if older_than is not None else None
+        uses = self.repo.candidate_uses()
+        entries = attach_uses(scan(self.settings.artifacts_dir), uses)
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        plan = plan_prune(entries, uses, now, keys=keys, older_than=age, everything=everything)
+        if dry_run:
+            return plan
+        removed, keep = [], list(plan.keep)
+        for e in plan.remove:
+            if remove(e, self.settings.artifacts_dir):
+                removed.append(e)
+            else:
+                keep.append((e, "a process is building or loading it right now"))
+        return PrunePlan(removed, keep)
 
     # ---- plan -----------------------------------------------------------------------------
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,

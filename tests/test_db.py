@@ -252,3 +252,16 @@ def test_wheel_ships_the_migrations(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(site / "quantselect" / "_migrations"), "0004"]
+
+
+def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo):
+    """What `cache prune` asks the database: which job points at which artifact, and which one it serves."""
+    job = repo.create_job(make_spec(), cache_keys={"baseline": "k-base", "int8": "k-int8"})
+    repo.save_outcome(job.id, CandidateResult(name="int8", config={}, status="succeeded", artifact_path="/a/int8-x"))
+    repo.set_deployment(job.id, "int8", "http://127.0.0.1:8000/x")
+    uses = {u.candidate: u for u in repo.candidate_uses()}
+    assert uses["int8"].artifact_path == "/a/int8-x" and uses["int8"].served and uses["int8"].job_status == "queued"
+    assert uses["baseline"].cache_key == "k-base" and not uses["baseline"].served
+    assert uses["int8"].job_created_at == job.created_at
+    repo.set_deployment(job.id, None, None)
+    assert not any(u.served for u in repo.candidate_uses())

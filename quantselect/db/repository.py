@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undef
 
 from quantselect.db.engine import ensure_schema, make_engine, writer
 from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
+from quantselect.domain.cache import CandidateUse
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
@@ -127,7 +128,6 @@ class Repository:
                 use_cache=row.use_cache,
             )
 
-    @_retrying
     @_retrying
     def set_cache_keys(self, job_id: str, keys: dict[str, str]) -> None:
         with self._write.begin() as s:
@@ -331,6 +331,18 @@ class Repository:
             self._job_row(s, job_id)  # a missing job says so first
             raise NotFoundError(f"job {job_id!r} has no candidate {name!r}")
         return row
+
+    def candidate_uses(self) -> list[CandidateUse]:
+        """Every candidate that points at something in the disk cache (an artifact, or a cache key
+        that names a reference), with its job's status and whether the job serves it."""
+        q = (select(JobRow.id, JobRow.status, JobRow.created_at, JobRow.deployed_candidate, CandidateRow.name,
+                    CandidateRow.artifact_path, CandidateRow.cache_key)
+             .join(CandidateRow, CandidateRow.job_id == JobRow.id)
+             .where(or_(CandidateRow.artifact_path.is_not(None), CandidateRow.cache_key.is_not(None),
+                        JobRow.status.in_((QUEUED, RUNNING)))))
+        with self._read() as s:
+            return [CandidateUse(job, status, created, name, path, key, served == name)
+                    for job, status, created, served, name, path, key in s.execute(q)]
 
     def count_rows(self) -> dict[str, int]:
         """Row counts per table (diagnostics and tests)."""

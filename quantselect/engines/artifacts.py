@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from quantselect.domain.cache import ARTIFACT, INCOMPLETE, REFERENCE, CacheEntry
 from quantselect.engines.models import file_lock
 
 MARKER = "quantselect.json"
+REFERENCES = "references"  # the label-free baselines' reference outputs, one .npz per baseline cache key
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Question: What is 12 plus 30? Answer: 42. "
               "Paris is the capital of")
 PROBE_TOP_K = 8
@@ -106,6 +110,8 @@ def load(folder: str | Path, device: str, reused: bool = False, check_probe: boo
 
     folder = Path(folder)
     meta = json.loads((folder / MARKER).read_text())
+    if reused:
+        touch(folder / MARKER)  # its "last used" time, which `cache prune --older-than` goes by
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     with warnings.catch_warnings():  # a kernel chosen for the device: transformers warns that it takes just that
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
@@ -202,3 +208,63 @@ def _exported(tmp: Path, export: Callable[[Path], tuple[str, float, str]], devic
 def save(model: Any, tokenizer: Any, folder: Path) -> None:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+
+
+# ---- the cache: what is there, and removing it ------------------------------------------------
+def touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only share: its age then counts from when it was written
+        pass
+
+
+def scan(root: str | Path) -> list[CacheEntry]:
+    """Every artifact, reference and half-written leftover under the artifacts folder ``root``."""
+    root = Path(root)
+    out: list[CacheEntry] = []
+    if not root.is_dir():
+        return out
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or p.name == REFERENCES or not p.is_dir():
+            continue
+        if is_artifact(p):
+            try:
+                meta = json.loads((p / MARKER).read_text())
+            except (OSError, ValueError):
+                meta = {}
+            config = meta.get("config") or {}
+            params = " ".join(f"{k}={v}" for k, v in (config.get("_data") or {}).items())
+            out.append(CacheEntry(ARTIFACT, p.name, str(p), _size(p), _mtime(p / MARKER),
+                                  " ".join(filter(None, [config.get("_type"), params])) or None, meta.get("model")))
+        else:  # a build a killed process left (``<key>.tmp``)
+            out.append(CacheEntry(INCOMPLETE, p.name, str(p), _size(p), _mtime(p)))
+    refs = root / REFERENCES
+    for p in sorted(refs.iterdir()) if refs.is_dir() else ():
+        if p.is_file():
+            kind = REFERENCE if p.suffix == ".npz" and not p.name.startswith(".") else INCOMPLETE
+            out.append(CacheEntry(kind, p.name, str(p), p.stat().st_size, _mtime(p)))
+    return out
+
+
+def remove(entry: CacheEntry, root: str | Path) -> bool:
+    """Delete an entry ``scan`` found; False (and nothing deleted) when a process holds its lock:
+    a job building or loading that artifact right now."""
+    path = Path(entry.path)
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return True
+    name = path.name[: -len(".tmp")] if path.name.endswith(".tmp") else path.name
+    with file_lock(Path(root) / f".{name}.lock", wait=False) as held:
+        if not held:
+            return False
+        (path / MARKER).unlink(missing_ok=True)  # first: never a complete-looking half-deleted artifact
+        shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).replace(tzinfo=None)

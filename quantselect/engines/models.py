@@ -101,14 +101,18 @@ def _fingerprint(path: Path) -> str:
 
 
 @contextmanager
-def file_lock(path: Path):
+def file_lock(path: Path, wait: bool = True):
     """An exclusive lock on ``path`` (created if missing): one process at a time per converted
-    model or artifact."""
+    model or artifact. ``wait=False``: yields False at once when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

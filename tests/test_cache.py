@@ -1,0 +1,140 @@
+"""The disk cache: `quantselect cache list` and `cache prune`, on artifacts and references a real
+job wrote, with real locks and a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from quantselect.domain.cache import ARTIFACT, CacheEntry, CandidateUse, parse_age, plan_prune
+from quantselect.domain.candidates import CATALOG
+from quantselect.errors import InputError
+from tests.fixtures.common import EXAMPLES
+
+NOW = datetime(2026, 11, 27, 12, 0)
+
+
+def entry(key: str, days_ago: float, served_by: tuple[str, ...] = ()) -> CacheEntry:
+    return CacheEntry(ARTIFACT, key, f"/a/{key}", 100, NOW - timedelta(days=days_ago), served_by=served_by)
+
+
+def use(job: str, status: str, created_days_ago: float) -> CandidateUse:
+    return CandidateUse(job, status, NOW - timedelta(days=created_days_ago), "int8", None, None, False)
+
+
+def test_parse_age():
+    assert parse_age("30d") == timedelta(days=30) and parse_age("12h") == timedelta(hours=12)
+    assert parse_age("2w") == timedelta(weeks=2) and parse_age("1.5m") == timedelta(minutes=1.5)
+    for bad in ("30", "d", "-1d", "3x", ""):
+        with pytest.raises(InputError, match="--older-than"):
+            parse_age(bad)
+
+
+def test_plan_prune_selects_by_key_age_or_all_and_keeps_what_is_served_or_in_use():
+    old, new, served = entry("old", 40), entry("new", 1), entry("served", 90, ("j1",))
+    entries = [old, new, served]
+    plan = plan_prune(entries, [], NOW, older_than=timedelta(days=30))
+    assert plan.remove == [old] and [(e.key, "undeploy" in why) for e, why in plan.keep] == [("served", True)]
+    assert plan_prune(entries, [], NOW, keys=["new"]).remove == [new]
+    assert plan_prune(entries, [], NOW, keys=["new"], older_than=timedelta(days=30)).remove == []
+    assert plan_prune(entries, [], NOW, everything=True).remove == [old, new]
+    # a job queued 2 days ago may load anything used since: "new" stays, "old" goes
+    plan = plan_prune(entries, [use("j2", "succeeded", 3), use("j3", "queued", 2)], NOW, everything=True)
+    assert plan.remove == [old] and ("new", "job j3 is queued and may be using it") in [(e.key, w) for e, w in plan.keep]
+    with pytest.raises(InputError, match="say what to remove"):
+        plan_prune(entries, [], NOW)
+    with pytest.raises(InputError, match="not both"):
+        plan_prune(entries, [], NOW, keys=["old"], everything=True)
+    with pytest.raises(InputError, match="no entry 'nope'"):
+        plan_prune(entries, [], NOW, keys=["old", "nope"])
+
+
+def cache(*args: str):
+    res = CliRunner().invoke(cli, ["cache", *args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    return res
+
+
+def listed() -> dict[str, dict]:
+    return {e["key"]: e for e in json.loads(cache("list", "--format", "json").output)}
+
+
+def test_cache_lists_and_prunes_what_a_job_left_keeping_what_is_served_or_in_use(ray_cluster, tiny_llama, qs_home):
+    from quantselect.engines.models import file_lock
+    from quantselect.engines.quantize import load_candidate
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    # label-free prompts: the job keeps the baseline's reference outputs next to its artifacts
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "gsm8k-prompts-50.jsonl"), limit=4,
+                                   candidates=["int8", "int4"], max_new_tokens=8))
+    svc.run_job(job.id)
+    root = svc.settings.artifacts_dir
+    entries = listed()
+    by_kind = {(e["kind"], (e["candidate"] or "-").split()[0]): e for e in entries.values()}
+    int8, int4 = by_kind[("artifact", "int8_weight_only")], by_kind[("artifact", "int4_weight_only")]
+    reference = next(e for e in entries.values() if e["kind"] == "reference")
+    assert all(e["jobs"] == [job.id] and e["size_bytes"] > 0 for e in (int8, int4, reference))
+    results = {r.name: r for r in svc.results(job.id)}
+    assert results["int8"].artifact_path == int8["path"]
+    assert int8["size_bytes"] > results["int8"].disk_bytes > 0  # its weights, plus config and tokenizer
+    (root / "int8-0123456789abcdef.tmp").mkdir()  # what a killed build leaves
+    (root / "int8-0123456789abcdef.tmp" / "model.safetensors").write_bytes(b"x" * 1000)
+    table = cache("list").output
+    assert int4["key"] in table and "incomplete" in table and "4 entries" in table
+
+    svc.repo.set_deployment(job.id, "int8", "http://127.0.0.1:8000/x")
+    res = cache("prune", "--all", "--dry-run")
+    assert res.exit_code == 0 and "Would remove 3 entries" in res.output
+    assert f"Kept artifact {int8['key']}: served by job {job.id}" in res.output
+    assert len(listed()) == 4  # a dry run removes nothing
+
+    # nothing was used a day ago; then the reference is made two days old
+    assert "Removed 0 entries" in cache("prune", "--older-than", "1d").output
+    old = time.time() - 2 * 86400
+    os.utime(reference["path"], (old, old))
+    res = cache("prune", "--older-than", "1d")
+    assert f"Removed reference {reference['key']}" in res.output and "Removed 1 entry" in res.output
+    assert not os.path.exists(reference["path"])
+
+    # int4 locked by a process building or loading it: kept
+    with file_lock(root / f".{int4['key']}.lock") as held:
+        assert held
+        res = cache("prune", int4["key"])
+    assert "a process is building or loading it" in res.output and os.path.isdir(int4["path"])
+
+    # a queued job, then int4 loaded again (its "last used" moves): kept while that job may use it
+    queued = svc.repo.create_job(svc.repo.get_job_spec(job.id))
+    time.sleep(0.05)
+    assert load_candidate(str(tiny_llama), CATALOG["int4"], "cpu", artifacts_dir=str(root)).reused
+    res = cache("prune", "--all")
+    assert f"Kept artifact {int4['key']}: job {queued.id} is queued and may be using it" in res.output
+    assert "Removed incomplete int8-0123456789abcdef.tmp" in res.output
+    assert set(listed()) == {int8["key"], int4["key"]}
+
+    svc.repo.delete_job(queued.id)
+    svc.repo.set_deployment(job.id, None, None)
+    res = cache("prune", "--all")
+    assert "Removed 2 entries" in res.output and listed() == {}
+    assert "The cache is empty" in cache("list").output
+    # the job's results stay valid without their artifacts
+    assert {r.name: r.status for r in svc.results(job.id)} == {"baseline": "succeeded", "int8": "succeeded",
+                                                               "int4": "succeeded"}
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say what to remove: KEY..., --older-than AGE"),
+    (["nope"], "no entry 'nope' in the cache"),
+    (["--older-than", "3x"], "--older-than '3x': give a number and a unit"),
+    (["--all", "k"], "give KEYs or --all, not both"),
+])
+def test_bad_prune_arguments_are_one_line_exit_2(args, message):
+    res = cache("prune", *args)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -144,6 +144,50 @@ def test_stop_sequences_truncate(smol_url):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:cut]
 
 
+STREAM_TEXT = "Déjà vu — 東京で会いましょう 🚀🚀 naïve café\n    def f(x):\treturn x ** 2  # ok"
+
+
+def _sentencepiece_like():
+    """A Metaspace tokenizer (the Llama 2 / Mistral / Gemma kind, which drops the space of a
+    sequence's first word), trained here on a few lines."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator([STREAM_TEXT, "the quick brown fox jumps over the lazy dog"] * 3, vocab_size=120,
+                           special_tokens=["<eos>"])
+    return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, eos_token="<eos>")
+
+
+def _streamed(tok, ids, stop=None, max_tokens=None):
+    from quantselect.serving.app import CompletionRequest, _Sequence
+
+    seq = _Sequence(tok, {tok.eos_token_id}, [], CompletionRequest(prompt="x", stop=stop), max_tokens or 10_000, "cpu")
+    for t in ids:
+        if seq.push(t):
+            break
+    items = list(seq.drain())
+    assert all("\ufffd" not in delta for delta, reason, _ in items if reason is None)  # no half characters
+    return "".join(delta for delta, _, _ in items), items[-1][1]
+
+
+@pytest.mark.parametrize("kind", ["smollm2", "sentencepiece"])
+def test_streamed_text_is_the_whole_decode(kind, demo_model_dir):
+    """Detokenized a window at a time, the streamed deltas add up to the whole decode: characters
+    split over tokens (bytes of 東京 and 🚀), leading spaces, stop strings that span tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_dir)) if kind == "smollm2" else _sentencepiece_like()
+    ids = tok(STREAM_TEXT, add_special_tokens=False)["input_ids"]
+    whole = tok.decode(ids, skip_special_tokens=True)
+    assert _streamed(tok, ids + [tok.eos_token_id]) == (whole, "stop")
+    assert _streamed(tok, ids, max_tokens=len(ids)) == (whole, "length")
+    for n in range(1, len(ids)):  # cut anywhere, even inside a character: what a whole decode gives
+        assert _streamed(tok, ids[:n], max_tokens=n) == (tok.decode(ids[:n], skip_special_tokens=True), "length")
+    for stop in ("東京", "🚀", "café\n ", "** 2"):
+        assert _streamed(tok, ids, stop=[stop, "zzz"]) == (whole[:whole.index(stop)], "stop")
+
+
 def test_errors_are_openai_shaped(tiny_url):
     client = _client(tiny_url)
     with pytest.raises(openai.NotFoundError) as e:

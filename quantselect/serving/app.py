@@ -105,6 +105,7 @@ class _Sequence:
         self.gen = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
         self.out: list[int] = []
         self.text, self.sent = "", 0
+        self.prefix = self.read = 0  # incremental detokenization: see _decoded
         self.items: queue.SimpleQueue = queue.SimpleQueue()
         self.finished = self.cancelled = False
         self.stream: Iterator[tuple[str, Optional[str], int]] = iter(())
@@ -121,19 +122,33 @@ class _Sequence:
     def push(self, tok: int) -> bool:
         """Take the next token; true when the answer is finished (end of sequence, a stop string, the limit)."""
         if tok in self.eos:
-            return self._emit(self.text[self.sent:], "stop")
+            return self._emit(self.text[self.sent:] + self._decoded(final=True), "stop")
         self.out.append(tok)
-        self.text = self.tok.decode(self.out, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        before = len(self.text)
+        self.text += self._decoded(final=len(self.out) >= self.max_tokens)
+        hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
             return self._emit(self.text[self.sent:min(hits)], "stop")
         if len(self.out) >= self.max_tokens:
             return self._emit(self.text[self.sent:], "length")
-        safe = len(self.text) - self.hold - (1 if self.text.endswith("\ufffd") else 0)
+        safe = len(self.text) - self.hold
         if safe > self.sent:
             self._emit(self.text[self.sent:safe], None)
             self.sent = safe
         return False
+
+    def _decoded(self, final: bool = False) -> str:
+        """The text the tokens not yet read add, decoding a short window instead of the whole answer
+        at every step (as TGI and vLLM do). The window starts where the previous read did (``prefix``),
+        so that a tokenizer that treats a sequence's first token apart (a leading space) gives the
+        same text as a whole decode. Nothing is read while the window ends in an incomplete UTF-8 character
+        (U+FFFD) unless the answer ends there (``final``)."""
+        old = self.tok.decode(self.out[self.prefix:self.read], skip_special_tokens=True)
+        new = self.tok.decode(self.out[self.prefix:], skip_special_tokens=True)
+        if len(new) <= len(old) or (new.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.out)
+        return new[len(old):]
 
     def _emit(self, delta: str, reason: Optional[str]) -> bool:
         self.items.put((delta, reason, len(self.out)))

@@ -6,6 +6,7 @@ Imports stay light at module level (no torch, ray, sqlalchemy, fastapi) so ``--h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -63,6 +64,10 @@ def cli() -> None:
     State lives under $QUANTSELECT_HOME (default ~/.quantselect); the database is
     $QUANTSELECT_DB_URL (default SQLite under the home); $QUANTSELECT_RAY_ADDRESS joins a Ray
     cluster (unset: a local one)."""
+    # Libraries' import-time notes a user cannot act on: torchao's CUDA-only extensions that do not
+    # load on a CPU, torch's deprecation notes about torchao's enums. Errors still show.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Progress:

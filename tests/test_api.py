@@ -104,6 +104,13 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
     assert client.get(f"/api/v1/jobs/{job_id}").json()["base_url"] == base_url
+    # its artifact is on disk, served: a prune keeps it and says why
+    [artifact] = client.get("/api/v1/cache").json()
+    assert artifact["jobs"] == [job_id] and artifact["served_by"] == [job_id] and artifact["size_bytes"] > 0
+    dry = client.post("/api/v1/cache/prune", json={"all": True, "dry_run": True}).json()
+    assert dry["removed"] == [] and "served by job" in dry["kept"][0]["reason"]
+    bad = client.post("/api/v1/cache/prune", json={})
+    assert bad.status_code == 422 and "say what to remove" in bad.json()["detail"]
 
     # Another candidate of the job, batched decoding asked for: it replaces the first once it answers.
     from quantselect.serving.deploy import list_deployments
@@ -123,3 +130,7 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["base_url"] is None and job["deployed_candidate"] is None
     assert client.delete(f"/api/v1/jobs/{job_id}/deploy").status_code == 409
+    # served no more: the artifact can go
+    pruned = client.post("/api/v1/cache/prune", json={"keys": [artifact["key"]]}).json()
+    assert [e["key"] for e in pruned["removed"]] == [artifact["key"]] and pruned["freed_bytes"] == artifact["size_bytes"]
+    assert client.get("/api/v1/cache").json() == []

@@ -56,6 +56,14 @@ class DeployRequest(BaseModel):
         None, description="Decoding: 'static' (one request at a time; the GPU default) or 'dynamic' (batched; the CPU default).")
 
 
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(default_factory=list, description="Entries to remove, as GET /api/v1/cache names them.")
+    older_than: str | None = Field(None, description="Only entries unused for this long, e.g. '30d', '12h'.")
+    all: bool = Field(False, description="Every entry (what is served or in use is still kept).")
+    dry_run: bool = Field(False, description="Say what would be removed; remove nothing.")
+
+
 def create_app(service: Service | None = None, *, connect_ray: bool = True) -> FastAPI:
     svc = service or Service()
     # Jobs run side by side on the cluster (each its own driver thread); more wait, queued.
@@ -151,5 +159,18 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @app.delete("/api/v1/jobs/{job_id}/deploy")
     def undeploy(job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "stopped": svc.undeploy(job_id)}
+
+    @app.get("/api/v1/cache")
+    def cache() -> list[dict[str, Any]]:
+        """The quantized models and reference outputs on disk, oldest use first."""
+        return [e.to_dict() for e in svc.cache_entries()]
+
+    @app.post("/api/v1/cache/prune")
+    def prune_cache(body: PruneRequest) -> dict[str, Any]:
+        """Remove cache entries; what a deployment serves or a running job may use is kept, with why."""
+        plan = svc.prune_cache(body.keys, body.older_than, body.all, body.dry_run)
+        return {"dry_run": body.dry_run, "removed": [e.to_dict() for e in plan.remove],
+                "freed_bytes": 0 if body.dry_run else sum(e.size_bytes for e in plan.remove),
+                "kept": [{**e.to_dict(), "reason": why} for e, why in plan.keep]}
 
     return app

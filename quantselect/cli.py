@@ -366,6 +366,17 @@ def deploy(job_id: str, candidate: str | None, engine: str | None) -> None:
 
 @cli.command()
 @click.argument("job_id")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--candidate", default=None, help="Export this candidate instead of the recommended one.")
+def export(job_id: str, dest: str, candidate: str | None) -> None:
+    """Write a job's recommended candidate to the new folder DEST in the Hugging Face layout (for
+    vLLM, transformers, the Hub), with a model card holding the evidence it was chosen on."""
+    name, out = _service().export(job_id, dest, candidate)
+    click.echo(f"Exported {name} of job {job_id} to {out} (README.md: the evidence).")
+
+
+@cli.command()
+@click.argument("job_id")
 def undeploy(job_id: str) -> None:
     """Stop serving a job's deployed candidate (the local Ray head keeps running: `ray stop` ends it)."""
     click.echo(f"Stopped serving {_service().undeploy(job_id)}.")

@@ -95,6 +95,37 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
     return "\n".join(lines)
 
 
+def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str) -> str:
+    """README.md of an exported model: what it is, the evidence it was chosen on, how to load it."""
+    row = next(r for r in rows if r["name"] == name)
+    v = rec.verdict(name)
+    title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
+    why = ("the recommended candidate" if rec.chosen == name
+           else f"chosen by hand (the recommendation is {rec.chosen or 'none'})")
+    quality = (f"relative quality {fmt_num(v.relative_score)} of the baseline's score {fmt_num(rec.baseline_score)}"
+               + (f", {rec.confidence:.0%} interval [{v.ci_low:.3f}, {v.ci_high:.3f}], verdict {v.verdict}"
+                  if v.ci_low is not None and name != BASELINE else ""))
+    cost = row.get("cost_per_1m_tokens_usd")
+    return "\n".join([
+        "---", "library_name: transformers", "tags:", "- quantselect", f"- {name}", "---", "",
+        f"# {title}: {name}", "",
+        f"{name} ({row.get('throughput_engine') or row.get('device') or 'see below'}) of `{job.model}`, {why} by "
+        f"quantselect job `{job.id}` on `{job.dataset_source}` ({row.get('n_items')} items, {job.metric}): {quality}; "
+        f"threshold {rec.threshold:.3f} ({rec.policy} policy). Weights {fmt_bytes(row.get('weight_bytes'))}, "
+        f"peak memory {fmt_bytes(row.get('peak_memory_bytes'))} on {row.get('device')}"
+        + (f"; ${cost:.4g} per 1M generated tokens on {row.get('target_gpu')} ({row.get('cost_source')})." if cost else "."),
+        "",
+        "Measured on that task only: quality on another task can differ (reasoning, maths and code lose first).",
+        "", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+        "A `quantization_config` in `config.json` names the library the weights need (torchao, bitsandbytes, "
+        "or GPTQModel for GPTQ/AWQ); engines that read it (e.g. vLLM) load the folder as it is.", "",
+        "## Evidence", "", "```", results_table(rows), "", recommendation_text(rec, {r["throughput_engine"] for r in rows}),
+        "```", "", "Every figure is also in `quantselect-evidence.json`.", "",
+    ])
+
+
 def cache_table(entries: Sequence[Any], root: Any) -> str:
     """``quantselect cache list``: one row per entry, then the total."""
     rows = [[e.kind, e.key, e.candidate or "-", fmt_bytes(e.size_bytes), e.last_used.strftime("%Y-%m-%d %H:%M"),

@@ -494,19 +494,10 @@ class Service:
 
         check_engine(engine)  # before a Ray head is started
         job = self.get_job(job_id)
-        if job.status != SUCCEEDED:
-            raise ConflictError(f"job {job_id} is {job.status}; only a succeeded job can be deployed")
-        results = {r.name: r for r in self.repo.get_results(job_id)}
-        name = candidate or self._recommend(job, list(results.values()), None).chosen
-        if name is None:
-            raise ConflictError(f"job {job_id}: no candidate meets the threshold {job.threshold}; name one to deploy")
-        if name not in results or results[name].status != SUCCEEDED:
-            raise InputError(f"job {job_id}: candidate {name!r} did not succeed and cannot be deployed")
-        chosen = results[name]
-        artifact = chosen.artifact_path if chosen.artifact_path and Path(chosen.artifact_path).is_dir() else None
+        name, chosen = self._succeeded_candidate(job, candidate, "deployed")
+        artifact = _artifact(chosen)
         if artifact is None and Candidate.from_dict({"name": name, "config": chosen.config}).config.calibrated:
-            raise ConflictError(f"job {job_id}: the quantized model of {name} is no longer at {chosen.artifact_path}; "
-                                "submit the job again to rebuild it")
+            raise ConflictError(_artifact_gone(job_id, name, chosen))
         connect(self.settings, persistent=True)
         # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
         model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
@@ -519,6 +510,18 @@ class Service:
         if before and before != app and before in list_deployments():
             undeploy(before)
         return url
+
+    def _succeeded_candidate(self, job: Job, candidate: str | None, what: str) -> tuple[str, CandidateResult]:
+        """The named candidate of a succeeded job, else the one it recommends."""
+        if job.status != SUCCEEDED:
+            raise ConflictError(f"job {job.id} is {job.status}; only a succeeded job can be {what}")
+        results = {r.name: r for r in self.repo.get_results(job.id)}
+        name = candidate or self._recommend(job, list(results.values()), None).chosen
+        if name is None:
+            raise ConflictError(f"job {job.id}: no candidate meets the threshold {job.threshold}; name the candidate to use")
+        if name not in results or results[name].status != SUCCEEDED:
+            raise InputError(f"job {job.id}: candidate {name!r} did not succeed and cannot be {what}")
+        return name, results[name]
 
     def undeploy(self, job_id: str) -> str:
         """Stop serving the job's deployed candidate; returns the deployment's name. The job forgets
@@ -536,6 +539,42 @@ class Service:
                 undeploy(app)
         self.repo.set_deployment(job_id, None, None)
         return app
+
+    # ---- export ----------------------------------------------------------------------------
+    def export(self, job_id: str, dest: str | Path, candidate: str | None = None) -> tuple[str, Path]:
+        """Write the job's recommended (or named) candidate to the new folder ``dest`` in the Hugging
+        Face layout other engines load, with a model card (README.md) carrying the evidence and
+        ``quantselect-evidence.json``. Returns the candidate's name and the folder."""
+        import json
+
+        from quantselect.domain.candidates import FullPrecision, HalfPrecision
+        from quantselect.engines import artifacts
+        from quantselect.engines.models import resolve_model
+        from quantselect.render import model_card
+
+        job = self.get_job(job_id)
+        name, chosen = self._succeeded_candidate(job, candidate, "exported")
+        out = Path(dest).expanduser().absolute()
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise InputError(f"{dest}: already exists; name a new (or empty) folder to export to")
+        _, rows, rec = self.results_table(job_id)
+        evidence = {"job": job.to_dict(), "candidate": name, "results": rows, "recommendation": rec.to_dict()}
+        files = {"README.md": model_card(job, name, rows, rec, str(out)),
+                 "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
+        config = Candidate.from_dict({"name": name, "config": chosen.config}).config
+        if _artifact(chosen):
+            artifacts.export_folder(_artifact(chosen), out, files)
+        elif isinstance(config, FullPrecision):  # the reference is the base model as it is
+            artifacts.export_folder(resolve_model(job.model_path, self.settings.models_dir), out, files)
+        elif isinstance(config, HalfPrecision):
+            artifacts.export_converted(resolve_model(job.model_path, self.settings.models_dir), config, out, files)
+        elif chosen.artifact_path:
+            raise ConflictError(_artifact_gone(job_id, name, chosen))
+        else:
+            raise ConflictError(f"job {job_id}: {name} was quantized in memory only on {chosen.device} (no standard "
+                                "serialized form there, e.g. w8a8 on a CPU), so there is nothing to export; a job "
+                                "on a GPU saves it")
+        return name, out
 
     # ---- the disk cache --------------------------------------------------------------------
     def cache_entries(self) -> list[CacheEntry]:
@@ -616,6 +655,16 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _artifact(result: CandidateResult) -> str | None:
+    """The candidate's saved quantized model, if it is still on disk."""
+    return result.artifact_path if result.artifact_path and Path(result.artifact_path).is_dir() else None
+
+
+def _artifact_gone(job_id: str, name: str, result: CandidateResult) -> str:
+    return (f"job {job_id}: the quantized model of {name} is no longer at {result.artifact_path} (pruned?); "
+            "submit the job again with --no-cache (a stored result is otherwise reused without quantizing) to rebuild it")
 
 
 def cache_keys(spec: JobSpec) -> dict[str, str]:

@@ -210,6 +210,47 @@ def save(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+# ---- export: a model folder to hand to another engine or to the Hub ---------------------------
+def export_folder(source: str | Path, dest: Path, files: dict[str, str]) -> None:
+    """Copy a saved artifact (or the base model, for the baseline) to ``dest`` with ``files`` (name
+    -> text) added: the weights, ``config.json`` and tokenizer, without quantselect's own marker."""
+    def fill(tmp: Path) -> None:
+        for f in Path(source).iterdir():
+            if f.is_file() and f.name != MARKER and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+
+    _publish(dest, fill, files)
+
+
+def export_converted(model_path: str | Path, config: Any, dest: Path, files: dict[str, str]) -> None:
+    """Save a candidate that has no artifact of its own (bf16, fp16: the base model in another
+    dtype) to ``dest``: converted on this machine's CPU, saved, reloaded and checked like an artifact."""
+    from quantselect.engines.quantize import load_candidate
+
+    def fill(tmp: Path) -> None:
+        _saved(tmp, lambda: load_candidate(str(model_path), config, "cpu"), "cpu", {"config": config.to_dict()})
+        (tmp / MARKER).unlink()
+
+    _publish(dest, fill, files)
+
+
+def _publish(dest: Path, fill: Callable[[Path], None], files: dict[str, str]) -> None:
+    """Fill a hidden folder next to ``dest``, then rename it there: nothing half-written is left."""
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if dest.is_dir():
+            dest.rmdir()  # an empty folder the user made for it
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ---- the cache: what is there, and removing it ------------------------------------------------
 def touch(path: Path) -> None:
     try:

@@ -211,7 +211,7 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
     eligible = [r for r in results if evidence[r.name].passed and runs_on_target(r)]
     chosen = _cheapest(eligible, key)
     base_score = base.score if base_ok and base else None
-    verdicts = [_verdict(r, evidence[r.name], chosen, cost, base_score, threshold, policy, costs.get(r.name))
+    verdicts = [_verdict(r, evidence[r.name], chosen, cost, memory, base_score, threshold, policy, costs.get(r.name))
                 for r in results]
     warnings = _warnings(verdicts, chosen, threshold, confidence, policy)
     per_category = _per_category(results, verdicts, key, runs_on_target)
@@ -229,6 +229,19 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
                           warnings=tuple(warnings), per_category=per_category, target_gpu=target_gpu)
 
 
+def _tie_reason(chosen: str, c: float | None, cc: float | None, m: float | None, mc: float | None,
+                serving: ServingCost | None) -> str:
+    """Why a candidate that costs about the same as the chosen one lost: its memory, with the figures
+    (of weights on the target GPU where costed there), or, with the same memory, its cost."""
+    same = f"meets the threshold and costs about the same as {chosen} (within {COST_TIE:.0%})"
+    if m is not None and mc is not None and m > mc:
+        where = " of weights on the target" if serving is not None and serving.weight_bytes else " measured"
+        return f"{same} but needs more memory: {m / 2**30:.3g} vs {mc / 2**30:.3g} GiB{where}"
+    if c is not None and cc is not None and c > cc:
+        return f"{same} and the same memory, at ${c:.4g} vs ${cc:.4g} per 1M tokens"
+    return f"{same} and the same memory: either will do"
+
+
 def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | None:
     """The lowest cost; costs within COST_TIE of it are a tie, decided by memory."""
     if not candidates:
@@ -238,7 +251,7 @@ def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | 
     return min(tied, key=lambda r: (key(r)[1], key(r)[0]))
 
 
-def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cost: Any,
+def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cost: Any, memory: Any,
              base_score: float | None, threshold: float, policy: str, serving: ServingCost | None) -> Verdict:
     c = cost(r)
     comp = ev.comparison
@@ -268,8 +281,7 @@ def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, 
         if c is not None and cc is not None and c > cc * (1 + COST_TIE):
             reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
         else:
-            reason = (f"meets the threshold and costs about the same (within {COST_TIE:.0%}) but needs more "
-                      f"memory than {chosen.name}")
+            reason = _tie_reason(chosen.name, c, cc, memory(r), memory(chosen), serving)
     return Verdict(
         name=r.name, status=r.status, score=r.score, relative_score=ev.relative, passed=ev.passed,
         cost_per_1m_tokens_usd=c, reason=reason, n_items=ev.n,

@@ -438,7 +438,8 @@ def db_upgrade() -> None:
 
 @cli.group()
 def cache() -> None:
-    """The quantized models and reference outputs kept on disk (the artifacts folder)."""
+    """What is kept on disk to spare work: quantized models and reference outputs (the artifacts
+    folder) and GGUF models converted to safetensors (the models folder)."""
 
 
 @cache.command("list")
@@ -451,7 +452,7 @@ def cache_list(fmt: str) -> None:
     entries = svc.cache_entries()
     if fmt == "json":
         return _echo_json([e.to_dict() for e in entries])
-    click.echo(cache_table(entries, svc.settings.artifacts_dir))
+    click.echo(cache_table(entries, f"{svc.settings.artifacts_dir} and {svc.settings.models_dir}"))
 
 
 @cache.command("prune")

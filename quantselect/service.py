@@ -578,29 +578,49 @@ class Service:
 
     # ---- the disk cache --------------------------------------------------------------------
     def cache_entries(self) -> list[CacheEntry]:
-        """What the artifacts folder holds, oldest use first, each with the jobs that point at it."""
-        from quantselect.engines.artifacts import scan
+        """What the artifacts and models folders hold, oldest use first, each with the jobs that
+        point at it."""
+        uses = self._candidate_uses()
+        return sorted(attach_uses(self._scan_cache(), uses), key=lambda e: e.last_used)
 
-        entries = attach_uses(scan(self.settings.artifacts_dir), self.repo.candidate_uses())
-        return sorted(entries, key=lambda e: e.last_used)
+    def _scan_cache(self) -> list[CacheEntry]:
+        from quantselect.engines.artifacts import scan
+        from quantselect.engines.models import scan_converted
+
+        return scan(self.settings.artifacts_dir) + scan_converted(self.settings.models_dir)
+
+    def _candidate_uses(self) -> list[Any]:
+        """The database's uses, the demo model named by the GGUF file it is converted from."""
+        from dataclasses import replace
+
+        from quantselect.engines.models import DEMO, demo_gguf_path
+
+        uses = self.repo.candidate_uses()
+        if any(u.model_path == DEMO for u in uses):
+            try:
+                demo = str(demo_gguf_path())
+            except InputError:  # not installed here: no converted demo model to match either
+                return uses
+            uses = [replace(u, model_path=demo) if u.model_path == DEMO else u for u in uses]
+        return uses
 
     def prune_cache(self, keys: list[str] | tuple[str, ...] = (), older_than: str | None = None,
                     everything: bool = False, dry_run: bool = False) -> PrunePlan:
         """Remove what ``plan_prune`` selects (see there for what is always kept); with ``dry_run``
         only say so. An entry a process has locked (a job building or loading it) is kept too.
         The database is not touched: stored results stay valid without their artifacts."""
-        from quantselect.engines.artifacts import remove, scan
+        from quantselect.engines.artifacts import remove
 
         age = parse_age(older_than) if older_than is not None else None
-        uses = self.repo.candidate_uses()
-        entries = attach_uses(scan(self.settings.artifacts_dir), uses)
+        uses = self._candidate_uses()
+        entries = attach_uses(self._scan_cache(), uses)
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         plan = plan_prune(entries, uses, now, keys=keys, older_than=age, everything=everything)
         if dry_run:
             return plan
         removed, keep = [], list(plan.keep)
         for e in plan.remove:
-            if remove(e, self.settings.artifacts_dir):
+            if remove(e):
                 removed.append(e)
             else:
                 keep.append((e, "a process is building or loading it right now"))

@@ -65,11 +65,13 @@ def listed() -> dict[str, dict]:
     return {e["key"]: e for e in json.loads(cache("list", "--format", "json").output)}
 
 
-def test_cache_lists_and_prunes_what_a_job_left_keeping_what_is_served_or_in_use(ray_cluster, tiny_llama, qs_home):
+def test_cache_lists_and_prunes_what_a_job_left_keeping_what_is_served_or_in_use(ray_cluster, tiny_llama, tmp_path,
+                                                                                   monkeypatch):
     from quantselect.engines.models import file_lock
     from quantselect.engines.quantize import load_candidate
     from quantselect.service import Service, SubmitRequest
 
+    monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))  # not the session's shared models folder
     svc = Service()
     # label-free prompts: the job keeps the baseline's reference outputs next to its artifacts
     job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "gsm8k-prompts-50.jsonl"), limit=4,
@@ -138,3 +140,24 @@ def test_bad_prune_arguments_are_one_line_exit_2(args, message):
     res = cache("prune", *args)
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_converted_gguf_model_is_listed_kept_while_served_and_converted_again_after_a_prune(tmp_path, monkeypatch):
+    """The bundled GGUF file converted for real (float32 safetensors) into a home of its own."""
+    from quantselect.engines.models import demo_gguf_path, resolve_model
+    from quantselect.service import Service, SubmitRequest
+
+    monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))
+    svc = Service()
+    folder = resolve_model("demo", svc.settings.models_dir)
+    [model] = listed().values()
+    assert model["kind"] == "model" and model["path"] == str(folder) and model["model"] == str(demo_gguf_path())
+    assert model["size_bytes"] > 500 * 2**20 and model["jobs"] == []  # 135M parameters, 4 bytes each
+    job = svc.submit(SubmitRequest(model="demo", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=2, candidates=[]))
+    svc.repo.set_deployment(job.id, "baseline", "http://127.0.0.1:8000/x")  # a baseline replica loads it
+    assert listed()[model["key"]]["served_by"] == [job.id]
+    res = cache("prune", "--all")
+    assert f"Kept model {model['key']}: served by job {job.id}" in res.output and folder.is_dir()
+    svc.repo.delete_job(job.id)
+    assert "Removed model" in cache("prune", "--all").output and not folder.exists()
+    assert resolve_model("demo", svc.settings.models_dir) == folder and (folder / "config.json").is_file()

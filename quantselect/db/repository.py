@@ -333,16 +333,14 @@ class Repository:
         return row
 
     def candidate_uses(self) -> list[CandidateUse]:
-        """Every candidate that points at something in the disk cache (an artifact, or a cache key
-        that names a reference), with its job's status and whether the job serves it."""
+        """Every candidate with what it may point at in the disk cache (its artifact, the cache key
+        that names a reference, its job's model), its job's status and whether the job serves it."""
         q = (select(JobRow.id, JobRow.status, JobRow.created_at, JobRow.deployed_candidate, CandidateRow.name,
-                    CandidateRow.artifact_path, CandidateRow.cache_key)
-             .join(CandidateRow, CandidateRow.job_id == JobRow.id)
-             .where(or_(CandidateRow.artifact_path.is_not(None), CandidateRow.cache_key.is_not(None),
-                        JobRow.status.in_((QUEUED, RUNNING)))))
+                    CandidateRow.artifact_path, CandidateRow.cache_key, JobRow.model_path)
+             .join(CandidateRow, CandidateRow.job_id == JobRow.id))
         with self._read() as s:
-            return [CandidateUse(job, status, created, name, path, key, served == name)
-                    for job, status, created, served, name, path, key in s.execute(q)]
+            return [CandidateUse(job, status, created, name, path, key, served == name, model)
+                    for job, status, created, served, name, path, key, model in s.execute(q)]
 
     def count_rows(self) -> dict[str, int]:
         """Row counts per table (diagnostics and tests)."""

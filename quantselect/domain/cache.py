@@ -3,9 +3,10 @@ decisions.
 
 The cache is the artifacts folder: a quantized model per candidate config (the Hugging Face
 layout, often as large as the model itself), the baseline's reference outputs of label-free jobs
-(``references/``), and what a killed process left half-written (``*.tmp``). Nothing there is
-needed for a stored result to stay valid: a job reuses a stored *result* without its artifact. What
-an artifact spares is quantizing again; a deployment also reloads from it whenever a replica starts.
+(``references/``); the models folder: GGUF files converted to float32 safetensors (four bytes per
+parameter); and what a killed process left half-written (``*.tmp``). Nothing there is needed for a
+stored result to stay valid: a job reuses a stored *result* without its artifact. What an entry
+spares is quantizing or converting again; a deployment also reloads from it whenever a replica starts.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ from quantselect.domain.candidates import BASELINE
 from quantselect.domain.results import QUEUED, RUNNING
 from quantselect.errors import InputError
 
-ARTIFACT, REFERENCE, INCOMPLETE = "artifact", "reference", "incomplete"
+ARTIFACT, REFERENCE, MODEL, INCOMPLETE = "artifact", "reference", "model", "incomplete"
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    kind: str  # artifact | reference | incomplete
+    kind: str  # artifact | reference | model | incomplete
     key: str  # the folder's or file's name: what `cache prune KEY` takes
     path: str
     size_bytes: int
     last_used: datetime  # naive UTC: when it was written or last loaded
     candidate: str | None = None  # an artifact's candidate type (int8, int4-gptq, ...)
-    model: str | None = None  # the base model it was made from
+    model: str | None = None  # the base model it was made from (a converted model: its GGUF file)
     jobs: tuple[str, ...] = ()  # jobs whose results point at it
     served_by: tuple[str, ...] = ()  # jobs whose deployment loads it
 
@@ -53,6 +54,7 @@ class CandidateUse:
     artifact_path: str | None
     cache_key: str | None
     served: bool  # the job's deployment is this candidate
+    model_path: str | None = None  # the job's model: a folder, or the .gguf file a converted model came from
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,16 @@ def parse_age(text: str) -> timedelta:
 
 def attach_uses(entries: Iterable[CacheEntry], uses: Sequence[CandidateUse]) -> list[CacheEntry]:
     """Each entry with the jobs that point at it: an artifact through a candidate's ``artifact_path``,
-    a reference through the baseline's cache key (its file name)."""
+    a reference through the baseline's cache key (its file name), a converted model through the
+    job's model (its GGUF file)."""
     out = []
     for e in entries:
         if e.kind == ARTIFACT:
             mine = [u for u in uses if u.artifact_path and _same(u.artifact_path, e.path)]
         elif e.kind == REFERENCE:
             mine = [u for u in uses if u.cache_key and e.key == f"{u.cache_key}.npz" and u.candidate == BASELINE]
+        elif e.kind == MODEL:  # a served candidate without an artifact of its own loads from it
+            mine = [u for u in uses if u.model_path and e.model and _same(u.model_path, e.model)]
         else:
             mine = []
         jobs = tuple(dict.fromkeys(u.job_id for u in mine))

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from quantselect.domain.cache import ARTIFACT, INCOMPLETE, REFERENCE, CacheEntry
-from quantselect.engines.models import file_lock
+from quantselect.engines.models import COMPLETE, file_lock, folder_bytes, mtime, touch
 
 MARKER = "quantselect.json"
 REFERENCES = "references"  # the label-free baselines' reference outputs, one .npz per baseline cache key
@@ -252,13 +250,6 @@ def _publish(dest: Path, fill: Callable[[Path], None], files: dict[str, str]) ->
 
 
 # ---- the cache: what is there, and removing it ------------------------------------------------
-def touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # a read-only share: its age then counts from when it was written
-        pass
-
-
 def scan(root: str | Path) -> list[CacheEntry]:
     """Every artifact, reference and half-written leftover under the artifacts folder ``root``."""
     root = Path(root)
@@ -275,37 +266,30 @@ def scan(root: str | Path) -> list[CacheEntry]:
                 meta = {}
             config = meta.get("config") or {}
             params = " ".join(f"{k}={v}" for k, v in (config.get("_data") or {}).items())
-            out.append(CacheEntry(ARTIFACT, p.name, str(p), _size(p), _mtime(p / MARKER),
+            out.append(CacheEntry(ARTIFACT, p.name, str(p), folder_bytes(p), mtime(p / MARKER),
                                   " ".join(filter(None, [config.get("_type"), params])) or None, meta.get("model")))
         else:  # a build a killed process left (``<key>.tmp``)
-            out.append(CacheEntry(INCOMPLETE, p.name, str(p), _size(p), _mtime(p)))
+            out.append(CacheEntry(INCOMPLETE, p.name, str(p), folder_bytes(p), mtime(p)))
     refs = root / REFERENCES
     for p in sorted(refs.iterdir()) if refs.is_dir() else ():
         if p.is_file():
             kind = REFERENCE if p.suffix == ".npz" and not p.name.startswith(".") else INCOMPLETE
-            out.append(CacheEntry(kind, p.name, str(p), p.stat().st_size, _mtime(p)))
+            out.append(CacheEntry(kind, p.name, str(p), p.stat().st_size, mtime(p)))
     return out
 
 
-def remove(entry: CacheEntry, root: str | Path) -> bool:
-    """Delete an entry ``scan`` found; False (and nothing deleted) when a process holds its lock:
-    a job building or loading that artifact right now."""
+def remove(entry: CacheEntry) -> bool:
+    """Delete an entry ``scan`` or ``models.scan_converted`` found; False (and nothing deleted) when
+    a process holds its lock: a job building or loading that folder right now."""
     path = Path(entry.path)
     if not path.is_dir():
         path.unlink(missing_ok=True)
         return True
     name = path.name[: -len(".tmp")] if path.name.endswith(".tmp") else path.name
-    with file_lock(Path(root) / f".{name}.lock", wait=False) as held:
+    with file_lock(path.parent / f".{name}.lock", wait=False) as held:
         if not held:
             return False
-        (path / MARKER).unlink(missing_ok=True)  # first: never a complete-looking half-deleted artifact
+        for marker in (MARKER, COMPLETE):  # first: never a complete-looking half-deleted folder
+            (path / marker).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return True
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _mtime(path: Path) -> datetime:
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).replace(tzinfo=None)

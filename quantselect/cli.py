@@ -464,7 +464,7 @@ def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool,
     """Remove cache entries: the KEYs `cache list` shows, or --all, optionally only those unused for
     --older-than AGE. What a deployment serves and what a running job may use is kept. Stored results
     stay valid; a later job quantizes or converts again what it needs."""
-    from quantselect.render import fmt_bytes
+    from quantselect.render import entries_text, fmt_bytes
 
     plan = _service().prune_cache(keys, older_than, everything, dry_run)
     verb = "Would remove" if dry_run else "Removed"
@@ -472,8 +472,7 @@ def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool,
         click.echo(f"{verb} {e.kind} {e.key} ({fmt_bytes(e.size_bytes)})")
     for e, why in plan.keep:
         click.echo(f"Kept {e.kind} {e.key}: {why}")
-    click.echo(f"{verb} {len(plan.remove)} entr{'y' if len(plan.remove) == 1 else 'ies'}, "
-               f"{fmt_bytes(sum(e.size_bytes for e in plan.remove))}.")
+    click.echo(f"{verb} {entries_text(plan.remove)}.")
 
 
 @cli.command()

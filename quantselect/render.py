@@ -130,7 +130,7 @@ def cache_table(entries: Sequence[Any], root: Any) -> str:
     """``quantselect cache list``: one row per entry, then the total."""
     rows = [[e.kind, e.key, e.candidate or "-", fmt_bytes(e.size_bytes), e.last_used.strftime("%Y-%m-%d %H:%M"),
              _ids(e.jobs), _ids(e.served_by)] for e in entries]
-    total = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {fmt_bytes(sum(e.size_bytes for e in entries))} in {root}"
+    total = f"{entries_text(entries)} in {root}"
     if not rows:
         return f"The cache is empty ({root})."
     return table(["kind", "key", "candidate", "size", "last used (UTC)", "jobs", "served by"], rows) + "\n" + total
@@ -138,3 +138,8 @@ def cache_table(entries: Sequence[Any], root: Any) -> str:
 
 def _ids(ids: Sequence[str], most: int = 3) -> str:
     return ",".join(ids[:most]) + (f" +{len(ids) - most}" if len(ids) > most else "") if ids else "-"
+
+
+def entries_text(entries: Sequence[Any]) -> str:
+    """``3 entries, 1.2 GiB``: how many cache entries and their size."""
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {fmt_bytes(sum(e.size_bytes for e in entries))}"

@@ -353,8 +353,8 @@ class Service:
                 log.warning("could not keep the baseline's reference outputs at %s: %s", path, e)
 
     def _stored_reference(self, job_id: str, spec: JobSpec) -> Any:
-        from quantselect.engines.artifacts import touch
         from quantselect.engines.labelfree import Reference
+        from quantselect.engines.models import touch
 
         path = self._reference_path(job_id)
         if path is None or not path.is_file():
@@ -562,8 +562,9 @@ class Service:
         files = {"README.md": model_card(job, name, rows, rec, str(out)),
                  "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
-        if _artifact(chosen):
-            artifacts.export_folder(_artifact(chosen), out, files)
+        artifact = _artifact(chosen)
+        if artifact:
+            artifacts.export_folder(artifact, out, files)
         elif isinstance(config, FullPrecision):  # the reference is the base model as it is
             artifacts.export_folder(resolve_model(job.model_path, self.settings.models_dir), out, files)
         elif isinstance(config, HalfPrecision):
@@ -580,14 +581,16 @@ class Service:
     def cache_entries(self) -> list[CacheEntry]:
         """What the artifacts and models folders hold, oldest use first, each with the jobs that
         point at it."""
-        uses = self._candidate_uses()
-        return sorted(attach_uses(self._scan_cache(), uses), key=lambda e: e.last_used)
+        return sorted(self._cache()[0], key=lambda e: e.last_used)
 
-    def _scan_cache(self) -> list[CacheEntry]:
+    def _cache(self) -> tuple[list[CacheEntry], list[Any]]:
+        """Every entry on disk with the jobs that point at it, and the database's uses."""
         from quantselect.engines.artifacts import scan
         from quantselect.engines.models import scan_converted
 
-        return scan(self.settings.artifacts_dir) + scan_converted(self.settings.models_dir)
+        uses = self._candidate_uses()
+        found = scan(self.settings.artifacts_dir) + scan_converted(self.settings.models_dir)
+        return attach_uses(found, uses), uses
 
     def _candidate_uses(self) -> list[Any]:
         """The database's uses, the demo model named by the GGUF file it is converted from."""
@@ -612,8 +615,7 @@ class Service:
         from quantselect.engines.artifacts import remove
 
         age = parse_age(older_than) if older_than is not None else None
-        uses = self._candidate_uses()
-        entries = attach_uses(self._scan_cache(), uses)
+        entries, uses = self._cache()
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         plan = plan_prune(entries, uses, now, keys=keys, older_than=age, everything=everything)
         if dry_run:

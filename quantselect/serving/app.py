@@ -141,8 +141,8 @@ class _Sequence:
         """The text the tokens not yet read add, decoding a short window instead of the whole answer
         at every step (as TGI and vLLM do). The window starts where the previous read did (``prefix``),
         so that a tokenizer that treats a sequence's first token apart (a leading space) gives the
-        same text as a whole decode. Nothing is read while the window ends in an incomplete UTF-8 character
-        (U+FFFD) unless the answer ends there (``final``)."""
+        same text as a whole decode. Nothing is read while the window ends in an incomplete UTF-8
+        character (U+FFFD) unless the answer ends there (``final``)."""
         old = self.tok.decode(self.out[self.prefix:self.read], skip_special_tokens=True)
         new = self.tok.decode(self.out[self.prefix:], skip_special_tokens=True)
         if len(new) <= len(old) or (new.endswith("\ufffd") and not final):

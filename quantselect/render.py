@@ -5,16 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from quantselect.domain.candidates import BASELINE
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+from quantselect.domain.planner import fmt_bytes
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:

@@ -97,6 +97,17 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     )
 
 
+def fmt_bytes(n: float | None) -> str:
+    """Bytes for people: ``512 B``, ``210.1 MiB``, ``1.4 GiB`` (the inverse of parse_memory)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def parse_memory(text: str) -> float:
     """'24GiB', '24 GB', '80' (GiB) -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())

@@ -30,6 +30,7 @@ from quantselect.domain.results import (
 )
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.cost import ServingCost
+from quantselect.domain.planner import fmt_bytes
 from quantselect.domain.statistics import FAIL, INCONCLUSIVE, PASS, PairedComparison, compare
 
 CATEGORY_RESAMPLES = 1000  # per-category intervals: many small comparisons, a coarser bootstrap
@@ -236,7 +237,7 @@ def _tie_reason(chosen: str, c: float | None, cc: float | None, m: float | None,
     same = f"meets the threshold and costs about the same as {chosen} (within {COST_TIE:.0%})"
     if m is not None and mc is not None and m > mc:
         where = " of weights on the target" if serving is not None and serving.weight_bytes else " measured"
-        return f"{same} but needs more memory: {m / 2**30:.3g} vs {mc / 2**30:.3g} GiB{where}"
+        return f"{same} but needs more memory: {fmt_bytes(m)} vs {fmt_bytes(mc)}{where}"
     if c is not None and cc is not None and c > cc:
         return f"{same} and the same memory, at ${c:.4g} vs ${cc:.4g} per 1M tokens"
     return f"{same} and the same memory: either will do"

@@ -144,7 +144,7 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
     req = svc.demo_request(deploy=deploy) if limit is None else svc.demo_request(deploy=deploy, limit=limit)
     req.use_cache = not no_cache
     job = svc.submit(req)
-    click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
+    _announce(job)
     _run_and_report(svc, job.id, deploy)
 
 
@@ -211,7 +211,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
                         chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address))
     job = svc.submit(req)
-    click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source}, candidates {', '.join(job.candidate_names)}")
+    _announce(job)
     if address and not model_is_here(model):
         click.echo(f"{model}: not on this machine; the job's driver reads and checks it on the cluster")
     if address:
@@ -514,6 +514,11 @@ def gpus(fmt: str) -> None:
                      [[g.name, g.memory_gib, g.bandwidth_tbs, g.bf16_tflops, g.int8_tops, g.fp8_tflops or "-",
                        ".".join(map(str, g.capability)), f"{g.usd_per_hour:.2f}"] for g in GPUS.values()]))
     click.echo("Prices are indicative on-demand prices per GPU-hour; give yours with --gpu-hour-usd.")
+
+
+def _announce(job: Any) -> None:
+    click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source} (metric {job.metric}), "
+               f"candidates {', '.join(job.candidate_names)}")
 
 
 def main() -> None:

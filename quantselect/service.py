@@ -140,7 +140,10 @@ class Service:
             model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
         else:
             model_path = check_model(req.model)
-            if req.chat_template and has_chat_template(model_path) is False:
+            if dataset.chat_template and has_chat_template(model_path) is False:
+                if dataset.items[0].messages is not None:
+                    raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
+                                     "conversations ('messages'); use an instruct model")
                 raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an "
                                  "instruct model")
             check_candidates_fit(candidates, model_path)
@@ -761,7 +764,7 @@ def split_calibration(dataset: Any, path: str | None, samples: int) -> tuple[Any
     are left out of the evaluation, so that no candidate is scored on what it was calibrated on)."""
     from dataclasses import replace
 
-    from quantselect.domain.dataset import calibration_texts, load_calibration_file
+    from quantselect.domain.dataset import calibration_samples, load_calibration_file
     from quantselect.domain.results import MIN_EVAL_ITEMS, Calibration, validate_calibration_samples
 
     samples = validate_calibration_samples(samples)
@@ -779,7 +782,7 @@ def split_calibration(dataset: Any, path: str | None, samples: int) -> tuple[Any
 
     held = sorted(random.Random(0).sample(range(len(dataset)), samples))
     chosen = set(held)
-    texts = calibration_texts([dataset.items[i] for i in held])
+    texts = calibration_samples([dataset.items[i] for i in held], dataset.chat_template)
     rest = replace(dataset, items=tuple(it for i, it in enumerate(dataset.items) if i not in chosen))
     return rest, Calibration(source="task data", texts=tuple(texts), items=tuple(held))
 

@@ -5,6 +5,14 @@ Canonical JSONL, one item a line (the kind follows from the fields; one kind per
 - multiple choice: {"prompt": str, "choices": [str, ...], "answer": int, "category"?: str}
 - generation:      {"prompt": str, "reference": str, "category"?: str}
 - prompts:         {"prompt": str, "category"?: str}   (no labels: scored against the baseline)
+- conversations:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "category"?: str}
+  instead of "prompt" (OpenAI chat format; ShareGPT's {"from": "human"|"gpt"|"system", "value": str}
+  too). Rendered through the model's chat template with the assistant turn opened. A trailing
+  assistant message is the item's reference (a generation item), else it is a prompts item. The
+  default metric of a conversations dataset with references: final_number where every reference has
+  GSM8K's ``####``, exact_match where every reference is a short answer (at most
+  ``SHORT_ANSWER_WORDS`` words), else top1_agreement: a long reply in a chat log is what some model
+  said, not the one right answer, and exact_match would score every candidate, the baseline too, 0.
 
 Metrics (``TaskDataset.metric``); every item scores in [0, 1]:
 - multiple choice: ``accuracy`` (lm-eval ``acc``), ``accuracy_norm`` (lm-eval ``acc_norm``);
@@ -68,21 +76,38 @@ DEFAULT_STOP: dict[str, tuple[str, ...]] = {
     "top1_agreement": (), "kl_similarity": (), "baseline_match": (),
 }
 MAX_NEW_TOKENS_LIMIT = 32768
+SHORT_ANSWER_WORDS = 5  # a conversation's reply up to this long is a label (exact_match), longer a sample
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
 class Item:
+    """``prompt`` is the text fed to the model; for a conversation (``messages``: (role, content)
+    pairs ending with a user turn, rendered through the chat template) it is a readable
+    ``role: content`` flattening, for display only."""
+
     prompt: str
     choices: tuple[str, ...] | None = None
     answer: int | None = None
     reference: str | None = None
     category: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None}
         if self.choices is not None:
             d["choices"] = list(self.choices)
+        if self.messages is not None:
+            del d["prompt"]
+            d["messages"] = self.chat()
         return d
+
+    def chat(self) -> list[dict[str, str]]:
+        """The conversation as chat-template messages: ``messages``, or the prompt as one user turn."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,8 @@ class TaskDataset:
     def __post_init__(self) -> None:
         if not isinstance(self.items, tuple):
             object.__setattr__(self, "items", tuple(self.items))
+        if self.items and self.items[0].messages is not None:
+            object.__setattr__(self, "chat_template", True)  # conversations are rendered through it
         if self.kind not in METRICS:
             raise InputError(f"{self.source}: unknown dataset kind {self.kind!r}")
         _check_metric(self.kind, self.metric)
@@ -262,10 +289,11 @@ class FieldMapping:
     answer: str | None = None
     reference: str | None = None
     category: str | None = None
+    messages: str | None = None  # the field holding a conversation (ShareGPT's "conversations")
     labels_file: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
-    KEYS = ("prompt", "choices", "answer", "reference", "category")
+    KEYS = ("prompt", "messages", "choices", "answer", "reference", "category")
 
     @classmethod
     def parse(cls, pairs: Iterable[str], labels_file: str | None = None) -> "FieldMapping":
@@ -286,14 +314,18 @@ class FieldMapping:
 
     @property
     def is_identity(self) -> bool:
-        return not any((self.prompt, self.choices, self.answer, self.reference, self.category))
+        return not any((self.prompt, self.choices, self.answer, self.reference, self.category, self.messages))
 
     def apply(self, record: dict[str, Any], where: str) -> dict[str, Any]:
         if self.is_identity:
             return dict(record)
         out: dict[str, Any] = {}
         prompt = self.prompt or "prompt"
-        if "{" in prompt:
+        if self.prompt and self.messages:
+            raise InputError("--map: give prompt= or messages=, not both")
+        if self.messages or (not self.prompt and "messages" in record):
+            out["messages"] = _field(record, self.messages or "messages", where)
+        elif "{" in prompt:
             try:
                 out["prompt"] = prompt.format(**record)
             except KeyError as e:
@@ -370,11 +402,12 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
         reader = csv.DictReader(text.splitlines())
         for n, row in enumerate(reader, start=2):
             rec: dict[str, Any] = dict(row)
-            if isinstance(rec.get("choices"), str) and rec["choices"].startswith("["):
-                try:
-                    rec["choices"] = json.loads(rec["choices"])
-                except json.JSONDecodeError:
-                    raise InputError(f"{path}:{n}: field 'choices' is not a JSON list") from None
+            for name in ("choices", "messages", "conversations"):  # lists in a CSV cell are JSON
+                if isinstance(rec.get(name), str) and rec[name].startswith("["):
+                    try:
+                        rec[name] = json.loads(rec[name])
+                    except json.JSONDecodeError:
+                        raise InputError(f"{path}:{n}: field {name!r} is not a JSON list") from None
             out.append((f"{path}:{n}", rec))
             if limit and len(out) >= limit:
                 break
@@ -425,6 +458,10 @@ def _validate(
         elif item_kind != kind:
             raise InputError(f"{where}: a {_KIND_NAMES[item_kind]} item in a {_KIND_NAMES[kind]} dataset; "
                              "do not mix kinds")
+        if items and (item.messages is None) != (items[0].messages is None):
+            raise InputError(f"{where}: a {'conversation' if item.messages else 'prompt'} item in a dataset of "
+                             f"{'conversations' if items[0].messages else 'prompts'}; give every item 'messages' "
+                             "or every item 'prompt'")
         items.append(item)
     assert kind is not None
     if metric is None:
@@ -432,8 +469,13 @@ def _validate(
             metric = "accuracy"
         elif kind == PROMPTS:
             metric = "top1_agreement"
+        elif all("####" in (i.reference or "") for i in items):
+            metric = "final_number"
+        elif items[0].messages is not None and any(len((i.reference or "").split()) > SHORT_ANSWER_WORDS
+                                                   for i in items):
+            metric = "top1_agreement"  # replies in a chat log are samples, not the one right answer
         else:
-            metric = "final_number" if all("####" in (i.reference or "") for i in items) else "exact_match"
+            metric = "exact_match"
     _check_metric(kind, metric)
     check_references(items, metric, [where for where, _ in records])
     if isinstance(stop, str):
@@ -447,12 +489,14 @@ _KIND_NAMES = {MULTIPLE_CHOICE: "multiple_choice", GENERATION: "generation",
 
 
 def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
-    prompt = rec.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError(f"{where}: field 'prompt' must be a non-empty string")
     category = rec.get("category")
     if category is not None and not isinstance(category, str):
         category = str(category)
+    if "messages" in rec or "conversations" in rec:
+        return _conversation(rec, where, category)
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"{where}: field 'prompt' must be a non-empty string (or give 'messages', a conversation)")
     if "choices" in rec:
         choices = rec["choices"]
         if not isinstance(choices, list) or len(choices) < 2:
@@ -484,23 +528,76 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
     return PROMPTS, Item(prompt=prompt, category=category)
 
 
-def calibration_texts(items: Iterable[Item]) -> list[str]:
+def _conversation(rec: dict[str, Any], where: str, category: str | None) -> tuple[str, Item]:
+    """An item given as a conversation: OpenAI's ``messages`` ({"role", "content"}, content a string
+    or a list of text parts) or ShareGPT's ``conversations`` ({"from": "human"|"gpt"|"system",
+    "value"}). A trailing assistant turn is the reference."""
+    name = "messages" if "messages" in rec else "conversations"
+    if "prompt" in rec:
+        raise InputError(f"{where}: give 'prompt' or '{name}', not both")
+    if "choices" in rec:
+        raise InputError(f"{where}: a conversation item ('{name}') is a generation or prompts item; "
+                         "multiple choice needs 'prompt' and 'choices'")
+    turns = rec[name]
+    if not isinstance(turns, list) or not turns:
+        raise InputError(f"{where}: field '{name}' must be a non-empty list of messages")
+    messages: list[tuple[str, str]] = []
+    for n, m in enumerate(turns):
+        at = f"{where}: {name}[{n}]"
+        if not isinstance(m, dict):
+            raise InputError(f"{at} must be an object with 'role' and 'content'")
+        if "role" in m or "content" in m:
+            role, content = m.get("role"), m.get("content")
+        else:  # ShareGPT
+            role, content = SHAREGPT_ROLES.get(m.get("from"), m.get("from")), m.get("value")
+        if role not in ROLES:
+            raise InputError(f"{at}: role {role!r} must be one of {', '.join(ROLES)} (or ShareGPT's human, gpt)")
+        if isinstance(content, list):  # OpenAI content parts: only text can be evaluated here
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InputError(f"{at}: only text content parts ({{\"type\": \"text\", \"text\": ...}}) "
+                                 "can be evaluated")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str) or not content.strip():
+            raise InputError(f"{at}: 'content' must be a non-empty string")
+        messages.append((role, content))
+    reference = rec.get("reference")
+    if messages[-1][0] == "assistant":
+        if reference is not None:
+            raise InputError(f"{where}: the answer is the last assistant message or 'reference', not both")
+        reference = messages.pop()[1]
+    if not messages or messages[-1][0] != "user":
+        raise InputError(f"{where}: field '{name}' must end with a user message (optionally followed by the "
+                         "assistant's answer, the reference)")
+    prompt = "\n\n".join(f"{r}: {c}" for r, c in messages)
+    if reference is None:
+        return PROMPTS, Item(prompt=prompt, category=category, messages=tuple(messages))
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = str(reference)
+    if not isinstance(reference, str) or not reference.strip():
+        raise InputError(f"{where}: field 'reference' must be a non-empty string")
+    return GENERATION, Item(prompt=prompt, reference=reference, category=category, messages=tuple(messages))
+
+
+def calibration_samples(items: Iterable[Item], chat_template: bool = False) -> list[str | list[dict[str, str]]]:
     """What GPTQ/AWQ calibrate on: each item's prompt followed by its answer where it has one (the
-    text the deployed model would see and produce)."""
-    out = []
+    text the deployed model would see and produce). With the chat template (conversations, or
+    ``chat_template``) a sample is the conversation with the answer as the assistant's turn, which
+    the quantizing worker renders through the model's template."""
+    out: list[str | list[dict[str, str]]] = []
     for it in items:
-        if it.choices is not None and it.answer is not None:
-            out.append(f"{it.prompt} {it.choices[it.answer]}")
-        elif it.reference:
-            out.append(f"{it.prompt} {it.reference}")
+        answer = it.choices[it.answer] if it.choices is not None and it.answer is not None else it.reference
+        if chat_template or it.messages is not None:
+            out.append(it.chat() + ([{"role": "assistant", "content": answer}] if answer else []))
         else:
-            out.append(it.prompt)
+            out.append(f"{it.prompt} {answer}" if answer else it.prompt)
     return out
 
 
-def load_calibration_file(path: str | Path) -> list[str]:
+def load_calibration_file(path: str | Path) -> list[str | list[dict[str, str]]]:
     """Calibration samples from a file: ``.txt`` has one sample per non-empty line; ``.jsonl`` has a
-    ``text`` field per line, or is a task dataset (its prompts and answers are used)."""
+    ``text`` field per line, or is a task dataset (its prompts and answers are used; conversations
+    stay conversations, rendered through the chat template by the worker)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: calibration file not found")
@@ -510,13 +607,13 @@ def load_calibration_file(path: str | Path) -> list[str]:
         except UnicodeDecodeError as e:
             line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise InputError(f"{path}:{line}: not valid UTF-8 text") from None
-        texts = [ln.strip() for ln in lines if ln.strip()]
+        texts: list[Any] = [ln.strip() for ln in lines if ln.strip()]
     else:
         records = _read_records(path, None)
         if records and all(isinstance(r.get("text"), str) for _, r in records):
             texts = [r["text"] for _, r in records if r["text"].strip()]
         else:
-            texts = calibration_texts(_validate(records, source=str(path), metric=None).items) if records else []
+            texts = calibration_samples(_validate(records, source=str(path), metric=None).items) if records else []
     if not texts:
         raise InputError(f"{path}: the calibration file holds no samples")
     return texts

@@ -73,7 +73,9 @@ class Calibration:
     evaluated) or read from a file the user gave."""
 
     source: str  # "task data" or the file's path
-    texts: tuple[str, ...]
+    # a sample is a text, or a conversation ([{"role", "content"}, ...]) the worker renders through
+    # the model's chat template (conversation datasets, --chat-template)
+    texts: tuple[Any, ...]
     items: tuple[int, ...] = ()  # indices of the task items held out (source "task data")
 
     def to_dict(self) -> dict[str, Any]:

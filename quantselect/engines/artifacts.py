@@ -60,11 +60,19 @@ def key(model_path: str | Path, config: Any, calibration: Any, device: str) -> s
     payload = {
         "model": _model_fingerprint(model_path),
         "config": config.to_dict(),
-        "calibration": hashlib.sha256("\x00".join(calibration).encode()).hexdigest() if calibration else None,
+        "calibration": _calibration_digest(calibration) if calibration else None,
         "device": "cuda" if device.startswith("cuda") else "cpu",
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return f"{config.type_name}-{digest}"
+
+
+def _calibration_digest(samples: Any) -> str:
+    """Texts hash as they always have (keys of earlier artifacts stay valid); a sample that is a
+    conversation makes the whole list hash as JSON."""
+    if all(isinstance(s, str) for s in samples):
+        return hashlib.sha256("\x00".join(samples).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(list(samples), sort_keys=True).encode()).hexdigest()
 
 
 def disk_bytes(folder: str | Path) -> int:

@@ -37,9 +37,10 @@ to the model where lm-eval feeds ~71.
 Generation (generation and prompts datasets, settings on the ``TaskDataset``):
 
 - each prompt is encoded as the multiple-choice context is (the tokenizer's default special
-  tokens), or, with ``chat_template``, rendered as one user message through the tokenizer's chat
-  template with the assistant turn opened and encoded without added special tokens (the template
-  holds them); a tokenizer without a chat template is an InputError;
+  tokens), or, with ``chat_template``, rendered as one user message (a conversation item: its
+  messages) through the tokenizer's chat template with the assistant turn opened and encoded without
+  added special tokens (the template holds them); a tokenizer without a chat template, or a template
+  that refuses the conversation (a system turn Gemma's does not take), is an InputError;
 - a prompt longer than the model's positions minus ``max_new_tokens`` is cut from the left, as
   lm-eval cuts it, and the item is flagged ``truncated`` (a warning counts them); a
   multiple-choice context cut from the left is flagged the same way;
@@ -524,14 +525,21 @@ class Generation:
     stopped: str = field(default="length")  # "eos", "stop" or "length"
 
 
-def render_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
-    if not chat_template:
-        return prompt
+def render_prompt(tokenizer: Any, item: Item, chat_template: bool) -> str:
+    """The prompt as text: as given, or (``chat_template``, conversations) the item's messages through
+    the tokenizer's chat template with the assistant turn opened."""
+    if not chat_template and item.messages is None:
+        return item.prompt
     if not getattr(tokenizer, "chat_template", None):
+        if item.messages is not None:
+            raise InputError("the dataset's items are conversations ('messages'), but the model's tokenizer has "
+                             "no chat template to render them (not an instruct model?)")
         raise InputError("chat-template was asked for, but the model's tokenizer has no chat template "
                          "(not an instruct model?): leave it off")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(item.chat(), add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja's TemplateError, raise_exception("System role not supported")
+        raise InputError(f"the model's chat template refused a conversation ({e}): {item.prompt[:60]!r}") from None
 
 
 def encode_prompts(model: Any, tokenizer: Any, dataset: TaskDataset) -> tuple[list[list[int]], list[bool]]:
@@ -545,7 +553,7 @@ def encode_prompts(model: Any, tokenizer: Any, dataset: TaskDataset) -> tuple[li
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids, truncated = [], []
     for item in dataset.items:
-        text = render_prompt(tokenizer, item.prompt, dataset.chat_template)
+        text = render_prompt(tokenizer, item, dataset.chat_template)
         enc = tokenizer(text, add_special_tokens=not dataset.chat_template)["input_ids"] or [fallback]
         truncated.append(len(enc) > limit)
         ids.append(list(enc[-limit:]))

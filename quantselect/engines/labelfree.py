@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from quantselect.domain.dataset import LABEL_FREE_METRICS, MULTIPLE_CHOICE, TaskDataset
+from quantselect.domain.dataset import LABEL_FREE_METRICS, MULTIPLE_CHOICE, Item, TaskDataset
 from quantselect.domain.results import ItemResult
 from quantselect.engines import evaluate as ev
 
@@ -148,7 +148,10 @@ def _settings(dataset: TaskDataset) -> dict[str, Any]:
             "chat_template": dataset.chat_template}
 
 
-def _digest(prompt: str, settings: dict[str, Any]) -> str:
+def _digest(item: Item, settings: dict[str, Any]) -> str:
+    """Ties a reference item to its prompt (a conversation by its messages) and the settings; plain
+    prompts hash as they always have, so stored references stay valid."""
+    prompt: Any = item.prompt if item.messages is None else item.chat()
     return hashlib.sha1(json.dumps([prompt, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -160,7 +163,7 @@ def _check(dataset: TaskDataset, reference: Reference) -> None:
                          "slice both alike")
     settings = _settings(dataset)
     for n, (item, ref) in enumerate(zip(dataset.items, reference.items)):
-        if _digest(item.prompt, settings) != ref.digest:
+        if _digest(item, settings) != ref.digest:
             raise ValueError(f"item {n}: the reference was built for another prompt or other generation settings")
 
 
@@ -238,7 +241,7 @@ def build_reference(model: Any, tokenizer: Any, dataset: TaskDataset, progress: 
     _teacher_forced(model, sequences, keep, forwarding)
     settings = _settings(dataset)
     return Reference(
-        [ReferenceItem(seq, len(o.prompt_ids), o.text, o.truncated, ids, lp, _digest(item.prompt, settings))
+        [ReferenceItem(seq, len(o.prompt_ids), o.text, o.truncated, ids, lp, _digest(item, settings))
          for item, o, seq, ids, lp in zip(dataset.items, outputs, sequences, top_ids, top_lp)],
         top_k, settings)
 

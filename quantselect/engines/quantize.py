@@ -25,6 +25,7 @@ from quantselect.domain.candidates import (
     LowBitWeightOnly,
     Nf4,
 )
+from quantselect.errors import InputError
 
 
 @dataclass
@@ -204,6 +205,21 @@ HANDLERS[Int8Dynamic] = Handler(_reference_dtype, _needs_torchao, hf_config=None
 HANDLERS[Int4WeightOnly] = _torchao_handler(_int4_wo)
 HANDLERS[LowBitWeightOnly] = _torchao_handler(_low_bit)
 HANDLERS[Fp8Dynamic] = _torchao_handler(_fp8_dyn, _fp8_available, lambda d: "bfloat16")
+def calibration_texts(tokenizer: Any, samples: Any) -> list[str]:
+    """The calibration samples as text: a conversation is rendered through the model's chat template
+    whole (the answer as the assistant's turn), as the deployed model sees it."""
+    out = []
+    for s in samples:
+        if isinstance(s, str):
+            out.append(s)
+        elif not getattr(tokenizer, "chat_template", None):
+            raise InputError("the calibration samples are conversations, but the model's tokenizer has no chat "
+                             "template to render them")
+        else:
+            out.append(tokenizer.apply_chat_template(list(s), tokenize=False))
+    return out
+
+
 def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, calibration: Any, folder: Any) -> str:
     """GPTQ / AWQ through GPTQModel (the maintained successor of the archived auto-gptq and
     AutoAWQ): quantize with the calibration samples and save in the Hugging Face layout
@@ -237,7 +253,7 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     # AWQ's torch kernel takes 16-bit only; GPTQ calibrates in fp32 on CPU (bf16 is slow without AMX).
     dtype = torch.bfloat16 if device == "cuda" or isinstance(config, Awq) else torch.float32
     model = GPTQModel.load(model_path, QuantizeConfig(**kwargs), device=device, dtype=dtype)
-    model.quantize(list(calibration), tokenizer=tokenizer, batch_size=1, **quantize_kwargs)
+    model.quantize(calibration_texts(tokenizer, calibration), tokenizer=tokenizer, batch_size=1, **quantize_kwargs)
     model.save(str(folder))
     tokenizer.save_pretrained(str(folder))
     kind = "AWQ" if isinstance(config, Awq) else "GPTQ"

@@ -427,6 +427,11 @@ class Service:
     def item_results(self, job_id: str) -> dict[str, list[ItemResult]]:
         return self.repo.get_item_results(job_id)
 
+    def items_stored(self, job_id: str) -> dict[str, int]:
+        """Per candidate, how many per-item results are stored: a running candidate's progress as
+        another process sees it (workers stream them every ``QUANTSELECT_STREAM_CHUNK`` items)."""
+        return self.repo.item_counts(job_id)
+
     def results_table(self, job_id: str, threshold: float | None = None, confidence: float | None = None,
                       policy: str | None = None, target_gpu: str | None = None,
                       gpu_hour_usd: float | None = None) -> tuple[Job, list[dict[str, Any]], Recommendation]:
@@ -434,6 +439,7 @@ class Service:
         job = self.get_job(job_id)
         results = self.repo.get_results(job_id)
         rec = self._recommend(job, results, threshold, confidence, policy, target_gpu, gpu_hour_usd)
+        stored = self.repo.item_counts(job_id)
         rows = []
         for r in results:
             v = rec.verdict(r.name)
@@ -451,7 +457,8 @@ class Service:
                 "cost_note": v.cost.note if v.cost else None,
                 "disk_bytes": r.disk_bytes, "artifact_path": r.artifact_path, "artifact_reused": r.artifact_reused,
                 "error": r.error,
-                "eval_seconds": r.eval_seconds, "n_items": r.n_items, "device": r.device,
+                "eval_seconds": r.eval_seconds, "n_items": r.n_items, "items_stored": stored.get(r.name, 0),
+                "device": r.device,
                 "throughput_engine": r.throughput_engine, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
                 "attempts": r.attempts, "reused_from": r.reused_from, "items_carried": r.items_carried,
                 "started_at": r.started_at.isoformat() if r.started_at else None,

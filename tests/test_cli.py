@@ -187,3 +187,26 @@ def test_unknown_job_is_a_clear_error():
     assert res.exit_code == 2 and "'fast' is not one of 'static', 'dynamic'" in res.output
     res = CliRunner().invoke(cli, ["recommend", "nope"])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_progress_lines_give_the_rate_and_the_time_left(capsys):
+    from quantselect.cli import Progress
+
+    now = [0.0]
+    p = Progress(every=60, clock=lambda: now[0])
+
+    def at(t: float, **snapshot) -> list[str]:
+        now[0] = t
+        p.update(snapshot)
+        return [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+
+    assert at(0, int8=("quantizing", 0, 1000)) == ["int8       quantizing  0/1000 items"]
+    assert at(5, int8=("evaluating", 100, 1000)) == ["int8       evaluating  100/1000 items"]  # carried over: no rate yet
+    assert at(15, int8=("evaluating", 200, 1000)) == []  # same quarter, under a minute: quiet
+    # A new quarter: 150 items in 20 s since evaluating began (the 100 carried items do not count).
+    assert at(25, int8=("evaluating", 250, 1000)) == ["int8       evaluating  250/1000 items, 7.5 items/s, ~1m40s left"]
+    assert at(80, int8=("evaluating", 300, 1000)) == []  # 55 s since the last line
+    # A minute without a line while items move: a line anyway (a long job is never silent for long).
+    assert at(86, int8=("evaluating", 310, 1000)) == ["int8       evaluating  310/1000 items, 2.59 items/s, ~4m26s left"]
+    assert at(200, int8=("evaluating", 310, 1000)) == []  # nothing moved: nothing to say
+    assert at(210, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items"]

@@ -154,6 +154,18 @@ def test_save_outcome_is_idempotent(repo):
     assert repo.get_results(job.id)[1].error == "OOM"
 
 
+def test_item_counts_show_a_running_candidates_streamed_items(repo):
+    """What `quantselect status` shows of a job another process runs."""
+    job = repo.create_job(make_spec())
+    assert repo.item_counts(job.id) == {"baseline": 0, "bf16": 0, "int8": 0}
+    repo.save_items(job.id, "int8", [ItemResult(i, True, "x", None, None) for i in range(2)])
+    repo.save_outcome(job.id, outcome("bf16"))
+    other = repo.create_job(make_spec())
+    repo.save_items(other.id, "int8", [ItemResult(0, True, "x", None, None)])
+    assert repo.item_counts(job.id) == {"baseline": 0, "bf16": 3, "int8": 2}
+    assert repo.item_counts(other.id)["int8"] == 1
+
+
 def test_a_cancel_asked_for_as_the_last_candidate_finishes_ends_the_job_cancelled(repo):
     """The driver checks for a cancel between candidates; one that lands after its last check must
     still win over "succeeded" (and so keep the job from being deployed)."""

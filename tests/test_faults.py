@@ -116,6 +116,9 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert svc.get_job(job_id).status == "running"  # nobody marked it: the process just vanished
+    shown = CliRunner().invoke(cli, ["status", job_id]).output  # what was streamed in, as another shell sees it
+    for name in partial:
+        assert f"{len(svc.item_results(job_id)[name])}/40 items scored and stored" in shown, shown
     refused = CliRunner().invoke(cli, ["resume", job_id])  # its heartbeat is still fresh
     assert refused.exit_code != 0 and "is running in" in refused.output
     time.sleep(3.5)

@@ -317,6 +317,14 @@ class Repository:
                 out[name].append(_item(r))
             return out
 
+    def item_counts(self, job_id: str) -> dict[str, int]:
+        """Per candidate, the per-item results stored so far (a running one's are streamed in)."""
+        q = (select(CandidateRow.name, func.count(ItemResultRow.id))
+             .outerjoin(ItemResultRow, ItemResultRow.candidate_id == CandidateRow.id)
+             .where(CandidateRow.job_id == job_id).group_by(CandidateRow.name))
+        with self._read() as s:
+            return {name: n for name, n in s.execute(q)}
+
     # ---- helpers
     @staticmethod
     def _job_row(s: Session, job_id: str, *options: Any, lock: bool = False) -> JobRow:

@@ -24,6 +24,7 @@ from quantselect.engines import labelfree as lf
 from quantselect.engines.quantize import calibration_texts, load_candidate
 from quantselect.errors import InputError
 from quantselect.service import Service, SubmitRequest
+from tests.fixtures.common import EXAMPLES
 
 SYSTEM = {"role": "system", "content": "You answer in one word."}
 ASK = {"role": "user", "content": "What is the capital of France?"}
@@ -69,6 +70,10 @@ def test_conversations_load_in_openai_and_sharegpt_form(tmp_path):
     mapped = write(tmp_path, [{"dialog": [ASK, {"role": "assistant", "content": "Paris"}]}], "mapped.jsonl")
     ds = load_dataset(mapped, FieldMapping.parse(["messages=dialog"]))
     assert ds.items[0].messages == (("user", ASK["content"]),) and ds.items[0].reference == "Paris"
+    # ShareGPT with another field mapped (here the category).
+    share = write(tmp_path, [{"conversations": [{"from": "human", "value": "Hi"}], "topic": "greeting"}], "share.jsonl")
+    ds = load_dataset(share, FieldMapping.parse(["category=topic"]))
+    assert ds.items[0].messages == (("user", "Hi"),) and ds.items[0].category == "greeting"
 
 
 def test_the_default_metric_of_conversations_follows_their_replies():
@@ -79,6 +84,8 @@ def test_the_default_metric_of_conversations_follows_their_replies():
     # A long reply in a chat log is a sample, not the one right answer: scored against the baseline.
     assert parse_records(short + long).metric == "top1_agreement"
     assert parse_records(gsm).metric == "final_number"
+    example = load_dataset(EXAMPLES / "gsm8k-chat-50.jsonl")  # GSM8K's worked answers as the assistant's turns
+    assert (example.kind, example.metric, len(example), example.chat_template) == (GENERATION, "final_number", 50, True)
     assert parse_records(short + long, metric="substring").metric == "substring"  # asked for: kept
     # Prompts with long references keep exact_match: the rule is for conversations only.
     assert parse_records([{"prompt": "q", "reference": "a long reference of many many words"}]).metric == "exact_match"

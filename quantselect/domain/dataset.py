@@ -323,8 +323,9 @@ class FieldMapping:
         prompt = self.prompt or "prompt"
         if self.prompt and self.messages:
             raise InputError("--map: give prompt= or messages=, not both")
-        if self.messages or (not self.prompt and "messages" in record):
-            out["messages"] = _field(record, self.messages or "messages", where)
+        chat = self.messages or next((k for k in ("messages", "conversations") if k in record), None)
+        if chat and not self.prompt:
+            out["messages"] = _field(record, chat, where)  # each message in OpenAI's or ShareGPT's form
         elif "{" in prompt:
             try:
                 out["prompt"] = prompt.format(**record)

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
@@ -377,6 +378,23 @@ def recommend(job_id: str, threshold: float | None, confidence: float | None, po
     if fmt == "json":
         return _echo_json(rec.to_dict())
     click.echo(recommendation_text(rec, set()))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.argument("candidate")
+@click.option("--against", default=BASELINE, show_default=True, help="The candidate to compare with.")
+@click.option("--limit", type=int, default=10, show_default=True, help="Items shown each way (worse, better).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def compare(job_id: str, candidate: str, against: str, limit: int, fmt: str) -> None:
+    """The items CANDIDATE scored differently from the baseline (or --against), worst drops first:
+    each prompt, what was expected, and what each one answered."""
+    from quantselect.render import comparison_text
+
+    c = _service().compare(job_id, candidate, against, limit)
+    if fmt == "json":
+        return _echo_json(c.to_dict())
+    click.echo(comparison_text(c))
 
 
 @cli.command()

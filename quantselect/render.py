@@ -134,3 +134,35 @@ def _ids(ids: Sequence[str], most: int = 3) -> str:
 def entries_text(entries: Sequence[Any]) -> str:
     """``3 entries, 1.2 GiB``: how many cache entries and their size."""
     return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {fmt_bytes(sum(e.size_bytes for e in entries))}"
+
+
+def comparison_text(c: Any, width: int = 240) -> str:
+    """`quantselect compare`: the counts, then each differing item with its prompt, what was expected
+    and what each of the two answered (cut to ``width`` characters, newlines shown as ``⏎``)."""
+
+    def cut(text: str) -> str:
+        flat = text.strip().replace("\n", " ⏎ ")
+        return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+    def score(x: float) -> str:
+        return f"{x:g}" if x in (0.0, 1.0) else f"{x:.3f}"
+
+    head = (f"{c.candidate} against {c.against} on {c.n_items} items ({c.metric}): {c.n_worse} worse, "
+            f"{c.n_better} better, {c.n_same} the same")
+    if c.n_items:
+        head += f"; mean score {c.candidate_score:.3f} vs {c.against_score:.3f}"
+    lines = [head]
+    if c.n_only_one:
+        lines.append(f"({c.n_only_one} items scored by only one of the two are left out)")
+    label = max(len(c.candidate), len(c.against), len("expected")) + 1
+    for title, diffs, n in (("Worse", c.worse, c.n_worse), ("Better", c.better, c.n_better)):
+        if not n:
+            continue
+        lines += ["", f"{title} ({n}{f', {len(diffs)} shown' if len(diffs) < n else ''}):"]
+        for d in diffs:
+            lines.append(f"  item {d.index}" + (f" [{d.category}]" if d.category else "")
+                         + f": score {score(d.against_score)} -> {score(d.candidate_score)}")
+            rows = [("prompt", d.prompt), ("expected", d.expected), (c.against, d.against_output),
+                    (c.candidate, d.candidate_output)]
+            lines += [f"    {name + ':':<{label}} {cut(text)}" for name, text in rows if text is not None]
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, parse_age, plan_prune
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, resolve_candidates
+from quantselect.domain.compare import ItemComparison, compare_items
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -472,6 +473,22 @@ class Service:
         job = self.get_job(job_id)
         return self._recommend(job, self.repo.get_results(job_id), threshold, confidence, policy, target_gpu,
                                gpu_hour_usd)
+
+    def compare(self, job_id: str, candidate: str, against: str = BASELINE, limit: int = 10) -> ItemComparison:
+        """The items ``candidate`` and ``against`` scored differently, from the stored per-item
+        results (a running candidate's so far), with the prompts and what each one answered."""
+        if candidate == against:
+            raise InputError(f"compare {candidate} with another candidate, not with itself")
+        if limit < 0:
+            raise InputError(f"--limit {limit} must be 0 or more")
+        spec = self.repo.get_job_spec(job_id)
+        mine = self.repo.get_item_results(job_id, candidate)[candidate]
+        theirs = self.repo.get_item_results(job_id, against)[against]
+        for name, rows in ((candidate, mine), (against, theirs)):
+            if not rows:
+                status = next(r.status for r in self.repo.get_results(job_id) if r.name == name)
+                raise InputError(f"{name} has no scored items to compare (it is {status})")
+        return compare_items(spec.dataset, candidate, mine, against, theirs, limit)
 
     def _recommend(self, job: Job, results: list[CandidateResult], threshold: float | None,
                    confidence: float | None = None, policy: str | None = None, target_gpu: str | None = None,

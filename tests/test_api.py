@@ -41,7 +41,7 @@ def test_health_and_openapi(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/recommendation",
-            "/api/v1/jobs/{job_id}/deploy"} <= set(paths)
+            "/api/v1/jobs/{job_id}/compare", "/api/v1/jobs/{job_id}/deploy"} <= set(paths)
     assert client.get("/docs").status_code == 200
 
 
@@ -94,6 +94,12 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     assert all(c["ci_low"] is not None for c in strict.json()["candidates"])
     items = client.get(f"/api/v1/jobs/{job_id}/results", params={"items": True}).json()
     assert len(items) == 2 * 8
+    assert all(r["items_stored"] == 8 for r in job["results"])
+    cmp = client.get(f"/api/v1/jobs/{job_id}/compare", params={"candidate": "int8"}).json()
+    right = {(i["candidate"], i["index"]): i["correct"] for i in items}
+    assert cmp["n_items"] == 8 and cmp["n_worse"] == sum(right["baseline", n] > right["int8", n] for n in range(8))
+    assert client.get(f"/api/v1/jobs/{job_id}/compare", params={"candidate": "nope"}).status_code == 404
+    assert client.get(f"/api/v1/jobs/{job_id}/compare", params={"candidate": "baseline"}).status_code == 422
 
     dep = client.post(f"/api/v1/jobs/{job_id}/deploy", json={"candidate": "int8"})
     assert dep.status_code == 200, dep.text

@@ -38,8 +38,8 @@ def test_import_and_help_stay_light():
     assert out.stdout.strip() == ""
     help_out = subprocess.run([sys.executable, "-m", "quantselect", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_out.returncode == 0
-    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "deploy", "undeploy", "api", "db",
-                    "candidates", "plan", "gpus"):
+    for command in ("demo", "submit", "jobs", "status", "results", "recommend", "compare", "deploy", "undeploy",
+                    "api", "db", "candidates", "plan", "gpus"):
         assert command in help_out.stdout
 
 
@@ -156,6 +156,15 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
 
     items = json.loads(run("results", job_id, "--items").output)
     assert len(items) == 4 * 12 and {"candidate", "index", "correct", "prediction", "choice_logprobs"} <= set(items[0])
+    # compare: the items int4 got wrong where the baseline was right, from the same stored items.
+    right = {(i["candidate"], i["index"]): i["correct"] for i in items}
+    worse = [n for n in range(12) if right["baseline", n] and not right["int4", n]]
+    cmp = json.loads(run("compare", job_id, "int4", "--format", "json").output)
+    assert cmp["n_items"] == 12 and [d["index"] for d in cmp["worse"]] == worse and cmp["n_worse"] == len(worse)
+    assert run("compare", job_id, "int4").output.startswith(f"int4 against baseline on 12 items (accuracy): "
+                                                           f"{len(worse)} worse")
+    bad = CliRunner().invoke(cli, ["compare", job_id, "nope"])
+    assert bad.exit_code != 0 and "no candidate 'nope'" in bad.output
 
     rec = json.loads(run("recommend", job_id, "--threshold", "0.01", "--format", "json").output)
     assert rec["chosen"] is not None and rec["threshold"] == 0.01

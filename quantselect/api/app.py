@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
     DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD,
@@ -144,6 +145,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
             svc.get_job(job_id)
             return [{"candidate": n, **i.to_dict()} for n, rows in svc.item_results(job_id).items() for i in rows]
         return svc.results_table(job_id)[1]
+
+    @app.get("/api/v1/jobs/{job_id}/compare")
+    def get_comparison(job_id: str, candidate: str, against: str = BASELINE, limit: int = 10) -> dict[str, Any]:
+        """The items ``candidate`` scored differently from ``against`` (the baseline), worst drops
+        first, with each prompt, what was expected and what each one answered."""
+        return svc.compare(job_id, candidate, against, limit).to_dict()
 
     @app.get("/api/v1/jobs/{job_id}/recommendation")
     def get_recommendation(job_id: str, threshold: float | None = None, confidence: float | None = None,

@@ -50,6 +50,36 @@ def test_csv_is_accepted(tmp_path):
     assert ds.items[0].choices == ("blue", "green") and ds.items[0].answer == 0
 
 
+def test_parquet_and_json_arrays_are_accepted(tmp_path):
+    """Parquet is how Hugging Face stores datasets: list columns and null cells load as in JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (EXAMPLES / "piqa-300.jsonl").read_text().splitlines()[:5]]
+    rows[1]["category"] = None  # a null cell: a missing field
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "piqa.parquet")
+    ds = load_dataset(tmp_path / "piqa.parquet", limit=4)
+    want = load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4)
+    assert ds.items[1].category is None and ds.items[0].category == want.items[0].category
+    assert [(it.prompt, it.choices, it.answer) for it in ds.items] == [(it.prompt, it.choices, it.answer)
+                                                                        for it in want.items]
+    chats = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
+    assert load_dataset(tmp_path / "chat.parquet").items[0].reference == "Hello"
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="bad.parquet: not a readable Parquet file"):
+        load_dataset(tmp_path / "bad.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "choices": ["x", "y"], "answer": 5}]), tmp_path / "oob.parquet")
+    with pytest.raises(InputError, match=r"oob.parquet\[0\]: field 'answer' is 5, out of range"):
+        load_dataset(tmp_path / "oob.parquet")
+    # A .json file holding one array of items.
+    (tmp_path / "items.json").write_text(json.dumps(rows[:3], indent=2))
+    assert [it.prompt for it in load_dataset(tmp_path / "items.json").items] == [r["prompt"] for r in rows[:3]]
+    (tmp_path / "broken.json").write_text('[{"prompt": "a"},\n {"prompt": ]')
+    with pytest.raises(InputError, match="broken.json:2: malformed JSON"):
+        load_dataset(tmp_path / "broken.json")
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

@@ -1,4 +1,4 @@
-r"""Task datasets: the canonical item shapes, loading JSONL/CSV, field mapping, validation, and the
+r"""Task datasets: the canonical item shapes, loading JSONL, JSON, CSV and Parquet, field mapping, validation, and the
 text metrics of generation tasks.
 
 Canonical JSONL, one item a line (the kind follows from the fields; one kind per dataset):
@@ -365,7 +365,7 @@ def load_dataset(
     stop: Iterable[str] | None = None,
     chat_template: bool = False,
 ) -> TaskDataset:
-    """Load a JSONL (or CSV) task dataset, validating every item. ``metric``, ``max_new_tokens`` and
+    """Load a task dataset (JSONL; a JSON array in a .json file; CSV; Parquet), validating every item. ``metric``, ``max_new_tokens`` and
     ``stop`` left as None take the defaults (see the module docstring)."""
     path = Path(path)
     mapping = mapping or FieldMapping()
@@ -393,6 +393,8 @@ def parse_records(
 
 
 def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    if path.suffix.lower() == ".parquet":
+        return _read_parquet(path, limit)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -413,6 +415,16 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
             if limit and len(out) >= limit:
                 break
         return out
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of items
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for n, rec in enumerate(records[:limit] if limit else records):
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}[{n}]: expected a JSON object, got {type(rec).__name__}")
+            out.append((f"{path}[{n}]", rec))
+        return out
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -426,6 +438,23 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
         if limit and len(out) >= limit:
             break
     return out
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """A Parquet file (how Hugging Face datasets are stored), a row an item (``file[0]`` is the
+    first); list columns (choices, messages) come as lists."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give JSONL") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's ArrowInvalid and OSError: not a Parquet file, truncated
+        raise InputError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:120]})") from None
+    if limit:
+        table = table.slice(0, limit)
+    # a null cell is a missing field, as a key left out of a JSON line
+    return [(f"{path}[{n}]", {k: v for k, v in rec.items() if v is not None}) for n, rec in enumerate(table.to_pylist())]
 
 
 def _read_labels(path: Path, n: int) -> list[int]:

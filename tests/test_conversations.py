@@ -59,6 +59,8 @@ def test_conversations_load_in_openai_and_sharegpt_form(tmp_path):
     # Stored and read back whole (the job row holds the dataset as JSON).
     back = TaskDataset.from_dict(json.loads(json.dumps(ds.to_dict())))
     assert back == ds and "prompt" not in ds.to_dict()["items"][0]
+    developer = parse_records([{"messages": [{"role": "developer", "content": "Be brief."}, ASK]}])
+    assert developer.items[0].messages[0] == ("system", "Be brief.")  # OpenAI's newer name for it
     # No reply: a prompts item, scored against the baseline.
     prompts = parse_records([{"messages": [SYSTEM, ASK]}])
     assert (prompts.kind, prompts.metric, prompts.chat_template) == (PROMPTS, "top1_agreement", True)

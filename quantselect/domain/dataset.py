@@ -578,6 +578,7 @@ def _conversation(rec: dict[str, Any], where: str, category: str | None) -> tupl
             raise InputError(f"{at} must be an object with 'role' and 'content'")
         if "role" in m or "content" in m:
             role, content = m.get("role"), m.get("content")
+            role = "system" if role == "developer" else role  # OpenAI's newer name for the system turn
         else:  # ShareGPT
             role, content = SHAREGPT_ROLES.get(m.get("from"), m.get("from")), m.get("value")
         if role not in ROLES:

@@ -197,6 +197,8 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
               help="Scoring (default: accuracy for multiple choice; final_number when references hold '####', "
                    "else exact_match; top1_agreement for prompts without labels).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N items.")
+@click.option("--sample", type=click.IntRange(min=1), default=None,
+              help="Use a random N of the items (seeded: the same N every time), not the first N.")
 @click.option("--address", default=None,
               help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API. An absolute "
                    "MODEL path not found here is checked by the driver on the cluster.")
@@ -218,11 +220,11 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
               help="Run every candidate even when a stored result of the same model, data, config and settings exists.")
 def submit(model: str, dataset: str, threshold: float, candidates: str | None, target_gpu: str | None,
            gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
-           address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
+           sample: int | None, address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
            chat_template: bool, no_cache: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
-    (JSONL or CSV)."""
+    (JSONL, a JSON array, CSV or Parquet)."""
     from quantselect.service import SubmitRequest, model_is_here
 
     if wait is False and not address:
@@ -231,7 +233,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
         raise InputError("give --stop or --no-stop, not both")
     svc = _service()
     req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
-                        limit=limit, threshold=threshold, gpu_hour_usd=gpu_hour_usd, target_gpu=target_gpu,
+                        limit=limit, sample=sample, threshold=threshold, gpu_hour_usd=gpu_hour_usd,
+                        target_gpu=target_gpu,
                         calibration=calibration, calibration_samples=calibration_samples, deploy=deploy,
                         candidates=candidates.split(",") if candidates is not None else None,
                         confidence=confidence, policy=policy, early_stop=early_stop,

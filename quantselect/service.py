@@ -59,6 +59,7 @@ class SubmitRequest:
     mapping: FieldMapping = field(default_factory=FieldMapping)
     metric: str | None = None
     limit: int | None = None
+    sample: int | None = None  # a seeded random subset of this many items (instead of the first `limit`)
     threshold: float = DEFAULT_THRESHOLD
     candidates: list[str] | None = None
     gpu_hour_usd: float | None = None  # price of one target GPU-hour; None: the price table's
@@ -127,6 +128,9 @@ class Service:
         candidates = resolve_candidates(req.candidates)
         if req.limit is not None and req.limit < 1:
             raise InputError(f"limit {req.limit} must be at least 1")
+        if req.sample is not None and (req.sample < 1 or req.limit is not None):
+            raise InputError("give --limit or --sample, not both" if req.limit is not None
+                             else f"sample {req.sample} must be at least 1")
         if (req.dataset is None) == (req.items is None):
             raise InputError("give exactly one of a dataset path or inline items")
         generation = dict(max_new_tokens=req.max_new_tokens, stop=req.stop, chat_template=req.chat_template)
@@ -135,6 +139,8 @@ class Service:
         else:
             items = req.items[: req.limit] if req.limit else req.items
             dataset = parse_records(items, metric=req.metric, **generation)
+        if req.sample is not None:
+            dataset = dataset.sample(req.sample)
         if req.model_on_cluster and not model_is_here(req.model):
             if not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")

@@ -120,3 +120,22 @@ def test_a_label_free_baseline_is_reused_with_its_stored_reference_outputs(ray_c
     results = {r.name: r for r in svc.results(third.id)}
     assert results["baseline"].reused_from is None and results["baseline"].status == "succeeded"
     assert results["int2"].status == "succeeded" and stored[0].is_file()  # computed again, and kept
+
+
+def test_sample_takes_a_seeded_random_subset_in_file_order(tiny_llama):
+    """A dataset sorted by category is not cut to its first category, as --limit would cut it."""
+    from quantselect.errors import InputError
+    from quantselect.service import SubmitRequest
+
+    svc = Service()
+    items = [{"prompt": f"q{i}", "reference": "a", "category": "easy" if i < 50 else "hard"} for i in range(100)]
+    spec = svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, sample=30, candidates=["int8"]))
+    picked = [int(it.prompt[1:]) for it in spec.dataset.items]
+    assert len(picked) == 30 and picked == sorted(picked) and {it.category for it in spec.dataset.items} == {"easy", "hard"}
+    again = svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, sample=30, candidates=["int8"]))
+    assert again.dataset.items == spec.dataset.items  # the same items every time: results stay comparable
+    assert len(svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, sample=500)).dataset) == 100
+    from_file = svc.build_spec(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), sample=40))
+    assert len(from_file.dataset) == 40 and from_file.dataset.items != load_dataset(EXAMPLES / "piqa-300.jsonl", limit=40).items
+    with pytest.raises(InputError, match="give --limit or --sample, not both"):
+        svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, sample=30, limit=30))

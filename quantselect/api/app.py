@@ -28,12 +28,13 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A Hugging Face folder or .gguf file the server can read, or 'demo'.")
-    dataset: str | None = Field(None, description="Path of a JSONL/CSV dataset the server can read.")
+    dataset: str | None = Field(None, description="Path of a dataset (JSONL, JSON array, CSV, Parquet) the server can read.")
     items: list[dict[str, Any]] | None = Field(None, description="Or the items inline, in the canonical format.")
     map: list[str] = Field(default_factory=list, description="Field mapping, as the CLI's --map KEY=VALUE.")
     labels: str | None = Field(None, description="Path of a file with one answer index per line.")
     metric: str | None = None
-    limit: int | None = None
+    limit: int | None = Field(None, description="Use only the first N items.")
+    sample: int | None = Field(None, description="Use a seeded random N of the items instead of the first N.")
     threshold: float = DEFAULT_THRESHOLD
     candidates: list[str] | None = None
     gpu_hour_usd: float | None = Field(None, description="Price of one target GPU-hour (default: the price table's).")
@@ -108,7 +109,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     def submit_job(body: JobRequest) -> dict[str, Any]:
         req = SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
                             mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
-                            limit=body.limit, threshold=body.threshold, candidates=body.candidates,
+                            limit=body.limit, sample=body.sample, threshold=body.threshold,
+                            candidates=body.candidates,
                             gpu_hour_usd=body.gpu_hour_usd, target_gpu=body.target_gpu,
                             calibration=body.calibration, calibration_samples=body.calibration_samples,
                             deploy=body.deploy, confidence=body.confidence,

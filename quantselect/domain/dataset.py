@@ -160,6 +160,16 @@ class TaskDataset:
         of the slice count from 0."""
         return replace(self, items=self.items[start:stop])
 
+    def sample(self, n: int, seed: int = 0) -> "TaskDataset":
+        """A seeded random ``n`` of the items, kept in their order (all of them if there are fewer):
+        a dataset sorted by category or difficulty is not cut to its first ones as ``limit`` cuts it."""
+        if n >= len(self.items):
+            return self
+        import random
+
+        keep = sorted(random.Random(seed).sample(range(len(self.items)), n))
+        return replace(self, items=tuple(self.items[i] for i in keep))
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "kind": self.kind,

@@ -40,14 +40,16 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         return f"{c:.4g}" + ("*" if r.get("cost_source") == "estimated" else "")
 
     target = next((r.get("target_gpu") for r in rows if r.get("target_gpu")), None) or "target"
+    ppl = any(r.get("perplexity") is not None for r in rows)  # label-free jobs: each one's perplexity
     return table(
-        ["candidate", "status", "items", "score", "relative", "interval", "verdict", "passes", "weights",
-         "peak mem", "quantize s", "tok/s b1", "tok/s b16", f"{target} tok/s", "$/1M tok", "error"],
+        ["candidate", "status", "items", "score", "relative", "interval", "verdict", "passes"] + ["ppl"] * ppl
+        + ["weights", "peak mem", "quantize s", "tok/s b1", "tok/s b16", f"{target} tok/s", "$/1M tok", "error"],
         [[r["name"], r["status"], items(r), fmt_num(r["score"]), fmt_num(r["relative_score"]), interval(r),
-          r.get("verdict") or "-", passed(r), fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]),
-          fmt_num(r["quantize_seconds"], 1), fmt_num(r["tokens_per_second"], 1),
-          fmt_num(r.get("decode_tokens_per_second_b16"), 1), fmt_num(r.get("target_tokens_per_second"), 0),
-          cost(r), (r["error"] or "")[:60]]
+          r.get("verdict") or "-", passed(r)] + [f"{r['perplexity']:.4g}" if r.get("perplexity") else "-"] * ppl
+         + [fmt_bytes(r["weight_bytes"]), fmt_bytes(r["peak_memory_bytes"]),
+            fmt_num(r["quantize_seconds"], 1), fmt_num(r["tokens_per_second"], 1),
+            fmt_num(r.get("decode_tokens_per_second_b16"), 1), fmt_num(r.get("target_tokens_per_second"), 0),
+            cost(r), (r["error"] or "")[:60]]
          for r in rows],
     )
 

@@ -461,7 +461,7 @@ class Service:
                 "cost_per_1m_tokens_usd": v.cost_per_1m_tokens_usd, "cost_source": v.cost_source,
                 "target_gpu": rec.target_gpu,
                 "target_tokens_per_second": v.cost.throughput.tokens_per_second if v.cost and v.cost.throughput else None,
-                "cost_note": v.cost.note if v.cost else None,
+                "cost_note": v.cost.note if v.cost else None, "perplexity": v.perplexity,
                 "disk_bytes": r.disk_bytes, "artifact_path": r.artifact_path, "artifact_reused": r.artifact_reused,
                 "error": r.error,
                 "eval_seconds": r.eval_seconds, "n_items": r.n_items, "items_stored": stored.get(r.name, 0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from dataclasses import replace
 
 import pytest
 
@@ -176,4 +177,53 @@ def test_the_reference_is_saved_and_loaded_whole(reference, tmp_path):
     for a, b in zip(back.items, reference.items):
         assert (a.n_prompt, a.text, a.truncated, a.digest) == (b.n_prompt, b.text, b.truncated, b.digest)
         assert (a.tokens == b.tokens).all() and (a.top_ids == b.top_ids).all() and (a.top_logprobs == b.top_logprobs).all()
+        assert (a.token_logprobs == b.token_logprobs).all()
     assert [p.name for p in path.parent.iterdir()] == ["key.npz"]  # no temporary file left
+    # A reference saved before the next tokens' log-probabilities were kept loads without them.
+    old = lf.Reference([lf.ReferenceItem(**{**i.__dict__, "token_logprobs": None}) for i in reference.items],
+                       reference.top_k, reference.settings)
+    old.save(path)
+    back = lf.Reference.load(path)
+    assert all(i.token_logprobs is None for i in back.items)
+    own = back.baseline_results(dataset())
+    assert [r.score for r in own] == [1.0] * len(PROMPT_TEXTS) and "perplexity" not in own[0].prediction
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
+         "Paris is the capital of France, and Berlin is the capital of Germany.",
+         "def add(a, b):\n    return a + b\n"]
+
+
+def test_a_text_corpus_is_scored_on_its_own_tokens_with_perplexity(base, int8):
+    """{"text"} items: no generation; the baseline's distributions over the text itself (llama.cpp's
+    KL-divergence check), and each model's perplexity of the text."""
+    import torch
+
+    ds = parse_records([{"text": t} for t in TEXTS])
+    assert (ds.kind, ds.metric, ds.max_new_tokens) == (PROMPTS, "top1_agreement", 0)
+    ref = lf.build_reference(base.model, base.tokenizer, ds)
+    for text, r in zip(TEXTS, ref.items):
+        want = base.tokenizer(text)["input_ids"]
+        assert r.tokens.tolist() == want and r.n_prompt == len(want) and r.text == ""  # nothing generated
+    own = ref.baseline_results(ds)
+    assert [r.score for r in own] == [1.0] * 3
+    for text, r in zip(TEXTS, own):  # the perplexity transformers' own loss gives
+        ids = torch.tensor([base.tokenizer(text)["input_ids"]])
+        with torch.inference_mode():
+            loss = base.model(ids, labels=ids).loss.item()
+        assert r.prediction["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+        assert r.prediction["n_tokens"] == ids.shape[1] - 1
+    same = ev.evaluate(base.model, base.tokenizer, ds, reference=ref)
+    assert [r.score for r in same] == [1.0] * 3
+    assert [r.prediction["perplexity"] for r in same] == pytest.approx([r.prediction["perplexity"] for r in own], rel=1e-5)
+    quant = ev.evaluate(int8.model, int8.tokenizer, replace(ds, metric="kl_similarity"), reference=ref)
+    assert all(0.5 < r.score < 1 and r.prediction["mean_kl"] > 0 for r in quant)
+    assert [r.prediction["perplexity"] for r in quant] != pytest.approx([r.prediction["perplexity"] for r in own])
+    from quantselect.domain.selection import perplexity
+
+    total = sum(r.prediction["nll"] for r in own) / sum(r.prediction["n_tokens"] for r in own)
+    assert perplexity(own) == pytest.approx(math.exp(total)) and perplexity([]) is None
+    with pytest.raises(InputError, match=r"items\[0\]: the text is a single token"):
+        lf.build_reference(base.model, base.tokenizer, parse_records([{"text": "Hi"}]))
+    with pytest.raises(InputError, match="max-new-tokens 0 scores only the text given"):
+        parse_records([{"text": t} for t in TEXTS], metric="baseline_match")

@@ -90,6 +90,32 @@ def test_label_free_prompts_only_with_early_stopping(ray_cluster, tiny_llama):
     assert sorted(i.index for i in items["int2"]) == sorted({i.index for i in items["int2"]})
     rec = svc.recommend(job.id)
     assert rec.verdict("int8").relative_score == pytest.approx(results["int8"].score)  # the baseline scores 1 on every item
+    rows = {r["name"]: r for r in svc.results_table(job.id)[1]}  # of the prompts and the baseline's continuations
+    assert all(rows[n]["perplexity"] > 1 for n in ("baseline", "int8", "int2")) and rec.verdict("int8").perplexity
+
+
+def test_a_text_corpus_job_scores_each_candidate_on_the_texts_themselves(ray_cluster, demo_model_dir, tmp_path):
+    """{"text"} items, the way a corpus of documents comes: no generation, the baseline's
+    distributions over the texts, and each candidate's perplexity of them."""
+    import json
+
+    from quantselect.render import results_table
+    from quantselect.service import SubmitRequest
+
+    corpus = tmp_path / "docs.jsonl"
+    goals = [json.loads(line)["prompt"] for line in (EXAMPLES / "piqa-300.jsonl").read_text().splitlines()[:24]]
+    corpus.write_text("".join(json.dumps({"text": g}) + "\n" for g in goals))
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(demo_model_dir), dataset=str(corpus), candidates=["int8", "int2"],
+                                   metric="kl_similarity"))
+    assert (job.dataset_kind, job.metric, svc.repo.get_job_spec(job.id).dataset.max_new_tokens) == ("prompts", "kl_similarity", 0)
+    svc.run_job(job.id)
+    _, rows, rec = svc.results_table(job.id)
+    rows = {r["name"]: r for r in rows}
+    assert all(r["status"] == "succeeded" for r in rows.values()), rows
+    assert rows["baseline"]["score"] == 1.0 and 0 < rows["int2"]["score"] < rows["int8"]["score"] < 1
+    assert rows["int2"]["perplexity"] > rows["int8"]["perplexity"] > 1  # 2-bit weights: a worse model of the text
+    assert " ppl " in results_table(list(rows.values())).splitlines()[0]
 
 
 def test_a_label_free_baseline_is_reused_with_its_stored_reference_outputs(ray_cluster, tiny_llama):

@@ -5,6 +5,9 @@ Canonical JSONL, one item a line (the kind follows from the fields; one kind per
 - multiple choice: {"prompt": str, "choices": [str, ...], "answer": int, "category"?: str}
 - generation:      {"prompt": str, "reference": str, "category"?: str}
 - prompts:         {"prompt": str, "category"?: str}   (no labels: scored against the baseline)
+- texts:           {"text": str, "category"?: str}   (a corpus: the baseline's next-token distributions
+  over the text itself, no generation -- llama.cpp's KL-divergence check on your own documents;
+  ``max_new_tokens`` 0)
 - conversations:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "category"?: str}
   instead of "prompt" (OpenAI chat format; ShareGPT's {"from": "human"|"gpt"|"system", "value": str}
   too). Rendered through the model's chat template with the assistant turn opened. A trailing
@@ -64,6 +67,7 @@ PROMPTS = "prompts"  # prompts only, no labels: label-free metrics against the b
 MULTIPLE_CHOICE_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: lm-eval's acc_norm
 GENERATION_METRICS = ("exact_match", "final_number", "substring")
 LABEL_FREE_METRICS = ("top1_agreement", "kl_similarity", "baseline_match")
+TEACHER_FORCED_METRICS = ("top1_agreement", "kl_similarity")  # need no generated tokens (max_new_tokens 0)
 METRICS = {
     MULTIPLE_CHOICE: MULTIPLE_CHOICE_METRICS,
     GENERATION: GENERATION_METRICS + LABEL_FREE_METRICS,
@@ -138,8 +142,12 @@ class TaskDataset:
                                      "not to a multiple-choice dataset")
             return
         n = self.max_new_tokens if self.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[self.metric]
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
-            raise InputError(f"max-new-tokens {n!r} must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}")
+        if n == 0 and self.metric not in TEACHER_FORCED_METRICS:
+            raise InputError(f"max-new-tokens 0 scores only the text given, which {' and '.join(TEACHER_FORCED_METRICS)} "
+                             f"do; metric {self.metric} needs generated tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_NEW_TOKENS_LIMIT:
+            low = 0 if self.metric in TEACHER_FORCED_METRICS else 1
+            raise InputError(f"max-new-tokens {n!r} must be an integer from {low} to {MAX_NEW_TOKENS_LIMIT}")
         stop = DEFAULT_STOP[self.metric] if self.stop is None else self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -491,6 +499,7 @@ def _validate(
         raise InputError(f"{source}: the dataset is empty")
     items: list[Item] = []
     kind = None
+    texts = False  # items given as 'text': a corpus, scored on its own tokens (no generation)
     for where, rec in records:
         item_kind, item = _item(rec, where)
         if kind is None:
@@ -498,6 +507,10 @@ def _validate(
         elif item_kind != kind:
             raise InputError(f"{where}: a {_KIND_NAMES[item_kind]} item in a {_KIND_NAMES[kind]} dataset; "
                              "do not mix kinds")
+        if items and ("text" in rec and "prompt" not in rec) != texts:
+            raise InputError(f"{where}: a {'text' if 'text' in rec else 'prompt'} item in a dataset of "
+                             f"{'texts' if texts else 'prompts'}; give every item 'text' or every item 'prompt'")
+        texts = "text" in rec and "prompt" not in rec
         if items and (item.messages is None) != (items[0].messages is None):
             raise InputError(f"{where}: a {'conversation' if item.messages else 'prompt'} item in a dataset of "
                              f"{'conversations' if items[0].messages else 'prompts'}; give every item 'messages' "
@@ -520,6 +533,8 @@ def _validate(
     check_references(items, metric, [where for where, _ in records])
     if isinstance(stop, str):
         stop = (stop,)
+    if texts and max_new_tokens is None:
+        max_new_tokens = 0
     return TaskDataset(kind=kind, metric=metric, items=tuple(items), source=source, max_new_tokens=max_new_tokens,
                        stop=None if stop is None else tuple(stop), chat_template=chat_template)
 
@@ -534,6 +549,15 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
         category = str(category)
     if "messages" in rec or "conversations" in rec:
         return _conversation(rec, where, category)
+    if "text" in rec and "prompt" not in rec:
+        text = rec["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: field 'text' must be a non-empty string")
+        extra = [k for k in ("choices", "answer", "reference") if k in rec]
+        if extra:
+            raise InputError(f"{where}: a text item is scored on its own tokens against the baseline; it takes no "
+                             f"{extra[0]!r} (give 'prompt' for a task item)")
+        return PROMPTS, Item(prompt=text, category=category)
     prompt = rec.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"{where}: field 'prompt' must be a non-empty string (or give 'messages', a conversation)")

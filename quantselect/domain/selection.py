@@ -17,7 +17,8 @@ A candidate whose verdict an early-stopping test settled keeps that verdict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from quantselect.domain.results import (
@@ -74,6 +75,7 @@ class Verdict:
     stopped_early: bool = False
     categories: tuple[CategoryVerdict, ...] = ()
     cost: ServingCost | None = None  # on the target GPU: throughput, measured or estimated, and why none
+    perplexity: float | None = None  # label-free metrics: exp(NLL per token) over the candidate's items
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -212,7 +214,8 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
     eligible = [r for r in results if evidence[r.name].passed and runs_on_target(r)]
     chosen = _cheapest(eligible, key)
     base_score = base.score if base_ok and base else None
-    verdicts = [_verdict(r, evidence[r.name], chosen, cost, memory, base_score, threshold, policy, costs.get(r.name))
+    verdicts = [replace(_verdict(r, evidence[r.name], chosen, cost, memory, base_score, threshold, policy,
+                                 costs.get(r.name)), perplexity=perplexity(items.get(r.name, [])))
                 for r in results]
     warnings = _warnings(verdicts, chosen, threshold, confidence, policy)
     per_category = _per_category(results, verdicts, key, runs_on_target)
@@ -228,6 +231,14 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
     return Recommendation(threshold=threshold, chosen=chosen.name if chosen else None, baseline_score=base_score,
                           verdicts=tuple(verdicts), message=message, confidence=confidence, policy=policy,
                           warnings=tuple(warnings), per_category=per_category, target_gpu=target_gpu)
+
+
+def perplexity(items: Sequence[ItemResult]) -> float | None:
+    """Over the items' tokens: exp(total NLL / total tokens), where label-free scoring stored them
+    (the perplexity of a text corpus, or of the prompts and the baseline's continuations)."""
+    rows = [i.prediction for i in items if isinstance(i.prediction, dict) and "nll" in i.prediction]
+    tokens = sum(p["n_tokens"] for p in rows)
+    return math.exp(sum(p["nll"] for p in rows) / tokens) if rows and len(rows) == len(items) and tokens else None
 
 
 def _tie_reason(chosen: str, c: float | None, cc: float | None, m: float | None, mc: float | None,

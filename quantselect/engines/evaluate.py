@@ -673,8 +673,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_n
 
 def generate_outputs(model: Any, tokenizer: Any, dataset: TaskDataset,
                      progress: Progress | None = None) -> list[Generation]:
-    """Every item's greedy output under the dataset's generation settings."""
+    """Every item's greedy output under the dataset's generation settings (none at all with
+    ``max_new_tokens`` 0: a text scored on its own tokens)."""
     prompts, truncated = encode_prompts(model, tokenizer, dataset)
     assert dataset.max_new_tokens is not None and dataset.stop is not None
+    if dataset.max_new_tokens == 0:
+        if progress:
+            progress(len(prompts), len(prompts))
+        return [Generation(p, [], "", cut) for p, cut in zip(prompts, truncated)]
     outs = generate(model, tokenizer, prompts, dataset.max_new_tokens, dataset.stop, progress)
     return [Generation(p, ids, text, cut, how) for p, cut, (ids, text, how) in zip(prompts, truncated, outs)]

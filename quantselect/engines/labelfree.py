@@ -30,8 +30,12 @@ exactly 1, so one relative-score threshold covers every metric:
   the other two only a forward pass.
 
 Label-free metrics apply to prompts-only datasets and to generation datasets (whose references are
-then ignored). Every item's ``prediction`` holds its ``mean_kl``, ``top1_agreement`` and
-``kl_similarity`` (and, for ``baseline_match``, the candidate's ``output``), whatever the metric.
+then ignored). With ``max_new_tokens`` 0 (the default of text datasets, ``{"text"}`` items) nothing
+is generated: the scored positions are the text's own, which is llama.cpp's KL-divergence check on
+the user's documents. Every item's ``prediction`` holds its ``mean_kl``, ``top1_agreement`` and
+``kl_similarity``, its ``nll`` (summed over the scored positions, nats), ``n_tokens`` and
+``perplexity`` (the baseline's from the log-probabilities of the next tokens kept in the
+reference), and, for ``baseline_match``, the candidate's ``output``, whatever the metric.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import numpy as np
 from quantselect.domain.dataset import LABEL_FREE_METRICS, MULTIPLE_CHOICE, Item, TaskDataset
 from quantselect.domain.results import ItemResult
 from quantselect.engines import evaluate as ev
+from quantselect.errors import InputError
 
 Progress = Callable[[int, int], None]
 TOP_K = 20  # baseline tokens kept per position
@@ -70,6 +75,7 @@ class ReferenceItem:
     top_ids: np.ndarray  # int32 [L - 1, k]: the baseline's most likely next tokens, most likely first
     top_logprobs: np.ndarray  # float32 [L - 1, k]
     digest: str  # of the prompt and the generation settings, to catch a mismatched dataset
+    token_logprobs: np.ndarray | None = None  # float32 [L - 1]: of each next token (None: saved before)
 
     @property
     def n_positions(self) -> int:
@@ -97,7 +103,8 @@ class Reference:
 
     @property
     def nbytes(self) -> int:
-        return sum(i.tokens.nbytes + i.top_ids.nbytes + i.top_logprobs.nbytes + len(i.text) for i in self.items)
+        return sum(i.tokens.nbytes + i.top_ids.nbytes + i.top_logprobs.nbytes + len(i.text)
+                   + (i.token_logprobs.nbytes if i.token_logprobs is not None else 0) for i in self.items)
 
     def save(self, path: Path) -> None:
         """To one ``.npz`` file (no pickle), written whole or not at all."""
@@ -106,6 +113,8 @@ class Reference:
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         for n, i in enumerate(self.items):
             arrays[f"tokens_{n}"], arrays[f"top_ids_{n}"], arrays[f"top_logprobs_{n}"] = i.tokens, i.top_ids, i.top_logprobs
+            if i.token_logprobs is not None:
+                arrays[f"token_logprobs_{n}"] = i.token_logprobs
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -117,7 +126,8 @@ class Reference:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
             items = [ReferenceItem(z[f"tokens_{n}"], n_prompt, text, truncated, z[f"top_ids_{n}"],
-                                   z[f"top_logprobs_{n}"], digest)
+                                   z[f"top_logprobs_{n}"], digest,
+                                   z[f"token_logprobs_{n}"] if f"token_logprobs_{n}" in z.files else None)
                      for n, (n_prompt, text, truncated, digest) in enumerate(meta["items"])]
         return cls(items, meta["top_k"], meta["settings"])
 
@@ -136,6 +146,8 @@ class Reference:
         out = []
         for n, (item, ref) in enumerate(zip(dataset.items, self.items)):
             prediction: dict[str, Any] = {"mean_kl": 0.0, "top1_agreement": 1.0, "kl_similarity": 1.0}
+            if ref.token_logprobs is not None:
+                prediction.update(_perplexity(-float(ref.token_logprobs.sum(dtype=np.float64)), ref.n_positions))
             if dataset.metric == "baseline_match":
                 prediction["output"] = ref.text
             out.append(ItemResult(index=n, correct=True, prediction=prediction, category=item.category,
@@ -225,25 +237,51 @@ def build_reference(model: Any, tokenizer: Any, dataset: TaskDataset, progress: 
     if dataset.kind == MULTIPLE_CHOICE:
         raise ValueError("label-free scoring takes a generation or prompts dataset")
     generating, forwarding = _two_phases(progress, len(dataset))
+    if dataset.max_new_tokens == 0 and progress:  # nothing generated: the forward pass is all
+        generating, forwarding = None, (lambda done: progress(done, len(dataset)))
     outputs = ev.generate_outputs(model, tokenizer, dataset, generating)
     sequences = [np.asarray(o.prompt_ids + o.output_ids, dtype=np.int32) for o in outputs]
+    for n, seq in enumerate(sequences):
+        if len(seq) < 2:
+            raise InputError(f"{dataset.source}[{n}]: the text is a single token, with no next token to score; "
+                             "give longer texts")
     top_ids = [np.zeros((len(s) - 1, top_k), dtype=np.int32) for s in sequences]
     top_lp = [np.zeros((len(s) - 1, top_k), dtype=np.float32) for s in sequences]
+    tok_lp = [np.zeros(len(s) - 1, dtype=np.float32) for s in sequences]
 
     def keep(logprobs: Any, items: np.ndarray, positions: np.ndarray) -> None:
         values, indices = logprobs.topk(top_k, dim=-1)
         values, indices = values.cpu().numpy(), indices.cpu().numpy().astype(np.int32)
+        actual = _next_token_logprobs(logprobs, sequences, items, positions).cpu().numpy()
         for i in np.unique(items):
             sel = items == i
             top_ids[i][positions[sel]] = indices[sel]
             top_lp[i][positions[sel]] = values[sel]
+            tok_lp[i][positions[sel]] = actual[sel]
 
     _teacher_forced(model, sequences, keep, forwarding)
     settings = _settings(dataset)
     return Reference(
-        [ReferenceItem(seq, len(o.prompt_ids), o.text, o.truncated, ids, lp, _digest(item, settings))
-         for item, o, seq, ids, lp in zip(dataset.items, outputs, sequences, top_ids, top_lp)],
+        [ReferenceItem(seq, len(o.prompt_ids), o.text, o.truncated, ids, lp, _digest(item, settings), t)
+         for item, o, seq, ids, lp, t in zip(dataset.items, outputs, sequences, top_ids, top_lp, tok_lp)],
         top_k, settings)
+
+
+def _next_token_logprobs(logprobs: Any, sequences: Sequence[np.ndarray], items: np.ndarray,
+                         positions: np.ndarray) -> Any:
+    """The log-probability each position gives the token that follows it in its sequence."""
+    import torch
+
+    following = np.fromiter((sequences[i][p + 1] for i, p in zip(items, positions)), dtype=np.int64,
+                            count=len(items))
+    return logprobs.gather(1, torch.from_numpy(following).to(logprobs.device)[:, None])[:, 0]
+
+
+def _perplexity(nll: float, n_tokens: int) -> dict[str, Any]:
+    """Per item: the summed negative log-likelihood of the tokens scored (nats), their count, and the
+    perplexity exp(nll / n) -- of the text itself for a text item, else of the prompt and the
+    baseline's continuation."""
+    return {"nll": nll, "n_tokens": n_tokens, "perplexity": float(np.exp(nll / n_tokens))}
 
 
 def position_scores(logprobs: Any, base_ids: Any, base_logprobs: Any) -> tuple[Any, Any]:
@@ -286,6 +324,8 @@ def score_against_reference(model: Any, tokenizer: Any, dataset: TaskDataset, re
     outputs = ev.generate_outputs(model, tokenizer, dataset, generating) if matching else None
     kl_sum = np.zeros(len(dataset), dtype=np.float64)
     agree_sum = np.zeros(len(dataset), dtype=np.float64)
+    nll_sum = np.zeros(len(dataset), dtype=np.float64)
+    sequences = [r.tokens for r in reference.items]
 
     def score(logprobs: Any, items: np.ndarray, positions: np.ndarray) -> None:
         base_ids = _gather(reference, items, positions, "top_ids")
@@ -294,14 +334,16 @@ def score_against_reference(model: Any, tokenizer: Any, dataset: TaskDataset, re
                                     torch.from_numpy(base_lp).to(device))
         np.add.at(kl_sum, items, kl.cpu().numpy())
         np.add.at(agree_sum, items, agree.cpu().numpy().astype(np.float64))
+        np.add.at(nll_sum, items, -_next_token_logprobs(logprobs, sequences, items, positions).double().cpu().numpy())
 
-    _teacher_forced(model, [r.tokens for r in reference.items], score, forwarding)
+    _teacher_forced(model, sequences, score, forwarding)
     results = []
     for n, (item, ref) in enumerate(zip(dataset.items, reference.items)):
         mean_kl = float(kl_sum[n] / ref.n_positions)
         top1 = float(agree_sum[n] / ref.n_positions)
         prediction: dict[str, Any] = {"mean_kl": mean_kl, "top1_agreement": top1,
-                                      "kl_similarity": float(np.exp(-mean_kl))}
+                                      "kl_similarity": float(np.exp(-mean_kl)),
+                                      **_perplexity(float(nll_sum[n]), ref.n_positions)}
         if matching:
             assert outputs is not None
             prediction["output"] = outputs[n].text

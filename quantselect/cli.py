@@ -211,7 +211,8 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
 @click.option("--early-stop/--no-early-stop", default=False, show_default=True,
               help="Stop each candidate once an anytime-valid test settles its verdict (the baseline runs first).")
 @click.option("--max-new-tokens", type=int, default=None,
-              help="Generation: most tokens per answer (default per metric: 32 exact_match, 64 substring, 256 final_number).")
+              help="Generation: most tokens per answer (default per metric: 32 exact_match, 64 substring, 256 "
+                   "final_number; 0 for texts: label-free metrics then score the prompt's own tokens).")
 @click.option("--stop", "stop", multiple=True, metavar="TEXT",
               help="Generation: cut the answer at TEXT (repeatable; default per metric, e.g. a newline for exact_match).")
 @click.option("--no-stop", is_flag=True, help="Generation: no stop strings at all.")

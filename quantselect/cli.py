@@ -531,7 +531,8 @@ def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool,
 def candidates(fmt: str) -> None:
     """Every candidate, its parameters, whether it can run on this machine, and why not.
 
-    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`."""
+    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`.
+    Add a checkpoint quantized elsewhere with LABEL=PATH, e.g. `--candidates int8,hub-awq=/models/llama-awq`."""
     from quantselect.domain.candidates import CATALOG, DEFAULT_CANDIDATES
     from quantselect.engines.quantize import availability
     from quantselect.render import table
@@ -549,6 +550,8 @@ def candidates(fmt: str) -> None:
                      [[r["name"], "yes" if r["available"] else "no", "yes" if r["default"] else "",
                        " ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-",
                        r["description"] if r["available"] else r["reason"]] for r in rows]))
+    click.echo("\nAlso LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain), "
+               "evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq")
 
 
 @cli.command()

@@ -145,8 +145,10 @@ class Service:
             if not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
             model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
+            candidates = resolve_checkpoints(candidates, None, on_cluster=True)
         else:
             model_path = check_model(req.model)
+            candidates = resolve_checkpoints(candidates, model_path, on_cluster=req.model_on_cluster)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
                     raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
@@ -733,9 +735,19 @@ def cache_keys(spec: JobSpec) -> dict[str, str]:
     if spec.early_stop:
         evaluation.update(threshold=spec.threshold, confidence=spec.confidence)
     calibration = spec.calibration.texts if spec.calibration else None
-    return {c.name: result_cache_key(model, dataset, c.config.to_dict(), calibration if c.config.calibrated else None,
-                                     evaluation)
+    return {c.name: result_cache_key(model, dataset, _checkpoint_config(c.config), calibration if c.config.calibrated
+                                     else None, evaluation)
             for c in spec.candidates}
+
+
+def _checkpoint_config(config: Any) -> dict[str, Any]:
+    """A candidate's config for its cache key; a checkpoint quantized elsewhere adds its files'
+    fingerprint, so a folder replaced in place is evaluated again."""
+    from quantselect.domain.candidates import Prequantized
+    from quantselect.engines.models import model_fingerprint
+
+    d = config.to_dict()
+    return {**d, "checkpoint": model_fingerprint(config.path)} if isinstance(config, Prequantized) else d
 
 
 def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] | None, target: Any,
@@ -765,6 +777,43 @@ def model_is_here(model: str) -> bool:
     from quantselect.engines.models import DEMO
 
     return model == DEMO or Path(model).expanduser().exists()
+
+
+def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, on_cluster: bool = False) -> list[Candidate]:
+    """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): the folder must hold a
+    Hugging Face model of the same vocabulary as the model; its quantization (method, bits, group
+    size) is read from its ``config.json``. A path only the cluster reads is checked there."""
+    from dataclasses import replace
+
+    from quantselect.domain.candidates import Prequantized, checkpoint_quantization
+
+    out = []
+    for c in candidates:
+        if not isinstance(c.config, Prequantized):
+            out.append(c)
+            continue
+        path = Path(c.config.path).expanduser()
+        if not path.exists() and on_cluster and path.is_absolute():
+            out.append(c)  # the worker on the cluster loads it, or fails this candidate saying why
+            continue
+        if not path.is_dir():
+            raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder")
+        cfg = read_model_config(path)
+        if cfg is None:
+            raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")
+        base = read_model_config(Path(model_path)) if model_path and Path(model_path).is_dir() else None
+        theirs, ours = (_vocab(x) for x in (cfg, base or {}))
+        if theirs and ours and theirs != ours:
+            raise InputError(f"candidate {c.name}: {path} has a vocabulary of {theirs} tokens and the model {ours}: "
+                             "not a checkpoint of the same model")
+        method, bits, group = checkpoint_quantization(cfg)
+        out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=method, bits=bits,
+                                             group_size=group)))
+    return out
+
+
+def _vocab(cfg: dict[str, Any]) -> int | None:
+    return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
 
 
 def check_candidates_fit(candidates: list[Any], model_path: str) -> None:

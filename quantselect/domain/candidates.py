@@ -7,6 +7,7 @@ Adding a scheme = one config class here + one handler in ``quantselect.engines.q
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -196,10 +197,63 @@ class Nf4(CandidateConfig):
         return 0.5 + (1 / 64 + 4 / (64 * 256) if self.double_quant else 4 / 64)
 
 
+@dataclass(frozen=True)
+class Prequantized(CandidateConfig):
+    """A checkpoint quantized elsewhere (a published AWQ / GPTQ / bitsandbytes / torchao / fp8
+    release, or any other Hugging Face folder of the same model), evaluated as it is against the
+    baseline. ``method``, ``bits`` and ``group_size`` are read from its ``quantization_config``
+    (``checkpoint_quantization``) when the job is submitted; they drive the cost and fit estimates."""
+
+    type_name: ClassVar[str] = "prequantized"
+    path: str = ""
+    method: str = "none"  # quantization_config.quant_method, "none" for a plain 16/32-bit checkpoint
+    bits: int = 16
+    group_size: int = 0  # 0: per channel, or not grouped
+    description: ClassVar[str] = "a checkpoint quantized elsewhere (LABEL=PATH), evaluated as it is"
+
+    @property
+    def weight_bits(self) -> float:  # type: ignore[override]
+        return self.bits + (32 / self.group_size if self.group_size and self.bits < 16 else 0)
+
+    @property
+    def compute(self) -> str:  # type: ignore[override]
+        return "fp8" if self.method in FP8_METHODS else "bf16"
+
+    def bytes_per_weight(self) -> float:
+        if self.bits >= 16:
+            return 2.0
+        return _grouped_bytes(self.bits, self.group_size) if self.group_size else self.bits / 8 + 2 / 4096
+
+
+FP8_METHODS = ("fp8", "fbgemm_fp8")
+
+
+def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
+    """(method, bits, group size) of a checkpoint from its ``config.json``: its
+    ``quantization_config`` (GPTQ/AWQ ``bits``/``group_size``, bitsandbytes 4/8-bit, fp8), or a plain
+    checkpoint's dtype."""
+    q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    if not q:
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        return "none", 32 if "32" in dtype else 16, 0
+    method = str(q.get("quant_method", "unknown")).lower()
+    group = int(q.get("group_size") or q.get("q_group_size") or 0)
+    if method == "bitsandbytes":
+        return method, 4 if q.get("load_in_4bit") else 8, 64 if q.get("load_in_4bit") else 0
+    if method in FP8_METHODS or "fp8" in str(q.get("quant_type", "")).lower():
+        return method, 8, 0
+    bits = q.get("bits") or q.get("w_bit") or q.get("weight_bits")
+    if bits is None and method == "compressed-tensors":  # its weights' num_bits, first group
+        groups = q.get("config_groups") or {}
+        weights = next(iter(groups.values()), {}).get("weights") or {}
+        bits, group = weights.get("num_bits"), int(weights.get("group_size") or 0)
+    return method, int(bits or 8), max(group, 0)
+
+
 CONFIG_TYPES: dict[str, type[CandidateConfig]] = {
     c.type_name: c
     for c in (FullPrecision, HalfPrecision, Int8WeightOnly, Int8Dynamic, Int4WeightOnly, LowBitWeightOnly,
-              Fp8Dynamic, Gptq, Awq, Nf4)
+              Fp8Dynamic, Gptq, Awq, Nf4, Prequantized)
 }
 
 # The catalogue users pick from by name.
@@ -252,9 +306,23 @@ def config_from_dict(d: dict[str, Any]) -> CandidateConfig:
     return cls(**data)
 
 
+LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
+
+
 def parse_candidate(spec: str) -> Candidate:
     """``NAME`` or ``NAME:key=value[:key=value...]`` (e.g. ``int4-gptq:group_size=64:bits=3``): a
-    catalogue entry with some of its parameters changed. Errors name the candidate and the field."""
+    catalogue entry with some of its parameters changed; or ``LABEL=PATH``: a checkpoint quantized
+    elsewhere (``Prequantized``; the service reads its quantization from the folder). Errors name the
+    candidate and the field."""
+    label, eq, path = spec.strip().partition("=")
+    if eq and ":" not in label:
+        label = label.strip()
+        if not LABEL.fullmatch(label) or label in CATALOG:
+            raise InputError(f"candidate {spec!r}: the label {label!r} must be lower case letters, digits, '.', '_' "
+                             "or '-' (up to 40), and not a catalogue name")
+        if not path.strip():
+            raise InputError(f"candidate {spec!r}: give the checkpoint's folder after '='")
+        return Candidate(label, Prequantized(path=path.strip()))
     name, *pairs = [p.strip() for p in spec.strip().split(":")]
     if name not in CATALOG:
         raise InputError(f"unknown candidate {name!r}; known: {', '.join(CATALOG)}")

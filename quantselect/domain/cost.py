@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantselect.domain import results
-from quantselect.domain.candidates import CandidateConfig, Fp8Dynamic
+from quantselect.domain.candidates import CandidateConfig
 from quantselect.domain.gpus import GPUS, GpuSpec, gpu, gpu_of_device  # noqa: F401 - re-exported
 from quantselect.domain.planner import Shape, gpus_needed
 
@@ -93,7 +93,7 @@ def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, 
                  context: int = SERVING_CONTEXT) -> ServingCost:
     """Cost per 1M generated tokens of ``config`` served on ``target``: from a throughput measured on
     that GPU type when there is one, else from the roofline estimate (labelled "estimated")."""
-    if isinstance(config, Fp8Dynamic) and target.fp8_tflops is None:
+    if config.compute == "fp8" and target.fp8_tflops is None:
         cap = ".".join(map(str, target.capability))
         return ServingCost(None, None, f"fp8 needs compute capability >= 8.9; {target.name} has {cap}", False)
     weights = shape.linear_params * config.bytes_per_weight() + shape.other_params * 2 if shape else None

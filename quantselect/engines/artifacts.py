@@ -109,30 +109,14 @@ def compare(expected: dict[str, list], model: Any, tokenizer: Any) -> float:
 def load(folder: str | Path, device: str, reused: bool = False, check_probe: bool = True) -> Any:
     """Load an artifact, check that every weight was mapped and (``check_probe``) that it gives the
     stored probe's outputs, and return a ``LoadedModel``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantselect.engines.quantize import LoadedModel, device_map, gptqmodel_reload_kwargs
+    from quantselect.engines.quantize import LoadedModel
 
     folder = Path(folder)
     meta = json.loads((folder / MARKER).read_text())
     if reused:
         touch(folder / MARKER)  # its "last used" time, which `cache prune --older-than` goes by
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    with warnings.catch_warnings():  # a kernel chosen for the device: transformers warns that it takes just that
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device_map(device),
-                                                           output_loading_info=True,
-                                                           dtype=getattr(torch, meta.get("dtype", "float32")),
-                                                           **gptqmodel_reload_kwargs(folder, device))
-    model.eval()
-    unmapped = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),
-                       *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))})
-    if unmapped:
-        raise ArtifactMismatch(
-            f"the quantized model saved at {folder} does not load back whole: {len(unmapped)} weight(s) missing, "
-            f"unexpected or mis-shaped (e.g. {', '.join(unmapped[:3])}); transformers would fill them with random "
-            "values. Delete the folder to quantize again")
+    model, tokenizer = _load_whole(folder, device, meta.get("dtype", "float32"),
+                                   "Delete the folder to quantize again")
     if check_probe:
         diff = compare(meta["probe"], model, tokenizer)
         if not diff <= PROBE_TOLERANCE:
@@ -142,6 +126,42 @@ def load(folder: str | Path, device: str, reused: bool = False, check_probe: boo
                 "unmapped weights with random values); delete the folder to quantize again")
     return LoadedModel(model, tokenizer, device, meta.get("dtype", "float32"), float(meta.get("quantize_seconds", 0.0)),
                        meta.get("engine", "saved artifact"), artifact_path=str(folder), reused=reused,
+                       disk_bytes=disk_bytes(folder))
+
+
+def _load_whole(folder: Path, device: str, dtype: str, remedy: str) -> tuple[Any, Any]:
+    """The model and tokenizer of a Hugging Face folder, refusing one whose weights do not all map
+    (transformers 5 would fill them with random values and only print a table)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantselect.engines.quantize import device_map, gptqmodel_reload_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    with warnings.catch_warnings():  # a kernel chosen for the device: transformers warns that it takes just that
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device_map(device),
+                                                           output_loading_info=True, dtype=getattr(torch, dtype),
+                                                           **gptqmodel_reload_kwargs(folder, device))
+    model.eval()
+    unmapped = sorted({*info.get("missing_keys", ()), *info.get("unexpected_keys", ()),
+                       *(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))})
+    if unmapped:
+        raise ArtifactMismatch(
+            f"the quantized model saved at {folder} does not load back whole: {len(unmapped)} weight(s) missing, "
+            f"unexpected or mis-shaped (e.g. {', '.join(unmapped[:3])}); transformers would fill them with random "
+            f"values. {remedy}")
+    return model, tokenizer
+
+
+def load_checkpoint(folder: str | Path, device: str, dtype: str, engine: str) -> Any:
+    """A checkpoint quantized elsewhere (``Prequantized``), loaded as it is: every weight must map;
+    there is no probe to check it against, since nothing here made it."""
+    from quantselect.engines.quantize import LoadedModel
+
+    folder = Path(folder)
+    model, tokenizer = _load_whole(folder, device, dtype, "Is the checkpoint complete, and for this transformers?")
+    return LoadedModel(model, tokenizer, device, dtype, 0.0, engine, artifact_path=str(folder),
                        disk_bytes=disk_bytes(folder))
 
 

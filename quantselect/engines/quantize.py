@@ -24,6 +24,7 @@ from quantselect.domain.candidates import (
     Gptq,
     LowBitWeightOnly,
     Nf4,
+    Prequantized,
 )
 from quantselect.errors import InputError
 
@@ -308,11 +309,21 @@ HANDLERS[Nf4] = Handler(_reference_dtype, _needs_bitsandbytes, hf_config=_nf4,
                         engine=lambda c, d: "bitsandbytes NF4" + (" (double-quantized)" if c.double_quant else ""))
 
 
+# A checkpoint quantized elsewhere needs the library of its method to load (fp8: a GPU that has it).
+PREQUANTIZED_NEEDS: dict[str, Callable[[], str | None]] = {
+    "gptq": _needs_gptqmodel, "awq": _needs_gptqmodel, "bitsandbytes": _needs_bitsandbytes,
+    "torchao": _needs_torchao, "fp8": _fp8_available, "fbgemm_fp8": _fp8_available,
+}
+HANDLERS[Prequantized] = Handler(_reference_dtype, lambda: None)  # loaded as it is (load_candidate)
+
+
 def handler_for(config: CandidateConfig, device: str = "cpu") -> Handler:
     try:
         handler = HANDLERS[type(config)]
     except KeyError:
         raise TypeError(f"no engine handler registered for {type(config).__name__}") from None
+    if isinstance(config, Prequantized):
+        return replace(handler, available=PREQUANTIZED_NEEDS.get(config.method, lambda: None))
     if isinstance(config, Int8Dynamic):  # torchao on a GPU, fbgemm on CPU (see _apply_w8a8_cpu)
         if device == "cuda":
             return replace(handler, hf_config=_w8a8_hf_config, engine=_torchao_engine(_int8_dyn))
@@ -357,6 +368,9 @@ def load_candidate(model_path: str, config: CandidateConfig, device: str | None 
         raise RuntimeError(reason)
     if artifacts.is_artifact(model_path):
         return artifacts.load(model_path, device, reused=True)
+    if isinstance(config, Prequantized):  # quantized elsewhere: loaded as it is, every weight mapped
+        return artifacts.load_checkpoint(config.path, device, handler.load_dtype(device),
+                                         f"prequantized ({config.method}, {config.bits}-bit)")
     _check_shape(model_path, config)
     if config.calibrated and not calibration:
         raise ValueError(f"{config.type_name} needs calibration samples")

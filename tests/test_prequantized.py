@@ -1,0 +1,131 @@
+"""Checkpoints quantized elsewhere (``LABEL=PATH``): a real GPTQ folder written by GPTQModel (without
+quantselect's own metadata, as a published release comes) and a plain copy of the model, parsed,
+resolved at submit with one-line errors, loaded as they are, and evaluated in a real job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from quantselect.domain.candidates import CATALOG, Prequantized, checkpoint_quantization, parse_candidate
+from quantselect.engines import artifacts
+from quantselect.engines.quantize import load_candidate
+from quantselect.errors import InputError
+from quantselect.service import Service, SubmitRequest
+from tests.fixtures.common import EXAMPLES
+
+CALIBRATION = [f"sample {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def gptq_release(tiny_llama, tmp_path_factory):
+    """A GPTQ checkpoint as it would be downloaded: GPTQModel's folder, without quantselect.json."""
+    root = tmp_path_factory.mktemp("made")
+    saved = load_candidate(str(tiny_llama), parse_candidate("int4-gptq:group_size=32").config, "cpu",
+                           artifacts_dir=str(root), calibration=CALIBRATION)
+    release = tmp_path_factory.mktemp("hub") / "tiny-llama-gptq"
+    shutil.copytree(saved.artifact_path, release)
+    (release / artifacts.MARKER).unlink()
+    return release, saved
+
+
+def test_label_equals_path_is_a_checkpoint_and_its_quantization_comes_from_its_config():
+    c = parse_candidate("hub-awq=/models/llama-awq")
+    assert c.name == "hub-awq" and c.config == Prequantized(path="/models/llama-awq")
+    for spec, message in [("int8=/x", "not a catalogue name"), ("My Model=/x", "must be lower case"),
+                          ("hub=", "give the checkpoint's folder")]:
+        with pytest.raises(InputError, match=message):
+            parse_candidate(spec)
+    assert parse_candidate("int4-gptq:group_size=64").name == "int4-gptq:group_size=64"  # still a catalogue entry
+    q = lambda **kw: checkpoint_quantization({"quantization_config": kw})  # noqa: E731
+    assert q(quant_method="gptq", bits=4, group_size=128) == ("gptq", 4, 128)
+    assert q(quant_method="gptq", bits=4, group_size=-1) == ("gptq", 4, 0)  # per channel
+    assert q(quant_method="awq", bits=4, group_size=128) == ("awq", 4, 128)
+    assert q(quant_method="bitsandbytes", load_in_4bit=True) == ("bitsandbytes", 4, 64)
+    assert q(quant_method="fbgemm_fp8") == ("fbgemm_fp8", 8, 0)
+    assert q(quant_method="compressed-tensors", config_groups={"group_0": {"weights": {"num_bits": 4, "group_size": 128}}}) \
+        == ("compressed-tensors", 4, 128)
+    assert checkpoint_quantization({"torch_dtype": "bfloat16"}) == ("none", 16, 0)
+    awq = Prequantized("/x", "awq", 4, 128)
+    assert awq.bytes_per_weight() == CATALOG["int4-awq"].bytes_per_weight() and awq.compute == "bf16"
+    assert Prequantized("/x", "fp8", 8, 0).compute == "fp8" and Prequantized("/x").bytes_per_weight() == 2.0
+
+
+def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, gptq_release, tmp_path):
+    release, _ = gptq_release
+    svc = Service()
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(20)]
+
+    def spec(*candidates):
+        return svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, candidates=list(candidates)))
+
+    [_, mine] = spec(f"mine={release}").candidates
+    assert mine.config == Prequantized(path=str(release.resolve()), method="gptq", bits=4, group_size=32)
+    with pytest.raises(InputError, match=r"candidate gone: .*/nowhere: no such checkpoint folder"):
+        spec(f"gone={tmp_path / 'nowhere'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="candidate empty: .* not a Hugging Face model folder"):
+        spec(f"empty={tmp_path / 'empty'}")
+    other = tmp_path / "other-model"
+    shutil.copytree(release, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(InputError, match=r"candidate other: .* has a vocabulary of \d+ tokens and the model \d+"):
+        spec(f"other={other}")
+    # The cache key follows the folder's files: a checkpoint replaced in place is evaluated again.
+    from quantselect.service import cache_keys
+
+    before = cache_keys(spec(f"mine={release}"))["mine"]
+    (release / "note.txt").write_text("a new file in the release")
+    assert cache_keys(spec(f"mine={release}"))["mine"] != before
+    (release / "note.txt").unlink()
+
+
+def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, gptq_release, tmp_path):
+    import torch
+
+    release, saved = gptq_release
+    probe = torch.arange(1, 33).unsqueeze(0)
+    config = Prequantized(path=str(release), method="gptq", bits=4, group_size=32)
+    loaded = load_candidate(str(tiny_llama), config, "cpu")
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(probe).logits, saved.model(probe).logits)  # the very weights GPTQModel wrote
+    assert loaded.artifact_path == str(release) and loaded.engine == "prequantized (gptq, 4-bit)"
+    assert loaded.quantize_seconds == 0.0 and loaded.disk_bytes > 0
+    # A plain checkpoint (another copy of the model) is the baseline's weights.
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_llama, plain)
+    base = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu")
+    same = load_candidate(str(tiny_llama), Prequantized(path=str(plain)), "cpu")
+    with torch.inference_mode():
+        assert torch.equal(same.model(probe).logits, base.model(probe).logits)
+    # A release missing a weight is refused, not filled with random values.
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(release, broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if "layers.0.mlp" not in k}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(artifacts.ArtifactMismatch, match="does not load back whole"):
+        load_candidate(str(tiny_llama), Prequantized(path=str(broken), method="gptq", bits=4, group_size=32), "cpu")
+
+
+def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_cluster, tiny_llama, gptq_release):
+    release, _ = gptq_release
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
+                                   "--candidates", f"int8,hub-gptq={release}", "--threshold", "0.5"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split()[1].rstrip(":")
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)}
+    hub = rows["hub-gptq"]
+    assert hub["status"] == "succeeded" and hub["n_items"] == 12 and hub["artifact_path"] == str(release.resolve())
+    assert hub["quantize_seconds"] == 0.0 and hub["tokens_per_second"] > 0
+    # Costed as the 4-bit checkpoint it is (weights on the target below the baseline's, and int8's).
+    assert hub["cost_per_1m_tokens_usd"] < rows["int8"]["cost_per_1m_tokens_usd"] < rows["baseline"]["cost_per_1m_tokens_usd"]
+    assert release.is_dir() and not (release / artifacts.MARKER).exists()  # the user's folder is left as it was

@@ -145,10 +145,10 @@ class Service:
             if not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
             model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
-            candidates = resolve_checkpoints(candidates, None, on_cluster=True)
+            candidates = resolve_checkpoints(candidates, None)
         else:
             model_path = check_model(req.model)
-            candidates = resolve_checkpoints(candidates, model_path, on_cluster=req.model_on_cluster)
+            candidates = resolve_checkpoints(candidates, model_path)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
                     raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
@@ -779,10 +779,11 @@ def model_is_here(model: str) -> bool:
     return model == DEMO or Path(model).expanduser().exists()
 
 
-def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, on_cluster: bool = False) -> list[Candidate]:
+def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> list[Candidate]:
     """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): the folder must hold a
     Hugging Face model of the same vocabulary as the model; its quantization (method, bits, group
-    size) is read from its ``config.json``. A path only the cluster reads is checked there."""
+    size) is read from its ``config.json`` here, at submit, so the folder must be readable here (on
+    a cluster: the same path on shared storage)."""
     from dataclasses import replace
 
     from quantselect.domain.candidates import Prequantized, checkpoint_quantization
@@ -793,11 +794,9 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, on_
             out.append(c)
             continue
         path = Path(c.config.path).expanduser()
-        if not path.exists() and on_cluster and path.is_absolute():
-            out.append(c)  # the worker on the cluster loads it, or fails this candidate saying why
-            continue
         if not path.is_dir():
-            raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder")
+            raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder here (its quantization is read "
+                             "at submit: on a cluster, submit where the same path is mounted)")
         cfg = read_model_config(path)
         if cfg is None:
             raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")

@@ -88,8 +88,9 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
     return "\n".join(lines)
 
 
-def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str) -> str:
-    """README.md of an exported model: what it is, the evidence it was chosen on, how to load it."""
+def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None) -> str:
+    """README.md of an exported model: what it is, the evidence it was chosen on (with the items
+    where it differs most from the baseline, ``differs``), how to load it."""
     row = next(r for r in rows if r["name"] == name)
     v = rec.verdict(name)
     title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
@@ -115,7 +116,9 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
         "A `quantization_config` in `config.json` names the library the weights need (torchao, bitsandbytes, "
         "or GPTQModel for GPTQ/AWQ); engines that read it (e.g. vLLM) load the folder as it is.", "",
         "## Evidence", "", "```", results_table(rows), "", recommendation_text(rec, {r["throughput_engine"] for r in rows}),
-        "```", "", "Every figure is also in `quantselect-evidence.json`.", "",
+        "```", "",
+        *(["## Where it differs from the baseline", "", "```", comparison_text(differs), "```", ""] if differs else []),
+        "Every figure is also in `quantselect-evidence.json`.", "",
     ])
 
 

@@ -593,8 +593,10 @@ class Service:
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
             raise InputError(f"{dest}: already exists; name a new (or empty) folder to export to")
         _, rows, rec = self.results_table(job_id)
-        evidence = {"job": job.to_dict(), "candidate": name, "results": rows, "recommendation": rec.to_dict()}
-        files = {"README.md": model_card(job, name, rows, rec, str(out)),
+        differs = self.compare(job_id, name, limit=3) if name != BASELINE else None  # its worst items, shown
+        evidence = {"job": job.to_dict(), "candidate": name, "results": rows, "recommendation": rec.to_dict(),
+                    "compare": differs.to_dict() if differs else None}
+        files = {"README.md": model_card(job, name, rows, rec, str(out), differs),
                  "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
         artifact = _artifact(chosen)

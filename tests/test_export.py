@@ -68,6 +68,9 @@ def test_export_writes_a_folder_plain_transformers_loads_with_the_evidence(finis
     assert "relative quality" in card and "interval" in card and str(folder) in card
     evidence = json.loads((folder / "quantselect-evidence.json").read_text())
     assert evidence["candidate"] == "int8" and evidence["job"]["id"] == job_id
+    # the items where it differs most from the baseline, as `quantselect compare` shows them
+    assert "## Where it differs from the baseline" in card and "int8 against baseline on" in card
+    assert evidence["compare"]["candidate"] == "int8" and evidence["compare"]["n_items"] > 0
     assert {r["name"] for r in evidence["results"]} == {"baseline", "int8", "bf16", "w8a8"}
     # what was evaluated: the artifact's outputs, loaded by transformers alone
     plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()

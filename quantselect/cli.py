@@ -323,8 +323,8 @@ def jobs(fmt: str) -> None:
     all_jobs = _service().list_jobs()
     if fmt == "json":
         return _echo_json([j.to_dict() for j in all_jobs])
-    click.echo(table(["id", "status", "model", "dataset", "items", "candidates", "created"],
-                     [[j.id, j.status, j.model, j.dataset_source, j.n_items, ",".join(j.candidate_names),
+    click.echo(table(["id", "status", "model", "dataset", "items", "metric", "candidates", "created"],
+                     [[j.id, j.status, j.model, j.dataset_source, j.n_items, j.metric, ",".join(j.candidate_names),
                        j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in all_jobs]))
 
 

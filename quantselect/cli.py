@@ -388,7 +388,8 @@ def recommend(job_id: str, threshold: float | None, confidence: float | None, po
 @click.argument("job_id")
 @click.argument("candidate")
 @click.option("--against", default=BASELINE, show_default=True, help="The candidate to compare with.")
-@click.option("--limit", type=int, default=10, show_default=True, help="Items shown each way (worse, better).")
+@click.option("--limit", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Items shown each way (worse, better).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def compare(job_id: str, candidate: str, against: str, limit: int, fmt: str) -> None:
     """The items CANDIDATE scored differently from the baseline (or --against), worst drops first:

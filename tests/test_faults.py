@@ -15,11 +15,9 @@ import threading
 import time
 
 import psutil
-import pytest
 from click.testing import CliRunner
 
 from quantselect.cli import cli
-from quantselect.db import Repository
 from quantselect.service import Service, SubmitRequest
 from quantselect.settings import get_settings
 from tests.fixtures.common import EXAMPLES

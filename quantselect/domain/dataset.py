@@ -1,5 +1,5 @@
-r"""Task datasets: the canonical item shapes, loading JSONL, JSON, CSV and Parquet, field mapping, validation, and the
-text metrics of generation tasks.
+r"""Task datasets: the canonical item shapes, loading JSONL, JSON, CSV and Parquet, field mapping,
+validation, and the text metrics of generation tasks.
 
 Canonical JSONL, one item a line (the kind follows from the fields; one kind per dataset):
 - multiple choice: {"prompt": str, "choices": [str, ...], "answer": int, "category"?: str}
@@ -383,8 +383,9 @@ def load_dataset(
     stop: Iterable[str] | None = None,
     chat_template: bool = False,
 ) -> TaskDataset:
-    """Load a task dataset (JSONL; a JSON array in a .json file; CSV; Parquet), validating every item. ``metric``, ``max_new_tokens`` and
-    ``stop`` left as None take the defaults (see the module docstring)."""
+    """Load a task dataset (JSONL; a JSON array in a .json file; CSV; Parquet), validating every item.
+    ``metric``, ``max_new_tokens`` and ``stop`` left as None take the defaults (see the module
+    docstring)."""
     path = Path(path)
     mapping = mapping or FieldMapping()
     if not path.is_file():
@@ -498,8 +499,7 @@ def _validate(
     if not records:
         raise InputError(f"{source}: the dataset is empty")
     items: list[Item] = []
-    kind = None
-    texts = False  # items given as 'text': a corpus, scored on its own tokens (no generation)
+    kind = shape = None
     for where, rec in records:
         item_kind, item = _item(rec, where)
         if kind is None:
@@ -507,14 +507,13 @@ def _validate(
         elif item_kind != kind:
             raise InputError(f"{where}: a {_KIND_NAMES[item_kind]} item in a {_KIND_NAMES[kind]} dataset; "
                              "do not mix kinds")
-        if items and ("text" in rec and "prompt" not in rec) != texts:
-            raise InputError(f"{where}: a {'text' if 'text' in rec else 'prompt'} item in a dataset of "
-                             f"{'texts' if texts else 'prompts'}; give every item 'text' or every item 'prompt'")
-        texts = "text" in rec and "prompt" not in rec
-        if items and (item.messages is None) != (items[0].messages is None):
-            raise InputError(f"{where}: a {'conversation' if item.messages else 'prompt'} item in a dataset of "
-                             f"{'conversations' if items[0].messages else 'prompts'}; give every item 'messages' "
-                             "or every item 'prompt'")
+        # how the item gives its input: a prompt, a text (a corpus, no generation) or a conversation
+        mine = "conversation" if item.messages is not None else "text" if "prompt" not in rec else "prompt"
+        if shape is None:
+            shape = mine
+        elif mine != shape:
+            raise InputError(f"{where}: a {mine} item in a dataset of {shape}s; give every item "
+                             f"'{_SHAPE_FIELDS[shape]}' or every item '{_SHAPE_FIELDS[mine]}'")
         items.append(item)
     assert kind is not None
     if metric is None:
@@ -533,12 +532,13 @@ def _validate(
     check_references(items, metric, [where for where, _ in records])
     if isinstance(stop, str):
         stop = (stop,)
-    if texts and max_new_tokens is None:
+    if shape == "text" and max_new_tokens is None:
         max_new_tokens = 0
     return TaskDataset(kind=kind, metric=metric, items=tuple(items), source=source, max_new_tokens=max_new_tokens,
                        stop=None if stop is None else tuple(stop), chat_template=chat_template)
 
 
+_SHAPE_FIELDS = {"prompt": "prompt", "text": "text", "conversation": "messages"}
 _KIND_NAMES = {MULTIPLE_CHOICE: "multiple_choice", GENERATION: "generation",
                PROMPTS: "prompts-only (no 'choices' or 'reference')"}
 

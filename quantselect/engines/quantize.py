@@ -206,6 +206,8 @@ HANDLERS[Int8Dynamic] = Handler(_reference_dtype, _needs_torchao, hf_config=None
 HANDLERS[Int4WeightOnly] = _torchao_handler(_int4_wo)
 HANDLERS[LowBitWeightOnly] = _torchao_handler(_low_bit)
 HANDLERS[Fp8Dynamic] = _torchao_handler(_fp8_dyn, _fp8_available, lambda d: "bfloat16")
+
+
 def calibration_texts(tokenizer: Any, samples: Any) -> list[str]:
     """The calibration samples as text: a conversation is rendered through the model's chat template
     whole (the answer as the assistant's turn), as the deployed model sees it."""

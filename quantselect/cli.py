@@ -191,7 +191,8 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
 @click.option("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, show_default=True,
               help="GPTQ/AWQ calibration samples (held out of the evaluation when taken from the dataset).")
 @click.option("--map", "mapping", multiple=True, metavar="KEY=VALUE",
-              help="Read another dataset shape: prompt=TEMPLATE|FIELD, choices=F1,F2, answer=F, reference=F, category=F.")
+              help="Read another dataset shape: prompt=TEMPLATE|FIELD, text=F, messages=F, choices=F1,F2, "
+                   "answer=F, reference=F, category=F.")
 @click.option("--labels", type=click.Path(dir_okay=False), default=None, help="File with one answer index per line.")
 @click.option("--metric", type=click.Choice(METRICS), default=None,
               help="Scoring (default: accuracy for multiple choice; final_number when references hold '####', "

@@ -43,6 +43,25 @@ def test_gsm8k_through_field_mapping_uses_final_number():
     assert ds.kind == GENERATION and ds.metric == "final_number" and "####" in ds.items[0].reference
 
 
+def test_a_text_corpus_through_field_mapping(tmp_path):
+    """A corpus whose text sits under another name, or a text corpus with a mapped category, stays a
+    corpus (scored on its own tokens, nothing generated) instead of failing for want of a prompt."""
+    p = tmp_path / "wiki.jsonl"
+    p.write_text('{"content": "The cat sat on the mat.", "topic": "pets"}\n'
+                 '{"content": "Rain fell all night.", "topic": "weather"}\n')
+    ds = load_dataset(p, FieldMapping.parse(["text=content", "category=topic"]))
+    assert [i.prompt for i in ds.items] == ["The cat sat on the mat.", "Rain fell all night."]
+    assert [i.category for i in ds.items] == ["pets", "weather"] and ds.max_new_tokens == 0
+    q = tmp_path / "texts.jsonl"
+    q.write_text('{"text": "The cat sat on the mat.", "topic": "pets"}\n')
+    ds = load_dataset(q, FieldMapping.parse(["category=topic"]))
+    assert ds.items[0].prompt == "The cat sat on the mat." and ds.max_new_tokens == 0
+    with pytest.raises(InputError, match="give one of prompt=, text= or messages="):
+        FieldMapping.parse(["text=content", "prompt=content"]).apply({"content": "x"}, "d.jsonl:1")
+    with pytest.raises(InputError, match=r"wiki.jsonl:1: missing field 'body'"):
+        load_dataset(p, FieldMapping.parse(["text=body"]))
+
+
 def test_csv_is_accepted(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text('prompt,choices,answer\nSky is,"[""blue"", ""green""]",0\n')

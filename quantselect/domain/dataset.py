@@ -308,10 +308,11 @@ class FieldMapping:
     reference: str | None = None
     category: str | None = None
     messages: str | None = None  # the field holding a conversation (ShareGPT's "conversations")
+    text: str | None = None  # the field holding a document of a corpus (scored on its own tokens)
     labels_file: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
-    KEYS = ("prompt", "messages", "choices", "answer", "reference", "category")
+    KEYS = ("prompt", "text", "messages", "choices", "answer", "reference", "category")
 
     @classmethod
     def parse(cls, pairs: Iterable[str], labels_file: str | None = None) -> "FieldMapping":
@@ -332,18 +333,23 @@ class FieldMapping:
 
     @property
     def is_identity(self) -> bool:
-        return not any((self.prompt, self.choices, self.answer, self.reference, self.category, self.messages))
+        return not any((self.prompt, self.text, self.choices, self.answer, self.reference, self.category,
+                        self.messages))
 
     def apply(self, record: dict[str, Any], where: str) -> dict[str, Any]:
         if self.is_identity:
             return dict(record)
         out: dict[str, Any] = {}
         prompt = self.prompt or "prompt"
-        if self.prompt and self.messages:
-            raise InputError("--map: give prompt= or messages=, not both")
+        if sum(bool(k) for k in (self.prompt, self.text, self.messages)) > 1:
+            raise InputError("--map: give one of prompt=, text= or messages=, not several")
         chat = self.messages or next((k for k in ("messages", "conversations") if k in record), None)
-        if chat and not self.prompt:
+        if self.text:
+            out["text"] = _field(record, self.text, where)
+        elif chat and not self.prompt:
             out["messages"] = _field(record, chat, where)  # each message in OpenAI's or ShareGPT's form
+        elif not self.prompt and "prompt" not in record and "text" in record:
+            out["text"] = record["text"]  # a corpus, with only its category (say) mapped
         elif "{" in prompt:
             try:
                 out["prompt"] = prompt.format(**record)

@@ -88,9 +88,11 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
     return "\n".join(lines)
 
 
-def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None) -> str:
+def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None,
+               gguf_file: str | None = None) -> str:
     """README.md of an exported model: what it is, the evidence it was chosen on (with the items
-    where it differs most from the baseline, ``differs``), how to load it."""
+    where it differs most from the baseline, ``differs``), how to load it (``gguf_file``: a GGUF
+    checkpoint, run by llama.cpp or Ollama)."""
     row = next(r for r in rows if r["name"] == name)
     v = rec.verdict(name)
     title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
@@ -100,8 +102,20 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
                + (f", {rec.confidence:.0%} interval [{v.ci_low:.3f}, {v.ci_high:.3f}], verdict {v.verdict}"
                   if v.ci_low is not None and name != BASELINE else ""))
     cost = row.get("cost_per_1m_tokens_usd")
+    load = [
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{path}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
+        "A `quantization_config` in `config.json` names the library the weights need (torchao, bitsandbytes, "
+        "or GPTQModel for GPTQ/AWQ); engines that read it (e.g. vLLM) load the folder as it is.", ""]
+    if gguf_file:
+        load = ["```bash", f"llama-server -m {path}/{gguf_file}    # llama.cpp, OpenAI-compatible on :8080",
+                f"printf 'FROM ./{gguf_file}\\n' > {path}/Modelfile && ollama create {name} -f {path}/Modelfile",
+                "```", "",
+                "The quality above was measured on these very weights, dequantized; llama.cpp's figures of memory "
+                "and speed are its own (the cost above is a roofline estimate from the file's bits per weight).", ""]
     return "\n".join([
-        "---", "library_name: transformers", "tags:", "- quantselect", f"- {name}", "---", "",
+        "---", f"library_name: {'gguf' if gguf_file else 'transformers'}", "tags:", "- quantselect", f"- {name}", "---", "",
         f"# {title}: {name}", "",
         f"{name} ({row.get('throughput_engine') or row.get('device') or 'see below'}) of `{job.model}`, {why} by "
         f"quantselect job `{job.id}` on `{job.dataset_source}` ({row.get('n_items')} items, {job.metric}): {quality}; "
@@ -110,11 +124,7 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
         + (f"; ${cost:.4g} per 1M generated tokens on {row.get('target_gpu')} ({row.get('cost_source')})." if cost else "."),
         "",
         "Measured on that task only: quality on another task can differ (reasoning, maths and code lose first).",
-        "", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'model = AutoModelForCausalLM.from_pretrained("{path}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", "",
-        "A `quantization_config` in `config.json` names the library the weights need (torchao, bitsandbytes, "
-        "or GPTQModel for GPTQ/AWQ); engines that read it (e.g. vLLM) load the folder as it is.", "",
+        "", "## Load it", "", *load,
         "## Evidence", "", "```", results_table(rows), "", recommendation_text(rec, {r["throughput_engine"] for r in rows}),
         "```", "",
         *(["## Where it differs from the baseline", "", "```", comparison_text(differs), "```", ""] if differs else []),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, parse_age, plan_prune
-from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, resolve_candidates
+from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, Prequantized, resolve_candidates
 from quantselect.domain.compare import ItemComparison, compare_items
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
@@ -278,7 +278,7 @@ class Service:
                             early_stop=early_stop, calibration=spec.calibration,
                             artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
                             partial=partial, max_retries=self.settings.max_retries,
-                            stream_chunk=self.settings.stream_chunk)
+                            stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir))
         return None if hooks.stopped else results
 
     def _succeed(self, job_id: str, results: list[CandidateResult]) -> str:
@@ -530,6 +530,10 @@ class Service:
         check_engine(engine)  # before a Ray head is started
         job = self.get_job(job_id)
         name, chosen = self._succeeded_candidate(job, candidate, "deployed")
+        config = Candidate.from_dict({"name": name, "config": chosen.config}).config
+        if isinstance(config, Prequantized) and config.is_gguf:
+            raise ConflictError(f"job {job_id}: {name} is a GGUF file, run by llama.cpp (llama-server -m {config.path}) "
+                                "or Ollama, not by quantselect's server; `quantselect export` copies it with its evidence")
         artifact = _artifact(chosen)
         if artifact is None and Candidate.from_dict({"name": name, "config": chosen.config}).config.calibrated:
             raise ConflictError(_artifact_gone(job_id, name, chosen))
@@ -596,11 +600,16 @@ class Service:
         differs = self.compare(job_id, name, limit=3) if name != BASELINE else None  # its worst items, shown
         evidence = {"job": job.to_dict(), "candidate": name, "results": rows, "recommendation": rec.to_dict(),
                     "compare": differs.to_dict() if differs else None}
-        files = {"README.md": model_card(job, name, rows, rec, str(out), differs),
-                 "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
+        gguf = Path(config.path) if isinstance(config, Prequantized) and config.is_gguf else None
+        files = {"README.md": model_card(job, name, rows, rec, str(out), differs, gguf_file=gguf and gguf.name),
+                 "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         artifact = _artifact(chosen)
-        if artifact:
+        if gguf:  # the file itself, as llama.cpp and Ollama run it
+            if not gguf.is_file():
+                raise ConflictError(f"job {job_id}: {name}'s GGUF file {gguf} is no longer there")
+            artifacts.export_file(gguf, out, files)
+        elif artifact:
             artifacts.export_folder(artifact, out, files)
         elif isinstance(config, FullPrecision):  # the reference is the base model as it is
             artifacts.export_folder(resolve_model(job.model_path, self.settings.models_dir), out, files)
@@ -745,7 +754,6 @@ def cache_keys(spec: JobSpec) -> dict[str, str]:
 def _checkpoint_config(config: Any) -> dict[str, Any]:
     """A candidate's config for its cache key; a checkpoint quantized elsewhere adds its files'
     fingerprint, so a folder replaced in place is evaluated again."""
-    from quantselect.domain.candidates import Prequantized
     from quantselect.engines.models import model_fingerprint
 
     d = config.to_dict()
@@ -782,13 +790,14 @@ def model_is_here(model: str) -> bool:
 
 
 def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> list[Candidate]:
-    """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): the folder must hold a
-    Hugging Face model of the same vocabulary as the model; its quantization (method, bits, group
-    size) is read from its ``config.json`` here, at submit, so the folder must be readable here (on
-    a cluster: the same path on shared storage)."""
+    """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): a Hugging Face folder or
+    a ``.gguf`` file of the same vocabulary as the model; its quantization (method, bits, group size;
+    a GGUF file's type and bits per weight) is read here, at submit, so the path must be readable
+    here (on a cluster: the same path on shared storage)."""
     from dataclasses import replace
 
-    from quantselect.domain.candidates import Prequantized, checkpoint_quantization
+    from quantselect.domain.candidates import GGUF, checkpoint_quantization
+    from quantselect.engines.models import gguf_quantization
 
     out = []
     for c in candidates:
@@ -796,21 +805,43 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
             out.append(c)
             continue
         path = Path(c.config.path).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            q = gguf_quantization(path)
+            _check_vocab(c.name, path, q["vocab_size"], model_path)
+            out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=GGUF, bits=q["bits"],
+                                                 group_size=0, file_type=q["file_type"],
+                                                 bits_per_weight=q["bits_per_weight"])))
+            continue
+        if path.is_file():
+            raise InputError(f"candidate {c.name}: {path}: a checkpoint is a Hugging Face model folder or a .gguf file")
         if not path.is_dir():
-            raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder here (its quantization is read "
-                             "at submit: on a cluster, submit where the same path is mounted)")
+            raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder or .gguf file here (its "
+                             "quantization is read at submit: on a cluster, submit where the same path is mounted)")
         cfg = read_model_config(path)
         if cfg is None:
             raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")
-        base = read_model_config(Path(model_path)) if model_path and Path(model_path).is_dir() else None
-        theirs, ours = (_vocab(x) for x in (cfg, base or {}))
-        if theirs and ours and theirs != ours:
-            raise InputError(f"candidate {c.name}: {path} has a vocabulary of {theirs} tokens and the model {ours}: "
-                             "not a checkpoint of the same model")
+        _check_vocab(c.name, path, _vocab(cfg), model_path)
         method, bits, group = checkpoint_quantization(cfg)
         out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=method, bits=bits,
                                              group_size=group)))
     return out
+
+
+def _check_vocab(name: str, path: Path, theirs: int | None, model_path: str | None) -> None:
+    """A checkpoint of another model (another vocabulary) is refused; the model's vocabulary is read
+    from its config.json, or from its GGUF file's header."""
+    from quantselect.engines.models import DEMO, demo_gguf_path, gguf_quantization
+
+    ours = None
+    if model_path:
+        model = demo_gguf_path() if model_path == DEMO else Path(model_path)
+        if model.is_dir():
+            ours = _vocab(read_model_config(model) or {})
+        elif model.is_file():
+            ours = gguf_quantization(model)["vocab_size"]
+    if theirs and ours and theirs != ours:
+        raise InputError(f"candidate {name}: {path} has a vocabulary of {theirs} tokens and the model {ours}: "
+                         "not a checkpoint of the same model")
 
 
 def _vocab(cfg: dict[str, Any]) -> int | None:

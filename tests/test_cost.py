@@ -8,7 +8,7 @@ import json
 import pytest
 
 from quantselect.domain import cost, planner
-from quantselect.domain.candidates import CATALOG, BASELINE, parse_candidate, resolve_candidates
+from quantselect.domain.candidates import CATALOG, BASELINE, Prequantized, parse_candidate, resolve_candidates
 from quantselect.domain.results import SUCCEEDED, CandidateResult
 from quantselect.domain.selection import recommend
 from quantselect.errors import InputError
@@ -75,6 +75,18 @@ def test_a_measurement_on_the_target_replaces_the_estimate_but_eager_and_cpu_nev
     assert cost.measured_on(eager, h100) is None
     cpu = CandidateResult(**base, device="cpu", throughput_engine="transformers generate (eager) on cpu")
     assert cost.measured_on(cpu, h100) is None
+    # A GGUF file runs in llama.cpp; what was measured here is its dense stand-in: never its cost.
+    gguf = Prequantized("/m.Q4_K_M.gguf", "gguf", 4, 0, "Q4_K_M", 4.85)
+    stand_in = CandidateResult(**{**base, "name": "q4km", "config": gguf.to_dict()}, device="cuda:NVIDIA H100 80GB HBM3",
+                               throughput_engine=compiled.throughput_engine)
+    assert cost.measured_on(stand_in, h100) is None
+    est = cost.serving_cost(gguf, shape("llama-3.1-8b"), h100, 2.5, None)
+    assert est.throughput.source.startswith("estimated")
+    q4_0 = cost.serving_cost(Prequantized("/m.Q4_0.gguf", "gguf", 4, 0, "Q4_0", 4.5), shape("llama-3.1-8b"), h100, 2.5,
+                             None)
+    int4 = cost.serving_cost(CATALOG["int4"], shape("llama-3.1-8b"), h100, 2.5, None)  # 4 + 32/32 bits
+    assert q4_0.weight_bytes < est.weight_bytes < int4.weight_bytes  # by the bits per weight read from each file
+    assert q4_0.usd_per_1m_tokens < est.usd_per_1m_tokens < int4.usd_per_1m_tokens
 
 
 def test_gpu_names_and_device_strings():

@@ -129,3 +129,71 @@ def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_clu
     # Costed as the 4-bit checkpoint it is (weights on the target below the baseline's, and int8's).
     assert hub["cost_per_1m_tokens_usd"] < rows["int8"]["cost_per_1m_tokens_usd"] < rows["baseline"]["cost_per_1m_tokens_usd"]
     assert release.is_dir() and not (release / artifacts.MARKER).exists()  # the user's folder is left as it was
+
+
+def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model_dir, demo_q4_0_gguf, tmp_path):
+    """A .gguf file (llama.cpp / Ollama) as a candidate: its type and bits per weight come from its
+    header; its weights are the ones llama.cpp stores, dequantized (the same as transformers' own
+    GGUF loader gives), not the baseline's; its size on disk is the file's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantselect.engines.models import gguf_quantization
+
+    q = gguf_quantization(demo_q4_0_gguf)
+    assert (q["file_type"], q["bits"], q["bits_per_weight"], q["vocab_size"]) == ("Q4_0", 4, 4.5, 49152)
+    svc = Service()
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(20)]
+    [_, q40] = svc.build_spec(SubmitRequest(model="demo", items=items, candidates=[f"q40={demo_q4_0_gguf}"])).candidates
+    assert q40.config == Prequantized(path=str(demo_q4_0_gguf), method="gguf", bits=4, group_size=0,
+                                      file_type="Q4_0", bits_per_weight=4.5)
+    assert q40.config.bytes_per_weight() == 4.5 / 8 and q40.config.weight_bits == 4.5
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    for path, message in [(bad, r"broken.gguf: not a readable GGUF file"),
+                          (other, r"weights.bin: a checkpoint is a Hugging Face model folder or a .gguf file")]:
+        with pytest.raises(InputError, match=message):
+            svc.build_spec(SubmitRequest(model="demo", items=items, candidates=[f"x={path}"]))
+
+    probe = torch.arange(1, 33).unsqueeze(0)
+    loaded = load_candidate(str(demo_model_dir), q40.config, "cpu", models_dir=str(tmp_path / "models"))
+    assert loaded.disk_bytes == demo_q4_0_gguf.stat().st_size and "gguf Q4_0" in loaded.engine
+    direct = AutoModelForCausalLM.from_pretrained(str(demo_q4_0_gguf.parent), gguf_file=demo_q4_0_gguf.name,
+                                                  dtype=torch.float32).eval()
+    base = load_candidate(str(demo_model_dir), CATALOG["baseline"], "cpu")
+    with torch.inference_mode():
+        mine = loaded.model(probe).logits
+        assert torch.equal(mine, direct(probe).logits)
+        assert not torch.allclose(mine, base.model(probe).logits, atol=1e-3)  # Q4_0 is not the Q4_1 it came from
+
+
+def test_a_job_scores_a_gguf_release_costs_it_by_its_bits_and_exports_it_for_llama_cpp(ray_cluster, demo_q4_0_gguf,
+                                                                                        tmp_path):
+    from quantselect.errors import ConflictError
+
+    res = CliRunner().invoke(cli, ["submit", "demo", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
+                                   "--candidates", f"int8,q40={demo_q4_0_gguf}", "--threshold", "0.5"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split()[1].rstrip(":")
+    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)}
+    q40 = rows["q40"]
+    assert q40["status"] == "succeeded" and q40["n_items"] == 12 and q40["quantize_seconds"] == 0.0
+    assert q40["disk_bytes"] == demo_q4_0_gguf.stat().st_size
+    assert "(GGUF Q4_0 dequantized, not llama.cpp)" in q40["throughput_engine"]
+    # Never costed from its dense stand-in's speed: the roofline estimate, from 4.5 bits per weight.
+    assert "estimated" in q40["cost_source"]
+    assert q40["cost_per_1m_tokens_usd"] < rows["int8"]["cost_per_1m_tokens_usd"] < rows["baseline"]["cost_per_1m_tokens_usd"]
+    svc = Service()
+    # Its dequantized folder is in use by the job: a prune keeps it unless named.
+    [entry] = [e for e in svc.cache_entries() if e.model == str(demo_q4_0_gguf)]
+    assert job_id in entry.jobs
+    with pytest.raises(ConflictError, match=r"q40 is a GGUF file, run by llama.cpp \(llama-server -m .*Q4_0.gguf\)"):
+        svc.deploy(job_id, "q40")
+    _, out = svc.export(job_id, str(tmp_path / "export"), "q40")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", demo_q4_0_gguf.name, "quantselect-evidence.json"]
+    assert (out / demo_q4_0_gguf.name).read_bytes() == demo_q4_0_gguf.read_bytes()
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and f"llama-server -m {out}/{demo_q4_0_gguf.name}" in card

@@ -74,15 +74,17 @@ def parse_age(text: str) -> timedelta:
 def attach_uses(entries: Iterable[CacheEntry], uses: Sequence[CandidateUse]) -> list[CacheEntry]:
     """Each entry with the jobs that point at it: an artifact through a candidate's ``artifact_path``,
     a reference through the baseline's cache key (its file name), a converted model through the
-    job's model (its GGUF file)."""
+    job's model (its GGUF file) or a GGUF candidate's ``artifact_path``."""
     out = []
     for e in entries:
         if e.kind == ARTIFACT:
             mine = [u for u in uses if u.artifact_path and _same(u.artifact_path, e.path)]
         elif e.kind == REFERENCE:
             mine = [u for u in uses if u.cache_key and e.key == f"{u.cache_key}.npz" and u.candidate == BASELINE]
-        elif e.kind == MODEL:  # a served candidate without an artifact of its own loads from it
-            mine = [u for u in uses if u.model_path and e.model and _same(u.model_path, e.model)]
+        elif e.kind == MODEL:  # a served candidate without an artifact of its own loads from it; a GGUF
+            # checkpoint candidate was loaded from its dequantized folder (its artifact_path)
+            mine = [u for u in uses if (u.model_path and e.model and _same(u.model_path, e.model))
+                    or (u.artifact_path and _same(u.artifact_path, e.path))]
         else:
             mine = []
         jobs = tuple(dict.fromkeys(u.job_id for u in mine))

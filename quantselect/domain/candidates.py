@@ -202,17 +202,28 @@ class Prequantized(CandidateConfig):
     """A checkpoint quantized elsewhere (a published AWQ / GPTQ / bitsandbytes / torchao / fp8
     release, or any other Hugging Face folder of the same model), evaluated as it is against the
     baseline. ``method``, ``bits`` and ``group_size`` are read from its ``quantization_config``
-    (``checkpoint_quantization``) when the job is submitted; they drive the cost and fit estimates."""
+    (``checkpoint_quantization``) when the job is submitted; they drive the cost and fit estimates.
+
+    A ``.gguf`` file (llama.cpp / Ollama: Q4_K_M, Q8_0, ...) is one too, ``method`` "gguf": its weights
+    are dequantized exactly as stored and scored; ``bits_per_weight`` is measured from its tensors."""
 
     type_name: ClassVar[str] = "prequantized"
     path: str = ""
     method: str = "none"  # quantization_config.quant_method, "none" for a plain 16/32-bit checkpoint
     bits: int = 16
     group_size: int = 0  # 0: per channel, or not grouped
-    description: ClassVar[str] = "a checkpoint quantized elsewhere (LABEL=PATH), evaluated as it is"
+    file_type: str = ""  # a GGUF file's type (Q4_K_M, Q8_0, ...); "" for a Hugging Face folder
+    bits_per_weight: float = 0.0  # a GGUF file's, from its weight tensors' bytes; 0: from bits and group size
+    description: ClassVar[str] = "a checkpoint quantized elsewhere (LABEL=PATH: a folder or a .gguf file), evaluated as it is"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.method == GGUF
 
     @property
     def weight_bits(self) -> float:  # type: ignore[override]
+        if self.bits_per_weight:
+            return self.bits_per_weight
         return self.bits + (32 / self.group_size if self.group_size and self.bits < 16 else 0)
 
     @property
@@ -220,12 +231,15 @@ class Prequantized(CandidateConfig):
         return "fp8" if self.method in FP8_METHODS else "bf16"
 
     def bytes_per_weight(self) -> float:
+        if self.bits_per_weight:
+            return self.bits_per_weight / 8
         if self.bits >= 16:
             return 2.0
         return _grouped_bytes(self.bits, self.group_size) if self.group_size else self.bits / 8 + 2 / 4096
 
 
 FP8_METHODS = ("fp8", "fbgemm_fp8")
+GGUF = "gguf"
 
 
 def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
@@ -321,7 +335,7 @@ def parse_candidate(spec: str) -> Candidate:
             raise InputError(f"candidate {spec!r}: the label {label!r} must be lower case letters, digits, '.', '_' "
                              "or '-' (up to 40), and not a catalogue name")
         if not path.strip():
-            raise InputError(f"candidate {spec!r}: give the checkpoint's folder after '='")
+            raise InputError(f"candidate {spec!r}: give the checkpoint's folder (or .gguf file) after '='")
         return Candidate(label, Prequantized(path=path.strip()))
     name, *pairs = [p.strip() for p in spec.strip().split(":")]
     if name not in CATALOG:

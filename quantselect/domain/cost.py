@@ -117,10 +117,13 @@ SHARED_GPU = "[GPU shared]"  # marks a throughput measured while other candidate
 def measured_on(result: Any, target: GpuSpec) -> Throughput | None:
     """A candidate's batch-``COST_BATCH`` decode throughput when it was measured on the target GPU
     type with a serving engine, with the GPU to itself; eager ``generate()`` is never trusted for a
-    cost (it ranks quantized models wrongly on a GPU), nor a GPU shared with packed candidates."""
+    cost (it ranks quantized models wrongly on a GPU), nor a GPU shared with packed candidates, nor a
+    GGUF file's dense stand-in."""
     spec = gpu_of_device(getattr(result, "device", None))
     tps = getattr(result, "decode_tokens_per_second_b16", None)
     engine = getattr(result, "throughput_engine", None) or ""
+    if ((getattr(result, "config", None) or {}).get("_data") or {}).get("method") == "gguf":
+        return None  # measured dense in transformers, not in llama.cpp, the engine that would serve it
     if spec is None or spec.name != target.name or not tps or "eager" in engine or SHARED_GPU in engine:
         return None
     return Throughput(float(tps), COST_BATCH, 1, "measured", f"{engine} on {result.device}")

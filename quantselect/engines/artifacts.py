@@ -248,6 +248,11 @@ def export_folder(source: str | Path, dest: Path, files: dict[str, str]) -> None
     _publish(dest, fill, files)
 
 
+def export_file(source: str | Path, dest: Path, files: dict[str, str]) -> None:
+    """Copy one checkpoint file (a GGUF) to ``dest`` with ``files`` added."""
+    _publish(dest, lambda tmp: shutil.copy2(source, tmp / Path(source).name), files)
+
+
 def export_converted(model_path: str | Path, config: Any, dest: Path, files: dict[str, str]) -> None:
     """Save a candidate that has no artifact of its own (bf16, fp16: the base model in another
     dtype) to ``dest``: converted on this machine's CPU, saved, reloaded and checked like an artifact."""

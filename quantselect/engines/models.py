@@ -193,6 +193,42 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def gguf_quantization(path: Path) -> dict:
+    """What a GGUF file holds, from its header alone (numpy, no torch; tensors are memory-mapped,
+    not read): its type (``Q4_K_M``: ``general.file_type``, else the weights' most common tensor
+    type), the nominal bits, the bits per weight of its weight matrices (scales included), its
+    architecture and vocabulary size."""
+    import re
+    from collections import Counter
+
+    try:
+        from gguf import GGUFReader, LlamaFileType
+    except ImportError:
+        raise InputError(f"{path}: reading a GGUF file needs the 'gguf' package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(str(path))
+        fields = reader.fields
+        matrices = [t for t in reader.tensors if len(t.shape) > 1]
+        elements = sum(int(t.n_elements) for t in matrices)
+        stored = sum(int(t.n_bytes) for t in matrices)
+        file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
+        arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    except Exception as e:  # noqa: BLE001 - not a GGUF file, or a truncated one
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
+    if not elements:
+        raise InputError(f"{path}: the GGUF file holds no weight matrices")
+    try:
+        name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        name = Counter(t.tensor_type.name for t in matrices).most_common(1)[0][0]
+    digits = re.search(r"\d+", name)
+    return {"file_type": name, "bits": int(digits.group()) if digits else 16,
+            "bits_per_weight": round(stored * 8 / elements, 3), "architecture": arch, "vocab_size": vocab}
+
+
 def has_chat_template(model_path: str) -> bool | None:
     """Whether a Hugging Face folder's tokenizer carries a chat template, read from its files
     without loading anything; None when that cannot be told (a GGUF file, the demo model)."""

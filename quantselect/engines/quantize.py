@@ -352,15 +352,36 @@ def device_map(device: str) -> str:
     return "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
 
 
+def _load_gguf(config: Prequantized, device: str, dtype: str, models_dir: str | None) -> LoadedModel:
+    """A GGUF file's weights as llama.cpp stores them, dequantized (once, cached like a GGUF model)
+    into a dense folder and loaded from it; its size on disk is the file's. The throughput measured
+    here is that of the dense model, not llama.cpp's: its cost is always the roofline estimate."""
+    from pathlib import Path
+
+    from quantselect.engines import artifacts
+    from quantselect.engines.models import resolve_model
+
+    if models_dir is None:
+        from quantselect.settings import get_settings
+
+        models_dir = str(get_settings().models_dir)
+    folder = resolve_model(config.path, Path(models_dir))
+    loaded = artifacts.load_checkpoint(folder, device, dtype,
+                                       f"gguf {config.file_type} dequantized to {dtype} (transformers)")
+    loaded.disk_bytes = Path(config.path).stat().st_size
+    return loaded
+
+
 def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None, *,
                    calibration: tuple[str, ...] | list[str] | None = None,
-                   artifacts_dir: str | None = None) -> LoadedModel:
+                   artifacts_dir: str | None = None, models_dir: str | None = None) -> LoadedModel:
     """The base model at ``model_path`` quantized as ``config`` says.
 
     With ``artifacts_dir``, a quantized model is saved there in the Hugging Face layout (keyed by a
     hash of the model, the config and the calibration data), loaded back, and checked against the
     model that was saved before it is used; a later call with the same key loads the artifact
-    instead of quantizing again. ``model_path`` may also be such an artifact (serving does that)."""
+    instead of quantizing again. ``model_path`` may also be such an artifact (serving does that).
+    A GGUF checkpoint is dequantized once into ``models_dir`` (default: the home's), like a GGUF model."""
     from quantselect.engines import artifacts
 
     device = device or default_device()
@@ -371,6 +392,8 @@ def load_candidate(model_path: str, config: CandidateConfig, device: str | None 
     if artifacts.is_artifact(model_path):
         return artifacts.load(model_path, device, reused=True)
     if isinstance(config, Prequantized):  # quantized elsewhere: loaded as it is, every weight mapped
+        if config.is_gguf:
+            return _load_gguf(config, device, handler.load_dtype(device), models_dir)
         return artifacts.load_checkpoint(config.path, device, handler.load_dtype(device),
                                          f"prequantized ({config.method}, {config.bits}-bit)")
     _check_shape(model_path, config)

@@ -97,12 +97,13 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
                   threads: int | None = None, placement: dict[str, Any] | None = None,
                   baseline: BaselineShare | None = None, early_stop: EarlyStop | None = None,
                   measure_threads: int | None = None, calibration: tuple[str, ...] | list[str] | None = None,
-                  artifacts_dir: str | None = None, done_items: list[ItemResult] | None = None,
+                  artifacts_dir: str | None = None, models_dir: str | None = None, done_items: list[ItemResult] | None = None,
                   on_items: Emit | None = None, stream_chunk: int = STREAM_CHUNK) -> CandidateResult:
     """``measure_threads``: CPU threads for the throughput measurement, the same for every
     candidate of a job (one that ran alone with more threads would otherwise look cheaper).
     ``calibration``: samples for GPTQ/AWQ. ``artifacts_dir``: where quantized models are saved,
-    checked on reload and reused by later jobs (None: quantize in memory only).
+    checked on reload and reused by later jobs (None: quantize in memory only). ``models_dir``: where
+    a GGUF checkpoint candidate is dequantized (once).
     ``done_items``: items an earlier attempt already scored (kept, not scored again); ``on_items``
     receives each chunk of ``stream_chunk`` newly scored items, so that a killed worker or driver
     loses at most one chunk."""
@@ -126,7 +127,7 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         report("quantizing", 0, len(dataset))
         result.device = "cpu" if (device or quantize.default_device()) == "cpu" else f"cuda:{torch.cuda.get_device_name()}"
         loaded = quantize.load_candidate(model_path, candidate.config, device, calibration=calibration,
-                                         artifacts_dir=artifacts_dir)
+                                         artifacts_dir=artifacts_dir, models_dir=models_dir)
         result.quantize_seconds = loaded.quantize_seconds
         result.weight_bytes = quantize.weight_bytes(loaded.model)
         result.artifact_path, result.artifact_reused = loaded.artifact_path, loaded.reused
@@ -167,6 +168,8 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
             from quantselect.domain.cost import SHARED_GPU
 
             result.throughput_engine = f"{speed.engine} {SHARED_GPU}"
+        if getattr(candidate.config, "is_gguf", False):  # the file's weights, but not llama.cpp's speed
+            result.throughput_engine += f" (GGUF {candidate.config.file_type} dequantized, not llama.cpp)"
         result.status = SUCCEEDED
     except BaseException as e:  # noqa: BLE001 - a candidate's failure is data, not a crash
         if isinstance(e, KeyboardInterrupt):

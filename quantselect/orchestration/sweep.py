@@ -106,7 +106,7 @@ def _progress_board():
 
 def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int,
                     baseline=None, early_stop=None, measure_threads=None, calibration=None, artifacts_dir=None,
-                    stream_chunk=None):
+                    stream_chunk=None, models_dir=None):
     import ray
 
     from quantselect.engines.worker import run_candidate
@@ -127,7 +127,7 @@ def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset,
     result = run_candidate(model_path, candidate, dataset, report=report, threads=threads, placement=placement,
                            baseline=baseline, early_stop=early_stop, measure_threads=measure_threads,
                            calibration=calibration if candidate.config.calibrated else None,
-                           artifacts_dir=artifacts_dir, done_items=done, on_items=on_items,
+                           artifacts_dir=artifacts_dir, models_dir=models_dir, done_items=done, on_items=on_items,
                            **({"stream_chunk": stream_chunk} if stream_chunk else {}))
     result.attempts = attempt
     ray.get(last)  # the streamed items reach the board before the outcome reaches the driver
@@ -169,11 +169,13 @@ def run_sweep(
     partial: dict[str, list[ItemResult]] | None = None,
     max_retries: int = 1,
     stream_chunk: int | None = None,
+    models_dir: str | None = None,
 ) -> list[CandidateResult]:
     """Run the candidates; ``hooks.on_outcome`` is called once per candidate as it finishes.
 
     ``calibration`` (a ``results.Calibration``) goes to the calibrated candidates (GPTQ, AWQ), which
-    start first: they take longest. Quantized models are saved under ``artifacts_dir`` and reused.
+    start first: they take longest. Quantized models are saved under ``artifacts_dir`` and reused;
+    GGUF checkpoints are dequantized into ``models_dir``.
     ``requests``: each candidate's GPU share (``planner.gpu_request``); None: one GPU each.
     ``finished``: outcomes already stored (a resumed job, reused results): not run again; a finished
     baseline is shared from its stored items. ``partial``: per-item results a candidate had already
@@ -195,7 +197,7 @@ def run_sweep(
     measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus()).threads
     todo.sort(key=lambda c: (not c.is_baseline, not c.config.calibrated, -((requests or {}).get(c.name) or _ONE).whole_gpus))
     extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir,
-             "stream_chunk": stream_chunk}
+             "stream_chunk": stream_chunk, "models_dir": models_dir}
     board = _progress_board()
     for name, items in (partial or {}).items():
         if items and name not in done_names:

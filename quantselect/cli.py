@@ -220,11 +220,14 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
 @click.option("--chat-template", is_flag=True, help="Generation: wrap each prompt in the model's chat template.")
 @click.option("--no-cache", is_flag=True,
               help="Run every candidate even when a stored result of the same model, data, config and settings exists.")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything and say what would run (items, calibration hold-out, memory per candidate, "
+                   "what runs here, what a stored result spares); submit nothing.")
 def submit(model: str, dataset: str, threshold: float, candidates: str | None, target_gpu: str | None,
            gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
            sample: int | None, address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
-           chat_template: bool, no_cache: bool) -> None:
+           chat_template: bool, no_cache: bool, dry_run: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
     (JSONL, a JSON array, CSV or Parquet)."""
     from quantselect.service import SubmitRequest, model_is_here
@@ -242,6 +245,10 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
                         chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address))
+    if dry_run:
+        from quantselect.render import preview_text
+
+        return click.echo(preview_text(svc.preview(req)))
     job = svc.submit(req)
     _announce(job)
     if address and not model_is_here(model):
@@ -552,8 +559,9 @@ def candidates(fmt: str) -> None:
                      [[r["name"], "yes" if r["available"] else "no", "yes" if r["default"] else "",
                        " ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-",
                        r["description"] if r["available"] else r["reason"]] for r in rows]))
-    click.echo("\nAlso LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain), "
-               "evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq")
+    click.echo("\nAlso LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain, "
+               "or a .gguf file), evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq,"
+               "q4km=/models/llama.Q4_K_M.gguf")
 
 
 @cli.command()

@@ -181,3 +181,39 @@ def comparison_text(c: Any, width: int = 240) -> str:
                     (c.candidate, d.candidate_output)]
             lines += [f"    {name + ':':<{label}} {cut(text)}" for name, text in rows if text is not None]
     return "\n".join(lines)
+
+
+def preview_text(p: dict[str, Any]) -> str:
+    """``submit --dry-run``: what the job would run, and what it would not need to."""
+    params = f", {p['params'] / 1e6:,.0f}M parameters" if p.get("params") else ""
+    gen = ""
+    if p["kind"] != "multiple_choice":
+        tokens = p["max_new_tokens"]
+        gen = (", nothing generated (scored on the texts' own tokens)" if tokens == 0
+               else f", up to {tokens if tokens is not None else 'the metric default of'} new tokens")
+        gen += ", chat template" if p["chat_template"] else ""
+    cal = p.get("calibration")
+    held = (f"; {cal['held_out_items']} more items held out to calibrate GPTQ/AWQ" if cal and cal["held_out_items"]
+            else f"; GPTQ/AWQ calibrated on {cal['samples']} samples of {cal['source']}" if cal else "")
+    lines = [
+        "Dry run: nothing submitted, nothing run.",
+        f"Model {p['model']} ({p['model_path']}{params})",
+        f"Data: {p['n_items']} items of {p['dataset']} ({p['kind']}, metric {p['metric']}{gen}){held}",
+        f"Threshold {p['threshold']:.3f} ({p['policy']} policy, {p['confidence']:.0%} confidence"
+        + (", early stop" if p["early_stop"] else "") + f"); cost on {p['target_gpu']} at ${p['gpu_hour_usd']:.2f}/GPU-hour",
+        "",
+    ]
+    rows = []
+    for c in p["candidates"]:
+        data = c["config"].get("_data") or {}
+        what = " ".join(f"{k}={v}" for k, v in data.items() if k != "path" and v not in (0, "", None)) or "-"
+        where = "yes" if c["unavailable_here"] is None else f"no: {c['unavailable_here']}"
+        stored = "reused (same inputs)" if c["stored_result"] else ""
+        rows.append([c["name"], what, fmt_bytes(c["weights_bytes"]), fmt_bytes(c["gpu_need_bytes"]), where, stored])
+    lines.append(table(["candidate", "parameters", "weights (est.)", "GPU need (est.)", "runs here", "stored result"],
+                       rows))
+    if not p.get("params"):
+        lines.append("(memory estimates need the model's config.json: a GGUF model has one once a job has converted it)")
+    if any(c["stored_result"] for c in p["candidates"]):
+        lines.append("A stored result is reused when it was measured on the same kind of device; --no-cache runs it again.")
+    return "\n".join(lines)

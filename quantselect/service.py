@@ -155,7 +155,7 @@ class Service:
                                      "conversations ('messages'); use an instruct model")
                 raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an "
                                  "instruct model")
-            check_candidates_fit(candidates, model_path)
+            check_candidates_fit(candidates, model_path, self.settings.models_dir)
         calibration = None
         if any(c.config.calibrated for c in candidates):
             dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
@@ -166,6 +166,43 @@ class Service:
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
                        policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration,
                        use_cache=req.use_cache)
+
+    def preview(self, req: SubmitRequest) -> dict[str, Any]:
+        """What ``submit`` would run (``--dry-run``), validated the same way, without submitting or
+        running anything: the items scored and held out for calibration, the metric and generation
+        settings, and per candidate its estimated weights and GPU need, whether this machine can run
+        it (and why not), and whether a stored result of the same inputs would be reused."""
+        from quantselect.domain import planner
+        from quantselect.engines.models import model_config_here
+        from quantselect.engines.quantize import availability
+
+        spec = self.build_spec(req)
+        shape = None
+        here = model_is_here(spec.model_path)
+        config_file = model_config_here(spec.model_path, self.settings.models_dir) if here else None
+        cfg = read_model_config(config_file.parent) if config_file else None
+        if cfg:
+            shape = planner.shape_from_config(cfg, str(config_file))
+        keys = cache_keys(spec) if spec.use_cache and here else {}
+        d = spec.dataset
+        rows = []
+        for c in spec.candidates:
+            need = planner.candidate_need(shape, c.config) if shape else None
+            rows.append({"name": c.name, "config": c.config.to_dict(), "calibrated": c.config.calibrated,
+                         "weights_bytes": need.weights if need else None,
+                         "gpu_need_bytes": need.total if need else None,
+                         "unavailable_here": availability(c.config),
+                         "stored_result": bool(keys.get(c.name)) and self.repo.has_cached(keys[c.name], exclude_job="")})
+        cal = spec.calibration
+        return {"model": spec.model, "model_path": spec.model_path, "params": shape.params if shape else None,
+                "dataset": d.source, "kind": d.kind, "metric": d.metric, "n_items": len(d),
+                "max_new_tokens": d.max_new_tokens, "stop": list(d.stop) if d.stop is not None else None,
+                "chat_template": d.chat_template,
+                "calibration": {"source": cal.source, "samples": len(cal.texts), "held_out_items": len(cal.items)}
+                if cal else None,
+                "threshold": spec.threshold, "confidence": spec.confidence, "policy": spec.policy,
+                "early_stop": spec.early_stop, "target_gpu": spec.target_gpu, "gpu_hour_usd": spec.gpu_hour_usd,
+                "use_cache": spec.use_cache, "candidates": rows}
 
     def submit(self, req: SubmitRequest) -> Job:
         spec = self.build_spec(req)
@@ -848,15 +885,18 @@ def _vocab(cfg: dict[str, Any]) -> int | None:
     return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
 
 
-def check_candidates_fit(candidates: list[Any], model_path: str) -> None:
+def check_candidates_fit(candidates: list[Any], model_path: str, models_dir: Path) -> None:
     """Parameters that cannot work for this model (a group size that does not divide its layer
-    widths) are rejected before anything runs; a GGUF file's shape is checked by the worker."""
+    widths) are rejected before anything runs; a GGUF model's shape is checked here once it has
+    been converted (by an earlier job), else by the worker."""
     from quantselect.domain import planner
+    from quantselect.engines.models import model_config_here
 
-    cfg = read_model_config(Path(model_path)) if Path(model_path).is_dir() else None
+    config_file = model_config_here(model_path, models_dir)
+    cfg = read_model_config(config_file.parent) if config_file else None
     if not cfg:
         return
-    shape = planner.shape_from_config(cfg, str(Path(model_path) / "config.json"))
+    shape = planner.shape_from_config(cfg, str(config_file))
     for c in candidates:
         planner.check_candidate(c.name, c.config, shape, cfg.get("text_config", cfg).get("model_type"))
 

@@ -66,6 +66,22 @@ def test_invalid_bodies_are_422_with_a_readable_message(client, body, message):
     assert client.get("/api/v1/jobs").json() == []
 
 
+def test_preview_says_what_a_submission_would_run_and_submits_nothing(client, tiny_llama):
+    body = {"model": str(tiny_llama), "items": piqa_items(40), "candidates": ["int8", "int4-gptq:group_size=64", "fp8"],
+            "calibration_samples": 8}
+    res = client.post("/api/v1/jobs/preview", json=body)
+    assert res.status_code == 200, res.text
+    p = res.json()
+    assert (p["n_items"], p["metric"], p["calibration"]["held_out_items"]) == (32, "accuracy", 8)
+    rows = {c["name"]: c for c in p["candidates"]}
+    assert list(rows) == ["baseline", "int8", "int4-gptq:group_size=64", "fp8"]
+    assert rows["int8"]["unavailable_here"] is None and "compute capability" in rows["fp8"]["unavailable_here"]
+    assert rows["int8"]["weights_bytes"] < rows["baseline"]["weights_bytes"] and not rows["int8"]["stored_result"]
+    bad = client.post("/api/v1/jobs/preview", json={**body, "candidates": ["int4:group_size=256"]})
+    assert bad.status_code == 422 and "group size 256 does not divide" in bad.json()["detail"]
+    assert client.get("/api/v1/jobs").json() == []
+
+
 def test_unknown_ids_are_404(client):
     for path in ("/api/v1/jobs/nope", "/api/v1/jobs/nope/recommendation", "/api/v1/jobs/nope/results"):
         res = client.get(path)

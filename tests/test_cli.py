@@ -184,6 +184,31 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
     assert "succeeded" in run("status", job_id).output
     table = run("results", job_id).output
     assert "int4" in table and "Recommendation" in table
+    # A dry run of the same submission with one more candidate: what a stored result spares.
+    dry = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
+              "--candidates", "int8,int4,bf16,w8a8", "--threshold", "0.5", "--gpu-hour-usd", "3.0", "--dry-run")
+    stored = {line.split()[0]: line.rstrip().endswith("reused (same inputs)") for line in dry.output.splitlines()
+              if line.split() and line.split()[0] in ("baseline", "int8", "int4", "bf16", "w8a8")}
+    assert stored == {"baseline": True, "int8": True, "int4": True, "bf16": True, "w8a8": False}, dry.output
+    assert job_count() == 1
+
+
+def test_dry_run_says_what_would_run_and_submits_nothing(tiny_llama):
+    res = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "60",
+              "--candidates", "int8,int4-gptq:group_size=64,fp8", "--calibration-samples", "12", "--dry-run")
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert out.startswith("Dry run: nothing submitted, nothing run.")
+    assert "Data: 48 items of" in out and "(multiple_choice, metric accuracy); 12 more items held out" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    gptq = "int4-gptq:group_size=64"
+    assert "bits=4 group_size=64" in rows[gptq] and "no: fp8 needs a CUDA GPU" in rows["fp8"]
+    weights = {n: float(rows[n].split("MiB")[0].split()[-1]) for n in ("baseline", "int8", gptq)}
+    assert weights[gptq] < weights["int8"] < weights["baseline"]
+    assert job_count() == 0
+    bad = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--dry-run",
+                                   "--candidates", "int4:group_size=256"])
+    assert bad.exit_code == 2 and "group size 256 does not divide" in bad.output and job_count() == 0
 
 
 def test_unknown_job_is_a_clear_error():

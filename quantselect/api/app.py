@@ -105,20 +105,29 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    def _request(body: JobRequest) -> SubmitRequest:
+        return SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
+                             mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
+                             limit=body.limit, sample=body.sample, threshold=body.threshold,
+                             candidates=body.candidates,
+                             gpu_hour_usd=body.gpu_hour_usd, target_gpu=body.target_gpu,
+                             calibration=body.calibration, calibration_samples=body.calibration_samples,
+                             deploy=body.deploy, confidence=body.confidence,
+                             policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
+                             stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache)
+
     @app.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:
-        req = SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
-                            mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
-                            limit=body.limit, sample=body.sample, threshold=body.threshold,
-                            candidates=body.candidates,
-                            gpu_hour_usd=body.gpu_hour_usd, target_gpu=body.target_gpu,
-                            calibration=body.calibration, calibration_samples=body.calibration_samples,
-                            deploy=body.deploy, confidence=body.confidence,
-                            policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
-                            stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache)
-        job = svc.submit(req)
+        job = svc.submit(_request(body))
         executor.submit(_run, job.id)
         return job.to_dict()
+
+    @app.post("/api/v1/jobs/preview")
+    def preview_job(body: JobRequest) -> dict[str, Any]:
+        """What POST /api/v1/jobs would run (as the CLI's --dry-run): checked the same way, nothing
+        submitted: the items scored and held out, per candidate its estimated memory, whether the
+        server can run it, and whether a stored result would be reused."""
+        return svc.preview(_request(body))
 
     @app.get("/api/v1/jobs")
     def list_jobs() -> list[dict[str, Any]]:

@@ -91,12 +91,25 @@ def _tf_version() -> str:
 def resolve_model(model: str, models_dir: Path) -> Path:
     """Return a local HF folder for ``model``, converting GGUF files once (cached)."""
     model = check_model(model)
-    if model == DEMO:
-        return _converted(demo_gguf_path(), models_dir, name="smollm2-135m-instruct")
-    path = Path(model)
-    if path.is_file():
-        return _converted(path, models_dir, name=path.stem.lower())
-    return path
+    if model != DEMO and Path(model).is_dir():
+        return Path(model)
+    gguf = demo_gguf_path() if model == DEMO else Path(model)
+    return _converted(gguf, _converted_folder(model, gguf, models_dir))
+
+
+def model_config_here(model: str, models_dir: Path) -> Path | None:
+    """The ``config.json`` the model has here without converting anything: a folder's own, a GGUF
+    model's once it has been converted (None before)."""
+    if model != DEMO and Path(model).is_dir():
+        return Path(model) / "config.json"
+    gguf = demo_gguf_path() if model == DEMO else Path(model)
+    folder = _converted_folder(model, gguf, models_dir)
+    return folder / "config.json" if (folder / COMPLETE).exists() else None
+
+
+def _converted_folder(model: str, gguf: Path, models_dir: Path) -> Path:
+    name = "smollm2-135m-instruct" if model == DEMO else gguf.stem.lower()
+    return models_dir / f"{name}-{_fingerprint(gguf)}"
 
 
 def _fingerprint(path: Path) -> str:
@@ -121,8 +134,8 @@ def file_lock(path: Path, wait: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _converted(gguf: Path, models_dir: Path, name: str) -> Path:
-    target = models_dir / f"{name}-{_fingerprint(gguf)}"
+def _converted(gguf: Path, target: Path) -> Path:
+    models_dir = target.parent
     done = target / COMPLETE
     if done.exists():
         touch(done)  # its "last used" time, which `cache prune --older-than` goes by

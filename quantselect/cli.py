@@ -451,7 +451,7 @@ def undeploy(job_id: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int, fmt: str) -> None:
     """Will MODEL fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
-    config.json alone (no weights needed)."""
+    config.json alone (no weights needed), or a .gguf file's header."""
     from quantselect.domain.planner import GIB, gpus_needed_text
     from quantselect.render import table
 

@@ -213,7 +213,7 @@ def preview_text(p: dict[str, Any]) -> str:
     lines.append(table(["candidate", "parameters", "weights (est.)", "GPU need (est.)", "runs here", "stored result"],
                        rows))
     if not p.get("params"):
-        lines.append("(memory estimates need the model's config.json: a GGUF model has one once a job has converted it)")
+        lines.append("(no memory estimates: the model's config.json is read on the cluster)")
     if any(c["stored_result"] for c in p["candidates"]):
         lines.append("A stored result is reused when it was measured on the same kind of device; --no-cache runs it again.")
     return "\n".join(lines)

@@ -155,7 +155,7 @@ class Service:
                                      "conversations ('messages'); use an instruct model")
                 raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an "
                                  "instruct model")
-            check_candidates_fit(candidates, model_path, self.settings.models_dir)
+            check_candidates_fit(candidates, model_path)
         calibration = None
         if any(c.config.calibrated for c in candidates):
             dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
@@ -179,10 +179,9 @@ class Service:
         spec = self.build_spec(req)
         shape = None
         here = model_is_here(spec.model_path)
-        config_file = model_config_here(spec.model_path, self.settings.models_dir) if here else None
-        cfg = read_model_config(config_file.parent) if config_file else None
-        if cfg:
-            shape = planner.shape_from_config(cfg, str(config_file))
+        found = model_config_here(spec.model_path) if here else None
+        if found:
+            shape = planner.shape_from_config(*found)
         keys = cache_keys(spec) if spec.use_cache and here else {}
         d = spec.dataset
         rows = []
@@ -714,20 +713,26 @@ class Service:
     # ---- plan -----------------------------------------------------------------------------
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,
              batch: int = 1) -> dict[str, Any]:
-        """Memory per precision and GPUs needed, from the model's config.json alone."""
+        """Memory per precision and GPUs needed, from the model's config.json alone (or a GGUF
+        file's header)."""
         import json
 
         from quantselect.domain import planner
+        from quantselect.engines.models import DEMO, model_config_here
 
         path = Path(model).expanduser()
-        config = path / "config.json" if path.is_dir() else path
-        if not config.is_file():
-            raise InputError(f"{model}: no config.json there (give a model folder or its config.json)")
-        try:
-            cfg = json.loads(config.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{config}: not a readable JSON config ({e})") from None
-        shape = planner.shape_from_config(cfg, str(config))
+        if model == DEMO or (path.is_file() and path.suffix.lower() == ".gguf"):
+            cfg, where = model_config_here(model) or ({}, model)
+        else:
+            config = path / "config.json" if path.is_dir() else path
+            if not config.is_file():
+                raise InputError(f"{model}: no config.json there (give a model folder, its config.json or a .gguf file)")
+            try:
+                cfg = json.loads(config.read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"{config}: not a readable JSON config ({e})") from None
+            where = str(config)
+        shape = planner.shape_from_config(cfg, where)
         gpu_name, memory = planner.gpu_memory(gpu, gpu_memory)
         ctx = context or min(shape.max_context or 8192, 8192)
         rows = planner.plan(shape, memory, ctx, batch)
@@ -885,18 +890,18 @@ def _vocab(cfg: dict[str, Any]) -> int | None:
     return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
 
 
-def check_candidates_fit(candidates: list[Any], model_path: str, models_dir: Path) -> None:
+def check_candidates_fit(candidates: list[Any], model_path: str) -> None:
     """Parameters that cannot work for this model (a group size that does not divide its layer
-    widths) are rejected before anything runs; a GGUF model's shape is checked here once it has
-    been converted (by an earlier job), else by the worker."""
+    widths) are rejected before anything runs; the shape is read from the model's config.json, or
+    from its GGUF file's header."""
     from quantselect.domain import planner
     from quantselect.engines.models import model_config_here
 
-    config_file = model_config_here(model_path, models_dir)
-    cfg = read_model_config(config_file.parent) if config_file else None
-    if not cfg:
+    found = model_config_here(model_path)
+    if not found:
         return
-    shape = planner.shape_from_config(cfg, str(config_file))
+    cfg, where = found
+    shape = planner.shape_from_config(cfg, where)
     for c in candidates:
         planner.check_candidate(c.name, c.config, shape, cfg.get("text_config", cfg).get("model_type"))
 

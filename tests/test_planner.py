@@ -76,3 +76,25 @@ def test_config_without_the_needed_fields_names_the_field():
     with pytest.raises(InputError, match="'num_attention_heads'"):
         shape_from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 10})
     assert parse_memory("80GB") == 80e9 and parse_memory("24") == 24 * GIB
+
+
+def test_a_gguf_file_is_planned_and_checked_from_its_header(demo_model_dir, demo_q4_0_gguf, tmp_path):
+    """No conversion needed: the GGUF header gives the shape transformers' own conversion of the file
+    gives (the bundled SmolLM2: 30 layers, hidden 576, 9/3 heads, tied embeddings), so `plan`
+    reads a .gguf file, and a group size that does not divide its widths is refused at submit."""
+    from quantselect.engines.models import model_config_here
+    from quantselect.service import Service, SubmitRequest
+
+    converted = shape_from_config(json.loads((demo_model_dir / "config.json").read_text()))
+    cfg, where = model_config_here(str(demo_q4_0_gguf))
+    assert shape_from_config(cfg, where) == converted and cfg["model_type"] == "llama"
+    by_header = json.loads(CliRunner().invoke(cli, ["plan", str(demo_q4_0_gguf), "--format", "json"]).output)
+    by_config = json.loads(CliRunner().invoke(cli, ["plan", str(demo_model_dir), "--format", "json"]).output)
+    assert by_header["precisions"] == by_config["precisions"] and by_header["params"] == converted.params
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    res = CliRunner().invoke(cli, ["plan", str(bad)])
+    assert res.exit_code == 2 and "broken.gguf: not a readable GGUF file" in res.output
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(40)]
+    with pytest.raises(InputError, match="group size 128 does not divide the model's hidden size 576"):
+        Service().build_spec(SubmitRequest(model=str(demo_q4_0_gguf), items=items, candidates=["int4-gptq"]))

@@ -94,22 +94,55 @@ def resolve_model(model: str, models_dir: Path) -> Path:
     if model != DEMO and Path(model).is_dir():
         return Path(model)
     gguf = demo_gguf_path() if model == DEMO else Path(model)
-    return _converted(gguf, _converted_folder(model, gguf, models_dir))
-
-
-def model_config_here(model: str, models_dir: Path) -> Path | None:
-    """The ``config.json`` the model has here without converting anything: a folder's own, a GGUF
-    model's once it has been converted (None before)."""
-    if model != DEMO and Path(model).is_dir():
-        return Path(model) / "config.json"
-    gguf = demo_gguf_path() if model == DEMO else Path(model)
-    folder = _converted_folder(model, gguf, models_dir)
-    return folder / "config.json" if (folder / COMPLETE).exists() else None
-
-
-def _converted_folder(model: str, gguf: Path, models_dir: Path) -> Path:
     name = "smollm2-135m-instruct" if model == DEMO else gguf.stem.lower()
-    return models_dir / f"{name}-{_fingerprint(gguf)}"
+    return _converted(gguf, models_dir / f"{name}-{_fingerprint(gguf)}")
+
+
+def model_config_here(model: str) -> tuple[dict, str] | None:
+    """The model's configuration and where it was read, without loading or converting anything: a
+    folder's ``config.json``, or a GGUF file's header (``gguf_model_config``); None when unreadable."""
+    path = demo_gguf_path() if model == DEMO else Path(model).expanduser()
+    if path.is_dir():
+        try:
+            return json.loads((path / "config.json").read_text()), str(path / "config.json")
+        except (OSError, ValueError):
+            return None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_model_config(path), str(path)
+    return None
+
+
+def gguf_model_config(path: Path) -> dict:
+    """A GGUF file's decoder shape as the ``config.json`` fields the planner reads, from its header
+    (llama.cpp's ``{arch}.embedding_length``, ``block_count``, ``attention.head_count``...)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
+    fields = reader.fields
+
+    def get(key: str):
+        f = fields.get(key)
+        if f is None:
+            return None
+        value = f.contents()
+        return max(value) if isinstance(value, list) and value else value  # per-layer sizes: the widest
+
+    arch = get("general.architecture") or "llama"
+    tensors = {t.name for t in reader.tensors}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    cfg = {"model_type": arch, "hidden_size": get(f"{arch}.embedding_length"),
+           "intermediate_size": get(f"{arch}.feed_forward_length"), "num_hidden_layers": get(f"{arch}.block_count"),
+           "num_attention_heads": get(f"{arch}.attention.head_count"),
+           "num_key_value_heads": get(f"{arch}.attention.head_count_kv"),
+           "head_dim": get(f"{arch}.attention.key_length"),
+           "vocab_size": get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
+           "max_position_embeddings": get(f"{arch}.context_length"),
+           "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors}
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def _fingerprint(path: Path) -> str:

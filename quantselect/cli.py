@@ -448,18 +448,21 @@ def undeploy(job_id: str) -> None:
 @click.option("--gpu-memory", default=None, help="Or its memory, e.g. 24GiB.")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Tokens of context per sequence (default: min(model's, 8192)).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences served at once.")
+@click.option("--kv-cache", type=click.Choice(["bf16", "fp16", "fp8"]), default="bf16", show_default=True,
+              help="KV-cache precision of the serving engine (fp8: vLLM's --kv-cache-dtype fp8, half the memory).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int, fmt: str) -> None:
+def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int, kv_cache: str,
+         fmt: str) -> None:
     """Will MODEL fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
     config.json alone (no weights needed), or a .gguf file's header."""
     from quantselect.domain.planner import GIB, gpus_needed_text
     from quantselect.render import table
 
-    out = _service().plan(model, gpu, gpu_memory, context, batch)
+    out = _service().plan(model, gpu, gpu_memory, context, batch, kv_cache)
     if fmt == "json":
         return _echo_json(out)
     click.echo(f"{model}: {out['params'] / 1e9:.2f} B parameters; {out['gpu']} ({out['gpu_memory_bytes'] / GIB:.1f} GiB), "
-               f"context {out['context']}, batch {out['batch']}")
+               f"context {out['context']}, batch {out['batch']}, {kv_cache} KV cache")
     click.echo(table(["precision", "weights", "KV cache", "total", "GPUs", "what"],
                      [[r["precision"], f"{r['weight_bytes'] / GIB:.1f} GiB", f"{r['kv_cache_bytes'] / GIB:.1f} GiB",
                        f"{r['total_bytes'] / GIB:.1f} GiB", gpus_needed_text(r["gpus"]), r["description"]]

@@ -712,7 +712,7 @@ class Service:
 
     # ---- plan -----------------------------------------------------------------------------
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,
-             batch: int = 1) -> dict[str, Any]:
+             batch: int = 1, kv_cache: str = "bf16") -> dict[str, Any]:
         """Memory per precision and GPUs needed, from the model's config.json alone (or a GGUF
         file's header)."""
         import json
@@ -735,9 +735,9 @@ class Service:
         shape = planner.shape_from_config(cfg, where)
         gpu_name, memory = planner.gpu_memory(gpu, gpu_memory)
         ctx = context or min(shape.max_context or 8192, 8192)
-        rows = planner.plan(shape, memory, ctx, batch)
+        rows = planner.plan(shape, memory, ctx, batch, kv_cache)
         return {"model": str(model), "params": shape.params, "gpu": gpu_name, "gpu_memory_bytes": memory,
-                "context": ctx, "batch": batch, "precisions": [r.to_dict() for r in rows]}
+                "context": ctx, "batch": batch, "kv_cache": kv_cache, "precisions": [r.to_dict() for r in rows]}
 
     def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
         return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,

@@ -46,6 +46,21 @@ def test_long_context_and_batch_grow_the_kv_cache_until_more_gpus_are_needed():
     assert small["int4"].gpus == 1 and big["int4"].gpus > 1
 
 
+def test_an_fp8_kv_cache_halves_it_and_can_halve_the_gpus():
+    """Llama-3.1-70B at 128k tokens x 4: 80 layers x 8 KV heads x 128 x 2 (K and V) per token."""
+    s = shape("llama-3.1-70b")
+    bf16 = {r.precision: r for r in plan(s, 79.6 * GIB, context=131072, batch=4)}
+    fp8 = {r.precision: r for r in plan(s, 79.6 * GIB, context=131072, batch=4, kv_cache="fp8")}
+    assert bf16["int4"].kv_cache_bytes == 80 * 8 * 128 * 2 * 2 * 131072 * 4 == 160 * GIB
+    assert fp8["int4"].kv_cache_bytes == 80 * GIB and fp8["int4"].weight_bytes == bf16["int4"].weight_bytes
+    assert (bf16["int4"].gpus, fp8["int4"].gpus) == (4, 2)
+    out = json.loads(CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-70b.json"), "--context", "131072",
+                                              "--batch", "4", "--kv-cache", "fp8", "--format", "json"]).output)
+    assert out["kv_cache"] == "fp8" and out["precisions"][0]["kv_cache_bytes"] == 80 * GIB
+    with pytest.raises(InputError, match="KV cache dtype 'int2' must be one of"):
+        plan(s, 79.6 * GIB, context=8, batch=1, kv_cache="int2")
+
+
 def test_cli_table_and_json(tmp_path):
     model = tmp_path / "mistral"
     model.mkdir()

@@ -134,10 +134,17 @@ class PlanRow:
         return dict(self.__dict__)
 
 
-def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int) -> list[PlanRow]:
+# Bytes per element of the KV cache: 16-bit by default; fp8 as vLLM's --kv-cache-dtype fp8 and
+# TensorRT-LLM store it (half the memory, for long contexts and large batches).
+KV_CACHE_DTYPES = {"bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cache: str = "bf16") -> list[PlanRow]:
     if context < 1 or batch < 1:
         raise InputError("context and batch must be at least 1")
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * 2
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise InputError(f"KV cache dtype {kv_cache!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * KV_CACHE_DTYPES[kv_cache]
     rows = []
     for name, (bytes_per_weight, description) in PRECISIONS.items():
         weights = shape.linear_params * bytes_per_weight + shape.other_params * 2

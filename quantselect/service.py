@@ -735,7 +735,14 @@ class Service:
         shape = planner.shape_from_config(cfg, where)
         gpu_name, memory = planner.gpu_memory(gpu, gpu_memory)
         ctx = context or min(shape.max_context or 8192, 8192)
-        rows = planner.plan(shape, memory, ctx, batch, kv_cache)
+        files = None
+        if model == DEMO or (path.is_file() and path.suffix.lower() == ".gguf"):  # the file itself, exactly
+            from quantselect.engines.models import demo_gguf_path, gguf_quantization
+
+            q = gguf_quantization(demo_gguf_path() if model == DEMO else path)
+            files = {f"{q['file_type']} (this file)": (q["tensor_bytes"], f"the GGUF file as it is: "
+                                                      f"{q['bits_per_weight']} bits per weight, every tensor counted")}
+        rows = planner.plan(shape, memory, ctx, batch, kv_cache, files)
         return {"model": str(model), "params": shape.params, "gpu": gpu_name, "gpu_memory_bytes": memory,
                 "context": ctx, "batch": batch, "kv_cache": kv_cache, "precisions": [r.to_dict() for r in rows]}
 

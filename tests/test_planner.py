@@ -96,7 +96,8 @@ def test_config_without_the_needed_fields_names_the_field():
 def test_a_gguf_file_is_planned_and_checked_from_its_header(demo_model_dir, demo_q4_0_gguf, tmp_path):
     """No conversion needed: the GGUF header gives the shape transformers' own conversion of the file
     gives (the bundled SmolLM2: 30 layers, hidden 576, 9/3 heads, tied embeddings), so `plan`
-    reads a .gguf file, and a group size that does not divide its widths is refused at submit."""
+    reads a .gguf file (with a row for the file as it is), and a group size that does not divide
+    its widths is refused at submit."""
     from quantselect.engines.models import model_config_here
     from quantselect.service import Service, SubmitRequest
 
@@ -105,7 +106,13 @@ def test_a_gguf_file_is_planned_and_checked_from_its_header(demo_model_dir, demo
     assert shape_from_config(cfg, where) == converted and cfg["model_type"] == "llama"
     by_header = json.loads(CliRunner().invoke(cli, ["plan", str(demo_q4_0_gguf), "--format", "json"]).output)
     by_config = json.loads(CliRunner().invoke(cli, ["plan", str(demo_model_dir), "--format", "json"]).output)
-    assert by_header["precisions"] == by_config["precisions"] and by_header["params"] == converted.params
+    assert by_header["precisions"][:-1] == by_config["precisions"] and by_header["params"] == converted.params
+    mine = by_header["precisions"][-1]  # the file itself: its tensors' bytes, exactly
+    assert mine["precision"] == "Q4_0 (this file)" and "4.5 bits per weight" in mine["description"]
+    from gguf import GGUFReader
+
+    assert mine["weight_bytes"] == sum(int(t.n_bytes) for t in GGUFReader(str(demo_q4_0_gguf)).tensors)
+    assert 0.95 * demo_q4_0_gguf.stat().st_size < mine["weight_bytes"] < demo_q4_0_gguf.stat().st_size  # the rest: header
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
     res = CliRunner().invoke(cli, ["plan", str(bad)])

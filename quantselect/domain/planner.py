@@ -139,7 +139,10 @@ class PlanRow:
 KV_CACHE_DTYPES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 
-def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cache: str = "bf16") -> list[PlanRow]:
+def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cache: str = "bf16",
+         files: dict[str, tuple[float, str]] | None = None) -> list[PlanRow]:
+    """A row per precision; ``files``: rows whose weight bytes are known exactly (name ->
+    (bytes, description)), e.g. the GGUF file being planned."""
     if context < 1 or batch < 1:
         raise InputError("context and batch must be at least 1")
     if kv_cache not in KV_CACHE_DTYPES:
@@ -151,6 +154,9 @@ def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cac
         total = weights + kv
         gpus = gpus_needed(total, gpu_memory_bytes)
         rows.append(PlanRow(name, description, weights, kv, total, gpus, gpus == 1))
+    for name, (weights, description) in (files or {}).items():
+        gpus = gpus_needed(weights + kv, gpu_memory_bytes)
+        rows.append(PlanRow(name, description, weights, kv, weights + kv, gpus, gpus == 1))
     return rows
 
 

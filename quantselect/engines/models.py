@@ -257,6 +257,7 @@ def gguf_quantization(path: Path) -> dict:
         matrices = [t for t in reader.tensors if len(t.shape) > 1]
         elements = sum(int(t.n_elements) for t in matrices)
         stored = sum(int(t.n_bytes) for t in matrices)
+        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
         file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
         arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
         tokens = fields.get("tokenizer.ggml.tokens")
@@ -272,7 +273,8 @@ def gguf_quantization(path: Path) -> dict:
         name = Counter(t.tensor_type.name for t in matrices).most_common(1)[0][0]
     digits = re.search(r"\d+", name)
     return {"file_type": name, "bits": int(digits.group()) if digits else 16,
-            "bits_per_weight": round(stored * 8 / elements, 3), "architecture": arch, "vocab_size": vocab}
+            "bits_per_weight": round(stored * 8 / elements, 3), "tensor_bytes": tensor_bytes, "architecture": arch,
+            "vocab_size": vocab}
 
 
 def has_chat_template(model_path: str) -> bool | None:

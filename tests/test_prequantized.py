@@ -181,7 +181,8 @@ def test_a_job_scores_a_gguf_release_costs_it_by_its_bits_and_exports_it_for_lla
     rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)}
     q40 = rows["q40"]
     assert q40["status"] == "succeeded" and q40["n_items"] == 12 and q40["quantize_seconds"] == 0.0
-    assert q40["disk_bytes"] == demo_q4_0_gguf.stat().st_size
+    assert q40["disk_bytes"] == q40["weight_bytes"] == demo_q4_0_gguf.stat().st_size  # what llama.cpp maps
+    assert q40["weight_bytes"] < rows["int8"]["weight_bytes"]
     assert "(GGUF Q4_0 dequantized, not llama.cpp)" in q40["throughput_engine"]
     # Never costed from its dense stand-in's speed: the roofline estimate, from 4.5 bits per weight.
     assert "estimated" in q40["cost_source"]

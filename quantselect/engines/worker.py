@@ -132,6 +132,8 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         result.weight_bytes = quantize.weight_bytes(loaded.model)
         result.artifact_path, result.artifact_reused = loaded.artifact_path, loaded.reused
         result.disk_bytes = loaded.disk_bytes
+        if getattr(candidate.config, "is_gguf", False):  # llama.cpp maps the file whole; not the dense stand-in
+            result.weight_bytes = loaded.disk_bytes
         measure.reset_peak_memory(loaded.device)
         report("evaluating", 0, len(dataset))
         start = time.perf_counter()

@@ -141,14 +141,16 @@ def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -
         _print_deployment(svc.get_job(job_id).base_url, svc.get_job(job_id).deployed_candidate)
 
 
-def _print_results(svc: Any, job_id: str, threshold: float | None = None) -> None:
+def _print_results(svc: Any, job_id: str, threshold: float | None = None, markdown: bool = False) -> None:
     from quantselect.render import recommendation_text, results_table
 
     job, rows, rec = svc.results_table(job_id, threshold)
-    click.echo(f"\nJob {job.id} ({job.status}): {job.model} on {job.dataset_source} ({job.n_items} items, {job.metric})\n")
-    click.echo(results_table(rows))
+    head = f"Job {job.id} ({job.status}): {job.model} on {job.dataset_source} ({job.n_items} items, {job.metric})"
+    click.echo(f"**{head}**\n" if markdown else f"\n{head}\n")
+    click.echo(results_table(rows, markdown=markdown))
     click.echo()
-    click.echo(recommendation_text(rec, {r["throughput_engine"] for r in rows}))
+    text = recommendation_text(rec, {r["throughput_engine"] for r in rows})
+    click.echo(f"```\n{text}\n```" if markdown else text)
 
 
 def _print_deployment(url: str | None, candidate: str | None) -> None:
@@ -358,17 +360,36 @@ def status(job_id: str) -> None:
 
 @cli.command()
 @click.argument("job_id")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--items", "with_items", is_flag=True, help="Export every per-item result instead (JSON).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
+              show_default=True, help="csv: one row per candidate (or item), every field; markdown: the table and "
+                                      "the recommendation to paste into a pull request or an issue.")
+@click.option("--items", "with_items", is_flag=True, help="Export every per-item result instead (JSON, or CSV).")
 def results(job_id: str, fmt: str, with_items: bool) -> None:
     """Measurements per candidate (quality, memory, speed, cost)."""
     svc = _service()
     if with_items:
         items = svc.item_results(job_id)
-        return _echo_json([{"candidate": name, **i.to_dict()} for name, rows in items.items() for i in rows])
+        rows = [{"candidate": name, **i.to_dict()} for name, rows in items.items() for i in rows]
+        return _echo_csv(rows) if fmt == "csv" else _echo_json(rows)
     if fmt == "json":
         return _echo_json(svc.results_table(job_id)[1])
-    _print_results(svc, job_id)
+    if fmt == "csv":
+        return _echo_csv(svc.results_table(job_id)[1])
+    _print_results(svc, job_id, markdown=fmt == "markdown")
+
+
+def _echo_csv(rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV with a header of every field any row has; lists and objects as JSON text."""
+    import csv
+    import io
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(v, default=str) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    click.echo(out.getvalue(), nl=False)
 
 
 @cli.command()

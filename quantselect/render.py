@@ -12,15 +12,20 @@ def fmt_num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    if markdown:  # GitHub's pipe tables, for a pull request, an issue or a wiki
+        esc = [[c.replace("|", "\\|") or " " for c in r] for r in cells]
+        lines = ["| " + " | ".join(r) + " |" for r in esc]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
+def results_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     def passed(r: dict[str, Any]) -> str:
         return {True: "yes", False: "no", None: "-"}[r["passed"]]
 
@@ -50,7 +55,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
             fmt_num(r["quantize_seconds"], 1), fmt_num(r["tokens_per_second"], 1),
             fmt_num(r.get("decode_tokens_per_second_b16"), 1), fmt_num(r.get("target_tokens_per_second"), 0),
             cost(r), (r["error"] or "")[:60]]
-         for r in rows],
+         for r in rows], markdown=markdown,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -184,6 +186,15 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
     assert "succeeded" in run("status", job_id).output
     table = run("results", job_id).output
     assert "int4" in table and "Recommendation" in table
+    md = run("results", job_id, "--format", "markdown").output
+    assert md.startswith(f"**Job {job_id} (succeeded)") and "| candidate | status | items |" in md
+    assert sum(line.startswith("| int") for line in md.splitlines()) == 2 and "```\nRecommendation" in md
+    flat = list(csv.DictReader(io.StringIO(run("results", job_id, "--format", "csv").output)))
+    assert [r["name"] for r in flat] == [r["name"] for r in rows]
+    assert [float(r["score"]) for r in flat] == [r["score"] for r in rows]
+    assert json.loads(flat[1]["gpu_ids"]) == rows[1]["gpu_ids"]
+    per_item = list(csv.DictReader(io.StringIO(run("results", job_id, "--items", "--format", "csv").output)))
+    assert len(per_item) == len(items) and json.loads(per_item[0]["choice_logprobs"]) == items[0]["choice_logprobs"]
     # A dry run of the same submission with one more candidate: what a stored result spares.
     dry = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
               "--candidates", "int8,int4,bf16,w8a8", "--threshold", "0.5", "--gpu-hour-usd", "3.0", "--dry-run")

@@ -21,6 +21,16 @@ from tests.fixtures.common import EXAMPLES
 CALIBRATION = [f"sample {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]
 
 
+def _submit(model: str, candidates: str) -> tuple[str, dict[str, dict]]:
+    """A real job on 12 PIQA items through the CLI: its id and its results by candidate."""
+    res = CliRunner().invoke(cli, ["submit", model, str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
+                                   "--candidates", candidates, "--threshold", "0.5"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split()[1].rstrip(":")
+    rows = json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)
+    return job_id, {r["name"]: r for r in rows}
+
+
 @pytest.fixture(scope="module")
 def gptq_release(tiny_llama, tmp_path_factory):
     """A GPTQ checkpoint as it would be downloaded: GPTQModel's folder, without quantselect.json."""
@@ -117,12 +127,7 @@ def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, g
 
 def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_cluster, tiny_llama, gptq_release):
     release, _ = gptq_release
-    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
-                                   "--candidates", f"int8,hub-gptq={release}", "--threshold", "0.5"],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    job_id = res.output.split()[1].rstrip(":")
-    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)}
+    _, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release}")
     hub = rows["hub-gptq"]
     assert hub["status"] == "succeeded" and hub["n_items"] == 12 and hub["artifact_path"] == str(release.resolve())
     assert hub["quantize_seconds"] == 0.0 and hub["tokens_per_second"] > 0
@@ -173,12 +178,7 @@ def test_a_job_scores_a_gguf_release_costs_it_by_its_bits_and_exports_it_for_lla
                                                                                         tmp_path):
     from quantselect.errors import ConflictError
 
-    res = CliRunner().invoke(cli, ["submit", "demo", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "12",
-                                   "--candidates", f"int8,q40={demo_q4_0_gguf}", "--threshold", "0.5"],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    job_id = res.output.split()[1].rstrip(":")
-    rows = {r["name"]: r for r in json.loads(CliRunner().invoke(cli, ["results", job_id, "--format", "json"]).output)}
+    job_id, rows = _submit("demo", f"int8,q40={demo_q4_0_gguf}")
     q40 = rows["q40"]
     assert q40["status"] == "succeeded" and q40["n_items"] == 12 and q40["quantize_seconds"] == 0.0
     assert q40["disk_bytes"] == q40["weight_bytes"] == demo_q4_0_gguf.stat().st_size  # what llama.cpp maps

@@ -91,9 +91,9 @@ def _tf_version() -> str:
 def resolve_model(model: str, models_dir: Path) -> Path:
     """Return a local HF folder for ``model``, converting GGUF files once (cached)."""
     model = check_model(model)
-    if model != DEMO and Path(model).is_dir():
+    gguf = gguf_file(model)
+    if gguf is None:
         return Path(model)
-    gguf = demo_gguf_path() if model == DEMO else Path(model)
     name = "smollm2-135m-instruct" if model == DEMO else gguf.stem.lower()
     return _converted(gguf, models_dir / f"{name}-{_fingerprint(gguf)}")
 
@@ -101,27 +101,42 @@ def resolve_model(model: str, models_dir: Path) -> Path:
 def model_config_here(model: str) -> tuple[dict, str] | None:
     """The model's configuration and where it was read, without loading or converting anything: a
     folder's ``config.json``, or a GGUF file's header (``gguf_model_config``); None when unreadable."""
-    path = demo_gguf_path() if model == DEMO else Path(model).expanduser()
-    if path.is_dir():
-        try:
-            return json.loads((path / "config.json").read_text()), str(path / "config.json")
-        except (OSError, ValueError):
-            return None
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return gguf_model_config(path), str(path)
-    return None
+    gguf = gguf_file(model)
+    if gguf is not None:
+        return gguf_model_config(gguf), str(gguf)
+    path = Path(model).expanduser()
+    try:
+        return json.loads((path / "config.json").read_text()), str(path / "config.json")
+    except (OSError, ValueError):
+        return None
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file the model is (the demo's, or a ``.gguf`` path), None for anything else."""
+    if model == DEMO:
+        return demo_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
+def _gguf_reader(path: Path):
+    """gguf-py's reader of ``path`` (numpy only; tensors memory-mapped, not read); a one-line error
+    for what is not a readable GGUF file."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise InputError(f"{path}: reading a GGUF file needs the 'gguf' package (pip install gguf)") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - not a GGUF file, or a truncated one
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None
 
 
 def gguf_model_config(path: Path) -> dict:
     """A GGUF file's decoder shape as the ``config.json`` fields the planner reads, from its header
     (llama.cpp's ``{arch}.embedding_length``, ``block_count``, ``attention.head_count``...)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
+    reader = _gguf_reader(path)
     fields = reader.fields
 
     def get(key: str):
@@ -247,24 +262,18 @@ def gguf_quantization(path: Path) -> dict:
     import re
     from collections import Counter
 
-    try:
-        from gguf import GGUFReader, LlamaFileType
-    except ImportError:
-        raise InputError(f"{path}: reading a GGUF file needs the 'gguf' package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(str(path))
-        fields = reader.fields
-        matrices = [t for t in reader.tensors if len(t.shape) > 1]
-        elements = sum(int(t.n_elements) for t in matrices)
-        stored = sum(int(t.n_bytes) for t in matrices)
-        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-        file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
-        arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
-        tokens = fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else None
-    except Exception as e:  # noqa: BLE001 - not a GGUF file, or a truncated one
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
+    from gguf import LlamaFileType
+
+    reader = _gguf_reader(path)
+    fields = reader.fields
+    matrices = [t for t in reader.tensors if len(t.shape) > 1]
+    elements = sum(int(t.n_elements) for t in matrices)
+    stored = sum(int(t.n_bytes) for t in matrices)
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    tokens = fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else None
     if not elements:
         raise InputError(f"{path}: the GGUF file holds no weight matrices")
     try:

@@ -564,7 +564,8 @@ def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool,
 def candidates(fmt: str) -> None:
     """Every candidate, its parameters, whether it can run on this machine, and why not.
 
-    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`.
+    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`;
+    add kv_cache=fp8 to any candidate to measure it with an fp8 KV cache.
     Add a checkpoint quantized elsewhere with LABEL=PATH, e.g. `--candidates int8,hub-awq=/models/llama-awq`."""
     from quantselect.domain.candidates import CATALOG, DEFAULT_CANDIDATES
     from quantselect.engines.quantize import availability
@@ -583,7 +584,10 @@ def candidates(fmt: str) -> None:
                      [[r["name"], "yes" if r["available"] else "no", "yes" if r["default"] else "",
                        " ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "-",
                        r["description"] if r["available"] else r["reason"]] for r in rows]))
-    click.echo("\nAlso LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain, "
+    click.echo("\nEvery candidate also takes kv_cache=fp8: evaluated with its keys and values rounded as an fp8 KV "
+               "cache stores them (vLLM's --kv-cache-dtype fp8), and costed with that cache, e.g. "
+               "--candidates int4-gptq,int4-gptq:kv_cache=fp8")
+    click.echo("Also LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain, "
                "or a .gguf file), evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq,"
                "q4km=/models/llama.Q4_K_M.gguf")
 

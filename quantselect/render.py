@@ -88,16 +88,16 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
         if len(estimated) < len(costs):
             lines.append(f"  cost measured on {rec.target_gpu} for the others")
     for engine in sorted(e for e in engines if e):
-        note = " (this machine's speed: never used as a GPU cost)" if engine.endswith("cpu") else ""
+        note = " (this machine's speed: never used as a GPU cost)" if " on cpu" in engine else ""
         lines.append(f"  tok/s b1/b16 measured with {engine}{note}")
     return "\n".join(lines)
 
 
 def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None,
-               gguf_file: str | None = None) -> str:
+               gguf_file: str | None = None, kv_cache: str = "") -> str:
     """README.md of an exported model: what it is, the evidence it was chosen on (with the items
     where it differs most from the baseline, ``differs``), how to load it (``gguf_file``: a GGUF
-    checkpoint, run by llama.cpp or Ollama)."""
+    checkpoint, run by llama.cpp or Ollama; ``kv_cache``: the KV cache its quality was measured with)."""
     row = next(r for r in rows if r["name"] == name)
     v = rec.verdict(name)
     title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
@@ -119,6 +119,10 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
                 "```", "",
                 "The quality above was measured on these very weights, dequantized; llama.cpp's figures of memory "
                 "and speed are its own (the cost above is a roofline estimate from the file's bits per weight).", ""]
+    if kv_cache:
+        load += [f"Its quality was measured with an {kv_cache} KV cache (e4m3, scale 1.0): serve it with one, e.g. "
+                 f"`vllm serve {path} --kv-cache-dtype {kv_cache}`; a 16-bit cache runs the same weights "
+                 "without that rounding.", ""]
     return "\n".join([
         "---", f"library_name: {'gguf' if gguf_file else 'transformers'}", "tags:", "- quantselect", f"- {name}", "---", "",
         f"# {title}: {name}", "",

@@ -571,7 +571,7 @@ class Service:
             raise ConflictError(f"job {job_id}: {name} is a GGUF file, run by llama.cpp (llama-server -m {config.path}) "
                                 "or Ollama, not by quantselect's server; `quantselect export` copies it with its evidence")
         artifact = _artifact(chosen)
-        if artifact is None and Candidate.from_dict({"name": name, "config": chosen.config}).config.calibrated:
+        if artifact is None and config.calibrated:
             raise ConflictError(_artifact_gone(job_id, name, chosen))
         connect(self.settings, persistent=True)
         # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
@@ -638,7 +638,8 @@ class Service:
                     "compare": differs.to_dict() if differs else None}
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
         gguf = Path(config.path) if isinstance(config, Prequantized) and config.is_gguf else None
-        files = {"README.md": model_card(job, name, rows, rec, str(out), differs, gguf_file=gguf and gguf.name),
+        files = {"README.md": model_card(job, name, rows, rec, str(out), differs, gguf_file=gguf and gguf.name,
+                                         kv_cache=config.kv_cache),
                  "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         artifact = _artifact(chosen)
         if gguf:  # the file itself, as llama.cpp and Ollama run it
@@ -718,11 +719,12 @@ class Service:
         import json
 
         from quantselect.domain import planner
-        from quantselect.engines.models import DEMO, model_config_here
+        from quantselect.engines.models import gguf_file, gguf_model_config, gguf_quantization
 
         path = Path(model).expanduser()
-        if model == DEMO or (path.is_file() and path.suffix.lower() == ".gguf"):
-            cfg, where = model_config_here(model) or ({}, model)
+        gguf = gguf_file(model)
+        if gguf is not None:
+            cfg, where = gguf_model_config(gguf), str(gguf)
         else:
             config = path / "config.json" if path.is_dir() else path
             if not config.is_file():
@@ -736,10 +738,8 @@ class Service:
         gpu_name, memory = planner.gpu_memory(gpu, gpu_memory)
         ctx = context or min(shape.max_context or 8192, 8192)
         files = None
-        if model == DEMO or (path.is_file() and path.suffix.lower() == ".gguf"):  # the file itself, exactly
-            from quantselect.engines.models import demo_gguf_path, gguf_quantization
-
-            q = gguf_quantization(demo_gguf_path() if model == DEMO else path)
+        if gguf is not None:  # the file itself, exactly
+            q = gguf_quantization(gguf)
             files = {f"{q['file_type']} (this file)": (q["tensor_bytes"], f"the GGUF file as it is: "
                                                       f"{q['bits_per_weight']} bits per weight, every tensor counted")}
         rows = planner.plan(shape, memory, ctx, batch, kv_cache, files)
@@ -879,15 +879,10 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
 def _check_vocab(name: str, path: Path, theirs: int | None, model_path: str | None) -> None:
     """A checkpoint of another model (another vocabulary) is refused; the model's vocabulary is read
     from its config.json, or from its GGUF file's header."""
-    from quantselect.engines.models import DEMO, demo_gguf_path, gguf_quantization
+    from quantselect.engines.models import model_config_here
 
-    ours = None
-    if model_path:
-        model = demo_gguf_path() if model_path == DEMO else Path(model_path)
-        if model.is_dir():
-            ours = _vocab(read_model_config(model) or {})
-        elif model.is_file():
-            ours = gguf_quantization(model)["vocab_size"]
+    found = model_config_here(model_path) if model_path else None
+    ours = _vocab(found[0]) if found else None
     if theirs and ours and theirs != ours:
         raise InputError(f"candidate {name}: {path} has a vocabulary of {theirs} tokens and the model {ours}: "
                          "not a checkpoint of the same model")

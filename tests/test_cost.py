@@ -108,7 +108,7 @@ def test_candidate_parameters_are_validated_with_the_field_named():
                      ("int4-gptq:bits=5", "bits 5 must be one of 2, 3, 4, 8"),
                      ("int4-awq:bits=3", "bits 3 must be one of 4"),
                      ("int4:bits=4", "unknown parameter 'bits'"),
-                     ("int8:group_size=32", "parameters of int8: none"),
+                     ("int8:group_size=32", "parameters of int8: kv_cache"),
                      ("nf4:double_quant=maybe", "not a valid bool"),
                      ("int4:group_size", "must be key=value")]:
         with pytest.raises(InputError, match=msg):

@@ -8,12 +8,17 @@ Adding a scheme = one config class here + one handler in ``quantselect.engines.q
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from quantselect.errors import InputError
 
 BASELINE = "baseline"
+
+# KV-cache formats a candidate can be evaluated with (``NAME:kv_cache=fp8``); "" is the model's own
+# 16-bit cache. fp8 is e4m3 at a per-tensor scale of 1.0, as vLLM's ``--kv-cache-dtype fp8`` stores
+# it when the checkpoint carries no KV scales.
+KV_CACHES = {"": 2, "fp8": 1}  # bytes per element
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,27 @@ class CandidateConfig:
     calibrated: ClassVar[bool] = False
     # config.json model_types its engine cannot quantize, with the reason (checked before any work)
     unsupported: ClassVar[dict[str, str]] = {}
+    # The KV cache the candidate is evaluated with (a key of ``KV_CACHES``): it changes no weight, so
+    # the quantized model is shared with the same candidate's 16-bit-cache twin (``weights_only``).
+    kv_cache: str = field(default="", kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise InputError(f"kv_cache {self.kv_cache!r} must be fp8 (or left out for the model's 16-bit cache)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"_type": self.type_name, "_version": self.version, "_data": asdict(self)}
+        data = asdict(self)
+        if not self.kv_cache:  # left out, so that configs (and their cache keys) read as before it existed
+            del data["kv_cache"]
+        return {"_type": self.type_name, "_version": self.version, "_data": data}
+
+    def weights_only(self) -> "CandidateConfig":
+        """The config without its KV-cache setting: what the quantized weights depend on."""
+        return replace(self, kv_cache="") if self.kv_cache else self
+
+    def kv_bytes(self) -> int:
+        """Bytes per element of the KV cache when served."""
+        return KV_CACHES[self.kv_cache]
 
     def bytes_per_weight(self) -> float:
         """Bytes per weight of the decoder's linear layers when served on a GPU, scales and zero
@@ -38,7 +61,8 @@ class CandidateConfig:
         return 2.0
 
     def parameters(self) -> dict[str, Any]:
-        return asdict(self)
+        """The scheme's own parameters (``kv_cache``, which every candidate takes, is not listed)."""
+        return {k: v for k, v in asdict(self).items() if k != "kv_cache"}
 
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -103,6 +127,7 @@ class Int4WeightOnly(CandidateConfig):
     weight_bits: ClassVar[float] = 4.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_group("int4", self.group_size)
 
     def bytes_per_weight(self) -> float:
@@ -124,6 +149,7 @@ class LowBitWeightOnly(CandidateConfig):
         return self.bits + 16 / self.group_size
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_bits("low-bit", self.bits, (2, 3))
         _check_group("low-bit", self.group_size)
 
@@ -152,6 +178,7 @@ class _Calibrated(CandidateConfig):
     allowed_bits: ClassVar[tuple[int, ...]] = (4,)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_bits(self.type_name, self.bits, self.allowed_bits)
         _check_group(self.type_name, self.group_size)
 

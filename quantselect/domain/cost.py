@@ -8,7 +8,8 @@ Throughput on the target, when no measurement on that GPU type exists, is *estim
 so everywhere it is shown) from a roofline:
 
 - a decode step at batch ``b`` reads every weight once (the candidate's bytes per weight, scales
-  included) plus the KV cache of ``b`` sequences of ``SERVING_CONTEXT`` tokens, and computes
+  included) plus the KV cache of ``b`` sequences of ``SERVING_CONTEXT`` tokens (16-bit, or 8-bit for
+  ``kv_cache=fp8``), and computes
   ``2 x parameters x b`` FLOPs (plus attention over the context) in the candidate's compute format
   (bf16 for weight-only schemes, int8 for W8A8, fp8 for fp8);
 - its time is the larger of bytes / bandwidth and FLOPs / peak compute, each scaled by an
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantselect.domain import results
-from quantselect.domain.candidates import CandidateConfig
+from quantselect.domain.candidates import GGUF, CandidateConfig
 from quantselect.domain.gpus import GPUS, GpuSpec, gpu, gpu_of_device  # noqa: F401 - re-exported
 from quantselect.domain.planner import Shape, gpus_needed
 
@@ -84,8 +85,8 @@ class ServingCost:
                 "weight_bytes": self.weight_bytes, "throughput": self.throughput.to_dict() if self.throughput else None}
 
 
-def _kv_bytes_per_token(shape: Shape) -> float:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * 2  # K and V, 16-bit
+def _kv_bytes_per_token(shape: Shape, config: CandidateConfig) -> float:
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * config.kv_bytes()  # K and V
 
 
 def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, usd_per_hour: float,
@@ -101,7 +102,7 @@ def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, 
         return ServingCost(cost_per_1m_tokens(usd_per_hour, measured), measured, weight_bytes=weights)
     if shape is None or weights is None:
         return ServingCost(None, None, "the model's config.json is unknown: no cost estimate")
-    kv = _kv_bytes_per_token(shape)
+    kv = _kv_bytes_per_token(shape, config)
     n = gpus_needed(weights + batch * context * kv, target.memory_gib * 1024**3)
     if n is None:
         return ServingCost(None, None, f"does not fit on 8x {target.name} at batch {batch}", weight_bytes=weights)
@@ -118,12 +119,15 @@ def measured_on(result: Any, target: GpuSpec) -> Throughput | None:
     """A candidate's batch-``COST_BATCH`` decode throughput when it was measured on the target GPU
     type with a serving engine, with the GPU to itself; eager ``generate()`` is never trusted for a
     cost (it ranks quantized models wrongly on a GPU), nor a GPU shared with packed candidates, nor a
-    GGUF file's dense stand-in."""
+    GGUF file's dense stand-in, nor a candidate whose fp8 KV cache was emulated."""
     spec = gpu_of_device(getattr(result, "device", None))
     tps = getattr(result, "decode_tokens_per_second_b16", None)
     engine = getattr(result, "throughput_engine", None) or ""
-    if ((getattr(result, "config", None) or {}).get("_data") or {}).get("method") == "gguf":
+    data = (getattr(result, "config", None) or {}).get("_data") or {}
+    if data.get("method") == GGUF:
         return None  # measured dense in transformers, not in llama.cpp, the engine that would serve it
+    if data.get("kv_cache"):
+        return None  # its KV cache was rounded in 16 bits, not stored in 8: not that cache's speed
     if spec is None or spec.name != target.name or not tps or "eager" in engine or SHARED_GPU in engine:
         return None
     return Throughput(float(tps), COST_BATCH, 1, "measured", f"{engine} on {result.device}")

@@ -76,6 +76,7 @@ from quantselect.domain.dataset import (
     substring_match,
 )
 from quantselect.domain.results import ItemResult
+from quantselect.engines.kvcache import inner, round_kv
 from quantselect.errors import InputError
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def _max_length(model: Any) -> int:
 def _pack_length(model: Any) -> int:
     """Longest packed row: packing needs an attention that takes an arbitrary 4D mask, and the
     mask we build knows no sliding window."""
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+    if inner(getattr(model.config, "_attn_implementation", "sdpa")) not in ("sdpa", "eager"):
         return 0
     window = getattr(model.config, "sliding_window", None)
     return min(_max_length(model), window) if window else _max_length(model)
@@ -353,6 +354,7 @@ def _unpadded_attention(module: Any, query: Any, key: Any, value: Any, attention
     assert layout is not None, "the unpadded attention runs only inside _forward_unpadded"
     layout.calls += 1
     n = layout.prefix
+    key, value = round_kv(module, key, value)  # as the candidate's KV cache stores them
 
     def pad(x: Any) -> Any:
         heads, dim = x.shape[1], x.shape[3]
@@ -375,7 +377,7 @@ def _unpadded_attention(module: Any, query: Any, key: Any, value: Any, attention
 
 def _unpadded_supported(model: Any) -> bool:
     """SDPA attention that takes our packed mask (``_pack_length``); registers the function once."""
-    if _pack_length(model) == 0 or getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if _pack_length(model) == 0 or inner(getattr(model.config, "_attn_implementation", None)) != "sdpa":
         return False
     from transformers import AttentionInterface
 

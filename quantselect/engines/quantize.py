@@ -381,7 +381,18 @@ def load_candidate(model_path: str, config: CandidateConfig, device: str | None 
     hash of the model, the config and the calibration data), loaded back, and checked against the
     model that was saved before it is used; a later call with the same key loads the artifact
     instead of quantizing again. ``model_path`` may also be such an artifact (serving does that).
-    A GGUF checkpoint is dequantized once into ``models_dir`` (default: the home's), like a GGUF model."""
+    A GGUF checkpoint is dequantized once into ``models_dir`` (default: the home's), like a GGUF model.
+    A config's ``kv_cache`` changes no weight: the model is the one its ``weights_only`` config gives
+    (the same artifact), with its attention reading keys and values as that cache stores them."""
+    from quantselect.engines import kvcache
+
+    loaded = _load(model_path, config.weights_only(), device, calibration, artifacts_dir, models_dir)
+    kvcache.emulate(loaded.model, config.kv_cache)
+    return loaded
+
+
+def _load(model_path: str, config: CandidateConfig, device: str | None, calibration: tuple[str, ...] | list[str] | None,
+          artifacts_dir: str | None, models_dir: str | None) -> LoadedModel:
     from quantselect.engines import artifacts
 
     device = device or default_device()

@@ -132,7 +132,8 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         result.weight_bytes = quantize.weight_bytes(loaded.model)
         result.artifact_path, result.artifact_reused = loaded.artifact_path, loaded.reused
         result.disk_bytes = loaded.disk_bytes
-        if getattr(candidate.config, "is_gguf", False):  # llama.cpp maps the file whole; not the dense stand-in
+        gguf = getattr(candidate.config, "is_gguf", False)  # scored dense, run by llama.cpp
+        if gguf:  # llama.cpp maps the file whole; not the dense stand-in's memory
             result.weight_bytes = loaded.disk_bytes
         measure.reset_peak_memory(loaded.device)
         report("evaluating", 0, len(dataset))
@@ -170,8 +171,10 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
             from quantselect.domain.cost import SHARED_GPU
 
             result.throughput_engine = f"{speed.engine} {SHARED_GPU}"
-        if getattr(candidate.config, "is_gguf", False):  # the file's weights, but not llama.cpp's speed
+        if gguf:  # the file's weights, but not llama.cpp's speed
             result.throughput_engine += f" (GGUF {candidate.config.file_type} dequantized, not llama.cpp)"
+        if candidate.config.kv_cache:  # its quality, not its speed
+            result.throughput_engine += f" ({candidate.config.kv_cache} KV cache emulated in 16 bits)"
         result.status = SUCCEEDED
     except BaseException as e:  # noqa: BLE001 - a candidate's failure is data, not a crash
         if isinstance(e, KeyboardInterrupt):

@@ -41,14 +41,16 @@ def test_every_candidate_on_the_gpu(tiny_llama, tmp_path, name):
     assert measure.decode_tokens_per_second(lm.model, lm.tokenizer, new_tokens=4, repeats=1) > 0
 
 
-@pytest.mark.parametrize("name", ["bf16", "int4-gptq"])
+@pytest.mark.parametrize("name", ["bf16", "int4-gptq", "bf16:kv_cache=fp8"])
 def test_the_compiled_serving_engine_measures_on_the_gpu(tiny_llama, tmp_path, name):
     """Static-cache generation compiled: by transformers itself (bf16), and forced for a quantizer
-    it leaves uncompiled (GPTQ, with GPTQModel's Triton kernel chosen at reload: no nvcc build)."""
+    it leaves uncompiled (GPTQ, with GPTQModel's Triton kernel chosen at reload: no nvcc build); the
+    fp8 KV cache's rounding compiles into the attention."""
+    from quantselect.domain.candidates import parse_candidate
     from quantselect.engines import measure
     from quantselect.engines.quantize import load_candidate
 
-    config = CATALOG[name]
+    config = parse_candidate(name).config
     lm = load_candidate(str(tiny_llama), config, "cuda", artifacts_dir=str(tmp_path),
                         calibration=CALIBRATION if config.calibrated else None)
     speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=16)

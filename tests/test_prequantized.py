@@ -173,6 +173,11 @@ def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model
         assert torch.equal(mine, direct(probe).logits)
         assert not torch.allclose(mine, base.model(probe).logits, atol=1e-3)  # Q4_0 is not the Q4_1 it came from
 
+    # the demo's own file named as a path is the demo: its converted folder is shared, not made again
+    from quantselect.engines.models import demo_gguf_path, resolve_model
+
+    assert resolve_model(str(demo_gguf_path()), demo_model_dir.parent) == demo_model_dir
+
 
 def test_a_job_scores_a_gguf_release_costs_it_by_its_bits_and_exports_it_for_llama_cpp(ray_cluster, demo_q4_0_gguf,
                                                                                         tmp_path):

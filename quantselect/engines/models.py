@@ -42,6 +42,13 @@ def demo_gguf_path() -> Path:
     return path
 
 
+def _demo_path_or_none() -> Path | None:
+    try:
+        return demo_gguf_path().resolve()
+    except InputError:
+        return None
+
+
 def check_model(model: str) -> str:
     """Validate what the user named, cheaply (no torch): returns the canonical spelling."""
     if model == DEMO:
@@ -94,7 +101,9 @@ def resolve_model(model: str, models_dir: Path) -> Path:
     gguf = gguf_file(model)
     if gguf is None:
         return Path(model)
-    name = "smollm2-135m-instruct" if model == DEMO else gguf.stem.lower()
+    # the demo's own file named as a path (a GGUF candidate, say) shares the demo's folder
+    demo = model == DEMO or gguf.resolve() == _demo_path_or_none()
+    name = "smollm2-135m-instruct" if demo else gguf.stem.lower()
     return _converted(gguf, models_dir / f"{name}-{_fingerprint(gguf)}")
 
 

@@ -96,8 +96,8 @@ def test_the_attention_of_every_family_reads_rounded_keys_and_values(tiny_models
         assert packed_gap < 0.25 * rounding_gap, (family, packed_gap, rounding_gap)
 
 
-def test_a_job_scores_both_caches_on_one_quantized_model_and_exports_the_serving_line(tmp_path):
-    res = CliRunner().invoke(cli, ["submit", "demo", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "16",
+def test_a_job_scores_both_caches_on_one_quantized_model_and_exports_the_serving_line(ray_cluster, tiny_llama, tmp_path):
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "16",
                                    "--candidates", "int8,int8:kv_cache=fp8", "--threshold", "0.5"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -846,7 +846,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     from dataclasses import replace
 
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
-    from quantselect.engines.models import gguf_quantization
+    from quantselect.engines.models import gguf_model_config, gguf_quantization
 
     out = []
     for c in candidates:
@@ -856,7 +856,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
         path = Path(c.config.path).expanduser()
         if path.is_file() and path.suffix.lower() == ".gguf":
             q = gguf_quantization(path)
-            _check_vocab(c.name, path, q["vocab_size"], model_path)
+            _check_same_model(c.name, path, {**gguf_model_config(path), "vocab_size": q["vocab_size"]}, model_path)
             out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=GGUF, bits=q["bits"],
                                                  group_size=0, file_type=q["file_type"],
                                                  bits_per_weight=q["bits_per_weight"])))
@@ -869,23 +869,36 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
         cfg = read_model_config(path)
         if cfg is None:
             raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")
-        _check_vocab(c.name, path, _vocab(cfg), model_path)
+        _check_same_model(c.name, path, cfg, model_path)
         method, bits, group = checkpoint_quantization(cfg)
         out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=method, bits=bits,
                                              group_size=group)))
     return out
 
 
-def _check_vocab(name: str, path: Path, theirs: int | None, model_path: str | None) -> None:
-    """A checkpoint of another model (another vocabulary) is refused; the model's vocabulary is read
-    from its config.json, or from its GGUF file's header."""
+def _check_same_model(name: str, path: Path, theirs: dict[str, Any], model_path: str | None) -> None:
+    """A checkpoint of another model is refused: another vocabulary, or another depth or width (the
+    8B and 70B of a family share a vocabulary). The model's side is read from its config.json, or from
+    its GGUF file's header; a field either side lacks is not compared."""
     from quantselect.engines.models import model_config_here
 
     found = model_config_here(model_path) if model_path else None
-    ours = _vocab(found[0]) if found else None
-    if theirs and ours and theirs != ours:
-        raise InputError(f"candidate {name}: {path} has a vocabulary of {theirs} tokens and the model {ours}: "
-                         "not a checkpoint of the same model")
+    if not found:
+        return
+    ours = found[0]
+    if _vocab(theirs) and _vocab(ours) and _vocab(theirs) != _vocab(ours):
+        raise InputError(f"candidate {name}: {path} has a vocabulary of {_vocab(theirs)} tokens and the model "
+                         f"{_vocab(ours)}: not a checkpoint of the same model")
+    a, b = _shape(theirs), _shape(ours)
+    if None not in a + b and a != b:
+        raise InputError(f"candidate {name}: {path} has {a[0]} layers of width {a[1]} and the model {b[0]} of width "
+                         f"{b[1]}: not a checkpoint of the same model")
+
+
+def _shape(cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+    text = cfg.get("text_config") or {}
+    return (cfg.get("num_hidden_layers") or text.get("num_hidden_layers"),
+            cfg.get("hidden_size") or text.get("hidden_size"))
 
 
 def _vocab(cfg: dict[str, Any]) -> int | None:

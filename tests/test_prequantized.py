@@ -86,6 +86,11 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
     (other / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
     with pytest.raises(InputError, match=r"candidate other: .* has a vocabulary of \d+ tokens and the model \d+"):
         spec(f"other={other}")
+    # the 8B and 70B of a family share a vocabulary: a checkpoint of another depth or width is refused too
+    (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] * 2}))
+    with pytest.raises(InputError, match=rf"candidate other: .* has {cfg['num_hidden_layers'] * 2} layers of width "
+                                         rf"{cfg['hidden_size']} and the model {cfg['num_hidden_layers']} of width"):
+        spec(f"other={other}")
     # The cache key follows the folder's files: a checkpoint replaced in place is evaluated again.
     from quantselect.service import cache_keys
 
@@ -136,7 +141,8 @@ def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_clu
     assert release.is_dir() and not (release / artifacts.MARKER).exists()  # the user's folder is left as it was
 
 
-def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model_dir, demo_q4_0_gguf, tmp_path):
+def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model_dir, demo_q4_0_gguf, tiny_llama,
+                                                                      tmp_path):
     """A .gguf file (llama.cpp / Ollama) as a candidate: its type and bits per weight come from its
     header; its weights are the ones llama.cpp stores, dequantized (the same as transformers' own
     GGUF loader gives), not the baseline's; its size on disk is the file's."""
@@ -161,6 +167,10 @@ def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model
                           (other, r"weights.bin: a checkpoint is a Hugging Face model folder or a .gguf file")]:
         with pytest.raises(InputError, match=message):
             svc.build_spec(SubmitRequest(model="demo", items=items, candidates=[f"x={path}"]))
+    # SmolLM2's vocabulary, but not its shape: the tiny Llama shares the tokenizer, not the model
+    with pytest.raises(InputError, match=r"candidate q40: .*Q4_0.gguf has 30 layers of width 576 and the model 2 of "
+                                         r"width 128: not a checkpoint of the same model"):
+        svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, candidates=[f"q40={demo_q4_0_gguf}"]))
 
     probe = torch.arange(1, 33).unsqueeze(0)
     loaded = load_candidate(str(demo_model_dir), q40.config, "cpu", models_dir=str(tmp_path / "models"))

@@ -241,7 +241,7 @@ class Service:
         """Drive the job to its end. ``resume``: continue a job whose driver died (or that failed or
         was cancelled): succeeded candidates are kept, per-item results already stored are not
         scored again; refused while another driver's heartbeat is fresh."""
-        from quantselect.engines.models import resolve_model
+        from quantselect.engines.models import needs_conversion, resolve_model
 
         events = events or Events()
         self.claim(job_id, resume)
@@ -249,7 +249,9 @@ class Service:
         try:
             spec = self.repo.get_job_spec(job_id)
             if events.on_status:
-                events.on_status("preparing the model")
+                events.on_status("preparing the model" + (
+                    ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
+                    if needs_conversion(spec.model_path, self.settings.models_dir) else ""))
             if not any(self.repo.cache_keys(job_id).values()):  # e.g. submitted where the model was not readable
                 self._keys_on_driver(job_id, spec)
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)

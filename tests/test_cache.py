@@ -144,12 +144,15 @@ def test_bad_prune_arguments_are_one_line_exit_2(args, message):
 
 def test_a_converted_gguf_model_is_listed_kept_while_served_and_converted_again_after_a_prune(tmp_path, monkeypatch):
     """The bundled GGUF file converted for real (float32 safetensors) into a home of its own."""
-    from quantselect.engines.models import demo_gguf_path, resolve_model
+    from quantselect.engines.models import demo_gguf_path, needs_conversion, resolve_model
     from quantselect.service import Service, SubmitRequest
 
     monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))
     svc = Service()
+    assert needs_conversion("demo", svc.settings.models_dir)  # what a job's "preparing the model" line says
     folder = resolve_model("demo", svc.settings.models_dir)
+    assert not needs_conversion("demo", svc.settings.models_dir)
+    assert not needs_conversion(str(demo_gguf_path()), svc.settings.models_dir)  # the same file, by its path
     [model] = listed().values()
     assert model["kind"] == "model" and model["path"] == str(folder) and model["model"] == str(demo_gguf_path())
     assert model["size_bytes"] > 500 * 2**20 and model["jobs"] == []  # 135M parameters, 4 bytes each
@@ -160,4 +163,5 @@ def test_a_converted_gguf_model_is_listed_kept_while_served_and_converted_again_
     assert f"Kept model {model['key']}: served by job {job.id}" in res.output and folder.is_dir()
     svc.repo.delete_job(job.id)
     assert "Removed model" in cache("prune", "--all").output and not folder.exists()
+    assert needs_conversion("demo", svc.settings.models_dir)
     assert resolve_model("demo", svc.settings.models_dir) == folder and (folder / "config.json").is_file()

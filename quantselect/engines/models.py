@@ -101,10 +101,20 @@ def resolve_model(model: str, models_dir: Path) -> Path:
     gguf = gguf_file(model)
     if gguf is None:
         return Path(model)
+    return _converted(gguf, _converted_folder(model, gguf, models_dir))
+
+
+def needs_conversion(model: str, models_dir: Path) -> bool:
+    """Whether ``resolve_model`` would convert a GGUF file first (none is converted yet)."""
+    gguf = gguf_file(model)
+    return gguf is not None and not (_converted_folder(model, gguf, models_dir) / COMPLETE).exists()
+
+
+def _converted_folder(model: str, gguf: Path, models_dir: Path) -> Path:
     # the demo's own file named as a path (a GGUF candidate, say) shares the demo's folder
     demo = model == DEMO or gguf.resolve() == _demo_path_or_none()
     name = "smollm2-135m-instruct" if demo else gguf.stem.lower()
-    return _converted(gguf, models_dir / f"{name}-{_fingerprint(gguf)}")
+    return models_dir / f"{name}-{_fingerprint(gguf)}"
 
 
 def model_config_here(model: str) -> tuple[dict, str] | None:

@@ -589,7 +589,7 @@ def candidates(fmt: str) -> None:
                        r["description"] if r["available"] else r["reason"]] for r in rows]))
     click.echo("\nEvery candidate also takes kv_cache=fp8: evaluated with its keys and values rounded as an fp8 KV "
                "cache stores them (vLLM's --kv-cache-dtype fp8), and costed with that cache, e.g. "
-               "--candidates int4-gptq,int4-gptq:kv_cache=fp8")
+               "--candidates int4-gptq,int4-gptq:kv_cache=fp8 (a checkpoint: hub-awq=/models/llama-awq:kv_cache=fp8)")
     click.echo("Also LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain, "
                "or a .gguf file), evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq,"
                "q4km=/models/llama.Q4_K_M.gguf")

@@ -51,6 +51,13 @@ def test_label_equals_path_is_a_checkpoint_and_its_quantization_comes_from_its_c
         with pytest.raises(InputError, match=message):
             parse_candidate(spec)
     assert parse_candidate("int4-gptq:group_size=64").name == "int4-gptq:group_size=64"  # still a catalogue entry
+    fp8kv = parse_candidate("hub-awq=/models/llama-awq:kv_cache=fp8")  # the same release with an fp8 KV cache
+    assert fp8kv.name == "hub-awq:kv_cache=fp8" and fp8kv.config == Prequantized(path="/models/llama-awq", kv_cache="fp8")
+    for spec, message in [("hub=/x:kv_cache=int4", "kv_cache 'int4' must be fp8"),
+                          ("hub=/x:kv_cache=", r"kv_cache= needs a value \(fp8\)"),
+                          ("q4=/x/m.Q4_0.gguf:kv_cache=fp8", "a .gguf file is served by llama.cpp")]:
+        with pytest.raises(InputError, match=message):
+            parse_candidate(spec)
     q = lambda **kw: checkpoint_quantization({"quantization_config": kw})  # noqa: E731
     assert q(quant_method="gptq", bits=4, group_size=128) == ("gptq", 4, 128)
     assert q(quant_method="gptq", bits=4, group_size=-1) == ("gptq", 4, 0)  # per channel
@@ -111,6 +118,10 @@ def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, g
         assert torch.equal(loaded.model(probe).logits, saved.model(probe).logits)  # the very weights GPTQModel wrote
     assert loaded.artifact_path == str(release) and loaded.engine == "prequantized (gptq, 4-bit)"
     assert loaded.quantize_seconds == 0.0 and loaded.disk_bytes > 0
+    fp8kv = load_candidate(str(tiny_llama), Prequantized(path=str(release), method="gptq", bits=4, group_size=32,
+                                                         kv_cache="fp8"), "cpu")
+    with torch.inference_mode():
+        assert not torch.equal(fp8kv.model(probe).logits, saved.model(probe).logits)  # its attention reads fp8 K/V
     # A plain checkpoint (another copy of the model) is the baseline's weights.
     plain = tmp_path / "plain"
     shutil.copytree(tiny_llama, plain)
@@ -132,9 +143,12 @@ def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, g
 
 def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_cluster, tiny_llama, gptq_release):
     release, _ = gptq_release
-    _, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release}")
-    hub = rows["hub-gptq"]
+    _, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release},hub-gptq={release}:kv_cache=fp8")
+    hub, fp8kv = rows["hub-gptq"], rows["hub-gptq:kv_cache=fp8"]
     assert hub["status"] == "succeeded" and hub["n_items"] == 12 and hub["artifact_path"] == str(release.resolve())
+    assert fp8kv["status"] == "succeeded" and fp8kv["artifact_path"] == hub["artifact_path"]
+    assert "fp8 KV cache emulated" in fp8kv["throughput_engine"]
+    assert fp8kv["cost_per_1m_tokens_usd"] < hub["cost_per_1m_tokens_usd"]  # its cache counted at one byte
     assert hub["quantize_seconds"] == 0.0 and hub["tokens_per_second"] > 0
     # Costed as the 4-bit checkpoint it is (weights on the target below the baseline's, and int8's).
     assert hub["cost_per_1m_tokens_usd"] < rows["int8"]["cost_per_1m_tokens_usd"] < rows["baseline"]["cost_per_1m_tokens_usd"]

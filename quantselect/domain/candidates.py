@@ -352,18 +352,30 @@ LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
 
 def parse_candidate(spec: str) -> Candidate:
     """``NAME`` or ``NAME:key=value[:key=value...]`` (e.g. ``int4-gptq:group_size=64:bits=3``): a
-    catalogue entry with some of its parameters changed; or ``LABEL=PATH``: a checkpoint quantized
-    elsewhere (``Prequantized``; the service reads its quantization from the folder). Errors name the
-    candidate and the field."""
+    catalogue entry with some of its parameters changed; or ``LABEL=PATH[:kv_cache=fp8]``: a checkpoint
+    quantized elsewhere (``Prequantized``; the service reads its quantization from the folder), named
+    ``LABEL[:kv_cache=fp8]``. Errors name the candidate and the field."""
     label, eq, path = spec.strip().partition("=")
     if eq and ":" not in label:
         label = label.strip()
         if not LABEL.fullmatch(label) or label in CATALOG:
             raise InputError(f"candidate {spec!r}: the label {label!r} must be lower case letters, digits, '.', '_' "
                              "or '-' (up to 40), and not a catalogue name")
-        if not path.strip():
+        path, kv = path.strip(), ""
+        if ":kv_cache=" in path:  # a checkpoint evaluated with an fp8 KV cache
+            path, _, kv = (p.strip() for p in path.rpartition(":kv_cache="))
+            if not kv:
+                raise InputError(f"candidate {spec!r}: kv_cache= needs a value (fp8)")
+        if not path:
             raise InputError(f"candidate {spec!r}: give the checkpoint's folder (or .gguf file) after '='")
-        return Candidate(label, Prequantized(path=path.strip()))
+        if kv and path.lower().endswith(".gguf"):
+            raise InputError(f"candidate {spec!r}: kv_cache={kv} is vLLM's KV cache; a .gguf file is served by "
+                             "llama.cpp, whose cache types (q8_0, q4_0) are not emulated")
+        try:
+            config = Prequantized(path=path, kv_cache=kv)
+        except InputError as e:
+            raise InputError(f"candidate {spec!r}: {e}") from None
+        return Candidate(f"{label}:kv_cache={kv}" if kv else label, config)
     name, *pairs = [p.strip() for p in spec.strip().split(":")]
     if name not in CATALOG:
         raise InputError(f"unknown candidate {name!r}; known: {', '.join(CATALOG)}")

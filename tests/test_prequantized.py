@@ -51,6 +51,11 @@ def test_label_equals_path_is_a_checkpoint_and_its_quantization_comes_from_its_c
         with pytest.raises(InputError, match=message):
             parse_candidate(spec)
     assert parse_candidate("int4-gptq:group_size=64").name == "int4-gptq:group_size=64"  # still a catalogue entry
+    from quantselect.domain.candidates import resolve_candidates
+
+    with pytest.raises(InputError, match=r"candidate 'hub' is given twice, for /a and /b: give each checkpoint its own"):
+        resolve_candidates(["hub=/a", "int8", "hub=/b"])
+    assert [c.name for c in resolve_candidates(["hub=/a", "int8", "hub=/a", "int8"])] == ["baseline", "hub", "int8"]
     fp8kv = parse_candidate("hub-awq=/models/llama-awq:kv_cache=fp8")  # the same release with an fp8 KV cache
     assert fp8kv.name == "hub-awq:kv_cache=fp8" and fp8kv.config == Prequantized(path="/models/llama-awq", kv_cache="fp8")
     for spec, message in [("hub=/x:kv_cache=int4", "kv_cache 'int4' must be fp8"),

@@ -420,6 +420,10 @@ def resolve_candidates(names: list[str] | tuple[str, ...] | None) -> list[Candid
         if not raw.strip():
             continue
         cand = parse_candidate(raw)
+        first = seen.get(cand.name)
+        if first is not None and first.config != cand.config:  # one label, two checkpoints
+            paths = " and ".join(getattr(c.config, "path", "") or c.name for c in (first, cand))
+            raise InputError(f"candidate {cand.name!r} is given twice, for {paths}: give each checkpoint its own label")
         if cand.name != BASELINE:
             seen.setdefault(cand.name, cand)
     return [Candidate(BASELINE, CATALOG[BASELINE])] + list(seen.values())

@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 STATIC_MAX_LEN = 8192  # tokens of prompt plus answer the static cache holds (at most the model's context)
 
 
+def cache_arg(model: Any) -> str:
+    """The name ``forward`` takes the KV cache under: ``cache`` from transformers 5.24, which
+    deprecates ``past_key_values`` (removed in 5.40); older releases know only the latter."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward pass returned, under either name (see ``cache_arg``)."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
+
+
 class Decoder:
     def __init__(self, model: Any, static: bool, compiled: bool = True, max_len: int | None = None) -> None:
         self.model = model
@@ -38,6 +51,7 @@ class Decoder:
         self.max_len = min(max_len or STATIC_MAX_LEN, context)
         self.device = next(model.parameters()).device
         self._cache: Any = None
+        self._arg = cache_arg(model)
         self._step: Any = None
         self._pos = 0
 
@@ -51,7 +65,7 @@ class Decoder:
         x = torch.tensor([ids], device=self.device)
         if not self.static:
             out = self.model(input_ids=x, use_cache=True, logits_to_keep=1)
-            self._cache = out.past_key_values
+            self._cache = cache_of(out)
             return out.logits[0, -1].float()
         if self._cache is None:
             from transformers import StaticCache
@@ -60,7 +74,7 @@ class Decoder:
         else:
             self._cache.reset()
         self._pos = len(ids)
-        out = self.model(input_ids=x, past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+        out = self.model(input_ids=x, **{self._arg: self._cache}, use_cache=True, logits_to_keep=1,
                          cache_position=torch.arange(len(ids), device=self.device))
         return out.logits[0, -1].float()
 
@@ -70,11 +84,11 @@ class Decoder:
 
         x = torch.tensor([[token]], device=self.device)
         if not self.static:
-            out = self.model(input_ids=x, past_key_values=self._cache, use_cache=True)
-            self._cache = out.past_key_values
+            out = self.model(input_ids=x, **{self._arg: self._cache}, use_cache=True)
+            self._cache = cache_of(out)
             return out.logits[0, -1].float()
-        kwargs = dict(input_ids=x, past_key_values=self._cache, use_cache=True,
-                      cache_position=torch.tensor([self._pos], device=self.device))
+        kwargs = {"input_ids": x, self._arg: self._cache, "use_cache": True,
+                  "cache_position": torch.tensor([self._pos], device=self.device)}
         if self.compiled:
             try:
                 out = self._compiled_step()(**kwargs)
@@ -116,6 +130,7 @@ class BatchDecoder:
         self.model = model
         self.device = next(model.parameters()).device
         self._cache: Any = None
+        self._arg = cache_arg(model)
         self._mask: Any = None  # [rows, cached tokens]: 0 on the left padding
         self._pos: Any = None  # [rows]: the next token's position in its own sequence
 
@@ -145,9 +160,9 @@ class BatchDecoder:
                          use_cache=True, logits_to_keep=1)
         pos = mask.sum(-1)
         if self._cache is None:
-            self._cache, self._mask, self._pos = out.past_key_values, mask, pos
+            self._cache, self._mask, self._pos = cache_of(out), mask, pos
         else:
-            self._merge(out.past_key_values, mask, pos)
+            self._merge(cache_of(out), mask, pos)
         return out.logits[:, -1].float()
 
     def step(self, tokens: list[int]) -> Any:
@@ -157,8 +172,8 @@ class BatchDecoder:
         x = torch.tensor(tokens, device=self.device).unsqueeze(1)
         self._mask = torch.cat([self._mask, self._mask.new_ones((self.rows, 1))], dim=1)
         out = self.model(input_ids=x, attention_mask=self._mask, position_ids=self._pos.unsqueeze(1),
-                         past_key_values=self._cache, use_cache=True)
-        self._cache, self._pos = out.past_key_values, self._pos + 1
+                         **{self._arg: self._cache}, use_cache=True)
+        self._cache, self._pos = cache_of(out), self._pos + 1
         return out.logits[:, -1].float()
 
     def keep(self, rows: list[int]) -> None:

@@ -69,6 +69,12 @@ def cli() -> None:
     # load on a CPU, torch's deprecation notes about torchao's enums. Errors still show.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Libraries' tqdm bars (transformers dequantizing a GGUF file, loading and writing weights) are
+    # redrawn with carriage returns: in a log or a pipe they are one endless line. Our own progress
+    # lines say the same. tqdm reads this when it is imported, which the commands do lazily, after
+    # this; Ray workers started from here inherit it.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 class Progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -255,3 +256,14 @@ def test_progress_lines_give_the_rate_and_the_time_left(capsys):
     assert at(86, int8=("evaluating", 310, 1000)) == ["int8       evaluating  310/1000 items, 2.59 items/s, ~4m26s left"]
     assert at(200, int8=("evaluating", 310, 1000)) == []  # nothing moved: nothing to say
     assert at(210, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items"]
+
+
+def test_library_progress_bars_stay_out_of_a_log():
+    """transformers' tqdm bars (dequantizing a GGUF file, loading weights) redraw with carriage
+    returns: outside a terminal the CLI turns them off, before the libraries are imported."""
+    code = ("from quantselect.cli import cli; cli(['gpus'], standalone_mode=False); "
+            "from tqdm.auto import tqdm; [i for i in tqdm(range(3), desc='a library bar')]")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 0 and "H100" in out.stdout, out.stderr
+    assert "a library bar" not in out.stderr

@@ -879,9 +879,10 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
 
 
 def _check_same_model(name: str, path: Path, theirs: dict[str, Any], model_path: str | None) -> None:
-    """A checkpoint of another model is refused: another vocabulary, or another depth or width (the
-    8B and 70B of a family share a vocabulary). The model's side is read from its config.json, or from
-    its GGUF file's header; a field either side lacks is not compared."""
+    """A checkpoint of another model is refused: another vocabulary, or another shape -- depth, width,
+    MLP width, key/value heads (the 8B and 70B of a family share a vocabulary; Llama-2-7B and
+    Mistral-7B share vocabulary size, depth and width). The model's side is read from its config.json,
+    or from its GGUF file's header; a field either side lacks is not compared."""
     from quantselect.engines.models import model_config_here
 
     found = model_config_here(model_path) if model_path else None
@@ -892,15 +893,23 @@ def _check_same_model(name: str, path: Path, theirs: dict[str, Any], model_path:
         raise InputError(f"candidate {name}: {path} has a vocabulary of {_vocab(theirs)} tokens and the model "
                          f"{_vocab(ours)}: not a checkpoint of the same model")
     a, b = _shape(theirs), _shape(ours)
-    if None not in a + b and a != b:
-        raise InputError(f"candidate {name}: {path} has {a[0]} layers of width {a[1]} and the model {b[0]} of width "
-                         f"{b[1]}: not a checkpoint of the same model")
+    differ = [f for f in SHAPE_FIELDS if isinstance(a[f], int) and isinstance(b[f], int) and a[f] != b[f]]
+    if differ:
+        def says(shape: dict[str, Any]) -> str:
+            return ", ".join(SHAPE_FIELDS[f].format(shape[f]) for f in differ)
+
+        raise InputError(f"candidate {name}: {path} has {says(a)} and the model {says(b)}: "
+                         "not a checkpoint of the same model")
 
 
-def _shape(cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+# what _check_same_model compares (the fields gguf_model_config reads from a GGUF header too)
+SHAPE_FIELDS = {"num_hidden_layers": "{} layers", "hidden_size": "width {}", "intermediate_size": "MLP width {}",
+                "num_key_value_heads": "{} key/value heads"}
+
+
+def _shape(cfg: dict[str, Any]) -> dict[str, Any]:
     text = cfg.get("text_config") or {}
-    return (cfg.get("num_hidden_layers") or text.get("num_hidden_layers"),
-            cfg.get("hidden_size") or text.get("hidden_size"))
+    return {f: cfg.get(f) if cfg.get(f) is not None else text.get(f) for f in SHAPE_FIELDS}
 
 
 def _vocab(cfg: dict[str, Any]) -> int | None:

@@ -100,8 +100,15 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
         spec(f"other={other}")
     # the 8B and 70B of a family share a vocabulary: a checkpoint of another depth or width is refused too
     (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] * 2}))
-    with pytest.raises(InputError, match=rf"candidate other: .* has {cfg['num_hidden_layers'] * 2} layers of width "
-                                         rf"{cfg['hidden_size']} and the model {cfg['num_hidden_layers']} of width"):
+    with pytest.raises(InputError, match=rf"candidate other: .* has {cfg['num_hidden_layers'] * 2} layers and the "
+                                         rf"model {cfg['num_hidden_layers']} layers: not a checkpoint of the same"):
+        spec(f"other={other}")
+    # Llama-2-7B and Mistral-7B share vocabulary size, depth and width, not their MLP or key/value heads
+    (other / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2,
+                                                   "num_key_value_heads": cfg["num_attention_heads"]}))
+    with pytest.raises(InputError, match=rf"has MLP width {cfg['intermediate_size'] * 2}, "
+                                         rf"{cfg['num_attention_heads']} key/value heads and the model MLP width "
+                                         rf"{cfg['intermediate_size']}, {cfg['num_key_value_heads']} key/value heads"):
         spec(f"other={other}")
     # The cache key follows the folder's files: a checkpoint replaced in place is evaluated again.
     from quantselect.service import cache_keys
@@ -187,8 +194,8 @@ def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model
         with pytest.raises(InputError, match=message):
             svc.build_spec(SubmitRequest(model="demo", items=items, candidates=[f"x={path}"]))
     # SmolLM2's vocabulary, but not its shape: the tiny Llama shares the tokenizer, not the model
-    with pytest.raises(InputError, match=r"candidate q40: .*Q4_0.gguf has 30 layers of width 576 and the model 2 of "
-                                         r"width 128: not a checkpoint of the same model"):
+    with pytest.raises(InputError, match=r"candidate q40: .*Q4_0.gguf has 30 layers, width 576, .* and the model 2 "
+                                         r"layers, width 128, .*: not a checkpoint of the same model"):
         svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, candidates=[f"q40={demo_q4_0_gguf}"]))
 
     probe = torch.arange(1, 33).unsqueeze(0)

@@ -165,3 +165,38 @@ def test_a_converted_gguf_model_is_listed_kept_while_served_and_converted_again_
     assert "Removed model" in cache("prune", "--all").output and not folder.exists()
     assert needs_conversion("demo", svc.settings.models_dir)
     assert resolve_model("demo", svc.settings.models_dir) == folder and (folder / "config.json").is_file()
+
+
+def test_an_unquantized_gguf_is_converted_in_its_own_dtype_exactly_and_a_quantized_one_in_float32(tmp_path,
+                                                                                                  monkeypatch):
+    """llama.cpp's F16 export of a model (here SmolLM2 written as F16 by gguf-py) is stored as float16,
+    half the bytes of float32, and holds every weight exactly: the folder loads to the same tensors as
+    transformers' own float32 load of the file. A file with an F32 tensor float16 would round keeps
+    float32, as does a quantized file (the bundled Q4_1)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from transformers import AutoModelForCausalLM
+
+    from quantselect.engines.models import demo_gguf_path, gguf_exact_dtype, resolve_model
+    from tests.fixtures.models import requantize_gguf
+
+    assert gguf_exact_dtype(demo_gguf_path()) == "float32"
+    for value, dtype in ((0.5, "float16"), (0.1, "float32")):  # 0.1 has no exact float16
+        path = tmp_path / f"probe-{value}.gguf"
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_tensor("blk.0.attn_q.weight", np.ones((8, 8), np.float16), raw_dtype=GGMLQuantizationType.F16)
+        writer.add_tensor("blk.0.attn_norm.weight", np.full(8, value, np.float32), raw_dtype=GGMLQuantizationType.F32)
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+        assert gguf_exact_dtype(path) == dtype
+
+    f16 = requantize_gguf(demo_gguf_path(), tmp_path / "SmolLM2-135M-Instruct.F16.gguf", "F16")
+    assert gguf_exact_dtype(f16) == "float16"
+    monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))
+    folder = resolve_model(str(f16), tmp_path / "home" / "models")
+    [model] = listed().values()
+    assert model["candidate"] == "float16 (from GGUF)" and model["model"] == str(f16)
+    assert 250 * 2**20 < model["size_bytes"] < 300 * 2**20  # 135M parameters, 2 bytes each (float32: 540 MB)
+    ours = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(str(f16.parent), gguf_file=f16.name, dtype=torch.float32).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

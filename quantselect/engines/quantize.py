@@ -10,6 +10,7 @@ import importlib.util
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from quantselect.domain.candidates import (
@@ -274,7 +275,6 @@ def gptqmodel_reload_kwargs(folder: Any, device: str) -> dict[str, Any]:
     """``from_pretrained`` arguments that choose GPTQModel's kernel for an artifact on ``device``
     (transformers takes only ``backend`` from the config given; bits and group size stay the saved ones)."""
     import json
-    from pathlib import Path
 
     if device != "cuda":
         return {}
@@ -295,7 +295,6 @@ def gptqmodel_reload_kwargs(folder: Any, device: str) -> dict[str, Any]:
 def _gptqmodel_logs_out_of_cwd() -> None:
     """GPTQModel 7.6 writes a log file per quantization into ./logs of the working directory."""
     import tempfile
-    from pathlib import Path
 
     try:
         from gptqmodel.looper import loop_processor
@@ -356,8 +355,6 @@ def _load_gguf(config: Prequantized, device: str, dtype: str, models_dir: str | 
     """A GGUF file's weights as llama.cpp stores them, dequantized (once, cached like a GGUF model)
     into a dense folder and loaded from it; its size on disk is the file's. The throughput measured
     here is that of the dense model, not llama.cpp's: its cost is always the roofline estimate."""
-    from pathlib import Path
-
     from quantselect.engines import artifacts
     from quantselect.engines.models import resolve_model
 
@@ -370,6 +367,16 @@ def _load_gguf(config: Prequantized, device: str, dtype: str, models_dir: str | 
                                        f"gguf {config.file_type} dequantized to {dtype} (transformers)")
     loaded.disk_bytes = Path(config.path).stat().st_size
     return loaded
+
+
+def _model_tokenizer(model_path: str) -> Any:
+    """A checkpoint is scored (and served) with the model's tokenizer and chat template, as every
+    candidate is: what is compared is weights. Its own may differ -- transformers' reading of a GGUF
+    file's vocabulary is not llama.cpp's tokenizer, nor always the model's (BOS, pre-tokenizer) --
+    and would mix a tokenizer's effect into the quality attributed to the quantization."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))
 
 
 def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None, *,
@@ -404,9 +411,13 @@ def _load(model_path: str, config: CandidateConfig, device: str | None, calibrat
         return artifacts.load(model_path, device, reused=True)
     if isinstance(config, Prequantized):  # quantized elsewhere: loaded as it is, every weight mapped
         if config.is_gguf:
-            return _load_gguf(config, device, handler.load_dtype(device), models_dir)
-        return artifacts.load_checkpoint(config.path, device, handler.load_dtype(device),
-                                         f"prequantized ({config.method}, {config.bits}-bit)")
+            loaded = _load_gguf(config, device, handler.load_dtype(device), models_dir)
+        else:
+            loaded = artifacts.load_checkpoint(config.path, device, handler.load_dtype(device),
+                                               f"prequantized ({config.method}, {config.bits}-bit)")
+        if Path(model_path).resolve() != Path(config.path).resolve():
+            loaded.tokenizer = _model_tokenizer(model_path)
+        return loaded
     _check_shape(model_path, config)
     if config.calibrated and not calibration:
         raise ValueError(f"{config.type_name} needs calibration samples")
@@ -432,7 +443,6 @@ def _load(model_path: str, config: CandidateConfig, device: str | None, calibrat
 
 def _check_shape(model_path: str, config: CandidateConfig) -> None:
     import json
-    from pathlib import Path
 
     from quantselect.domain import planner
 

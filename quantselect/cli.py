@@ -79,7 +79,9 @@ def cli() -> None:
 
 class Progress:
     """One line per candidate event: a new phase, every quarter of its items, and at least every
-    ``every`` seconds while its items move; evaluating lines carry the rate and the time left."""
+    ``every`` seconds while its items move; evaluating lines carry the rate and the time left. A phase
+    where nothing moves (quantizing an 8B model with GPTQ takes many minutes, compiling a GPU engine
+    some) still gets a line every ``2 * every`` seconds, saying how long it has run."""
 
     def __init__(self, every: float = 60.0, clock: Any = time.monotonic) -> None:
         self.clock, self.every = clock, every
@@ -102,6 +104,10 @@ class Progress:
             if last is None or last[:2] != (phase, quarter) or (done != last[2] and now - last[3] >= self.every):
                 self.seen[name] = (phase, quarter, done, now)
                 self.status(f"{name:<10} {phase:<11} {done}/{total} items{self._pace(name, phase, done, total, now)}")
+            elif now - last[3] >= 2 * self.every:  # nothing moved: still say that it runs, and for how long
+                self.seen[name] = (phase, quarter, done, now)
+                self.status(f"{name:<10} {phase:<11} {done}/{total} items, "
+                            f"{_duration(now - self.began[name][2])} in this phase")
 
     def _pace(self, name: str, phase: str, done: int, total: int, now: float) -> str:
         """``, 4.2 items/s, ~3m10s left``: from the items scored since the phase began (items carried

@@ -254,8 +254,12 @@ def test_progress_lines_give_the_rate_and_the_time_left(capsys):
     assert at(80, int8=("evaluating", 300, 1000)) == []  # 55 s since the last line
     # A minute without a line while items move: a line anyway (a long job is never silent for long).
     assert at(86, int8=("evaluating", 310, 1000)) == ["int8       evaluating  310/1000 items, 2.59 items/s, ~4m26s left"]
-    assert at(200, int8=("evaluating", 310, 1000)) == []  # nothing moved: nothing to say
-    assert at(210, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items"]
+    assert at(200, int8=("evaluating", 310, 1000)) == []  # nothing moved for under two minutes: quiet
+    # Nothing moved for two minutes (a long GPTQ quantization, a slow batch): a line that it still runs.
+    assert at(206, int8=("evaluating", 310, 1000)) == ["int8       evaluating  310/1000 items, 3m21s in this phase"]
+    assert at(300, int8=("evaluating", 310, 1000)) == []
+    assert at(310, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items"]
+    assert at(431, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items, 2m01s in this phase"]
 
 
 def test_library_progress_bars_stay_out_of_a_log():

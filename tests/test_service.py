@@ -11,17 +11,24 @@ from quantselect.service import Events, Service
 from tests.fixtures.common import EXAMPLES
 
 
-def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster, tiny_llama):
-    """A real failure: int4 with group size 256 cannot quantize a model whose hidden size is 128."""
+def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster, tiny_llama, monkeypatch):
+    """A real failure: int4 with group size 256 cannot quantize a model whose hidden size is 128.
+    Progress is handed over even while nothing changes (here at every poll), so that the CLI can
+    say that a long quantization still runs."""
+    from quantselect.orchestration import sweep
+
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
     svc = Service()
     candidates = resolve_candidates(["int8"]) + [Candidate("int4", Int4WeightOnly(group_size=256))]
     spec = JobSpec(model=str(tiny_llama), model_path=str(tiny_llama),
                    dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=6), candidates=candidates)
     job = svc.repo.create_job(spec)
     seen: list[str] = []
-    done = svc.run_job(job.id, Events(on_outcome=lambda r: seen.append(r.name)))
+    snapshots: list[dict] = []
+    done = svc.run_job(job.id, Events(on_outcome=lambda r: seen.append(r.name), on_progress=snapshots.append))
     assert done.status == "succeeded"
     assert sorted(seen) == ["baseline", "int4", "int8"]
+    assert any(a == b for a, b in zip(snapshots, snapshots[1:]))  # unchanged, handed over all the same
     results = {r.name: r for r in svc.results(job.id)}
     assert results["int4"].status == "failed" and "group size 256 does not divide" in results["int4"].error
     assert results["int8"].status == "succeeded" and results["baseline"].status == "succeeded"

@@ -11,6 +11,7 @@ one; the driver waits on all of them together (``ray.wait``), never on one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from quantselect.domain.planner import Request
 from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
+PROGRESS_EVERY = 5.0  # seconds between two progress calls when nothing changed
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> boo
 
 @dataclass
 class SweepHooks:
-    """The driver's side of a sweep, all optional: outcomes, streamed items, progress, and a stop
-    signal checked between waits (a cancelled job)."""
+    """The driver's side of a sweep, all optional: outcomes, streamed items, progress (on every
+    change, and every ``PROGRESS_EVERY`` seconds without one, so that it can say a long phase still
+    runs), and a stop signal checked between waits (a cancelled job)."""
 
     on_outcome: Callable[[CandidateResult], None] = lambda r: None
     on_items: Callable[[str, list[ItemResult]], None] | None = None
@@ -245,6 +248,7 @@ class _Runner:
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
         self.max_retries = max_retries
         self.last: ProgressSnapshot = {}
+        self.last_at = 0.0
         self.attempts: dict[str, int] = {}
 
     def poll(self) -> None:
@@ -254,9 +258,9 @@ class _Runner:
         if self.hooks.on_items:
             for name, items in fresh.items():
                 self.hooks.on_items(name, items)
-        if self.hooks.on_progress and snap != self.last:
+        if self.hooks.on_progress and (snap != self.last or time.monotonic() - self.last_at >= PROGRESS_EVERY):
             self.hooks.on_progress(snap)
-            self.last = snap
+            self.last, self.last_at = snap, time.monotonic()
 
     def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
         import ray

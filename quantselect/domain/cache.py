@@ -3,10 +3,11 @@ decisions.
 
 The cache is the artifacts folder: a quantized model per candidate config (the Hugging Face
 layout, often as large as the model itself), the baseline's reference outputs of label-free jobs
-(``references/``); the models folder: GGUF files converted to safetensors (float32, four bytes per
-parameter, for a quantized file; its own float16/bfloat16 for an unquantized one); and what a killed process left half-written (``*.tmp``). Nothing there is needed for a
-stored result to stay valid: a job reuses a stored *result* without its artifact. What an entry
-spares is quantizing or converting again; a deployment also reloads from it whenever a replica starts.
+(``references/``); the models folder: GGUF files converted to safetensors (a quantized file in
+float32, four bytes per parameter; an unquantized one in its own float16/bfloat16); and what a
+killed process left half-written (``*.tmp``). Nothing there is needed for a stored result to stay
+valid: a job reuses a stored *result* without its artifact. What an entry spares is quantizing or
+converting again; a deployment also reloads from it whenever a replica starts.
 """
 
 from __future__ import annotations

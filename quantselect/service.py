@@ -806,11 +806,15 @@ def cache_keys(spec: JobSpec) -> dict[str, str]:
 
 def _checkpoint_config(config: Any) -> dict[str, Any]:
     """A candidate's config for its cache key; a checkpoint quantized elsewhere adds its files'
-    fingerprint, so a folder replaced in place is evaluated again."""
+    fingerprint, so a folder replaced in place is evaluated again, and the tokenizer it is scored
+    with (the model's since this was added: results stored before, scored with the checkpoint's own,
+    are not reused)."""
     from quantselect.engines.models import model_fingerprint
 
     d = config.to_dict()
-    return {**d, "checkpoint": model_fingerprint(config.path)} if isinstance(config, Prequantized) else d
+    if isinstance(config, Prequantized):
+        return {**d, "checkpoint": model_fingerprint(config.path), "tokenizer": "model"}
+    return d
 
 
 def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] | None, target: Any,

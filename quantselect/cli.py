@@ -78,8 +78,9 @@ def cli() -> None:
 
 
 class Progress:
-    """One line per candidate event: a new phase, every quarter of its items, and at least every
-    ``every`` seconds while its items move; evaluating lines carry the rate and the time left. A phase
+    """One line per candidate event: a new phase, every quarter of its items (of its layers while
+    GPTQ / AWQ quantize), and at least every ``every`` seconds while they move, with the rate and the
+    time left. A phase
     where nothing moves (quantizing an 8B model with GPTQ takes many minutes, compiling a GPU engine
     some) still gets a line every ``2 * every`` seconds, saying how long it has run."""
 
@@ -101,21 +102,24 @@ class Progress:
                 self.began[name] = (phase, done, now)
             quarter = (4 * done // total) if total else 0
             last = self.seen.get(name)
+            # quantizing counts layers (GPTQ, AWQ; nothing for the methods that take seconds), the rest items
+            count = f" {done}/{total} {'layers' if phase == 'quantizing' else 'items'}" if total else ""
             if last is None or last[:2] != (phase, quarter) or (done != last[2] and now - last[3] >= self.every):
                 self.seen[name] = (phase, quarter, done, now)
-                self.status(f"{name:<10} {phase:<11} {done}/{total} items{self._pace(name, phase, done, total, now)}")
+                self.status(f"{name:<10} {phase:<11}{count}{self._pace(name, phase, done, total, now)}".rstrip())
             elif now - last[3] >= 2 * self.every:  # nothing moved: still say that it runs, and for how long
                 self.seen[name] = (phase, quarter, done, now)
-                self.status(f"{name:<10} {phase:<11} {done}/{total} items, "
-                            f"{_duration(now - self.began[name][2])} in this phase")
+                self.status(f"{name:<10} {phase:<11}{count}, {_duration(now - self.began[name][2])} in this phase")
 
     def _pace(self, name: str, phase: str, done: int, total: int, now: float) -> str:
         """``, 4.2 items/s, ~3m10s left``: from the items scored since the phase began (items carried
         over from an interrupted run do not count), once there are some to go by."""
         _, first, since = self.began[name]
-        if phase != "evaluating" or done <= first or now - since < 1 or done >= total:
+        if phase not in ("evaluating", "quantizing") or done <= first or now - since < 1 or done >= total:
             return ""
         rate = (done - first) / (now - since)
+        if phase == "quantizing":
+            return f", {_duration(1 / rate)} a layer, ~{_duration((total - done) / rate)} left"
         return f", {rate:.3g} items/s, ~{_duration((total - done) / rate)} left"
 
     def outcome(self, r: Any) -> None:

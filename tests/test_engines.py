@@ -39,7 +39,12 @@ def test_every_cpu_candidate_quantizes_each_family(tiny_models, baseline_logits,
         with pytest.raises(InputError, match="AWQ cannot run Gemma 3"):
             load_candidate(str(tiny_models[family]), config, "cpu", calibration=CALIBRATION)
         return
-    lm = load_candidate(str(tiny_models[family]), config, "cpu", calibration=CALIBRATION if config.calibrated else None)
+    layers: list[tuple[int, int]] = []
+    lm = load_candidate(str(tiny_models[family]), config, "cpu", calibration=CALIBRATION if config.calibrated else None,
+                        progress=lambda done, total: layers.append((done, total)))
+    # GPTQ and AWQ go layer by layer and say so (the CLI prints "quantizing 12/32 layers, ...")
+    n = lm.model.config.get_text_config().num_hidden_layers
+    assert layers == ([(i, n) for i in range(n + 1)] if config.calibrated else []), layers
     with torch.inference_mode():
         logits = lm.model(torch.arange(1, 33).unsqueeze(0)).logits.float()
     ref = baseline_logits[family]

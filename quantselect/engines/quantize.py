@@ -29,6 +29,8 @@ from quantselect.domain.candidates import (
 )
 from quantselect.errors import InputError
 
+Progress = Callable[[int, int], None]  # (done, total): layers quantized so far, for methods that go layer by layer
+
 
 @dataclass
 class LoadedModel:
@@ -58,8 +60,9 @@ class Handler:
     savable: Callable[[str], bool] = lambda device: True
     load_kwargs: Callable[[str], dict[str, Any]] = lambda device: {}
     # Or: write the quantized model as a Hugging Face folder (model_path, config, device, calibration,
-    # folder) -> engine name; it is then loaded back from that folder (GPTQ, AWQ).
-    export: Callable[[str, CandidateConfig, str, Any, Any], str] | None = None
+    # folder, progress) -> engine name; it is then loaded back from that folder (GPTQ, AWQ).
+    # ``progress(done, total)`` (or None): layers quantized so far.
+    export: Callable[[str, CandidateConfig, str, Any, Any, Progress | None], str] | None = None
 
 
 HANDLERS: dict[type[CandidateConfig], Handler] = {}
@@ -224,7 +227,8 @@ def calibration_texts(tokenizer: Any, samples: Any) -> list[str]:
     return out
 
 
-def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, calibration: Any, folder: Any) -> str:
+def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, calibration: Any, folder: Any,
+                      progress: Progress | None = None) -> str:
     """GPTQ / AWQ through GPTQModel (the maintained successor of the archived auto-gptq and
     AutoAWQ): quantize with the calibration samples and save in the Hugging Face layout
     (``quantization_config`` in ``config.json``). The model GPTQModel holds in memory after GPTQ is
@@ -257,6 +261,13 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     # AWQ's torch kernel takes 16-bit only; GPTQ calibrates in fp32 on CPU (bf16 is slow without AMX).
     dtype = torch.bfloat16 if device == "cuda" or isinstance(config, Awq) else torch.float32
     model = GPTQModel.load(model_path, QuantizeConfig(**kwargs), device=device, dtype=dtype)
+    if progress is not None:  # GPTQModel calls it as each layer starts and when it is done
+        cfg = model.model.config
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(getattr(cfg, "text_config", None),
+                                                                      "num_hidden_layers", 0) or 0)
+        progress(0, layers)
+        model.layer_callback = lambda layer_idx, submodule_finalized, **_: (
+            progress(layer_idx + 1, layers) if submodule_finalized else None)
     model.quantize(calibration_texts(tokenizer, calibration), tokenizer=tokenizer, batch_size=1, **quantize_kwargs)
     model.save(str(folder))
     tokenizer.save_pretrained(str(folder))
@@ -381,8 +392,10 @@ def _model_tokenizer(model_path: str) -> Any:
 
 def load_candidate(model_path: str, config: CandidateConfig, device: str | None = None, *,
                    calibration: tuple[str, ...] | list[str] | None = None,
-                   artifacts_dir: str | None = None, models_dir: str | None = None) -> LoadedModel:
-    """The base model at ``model_path`` quantized as ``config`` says.
+                   artifacts_dir: str | None = None, models_dir: str | None = None,
+                   progress: Progress | None = None) -> LoadedModel:
+    """The base model at ``model_path`` quantized as ``config`` says; ``progress(done, total)`` hears
+    of each layer a layer-by-layer method (GPTQ, AWQ) has quantized.
 
     With ``artifacts_dir``, a quantized model is saved there in the Hugging Face layout (keyed by a
     hash of the model, the config and the calibration data), loaded back, and checked against the
@@ -393,13 +406,13 @@ def load_candidate(model_path: str, config: CandidateConfig, device: str | None 
     (the same artifact), with its attention reading keys and values as that cache stores them."""
     from quantselect.engines import kvcache
 
-    loaded = _load(model_path, config.weights_only(), device, calibration, artifacts_dir, models_dir)
+    loaded = _load(model_path, config.weights_only(), device, calibration, artifacts_dir, models_dir, progress)
     kvcache.emulate(loaded.model, config.kv_cache)
     return loaded
 
 
 def _load(model_path: str, config: CandidateConfig, device: str | None, calibration: tuple[str, ...] | list[str] | None,
-          artifacts_dir: str | None, models_dir: str | None) -> LoadedModel:
+          artifacts_dir: str | None, models_dir: str | None, progress: Progress | None = None) -> LoadedModel:
     from quantselect.engines import artifacts
 
     device = device or default_device()
@@ -423,7 +436,7 @@ def _load(model_path: str, config: CandidateConfig, device: str | None, calibrat
         raise ValueError(f"{config.type_name} needs calibration samples")
     info = {"model": str(model_path), "config": config.to_dict(), "device": device}
     if handler.export is not None:  # quantized straight to a folder (GPTQ, AWQ), then loaded from it
-        export = lambda folder: _export(model_path, config, device, handler, calibration, folder)  # noqa: E731
+        export = lambda folder: _export(model_path, config, device, handler, calibration, folder, progress)  # noqa: E731
         if artifacts_dir:
             key = artifacts.key(model_path, config, calibration if config.calibrated else None, device)
             return artifacts.get_or_create(artifacts_dir, key, None, device, info, export=export)
@@ -455,11 +468,11 @@ def _check_shape(model_path: str, config: CandidateConfig) -> None:
 
 
 def _export(model_path: str, config: CandidateConfig, device: str, handler: Handler,
-            calibration: Any, folder: Any) -> tuple[str, float, str]:
+            calibration: Any, folder: Any, progress: Progress | None = None) -> tuple[str, float, str]:
     """Quantize straight to a folder: (engine, seconds, dtype to load it in)."""
     assert handler.export is not None
     start = time.perf_counter()
-    engine = handler.export(model_path, config, device, calibration, folder)
+    engine = handler.export(model_path, config, device, calibration, folder, progress)
     return engine, time.perf_counter() - start, handler.load_dtype(device)
 
 

@@ -124,10 +124,11 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
 
         if threads:
             torch.set_num_threads(threads)
-        report("quantizing", 0, len(dataset))
+        report("quantizing", 0, 0)  # GPTQ / AWQ then count their layers
         result.device = "cpu" if (device or quantize.default_device()) == "cpu" else f"cuda:{torch.cuda.get_device_name()}"
         loaded = quantize.load_candidate(model_path, candidate.config, device, calibration=calibration,
-                                         artifacts_dir=artifacts_dir, models_dir=models_dir)
+                                         artifacts_dir=artifacts_dir, models_dir=models_dir,
+                                         progress=lambda done, total: report("quantizing", done, total))
         result.quantize_seconds = loaded.quantize_seconds
         result.weight_bytes = quantize.weight_bytes(loaded.model)
         result.artifact_path, result.artifact_reused = loaded.artifact_path, loaded.reused

@@ -89,12 +89,14 @@ class Progress:
         self.t0 = clock()
         self.seen: dict[str, tuple[str, int, int, float]] = {}  # name -> phase, quarter, done, printed at
         self.began: dict[str, tuple[str, int, float]] = {}  # name -> phase, done, time first seen in it
+        self.width = 10  # the name column: the longest candidate name seen (int4-gptq:group_size=64)
 
     def status(self, text: str) -> None:
         click.echo(f"[{self.clock() - self.t0:6.1f}s] {text}")
 
     def update(self, snapshot: dict[str, tuple[str, int, int]]) -> None:
         now = self.clock()
+        self.width = max([self.width, *map(len, snapshot)])
         for name, (phase, done, total) in sorted(snapshot.items()):
             if phase in (SUCCEEDED, FAILED):
                 continue
@@ -106,10 +108,10 @@ class Progress:
             count = f" {done}/{total} {'layers' if phase == 'quantizing' else 'items'}" if total else ""
             if last is None or last[:2] != (phase, quarter) or (done != last[2] and now - last[3] >= self.every):
                 self.seen[name] = (phase, quarter, done, now)
-                self.status(f"{name:<10} {phase:<11}{count}{self._pace(name, phase, done, total, now)}".rstrip())
+                self.status(f"{name:<{self.width}} {phase:<11}{count}{self._pace(name, phase, done, total, now)}".rstrip())
             elif now - last[3] >= 2 * self.every:  # nothing moved: still say that it runs, and for how long
                 self.seen[name] = (phase, quarter, done, now)
-                self.status(f"{name:<10} {phase:<11}{count}, {_duration(now - self.began[name][2])} in this phase")
+                self.status(f"{name:<{self.width}} {phase:<11}{count}, {_duration(now - self.began[name][2])} in this phase")
 
     def _pace(self, name: str, phase: str, done: int, total: int, now: float) -> str:
         """``, 4.2 items/s, ~3m10s left``: from the items scored since the phase began (items carried
@@ -123,15 +125,16 @@ class Progress:
         return f", {rate:.3g} items/s, ~{_duration((total - done) / rate)} left"
 
     def outcome(self, r: Any) -> None:
+        self.width = max(self.width, len(r.name))
         if r.status == SUCCEEDED and r.reused_from:
-            self.status(f"{r.name:<10} reused      score {r.score:.3f}, stored by job {r.reused_from} (--no-cache to rerun)")
+            self.status(f"{r.name:<{self.width}} reused      score {r.score:.3f}, stored by job {r.reused_from} (--no-cache to rerun)")
         elif r.status == SUCCEEDED:
             early = r.early_stop or {}
             note = (f", settled '{early['decision']}' after {r.n_items} items (early stop)"
                     if early.get("stopped_early") else "")
-            self.status(f"{r.name:<10} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating{note}")
+            self.status(f"{r.name:<{self.width}} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating{note}")
         else:
-            self.status(f"{r.name:<10} FAILED      {r.error}")
+            self.status(f"{r.name:<{self.width}} FAILED      {r.error}")
 
 
 def _duration(seconds: float) -> str:

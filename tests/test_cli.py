@@ -265,6 +265,10 @@ def test_progress_lines_give_the_rate_and_the_time_left(capsys):
     assert at(10, gptq=("quantizing", 0, 32)) == []
     assert at(130, gptq=("quantizing", 0, 32)) == ["gptq       quantizing  0/32 layers, 2m10s in this phase"]
     assert at(250, gptq=("quantizing", 8, 32)) == ["gptq       quantizing  8/32 layers, 31s a layer, ~12m30s left"]
+    # A name longer than the column widens it for every line after, so that the phases stay aligned.
+    long = "int4-gptq:group_size=64"
+    assert at(500, **{long: ("quantizing", 0, 0), "w8a8": ("evaluating", 0, 100)}) == [
+        f"{long} quantizing", f"{'w8a8':<{len(long)}} evaluating  0/100 items"]
 
 
 def test_library_progress_bars_stay_out_of_a_log():

@@ -267,7 +267,7 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
                                                                       "num_hidden_layers", 0) or 0)
         progress(0, layers)
         model.layer_callback = lambda layer_idx, submodule_finalized, **_: (
-            progress(layer_idx + 1, layers) if submodule_finalized else None)
+            progress(min(layer_idx + 1, layers), layers) if submodule_finalized else None)
     model.quantize(calibration_texts(tokenizer, calibration), tokenizer=tokenizer, batch_size=1, **quantize_kwargs)
     model.save(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -201,14 +201,17 @@ def _build(folder: Path, make: Callable[[Path], Any]) -> Any:
 
 
 def _saved(tmp: Path, quantize: Callable[[], Any], device: str, info: dict[str, Any]) -> Any:
-    """Quantize in memory, take its probe, save, and load back checked against that probe."""
+    """Quantize in memory, save, take the in-memory model's probe, and load back checked against it.
+    Saved before any forward pass: bitsandbytes 0.50's CPU NF4 rewrites a layer's quantization state
+    in its first forward, and a model saved after that reloads with other outputs (measured on
+    SmolLM2: log-probabilities 0.32 apart), which the probe check then refused."""
     loaded = quantize()
-    expected = probe(loaded.model, loaded.tokenizer)
     try:
         save(loaded.model, loaded.tokenizer, tmp)
     except Exception as e:  # noqa: BLE001 - say which candidate cannot be saved, then fail it
         raise RuntimeError(f"cannot save the quantized model ({loaded.engine}) in the Hugging Face layout: "
                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    expected = probe(loaded.model, loaded.tokenizer)
     meta = {**info, "key": tmp.name[: -len(".tmp")], "engine": loaded.engine, "dtype": loaded.dtype,
             "quantize_seconds": loaded.quantize_seconds, "probe": expected,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -80,9 +80,9 @@ def cli() -> None:
 class Progress:
     """One line per candidate event: a new phase, every quarter of its items (of its layers while
     GPTQ / AWQ quantize), and at least every ``every`` seconds while they move, with the rate and the
-    time left. A phase
-    where nothing moves (quantizing an 8B model with GPTQ takes many minutes, compiling a GPU engine
-    some) still gets a line every ``2 * every`` seconds, saying how long it has run."""
+    time left. A phase where nothing moves (quantizing an 8B model with GPTQ takes many minutes,
+    compiling a GPU engine some) still gets a line every ``2 * every`` seconds, saying how long it
+    has run."""
 
     def __init__(self, every: float = 60.0, clock: Any = time.monotonic) -> None:
         self.clock, self.every = clock, every

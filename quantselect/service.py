@@ -577,9 +577,11 @@ class Service:
             raise ConflictError(_artifact_gone(job_id, name, chosen))
         connect(self.settings, persistent=True)
         # The saved artifact is what was evaluated: serve it (quantizing again only when there is none).
-        # A checkpoint is loaded from its own folder, with the model's tokenizer, as it was scored.
-        model_dir = (None if isinstance(config, Prequantized) else artifact) or resolve_model(job.model_path,
-                                                                                             self.settings.models_dir)
+        # A checkpoint is loaded from its own folder with the model's tokenizer, as it was scored: the
+        # base passed is the model.
+        if isinstance(config, Prequantized):
+            artifact = None
+        model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
         app = _deployment_name(job_id, name)
         url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host,

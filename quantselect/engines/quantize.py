@@ -262,9 +262,7 @@ def _gptqmodel_export(model_path: str, config: CandidateConfig, device: str, cal
     dtype = torch.bfloat16 if device == "cuda" or isinstance(config, Awq) else torch.float32
     model = GPTQModel.load(model_path, QuantizeConfig(**kwargs), device=device, dtype=dtype)
     if progress is not None:  # GPTQModel calls it as each layer starts and when it is done
-        cfg = model.model.config
-        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(getattr(cfg, "text_config", None),
-                                                                      "num_hidden_layers", 0) or 0)
+        layers = int(model.model.config.get_text_config().num_hidden_layers)
         progress(0, layers)
         model.layer_callback = lambda layer_idx, submodule_finalized, **_: (
             progress(min(layer_idx + 1, layers), layers) if submodule_finalized else None)
@@ -428,8 +426,7 @@ def _load(model_path: str, config: CandidateConfig, device: str | None, calibrat
         else:
             loaded = artifacts.load_checkpoint(config.path, device, handler.load_dtype(device),
                                                f"prequantized ({config.method}, {config.bits}-bit)")
-        if Path(model_path).resolve() != Path(config.path).resolve():
-            loaded.tokenizer = _model_tokenizer(model_path)
+        loaded.tokenizer = _model_tokenizer(model_path)
         return loaded
     _check_shape(model_path, config)
     if config.calibrated and not calibration:

@@ -94,10 +94,11 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
 
 
 def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None,
-               gguf_file: str | None = None, kv_cache: str = "") -> str:
+               gguf_file: str | None = None, kv_cache: str = "", checkpoint: bool = False) -> str:
     """README.md of an exported model: what it is, the evidence it was chosen on (with the items
     where it differs most from the baseline, ``differs``), how to load it (``gguf_file``: a GGUF
-    checkpoint, run by llama.cpp or Ollama; ``kv_cache``: the KV cache its quality was measured with)."""
+    checkpoint, run by llama.cpp or Ollama; ``kv_cache``: the KV cache its quality was measured with;
+    ``checkpoint``: quantized elsewhere, scored with the model's tokenizer)."""
     row = next(r for r in rows if r["name"] == name)
     v = rec.verdict(name)
     title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
@@ -119,6 +120,12 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
                 "```", "",
                 "The quality above was measured on these very weights, dequantized; llama.cpp's figures of memory "
                 "and speed are its own (the cost above is a roofline estimate from the file's bits per weight).", ""]
+    if checkpoint and gguf_file:
+        load += [f"Its quality was scored with the tokenizer and chat template of `{job.model}`; llama.cpp reads the "
+                 "vocabulary stored in the file, which is usually the same.", ""]
+    elif checkpoint:
+        load += [f"Its tokenizer is that of `{job.model}`, with which its quality was scored (it replaces the one "
+                 "the checkpoint came with).", ""]
     if kv_cache:
         load += [f"Its quality was measured with an {kv_cache} KV cache (e4m3, scale 1.0): serve it with one, e.g. "
                  f"`vllm serve {path} --kv-cache-dtype {kv_cache}`; a 16-bit cache runs the same weights "

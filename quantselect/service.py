@@ -645,15 +645,16 @@ class Service:
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
         gguf = Path(config.path) if isinstance(config, Prequantized) and config.is_gguf else None
         files = {"README.md": model_card(job, name, rows, rec, str(out), differs, gguf_file=gguf and gguf.name,
-                                         kv_cache=config.kv_cache),
+                                         kv_cache=config.kv_cache, checkpoint=isinstance(config, Prequantized)),
                  "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         artifact = _artifact(chosen)
         if gguf:  # the file itself, as llama.cpp and Ollama run it
             if not gguf.is_file():
                 raise ConflictError(f"job {job_id}: {name}'s GGUF file {gguf} is no longer there")
             artifacts.export_file(gguf, out, files)
-        elif artifact:
-            artifacts.export_folder(artifact, out, files)
+        elif artifact:  # a checkpoint's own tokenizer may differ from the model's, with which it was scored
+            artifacts.export_folder(artifact, out, files, tokenizer_from=resolve_model(job.model_path, self.settings.models_dir)
+                                    if isinstance(config, Prequantized) else None)
         elif isinstance(config, FullPrecision):  # the reference is the base model as it is
             artifacts.export_folder(resolve_model(job.model_path, self.settings.models_dir), out, files)
         elif isinstance(config, HalfPrecision):

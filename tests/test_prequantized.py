@@ -153,6 +153,20 @@ def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, g
         load_candidate(str(tiny_llama), Prequantized(path=str(broken), method="gptq", bits=4, group_size=32), "cpu")
 
 
+TEXT = "the cat sat on a mat"
+
+
+def _odd_tokenizer(release, dest):
+    """A copy of ``release`` whose tokenizer gives two tokens each other's ids, with another chat template."""
+    shutil.copytree(release, dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    (dest / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    return dest
+
+
 def test_a_checkpoint_is_scored_with_the_models_tokenizer_and_chat_template(tiny_llama, gptq_release, tmp_path):
     """What is compared is weights: a release whose tokenizer differs (here two tokens' ids swapped
     and another chat template, as transformers' reading of a GGUF file's vocabulary can differ from
@@ -160,14 +174,8 @@ def test_a_checkpoint_is_scored_with_the_models_tokenizer_and_chat_template(tiny
     from transformers import AutoTokenizer
 
     release, _ = gptq_release
-    odd = tmp_path / "odd-tokenizer"
-    shutil.copytree(release, odd)
-    tok = json.loads((odd / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
-    (odd / "tokenizer.json").write_text(json.dumps(tok))
-    (odd / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    text, chat = "the cat sat on a mat", [{"role": "user", "content": "hi"}]
+    odd = _odd_tokenizer(release, tmp_path / "odd-tokenizer")
+    text, chat = TEXT, [{"role": "user", "content": "hi"}]
     model_tok, own_tok = AutoTokenizer.from_pretrained(str(tiny_llama)), AutoTokenizer.from_pretrained(str(odd))
     assert own_tok(text).input_ids != model_tok(text).input_ids  # the release's own tokenizer does differ
     loaded = load_candidate(str(tiny_llama), Prequantized(path=str(odd), method="gptq", bits=4, group_size=32), "cpu")
@@ -176,9 +184,18 @@ def test_a_checkpoint_is_scored_with_the_models_tokenizer_and_chat_template(tiny
             == model_tok.apply_chat_template(chat, tokenize=False) != "[hi]")
 
 
-def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_cluster, tiny_llama, gptq_release):
-    release, _ = gptq_release
-    _, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release},hub-gptq={release}:kv_cache=fp8")
+def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes_then_serves_and_exports_it(
+        ray_cluster, serve_port, monkeypatch, tiny_llama, gptq_release, tmp_path):
+    """End to end, with a release whose own tokenizer differs from the model's: it is scored, served
+    and exported with the model's, the pair whose quality was measured."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from quantselect.engines.evaluate import generate
+    from quantselect.serving.deploy import undeploy
+
+    release = _odd_tokenizer(gptq_release[0], tmp_path / "tiny-llama-gptq")
+    job_id, rows = _submit(str(tiny_llama), f"int8,hub-gptq={release},hub-gptq={release}:kv_cache=fp8")
     hub, fp8kv = rows["hub-gptq"], rows["hub-gptq:kv_cache=fp8"]
     assert hub["status"] == "succeeded" and hub["n_items"] == 12 and hub["artifact_path"] == str(release.resolve())
     assert fp8kv["status"] == "succeeded" and fp8kv["artifact_path"] == hub["artifact_path"]
@@ -188,6 +205,30 @@ def test_a_job_evaluates_a_checkpoint_beside_the_candidates_it_quantizes(ray_clu
     # Costed as the 4-bit checkpoint it is (weights on the target below the baseline's, and int8's).
     assert hub["cost_per_1m_tokens_usd"] < rows["int8"]["cost_per_1m_tokens_usd"] < rows["baseline"]["cost_per_1m_tokens_usd"]
     assert release.is_dir() and not (release / artifacts.MARKER).exists()  # the user's folder is left as it was
+
+    # Deployed through the CLI, it serves the checkpoint's weights with the model's tokenizer: the
+    # greedy answer is the one the checkpoint gives loaded here.
+    monkeypatch.setenv("QUANTSELECT_SERVE_PORT", str(serve_port))
+    res = CliRunner().invoke(cli, ["deploy", job_id, "--candidate", "hub-gptq"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    url = next(w for w in res.output.split() if w.startswith("http"))
+    local = load_candidate(str(tiny_llama), Prequantized(path=str(release), method="gptq", bits=4, group_size=32), "cpu")
+    [(ids, text, _)] = generate(local.model, local.tokenizer, [local.tokenizer(TEXT).input_ids], 8)
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+    served = client.completions.create(model=client.models.list().data[0].id, prompt=TEXT, max_tokens=8, temperature=0)
+    try:
+        assert (served.usage.prompt_tokens, served.choices[0].text, served.usage.completion_tokens) == (
+            len(local.tokenizer(TEXT).input_ids), text, len(ids))
+    finally:
+        undeploy(url.rstrip("/").split("/")[-2])
+
+    # Exported: the checkpoint's weights, the model's tokenizer, and a card that says so.
+    _, out = Service().export(job_id, str(tmp_path / "export"), "hub-gptq")
+    model_tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert AutoTokenizer.from_pretrained(str(out))(TEXT).input_ids == model_tok(TEXT).input_ids
+    assert not (out / "chat_template.jinja").exists() or "[{{" not in (out / "chat_template.jinja").read_text()
+    assert (out / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
+    assert f"Its tokenizer is that of `{tiny_llama}`" in (out / "README.md").read_text()
 
 
 def test_a_gguf_release_is_read_at_submit_and_loads_exactly_as_stored(demo_model_dir, demo_q4_0_gguf, tiny_llama,
@@ -262,3 +303,4 @@ def test_a_job_scores_a_gguf_release_costs_it_by_its_bits_and_exports_it_for_lla
     assert (out / demo_q4_0_gguf.name).read_bytes() == demo_q4_0_gguf.read_bytes()
     card = (out / "README.md").read_text()
     assert "library_name: gguf" in card and f"llama-server -m {out}/{demo_q4_0_gguf.name}" in card
+    assert "Its quality was scored with the tokenizer and chat template of `demo`" in card

@@ -240,13 +240,26 @@ def save(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 # ---- export: a model folder to hand to another engine or to the Hub ---------------------------
-def export_folder(source: str | Path, dest: Path, files: dict[str, str]) -> None:
+# What a tokenizer is saved as (transformers' names for every kind of tokenizer a causal LM uses).
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                             "merges.txt", "spiece.model"})
+
+
+def export_folder(source: str | Path, dest: Path, files: dict[str, str], tokenizer_from: str | Path | None = None) -> None:
     """Copy a saved artifact (or the base model, for the baseline) to ``dest`` with ``files`` (name
-    -> text) added: the weights, ``config.json`` and tokenizer, without quantselect's own marker."""
+    -> text) added: the weights, ``config.json`` and tokenizer, without quantselect's own marker.
+    With ``tokenizer_from`` (a checkpoint quantized elsewhere, scored with the model's tokenizer),
+    the tokenizer written is that folder's instead of the source's: the pair that was scored."""
     def fill(tmp: Path) -> None:
         for f in Path(source).iterdir():
-            if f.is_file() and f.name != MARKER and not f.name.startswith("."):
+            if (f.is_file() and f.name != MARKER and not f.name.startswith(".")
+                    and not (tokenizer_from and f.name in TOKENIZER_FILES)):
                 shutil.copy2(f, tmp / f.name)
+        if tokenizer_from:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(str(tmp))
 
     _publish(dest, fill, files)
 

@@ -252,8 +252,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            sample: int | None, address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
            chat_template: bool, no_cache: bool, dry_run: bool) -> None:
-    """Evaluate candidates of MODEL (a Hugging Face folder, a .gguf file or `demo`) on DATASET
-    (JSONL, a JSON array, CSV or Parquet)."""
+    """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
+    a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet)."""
     from quantselect.service import SubmitRequest, model_is_here
 
     if wait is False and not address:
@@ -275,7 +275,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
         return click.echo(preview_text(svc.preview(req)))
     job = svc.submit(req)
     _announce(job)
-    if address and not model_is_here(model):
+    if address and not model_is_here(job.model_path):
         click.echo(f"{model}: not on this machine; the job's driver reads and checks it on the cluster")
     if address:
         sid = svc.submit_remote(job.id, address)
@@ -497,7 +497,8 @@ def undeploy(job_id: str) -> None:
 def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int, kv_cache: str,
          fmt: str) -> None:
     """Will MODEL fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
-    config.json alone (no weights needed), or a .gguf file's header."""
+    config.json alone (no weights needed; of a Hub id only config.json is downloaded), or a .gguf
+    file's header."""
     from quantselect.domain.planner import GIB, gpus_needed_text
     from quantselect.render import table
 
@@ -610,8 +611,8 @@ def candidates(fmt: str) -> None:
                "cache stores them (vLLM's --kv-cache-dtype fp8), and costed with that cache, e.g. "
                "--candidates int4-gptq,int4-gptq:kv_cache=fp8 (a checkpoint: hub-awq=/models/llama-awq:kv_cache=fp8)")
     click.echo("Also LABEL=PATH: a checkpoint quantized elsewhere (AWQ, GPTQ, bitsandbytes, torchao, fp8 or plain, "
-               "or a .gguf file), evaluated as it is, e.g. --candidates int8,hub-awq=/models/llama-awq,"
-               "q4km=/models/llama.Q4_K_M.gguf")
+               "or a .gguf file; a folder may be named by its Hub id), evaluated as it is, e.g. --candidates "
+               "int8,hub-awq=/models/llama-awq,q4km=/models/llama.Q4_K_M.gguf")
 
 
 @cli.command()

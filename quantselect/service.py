@@ -116,7 +116,7 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written."""
-        from quantselect.engines.models import check_model, has_chat_template
+        from quantselect.engines.models import check_model, from_hub, has_chat_template
 
         from quantselect.domain.gpus import gpu
 
@@ -141,13 +141,14 @@ class Service:
             dataset = parse_records(items, metric=req.metric, **generation)
         if req.sample is not None:
             dataset = dataset.sample(req.sample)
-        if req.model_on_cluster and not model_is_here(req.model):
+        hub = from_hub(req.model)  # a Hub id: its snapshot in the Hugging Face cache, downloaded once
+        if req.model_on_cluster and not hub and not model_is_here(req.model):
             if not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
             model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
             candidates = resolve_checkpoints(candidates, None)
         else:
-            model_path = check_model(req.model)
+            model_path = check_model(str(hub or req.model))
             candidates = resolve_checkpoints(candidates, model_path)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
@@ -726,9 +727,9 @@ class Service:
         import json
 
         from quantselect.domain import planner
-        from quantselect.engines.models import gguf_file, gguf_model_config, gguf_quantization
+        from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization
 
-        path = Path(model).expanduser()
+        path = from_hub(model, config_only=True) or Path(model).expanduser()
         gguf = gguf_file(model)
         if gguf is not None:
             cfg, where = gguf_model_config(gguf), str(gguf)
@@ -857,14 +858,17 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     from dataclasses import replace
 
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
-    from quantselect.engines.models import gguf_model_config, gguf_quantization
+    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization
 
     out = []
     for c in candidates:
         if not isinstance(c.config, Prequantized):
             out.append(c)
             continue
-        path = Path(c.config.path).expanduser()
+        try:
+            path = from_hub(c.config.path) or Path(c.config.path).expanduser()
+        except InputError as e:
+            raise InputError(f"candidate {c.name}: {e}") from None
         if path.is_file() and path.suffix.lower() == ".gguf":
             q = gguf_quantization(path)
             _check_same_model(c.name, path, {**gguf_model_config(path), "vocab_size": q["vocab_size"]}, model_path)

@@ -78,7 +78,7 @@ def test_cli_table_and_json(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["/no/such/model"], "no config.json there"),
-    ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "B200"], "unknown GPU 'B200'"),
+    ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "B200"], "unknown target GPU 'B200'"),
     ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "lots"], "expected a size"),
     ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "L4", "--gpu-memory", "24GiB"], "not both"),
 ])

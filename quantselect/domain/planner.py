@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantselect.domain.gpus import GPUS as GPU_SPECS
+from quantselect.domain.gpus import gpu as gpu_spec
 from quantselect.errors import InputError
 
 GIB = 1024**3
@@ -171,11 +172,11 @@ def gpu_memory(gpu: str | None, memory: str | None) -> tuple[str, float]:
         raise InputError("give --gpu or --gpu-memory, not both")
     if memory:
         return memory, parse_memory(memory)
-    name = gpu or "H100-80GB"
-    key = next((k for k in GPUS if k.lower() == name.lower()), None)
-    if key is None:
-        raise InputError(f"unknown GPU {name!r}; known: {', '.join(GPUS)} (or give --gpu-memory)")
-    return key, GPUS[key] * GIB
+    try:
+        spec = gpu_spec(gpu)  # the same names (and short names: H100, 4090) as a job's --target-gpu
+    except InputError as e:
+        raise InputError(f"{e} (or give --gpu-memory)") from None
+    return spec.name, spec.memory_gib * GIB
 
 
 def gpus_needed_text(gpus: int | None) -> str:

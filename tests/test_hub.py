@@ -1,0 +1,100 @@
+"""A model named by its Hugging Face Hub id (``owner/name[@revision]``): resolved to its snapshot in
+the Hugging Face cache, as `hf download` leaves it (blobs, links, refs). No test machine reaches the
+Hub, so each test puts what it needs in this run's own cache and the client runs offline
+(``HF_HUB_OFFLINE=1``, tests/fixtures/common.py): the resolution, the errors and the job that runs
+on the snapshot are the real ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantselect.cli import cli
+from quantselect.engines.models import from_hub, hub_id
+from quantselect.errors import InputError
+from quantselect.service import Service
+from tests.fixtures.common import EXAMPLES, put_in_hub_cache
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+@pytest.fixture(scope="module")
+def hub_tiny(tiny_llama) -> tuple[str, Path]:
+    return "tiny-org/tiny-llama", put_in_hub_cache(tiny_llama, "tiny-org/tiny-llama")
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_what_is_a_hub_id(tmp_path, monkeypatch):
+    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
+    assert hub_id("meta-llama/Llama-3.1-8B@refs/pr/12") == ("meta-llama/Llama-3.1-8B", "refs/pr/12")
+    for not_one in ("demo", "/models/llama", "./llama", "~/llama", "llama", "a/b/c", "model.gguf", "org/na me"):
+        assert hub_id(not_one) is None, not_one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    assert hub_id("models/llama") is None  # a path that exists is the path
+
+
+def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny):
+    repo, snapshot = hub_tiny
+    res = _run("submit", repo, str(EXAMPLES / "piqa-300.jsonl"), "--limit", "8", "--candidates", "int8",
+               "--threshold", "0.5")
+    assert res.exit_code == 0, res.output
+    job = Service().list_jobs()[0]
+    assert (job.model, job.model_path, job.status) == (repo, str(snapshot), "succeeded")
+    assert {r.name: r.status for r in Service().results(job.id)} == {"baseline": "succeeded", "int8": "succeeded"}
+    # A revision is a ref of the cache, or a commit; the snapshot is the same folder.
+    assert from_hub(f"{repo}@main") == from_hub(f"{repo}@{snapshot.name}") == snapshot
+
+
+def test_a_hub_id_not_in_the_cache_offline_is_one_line_and_writes_nothing(tiny_llama):
+    res = _run("submit", "nobody/no-such-model", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "8")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [
+        "Error: nobody/no-such-model: not a folder or file here, and HF_HUB_OFFLINE is set and the Hugging Face "
+        "cache does not hold it; download it where the Hub can be reached (the cache is HF_HUB_CACHE), or give a "
+        "folder"]
+    assert Service().list_jobs() == []
+    with pytest.raises(InputError, match="nobody/no-such-model@v2: not a folder or file here"):
+        from_hub("nobody/no-such-model@v2")
+    # A checkpoint candidate is named the same way, and refused the same way, with its name.
+    res = _run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--candidates", "hub-awq=nobody/awq")
+    assert res.exit_code == 2 and res.output.startswith("Error: candidate hub-awq: nobody/awq: not a folder")
+
+
+def test_a_repository_without_safetensors_gives_its_bin_weights_and_one_without_weights_is_refused(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    bins = tmp_path / "bins"
+    shutil.copytree(tiny_llama, bins)
+    torch.save(load_file(str(bins / "model.safetensors")), bins / "pytorch_model.bin")
+    (bins / "model.safetensors").unlink()
+    snapshot = put_in_hub_cache(bins, "old-org/bin-llama")
+    assert from_hub("old-org/bin-llama") == snapshot and (snapshot / "pytorch_model.bin").is_file()
+    (tmp_path / "empty").mkdir()
+    shutil.copy(tiny_llama / "config.json", tmp_path / "empty")
+    put_in_hub_cache(tmp_path / "empty", "org/config-only")
+    res = _run("submit", "org/config-only", str(EXAMPLES / "piqa-300.jsonl"))
+    assert res.exit_code == 2 and "folder has no weights" in res.output
+
+
+def test_the_planner_reads_only_the_config_of_a_hub_id(tmp_path):
+    """A 70B model whose weights are nowhere near: its config.json alone, as `hf download
+    meta-llama/Llama-3.1-70B config.json` leaves it, is what `plan` reads."""
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(CONFIGS / "llama-3.1-70b.json", tmp_path / "cfg" / "config.json")
+    put_in_hub_cache(tmp_path / "cfg", "meta-llama/Llama-3.1-70B")
+    res = _run("plan", "meta-llama/Llama-3.1-70B", "--gpu", "H100", "--format", "json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    rows = {r["precision"]: r for r in out["precisions"]}
+    assert out["params"] == pytest.approx(70.55e9, rel=0.005) and rows["bf16"]["gpus"] == 2 and rows["int4"]["gpus"] == 1
+    res = _run("plan", "meta-llama/Llama-3.1-405B")
+    assert res.exit_code == 2 and "meta-llama/Llama-3.1-405B: not a folder or file here" in res.output

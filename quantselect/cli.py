@@ -254,6 +254,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            chat_template: bool, no_cache: bool, dry_run: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
     a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet)."""
+    from quantselect.engines.models import hub_id
     from quantselect.service import SubmitRequest, model_is_here
 
     if wait is False and not address:
@@ -276,7 +277,9 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
     job = svc.submit(req)
     _announce(job)
     if address and not model_is_here(job.model_path):
-        click.echo(f"{model}: not on this machine; the job's driver reads and checks it on the cluster")
+        click.echo(f"{model}: " + ("a Hub id: the job's driver downloads it on the cluster" if job.model_path == model
+                                   and hub_id(model) else "not on this machine; the job's driver reads and checks it "
+                                   "on the cluster"))
     if address:
         sid = svc.submit_remote(job.id, address)
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")

@@ -116,7 +116,7 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written."""
-        from quantselect.engines.models import check_model, from_hub, has_chat_template
+        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id
 
         from quantselect.domain.gpus import gpu
 
@@ -141,14 +141,13 @@ class Service:
             dataset = parse_records(items, metric=req.metric, **generation)
         if req.sample is not None:
             dataset = dataset.sample(req.sample)
-        hub = from_hub(req.model)  # a Hub id: its snapshot in the Hugging Face cache, downloaded once
-        if req.model_on_cluster and not hub and not model_is_here(req.model):
-            if not Path(req.model).is_absolute():
+        if req.model_on_cluster and (hub_id(req.model) or not model_is_here(req.model)):
+            if not hub_id(req.model) and not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
-            model_path = req.model  # checked by the driver, on the cluster (_keys_on_driver)
+            model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
             candidates = resolve_checkpoints(candidates, None)
         else:
-            model_path = check_model(str(hub or req.model))
+            model_path = check_model(str(from_hub(req.model) or req.model))  # a Hub id: its snapshot
             candidates = resolve_checkpoints(candidates, model_path)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
@@ -248,7 +247,7 @@ class Service:
         self.claim(job_id, resume)
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
-            spec = self.repo.get_job_spec(job_id)
+            spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
             if events.on_status:
                 events.on_status("preparing the model" + (
                     ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
@@ -325,6 +324,24 @@ class Service:
         if baseline.status != SUCCEEDED:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
         return self.repo.finish_job(job_id, SUCCEEDED)
+
+    def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
+        """A Hub id submitted to a cluster is downloaded here, by the driver, into this machine's
+        Hugging Face cache; the job then records that snapshot folder as its model path."""
+        from dataclasses import replace
+
+        from quantselect.engines.models import from_hub, hub_id
+
+        if not hub_id(spec.model_path):
+            return spec
+        if events.on_status:
+            events.on_status(f"fetching {spec.model_path} from the Hugging Face Hub (or its cache) on {socket.gethostname()}")
+        try:
+            path = str(from_hub(spec.model_path))
+        except InputError as e:
+            raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
+        self.repo.set_model_path(job_id, path)
+        return replace(spec, model_path=path)
 
     def _keys_on_driver(self, job_id: str, spec: JobSpec) -> None:
         """A job submitted where its model could not be read: the driver checks the model (saying

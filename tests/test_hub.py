@@ -98,3 +98,29 @@ def test_the_planner_reads_only_the_config_of_a_hub_id(tmp_path):
     assert out["params"] == pytest.approx(70.55e9, rel=0.005) and rows["bf16"]["gpus"] == 2 and rows["int4"]["gpus"] == 1
     res = _run("plan", "meta-llama/Llama-3.1-405B")
     assert res.exit_code == 2 and "meta-llama/Llama-3.1-405B: not a folder or file here" in res.output
+
+
+def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, tiny_llama):
+    """`submit --address` with a Hub id: nothing is downloaded where the job is submitted; the
+    driver fetches it on its machine (failing the job, saying where, when it cannot), records the
+    snapshot it ran on, and computes the cache keys there."""
+    from dataclasses import replace
+
+    from quantselect.errors import QuantselectError
+    from quantselect.service import SubmitRequest
+
+    svc = Service()
+    req = SubmitRequest(model="cluster-org/tiny-llama", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                        candidates=["int8"], model_on_cluster=True)
+    with pytest.raises(InputError, match="the Hugging Face cache does not hold it"):
+        svc.submit(replace(req, model_on_cluster=False))
+    job = svc.submit(req)
+    assert job.model_path == "cluster-org/tiny-llama" and set(svc.repo.cache_keys(job.id).values()) == {None}
+    with pytest.raises(QuantselectError, match=r"on the driver's machine \(.*\): cluster-org/tiny-llama: not a folder"):
+        svc.run_job(job.id)
+    snapshot = put_in_hub_cache(tiny_llama, "cluster-org/tiny-llama")  # now the driver's cache has it
+    done = svc.resume(job.id)
+    assert (done.status, done.model, done.model_path) == ("succeeded", "cluster-org/tiny-llama", str(snapshot))
+    assert all(svc.repo.cache_keys(job.id).values())
+    again = svc.submit(replace(req, model_on_cluster=False))  # fetched here from the cache: the same keys
+    assert svc.repo.cache_keys(again.id) == svc.repo.cache_keys(job.id)

@@ -138,6 +138,11 @@ class Repository:
         with self._write.begin() as s:
             self._job_row(s, job_id).model_config = config
 
+    def set_model_path(self, job_id: str, path: str) -> None:
+        """Where the driver found the model (a Hub id's snapshot, downloaded on the cluster)."""
+        with self._write.begin() as s:
+            self._job_row(s, job_id).model_path = path
+
     @_retrying
     def set_job_status(self, job_id: str, status: str, error: str | None = None) -> None:
         if status not in JOB_STATUSES:

@@ -82,7 +82,7 @@ class Progress:
     GPTQ / AWQ quantize), and at least every ``every`` seconds while they move, with the rate and the
     time left. A phase where nothing moves (quantizing an 8B model with GPTQ takes many minutes,
     compiling a GPU engine some) still gets a line every ``2 * every`` seconds, saying how long it
-    has run."""
+    has run; candidates silent at the same time share one such line."""
 
     def __init__(self, every: float = 60.0, clock: Any = time.monotonic) -> None:
         self.clock, self.every = clock, every
@@ -97,6 +97,7 @@ class Progress:
     def update(self, snapshot: dict[str, tuple[str, int, int]]) -> None:
         now = self.clock()
         self.width = max([self.width, *map(len, snapshot)])
+        quiet: list[tuple[str, str, str]] = []  # (name, phase, count) of each candidate where nothing moved
         for name, (phase, done, total) in sorted(snapshot.items()):
             if phase in (SUCCEEDED, FAILED):
                 continue
@@ -109,9 +110,24 @@ class Progress:
             if last is None or last[:2] != (phase, quarter) or (done != last[2] and now - last[3] >= self.every):
                 self.seen[name] = (phase, quarter, done, now)
                 self.status(f"{name:<{self.width}} {phase:<11}{count}{self._pace(name, phase, done, total, now)}".rstrip())
-            elif now - last[3] >= 2 * self.every:  # nothing moved: still say that it runs, and for how long
-                self.seen[name] = (phase, quarter, done, now)
-                self.status(f"{name:<{self.width}} {phase:<11}{count}, {_duration(now - self.began[name][2])} in this phase")
+            elif now - last[3] >= self.every:
+                quiet.append((name, phase, count))
+        self._heartbeat(quiet, now)
+
+    def _heartbeat(self, quiet: list[tuple[str, str, str]], now: float) -> None:
+        """Where nothing moved, still say that it runs and for how long: once one candidate has been
+        silent ``2 * every`` seconds, every candidate silent for ``every`` is named, in one line when
+        there are several (eight GPTQ runs on eight GPUs give one line every few minutes, not eight)."""
+        if not any(now - self.seen[name][3] >= 2 * self.every for name, _, _ in quiet):
+            return
+        for name, _, _ in quiet:
+            self.seen[name] = (*self.seen[name][:3], now)
+        since = {name: _duration(now - self.began[name][2]) for name, _, _ in quiet}
+        if len(quiet) == 1:
+            [(name, phase, count)] = quiet
+            return self.status(f"{name:<{self.width}} {phase:<11}{count}, {since[name]} in this phase")
+        self.status("still running: " + "; ".join(f"{name} {phase}{count}, {since[name]} in this phase"
+                                                 for name, phase, count in quiet))
 
     def _pace(self, name: str, phase: str, done: int, total: int, now: float) -> str:
         """``, 4.2 items/s, ~3m10s left``: from the items scored since the phase began (items carried

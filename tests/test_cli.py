@@ -269,6 +269,12 @@ def test_progress_lines_give_the_rate_and_the_time_left(capsys):
     long = "int4-gptq:group_size=64"
     assert at(500, **{long: ("quantizing", 0, 0), "w8a8": ("evaluating", 0, 100)}) == [
         f"{long} quantizing", f"{'w8a8':<{len(long)}} evaluating  0/100 items"]
+    # Several candidates where nothing moves: one line names them all, not one line each.
+    both = {long: ("quantizing", 0, 0), "w8a8": ("evaluating", 0, 100)}
+    assert at(590, **both) == []
+    assert at(620, **both) == [f"still running: {long} quantizing, 2m00s in this phase; "
+                               "w8a8 evaluating 0/100 items, 2m00s in this phase"]
+    assert at(700, **both) == []
 
 
 def test_library_progress_bars_stay_out_of_a_log():

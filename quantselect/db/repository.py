@@ -138,6 +138,7 @@ class Repository:
         with self._write.begin() as s:
             self._job_row(s, job_id).model_config = config
 
+    @_retrying
     def set_model_path(self, job_id: str, path: str) -> None:
         """Where the driver found the model (a Hub id's snapshot, downloaded on the cluster)."""
         with self._write.begin() as s:

@@ -114,8 +114,9 @@ class Service:
             self._repo = None
 
     # ---- submit -------------------------------------------------------------------------
-    def build_spec(self, req: SubmitRequest) -> JobSpec:
-        """Validate everything before anything is written."""
+    def build_spec(self, req: SubmitRequest, weights: bool = True) -> JobSpec:
+        """Validate everything before anything is written. ``weights=False`` (a dry run): of a Hub
+        id, the config and tokenizer are fetched, not the weights."""
         from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id
 
         from quantselect.domain.gpus import gpu
@@ -147,7 +148,8 @@ class Service:
             model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
             candidates = resolve_checkpoints(candidates, None)
         else:
-            model_path = check_model(str(from_hub(req.model) or req.model))  # a Hub id: its snapshot
+            hub = from_hub(req.model, weights=weights)  # a Hub id: its snapshot in the Hugging Face cache
+            model_path = check_model(str(hub or req.model), weights=weights or hub is None)
             candidates = resolve_checkpoints(candidates, model_path)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
@@ -176,7 +178,7 @@ class Service:
         from quantselect.engines.models import model_config_here
         from quantselect.engines.quantize import availability
 
-        spec = self.build_spec(req)
+        spec = self.build_spec(req, weights=False)
         shape = None
         here = model_is_here(spec.model_path)
         found = model_config_here(spec.model_path) if here else None

@@ -78,11 +78,13 @@ def test_a_repository_without_safetensors_gives_its_bin_weights_and_one_without_
     (bins / "model.safetensors").unlink()
     snapshot = put_in_hub_cache(bins, "old-org/bin-llama")
     assert from_hub("old-org/bin-llama") == snapshot and (snapshot / "pytorch_model.bin").is_file()
-    (tmp_path / "empty").mkdir()
-    shutil.copy(tiny_llama / "config.json", tmp_path / "empty")
-    put_in_hub_cache(tmp_path / "empty", "org/config-only")
-    res = _run("submit", "org/config-only", str(EXAMPLES / "piqa-300.jsonl"))
+    shutil.copytree(tiny_llama, tmp_path / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    no_weights = put_in_hub_cache(tmp_path / "no-weights", "org/no-weights")
+    res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"))
     assert res.exit_code == 2 and "folder has no weights" in res.output
+    # A dry run fetches the config and the tokenizer, not the weights: it checks all it can without them.
+    res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "20", "--dry-run")
+    assert res.exit_code == 0 and f"Model org/no-weights ({no_weights}, 7M parameters)" in res.output, res.output
 
 
 def test_the_planner_reads_only_the_config_of_a_hub_id(tmp_path):

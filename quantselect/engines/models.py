@@ -46,10 +46,11 @@ def hub_id(model: str) -> tuple[str, str | None] | None:
     return repo, revision or None
 
 
-def from_hub(model: str, config_only: bool = False) -> Path | None:
+def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Path | None:
     """The local snapshot folder of a Hub id (see ``hub_id``), downloaded into the Hugging Face
     cache unless it is there already (offline, ``HF_HUB_OFFLINE=1``, the cache alone answers); None
-    when ``model`` is not a Hub id. ``config_only``: ``config.json`` alone (the fit planner)."""
+    when ``model`` is not a Hub id. ``config_only``: ``config.json`` alone (the fit planner);
+    ``weights=False``: config and tokenizer, no weights (a dry run)."""
     found = hub_id(model)
     if found is None:
         return None
@@ -63,6 +64,8 @@ def from_hub(model: str, config_only: bool = False) -> Path | None:
     try:
         if config_only:
             return fetch(["config.json"])
+        if not weights:
+            return fetch([p for p in HUB_FILES if p != "*.safetensors"])
         folder = fetch(HUB_FILES)
         if not any(folder.glob("*.safetensors")):
             folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
@@ -111,8 +114,9 @@ def _demo_path_or_none() -> Path | None:
         return None
 
 
-def check_model(model: str) -> str:
-    """Validate what the user named, cheaply (no torch): returns the canonical spelling."""
+def check_model(model: str, weights: bool = True) -> str:
+    """Validate what the user named, cheaply (no torch): returns the canonical spelling.
+    ``weights=False``: a folder need not hold its weights yet (a dry run of a Hub id)."""
     if model == DEMO:
         demo_gguf_path()
         return DEMO
@@ -126,7 +130,7 @@ def check_model(model: str) -> str:
         return str(path.resolve())
     if not (path / "config.json").is_file():
         raise InputError(f"{model}: folder has no config.json; is it a Hugging Face model folder?")
-    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+    if weights and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise InputError(f"{model}: folder has no weights (*.safetensors or *.bin)")
     check_architecture(path / "config.json")
     return str(path.resolve())

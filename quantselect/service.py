@@ -146,11 +146,11 @@ class Service:
             if not hub_id(req.model) and not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
             model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
-            candidates = resolve_checkpoints(candidates, None)
+            candidates = resolve_checkpoints(candidates, None, weights)
         else:
             hub = from_hub(req.model, weights=weights)  # a Hub id: its snapshot in the Hugging Face cache
             model_path = check_model(str(hub or req.model), weights=weights or hub is None)
-            candidates = resolve_checkpoints(candidates, model_path)
+            candidates = resolve_checkpoints(candidates, model_path, weights)
             if dataset.chat_template and has_chat_template(model_path) is False:
                 if dataset.items[0].messages is not None:
                     raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
@@ -869,11 +869,12 @@ def model_is_here(model: str) -> bool:
     return model == DEMO or Path(model).expanduser().exists()
 
 
-def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> list[Candidate]:
+def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, weights: bool = True) -> list[Candidate]:
     """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): a Hugging Face folder or
     a ``.gguf`` file of the same vocabulary as the model; its quantization (method, bits, group size;
     a GGUF file's type and bits per weight) is read here, at submit, so the path must be readable
-    here (on a cluster: the same path on shared storage)."""
+    here (on a cluster: the same path on shared storage). A folder may be named by its Hub id: its
+    snapshot, fetched here (``weights=False``, a dry run: its config and tokenizer alone)."""
     from dataclasses import replace
 
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
@@ -885,7 +886,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
             out.append(c)
             continue
         try:
-            path = from_hub(c.config.path) or Path(c.config.path).expanduser()
+            path = from_hub(c.config.path, weights=weights) or Path(c.config.path).expanduser()
         except InputError as e:
             raise InputError(f"candidate {c.name}: {e}") from None
         if path.is_file() and path.suffix.lower() == ".gguf":

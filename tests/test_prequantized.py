@@ -16,7 +16,7 @@ from quantselect.engines import artifacts
 from quantselect.engines.quantize import load_candidate
 from quantselect.errors import InputError
 from quantselect.service import Service, SubmitRequest
-from tests.fixtures.common import EXAMPLES
+from tests.fixtures.common import EXAMPLES, put_in_hub_cache
 
 CALIBRATION = [f"sample {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]
 
@@ -87,6 +87,12 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
 
     [_, mine] = spec(f"mine={release}").candidates
     assert mine.config == Prequantized(path=str(release.resolve()), method="gptq", bits=4, group_size=32)
+    # Named by its Hub id: its snapshot in the Hugging Face cache (a dry run reads it without the weights).
+    snapshot = put_in_hub_cache(release, "acme/tiny-llama-gptq")
+    [_, hub] = spec("mine=acme/tiny-llama-gptq").candidates
+    assert hub.config == Prequantized(path=str(snapshot.resolve()), method="gptq", bits=4, group_size=32)
+    dry = svc.preview(SubmitRequest(model=str(tiny_llama), items=items, candidates=["mine=acme/tiny-llama-gptq"]))
+    assert dry["candidates"][1]["config"]["_data"]["path"] == str(snapshot.resolve())
     with pytest.raises(InputError, match=r"candidate gone: .*/nowhere: no such checkpoint folder"):
         spec(f"gone={tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()

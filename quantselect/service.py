@@ -115,8 +115,10 @@ class Service:
 
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest, weights: bool = True) -> JobSpec:
-        """Validate everything before anything is written. ``weights=False`` (a dry run): of a Hub
-        id, the config and tokenizer are fetched, not the weights."""
+        """Validate everything before anything is written. A model named by its Hub id is checked
+        on its config and tokenizer, fetched here; its weights are fetched by the job's driver
+        (``_model_on_driver``). ``weights=False`` (a dry run): a checkpoint candidate named by its
+        Hub id is fetched without its weights too."""
         from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id
 
         from quantselect.domain.gpus import gpu
@@ -148,16 +150,17 @@ class Service:
             model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
             candidates = resolve_checkpoints(candidates, None, weights)
         else:
-            hub = from_hub(req.model, weights=weights)  # a Hub id: its snapshot in the Hugging Face cache
-            model_path = check_model(str(hub or req.model), weights=weights or hub is None)
-            candidates = resolve_checkpoints(candidates, model_path, weights)
-            if dataset.chat_template and has_chat_template(model_path) is False:
+            hub = from_hub(req.model, weights=False)  # a Hub id: its config and tokenizer, in the HF cache
+            here = check_model(str(hub or req.model), weights=hub is None)
+            model_path = req.model if hub else here
+            candidates = resolve_checkpoints(candidates, here, weights)
+            if dataset.chat_template and has_chat_template(here) is False:
                 if dataset.items[0].messages is not None:
                     raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
                                      "conversations ('messages'); use an instruct model")
                 raise InputError(f"{req.model}: the tokenizer has no chat template; drop --chat-template or use an "
                                  "instruct model")
-            check_candidates_fit(candidates, model_path)
+            check_candidates_fit(candidates, here)
         calibration = None
         if any(c.config.calibrated for c in candidates):
             dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
@@ -175,11 +178,15 @@ class Service:
         settings, and per candidate its estimated weights and GPU need, whether this machine can run
         it (and why not), and whether a stored result of the same inputs would be reused."""
         from quantselect.domain import planner
-        from quantselect.engines.models import model_config_here
+        from dataclasses import replace
+
+        from quantselect.engines.models import from_hub, model_config_here
         from quantselect.engines.quantize import availability
 
         spec = self.build_spec(req, weights=False)
         shape = None
+        if not model_is_here(spec.model_path) and not req.model_on_cluster:  # a Hub id: its snapshot (cached)
+            spec = replace(spec, model_path=str(from_hub(spec.model_path, weights=False)))
         here = model_is_here(spec.model_path)
         found = model_config_here(spec.model_path) if here else None
         if found:
@@ -328,8 +335,9 @@ class Service:
         return self.repo.finish_job(job_id, SUCCEEDED)
 
     def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
-        """A Hub id submitted to a cluster is downloaded here, by the driver, into this machine's
-        Hugging Face cache; the job then records that snapshot folder as its model path."""
+        """A model named by its Hub id is fetched here, by the driver (on a cluster, on the cluster),
+        into this machine's Hugging Face cache; the job then records that snapshot folder as its
+        model path. A download that fails fails the job, saying where; `resume` continues it."""
         from dataclasses import replace
 
         from quantselect.engines.models import from_hub, hub_id
@@ -337,7 +345,8 @@ class Service:
         if not hub_id(spec.model_path):
             return spec
         if events.on_status:
-            events.on_status(f"fetching {spec.model_path} from the Hugging Face Hub (or its cache) on {socket.gethostname()}")
+            events.on_status(f"fetching {spec.model_path} from the Hugging Face Hub (once: later jobs read "
+                             f"the cache) on {socket.gethostname()}")
         try:
             path = str(from_hub(spec.model_path))
         except InputError as e:

@@ -80,8 +80,12 @@ def test_a_repository_without_safetensors_gives_its_bin_weights_and_one_without_
     assert from_hub("old-org/bin-llama") == snapshot and (snapshot / "pytorch_model.bin").is_file()
     shutil.copytree(tiny_llama, tmp_path / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
     no_weights = put_in_hub_cache(tmp_path / "no-weights", "org/no-weights")
-    res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"))
-    assert res.exit_code == 2 and "folder has no weights" in res.output
+    # The submission is checked on the config and tokenizer; the driver fetches the weights and,
+    # finding none, fails the job with the reason.
+    res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "8")
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    [job] = Service().list_jobs()
+    assert job.status == "failed" and job.error.endswith(f"{no_weights}: folder has no weights (*.safetensors or *.bin)")
     # A dry run fetches the config and the tokenizer, not the weights: it checks all it can without them.
     res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "20", "--dry-run")
     assert res.exit_code == 0 and f"Model org/no-weights ({no_weights}, 7M parameters)" in res.output, res.output
@@ -124,5 +128,8 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     done = svc.resume(job.id)
     assert (done.status, done.model, done.model_path) == ("succeeded", "cluster-org/tiny-llama", str(snapshot))
     assert all(svc.repo.cache_keys(job.id).values())
-    again = svc.submit(replace(req, model_on_cluster=False))  # fetched here from the cache: the same keys
+    # Run here, it is fetched from the cache: the same snapshot, the same keys, the results reused.
+    again = svc.submit(replace(req, model_on_cluster=False))
+    assert svc.run_job(again.id).status == "succeeded"
     assert svc.repo.cache_keys(again.id) == svc.repo.cache_keys(job.id)
+    assert {r.reused_from for r in svc.results(again.id)} == {job.id}

@@ -355,6 +355,18 @@ def resume(job_id: str, address: str | None, wait: bool | None) -> None:
 
 
 @cli.command()
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB...")
+def delete(job_ids: tuple[str, ...]) -> None:
+    """Delete finished jobs: their records, results and per-item results. A queued or running job
+    is cancelled first, a served one undeployed first; quantized models stay on disk until `cache
+    prune` (which then sees no job using them)."""
+    svc = _service()
+    for job_id in job_ids:
+        svc.delete(job_id)
+        click.echo(f"Deleted job {job_id}.")
+
+
+@cli.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel JOB: its driver stops its workers within seconds (freeing their GPUs) and marks it cancelled."""

@@ -489,6 +489,12 @@ class Service:
         GPUs) and marks it cancelled; a job that no live driver runs is cancelled at once."""
         return self.repo.request_cancel(job_id, self.settings.heartbeat_stale_seconds)
 
+    def delete(self, job_id: str) -> Job:
+        """Forget a finished job that serves nothing: its record, results and per-item results. Its
+        quantized artifacts stay on disk, used by no job any more (``cache prune`` frees them);
+        results other jobs reused from it were copied into them and stay."""
+        return self.repo.delete_finished_job(job_id)
+
     # ---- read ---------------------------------------------------------------------------
     def list_jobs(self) -> list[Job]:
         return self.repo.list_jobs()

@@ -126,6 +126,8 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
     assert client.get(f"/api/v1/jobs/{job_id}").json()["base_url"] == base_url
+    served = client.delete(f"/api/v1/jobs/{job_id}/record")  # served: not deleted
+    assert served.status_code == 409 and "undeploy" in served.json()["detail"]
     # its artifact is on disk, served: a prune keeps it and says why
     [artifact] = [e for e in client.get("/api/v1/cache").json() if e["kind"] == "artifact"]
     assert artifact["jobs"] == [job_id] and artifact["served_by"] == [job_id] and artifact["size_bytes"] > 0
@@ -156,3 +158,7 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     pruned = client.post("/api/v1/cache/prune", json={"keys": [artifact["key"]]}).json()
     assert [e["key"] for e in pruned["removed"]] == [artifact["key"]] and pruned["freed_bytes"] == artifact["size_bytes"]
     assert not [e for e in client.get("/api/v1/cache").json() if e["kind"] == "artifact"]
+    # The finished job, served no more, can be deleted: its record goes, and a second delete is a 404.
+    assert client.delete(f"/api/v1/jobs/{job_id}/record").json() == {"deleted": job_id}
+    assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
+    assert client.delete(f"/api/v1/jobs/{job_id}/record").status_code == 404

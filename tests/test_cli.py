@@ -286,3 +286,26 @@ def test_library_progress_bars_stay_out_of_a_log():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 0 and "H100" in out.stdout, out.stderr
     assert "a library bar" not in out.stderr
+
+
+def test_delete_forgets_finished_jobs_and_refuses_a_running_or_served_one(tiny_llama):
+    """`quantselect delete`: a finished job goes with its results and items; a queued or running
+    job must be cancelled first, a served one undeployed first, and nothing is removed then."""
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    items = [{"prompt": f"q{i}", "choices": ["a", "b"], "answer": 0} for i in range(4)]
+    jobs = [svc.submit(SubmitRequest(model=str(tiny_llama), items=items, candidates=["int8"])) for _ in range(3)]
+    queued, served, done = (j.id for j in jobs)
+    res = CliRunner().invoke(cli, ["delete", queued])
+    assert res.exit_code == 2 and res.output.strip() == f"Error: job {queued} is queued: cancel it first (quantselect cancel {queued})"
+    svc.repo.set_job_status(served, "succeeded")
+    svc.repo.set_deployment(served, "int8", "http://127.0.0.1:8000/models/x/v1")
+    res = CliRunner().invoke(cli, ["delete", served])
+    assert res.exit_code == 2 and f"serves int8: stop it first (quantselect undeploy {served})" in res.output
+    svc.repo.set_job_status(done, "failed", error="boom")
+    assert run("delete", done).output == f"Deleted job {done}.\n"
+    assert sorted(j.id for j in svc.list_jobs()) == sorted([queued, served])
+    res = CliRunner().invoke(cli, ["delete", done])
+    assert res.exit_code == 2 and f"job '{done}' not found" in res.output
+    assert CliRunner().invoke(cli, ["delete"]).exit_code == 2  # a job id is required

@@ -145,6 +145,11 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         """Cancel: the job's driver stops its workers within seconds and marks it cancelled."""
         return svc.cancel(job_id).to_dict()
 
+    @app.delete("/api/v1/jobs/{job_id}/record")
+    def delete_job(job_id: str) -> dict[str, Any]:
+        """Delete a finished job that serves nothing: its record, results and per-item results."""
+        return {"deleted": svc.delete(job_id).id}
+
     @app.post("/api/v1/jobs/{job_id}/resume", status_code=202)
     def resume_job(job_id: str) -> dict[str, Any]:
         """Continue a job whose driver died (or that failed or was cancelled), in this server."""

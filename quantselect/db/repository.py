@@ -214,6 +214,21 @@ class Repository:
             return _job(row)
 
     @_retrying
+    def delete_finished_job(self, job_id: str) -> Job:
+        """``delete_job`` for a user: only a finished job that serves nothing (checked and removed
+        in one transaction); refused, and nothing removed, otherwise."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id, _names(), lock=True)
+            if row.status not in FINISHED:
+                raise ConflictError(f"job {job_id} is {row.status}: cancel it first (quantselect cancel {job_id})")
+            if row.deployed_candidate:
+                raise ConflictError(f"job {job_id} serves {row.deployed_candidate}: stop it first "
+                                    f"(quantselect undeploy {job_id})")
+            job = _job(row)
+            s.execute(delete(JobRow).where(JobRow.id == job_id))
+            return job
+
+    @_retrying
     def finish_job(self, job_id: str, status: str, error: str | None = None) -> str:
         """The job's end: its status, and every candidate still unfinished marked cancelled. A job
         whose cancel was asked for after the driver last looked ends cancelled, not succeeded (its

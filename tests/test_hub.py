@@ -32,9 +32,13 @@ def _run(*args: str):
 
 
 def test_what_is_a_hub_id(tmp_path, monkeypatch):
-    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
-    assert hub_id("meta-llama/Llama-3.1-8B@refs/pr/12") == ("meta-llama/Llama-3.1-8B", "refs/pr/12")
-    for not_one in ("demo", "/models/llama", "./llama", "~/llama", "llama", "a/b/c", "model.gguf", "org/na me"):
+    assert hub_id("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None, None)
+    assert hub_id("meta-llama/Llama-3.1-8B@refs/pr/12") == ("meta-llama/Llama-3.1-8B", "refs/pr/12", None)
+    assert hub_id("bartowski/Llama-3.2-1B-GGUF/Llama-3.2-1B-Q4_K_M.gguf") == (
+        "bartowski/Llama-3.2-1B-GGUF", None, "Llama-3.2-1B-Q4_K_M.gguf")
+    assert hub_id("org/x-GGUF/q8/x.Q8_0.GGUF@v2") == ("org/x-GGUF", "v2", "q8/x.Q8_0.GGUF")
+    for not_one in ("demo", "/models/llama", "./llama", "~/llama", "llama", "a/b/c", "model.gguf", "org/na me",
+                    "org/repo/file.bin"):
         assert hub_id(not_one) is None, not_one
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "llama").mkdir(parents=True)
@@ -133,3 +137,24 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     assert svc.run_job(again.id).status == "succeeded"
     assert svc.repo.cache_keys(again.id) == svc.repo.cache_keys(job.id)
     assert {r.reused_from for r in svc.results(again.id)} == {job.id}
+
+
+def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_gguf, tmp_path):
+    """``owner/name/file.gguf``: that one file of the repository (llama.cpp releases hold one file
+    per quantization), fetched alone, then read as any .gguf file is."""
+    from quantselect.service import SubmitRequest
+
+    (tmp_path / "release").mkdir()
+    shutil.copy(demo_q4_0_gguf, tmp_path / "release" / demo_q4_0_gguf.name)
+    snapshot = put_in_hub_cache(tmp_path / "release", "acme/SmolLM2-GGUF")
+    name = f"acme/SmolLM2-GGUF/{demo_q4_0_gguf.name}"
+    assert from_hub(name) == snapshot / demo_q4_0_gguf.name
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(20)]
+    spec = Service().build_spec(SubmitRequest(model="demo", items=items, candidates=[f"q40={name}"]))
+    q40 = spec.candidates[1].config
+    assert (q40.path, q40.method, q40.file_type) == (str((snapshot / demo_q4_0_gguf.name).resolve()), "gguf", "Q4_0")
+    # As the model: checked from its header at submit, fetched by the driver.
+    spec = Service().build_spec(SubmitRequest(model=name, items=items, candidates=["int8"]))
+    assert (spec.model, spec.model_path) == (name, name)
+    with pytest.raises(InputError, match=r"acme/SmolLM2-GGUF/other\.gguf: not a folder or file here, and HF_HUB_OFFLINE"):
+        from_hub("acme/SmolLM2-GGUF/other.gguf")

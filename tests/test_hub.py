@@ -158,3 +158,8 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     assert (spec.model, spec.model_path) == (name, name)
     with pytest.raises(InputError, match=r"acme/SmolLM2-GGUF/other\.gguf: not a folder or file here, and HF_HUB_OFFLINE"):
         from_hub("acme/SmolLM2-GGUF/other.gguf")
+    # The repository named whole is not a model: the error says to name one of its files.
+    res = _run("submit", "acme/SmolLM2-GGUF", str(EXAMPLES / "piqa-300.jsonl"))
+    assert res.exit_code == 2 and res.output.strip() == (
+        "Error: acme/SmolLM2-GGUF: the Hub repository has no config.json, so it is not a Hugging Face model; "
+        "a repository of GGUF files: name one of them, owner/name/file.gguf")

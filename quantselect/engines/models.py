@@ -68,13 +68,13 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
         if gguf:  # the file itself: its header holds the config, its tensors the weights
             return Path(hf_hub_download(repo, gguf, revision=revision))
         if config_only:
-            return fetch(["config.json"])
-        if not weights:
-            return fetch([p for p in HUB_FILES if p != "*.safetensors"])
-        folder = fetch(HUB_FILES)
-        if not any(folder.glob("*.safetensors")):
-            folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
-        return folder
+            folder = fetch(["config.json"])
+        elif not weights:
+            folder = fetch([p for p in HUB_FILES if p != "*.safetensors"])
+        else:
+            folder = fetch(HUB_FILES)
+            if not any(folder.glob("*.safetensors")):
+                folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
     except errors.GatedRepoError:
         raise InputError(f"{model}: a gated model on the Hugging Face Hub: accept its licence on huggingface.co, "
                          "then log in (`hf auth login` or HF_TOKEN)") from None
@@ -94,6 +94,11 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
                          "(the cache is HF_HUB_CACHE), or give a folder") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"{model}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{model}: the Hub repository has no config.json, so it is not a Hugging Face model"
+                         + ("; a repository of GGUF files: name one of them, owner/name/file.gguf"
+                            if "gguf" in repo.lower() else ""))
+    return folder
 
 
 def _first_line(e: BaseException) -> str:

@@ -114,11 +114,10 @@ class Service:
             self._repo = None
 
     # ---- submit -------------------------------------------------------------------------
-    def build_spec(self, req: SubmitRequest, weights: bool = True) -> JobSpec:
+    def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written. A model named by its Hub id is checked
-        on its config and tokenizer, fetched here; its weights are fetched by the job's driver
-        (``_model_on_driver``). ``weights=False`` (a dry run): a checkpoint candidate named by its
-        Hub id is fetched without its weights too."""
+        on its config and tokenizer, fetched here, and a checkpoint candidate on its config; their
+        weights are fetched by the job's driver (``_model_on_driver``, ``_checkpoints_on_driver``)."""
         from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id
 
         from quantselect.domain.gpus import gpu
@@ -148,12 +147,12 @@ class Service:
             if not hub_id(req.model) and not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
             model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
-            candidates = resolve_checkpoints(candidates, None, weights)
+            candidates = resolve_checkpoints(candidates, None)
         else:
             hub = from_hub(req.model, weights=False)  # a Hub id: its config and tokenizer, in the HF cache
             here = check_model(str(hub or req.model), weights=hub is None)
             model_path = req.model if hub else here
-            candidates = resolve_checkpoints(candidates, here, weights)
+            candidates = resolve_checkpoints(candidates, here)
             if dataset.chat_template and has_chat_template(here) is False:
                 if dataset.items[0].messages is not None:
                     raise InputError(f"{req.model}: the tokenizer has no chat template to render the dataset's "
@@ -183,7 +182,7 @@ class Service:
         from quantselect.engines.models import from_hub, model_config_here
         from quantselect.engines.quantize import availability
 
-        spec = self.build_spec(req, weights=False)
+        spec = self.build_spec(req)
         shape = None
         if not model_is_here(spec.model_path) and not req.model_on_cluster:  # a Hub id: its snapshot (cached)
             spec = replace(spec, model_path=str(from_hub(spec.model_path, weights=False)))
@@ -257,6 +256,7 @@ class Service:
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
             spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
+            spec = self._checkpoints_on_driver(job_id, spec, events)
             if events.on_status:
                 events.on_status("preparing the model" + (
                     ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
@@ -353,6 +353,33 @@ class Service:
             raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
         self.repo.set_model_path(job_id, path)
         return replace(spec, model_path=path)
+
+    def _checkpoints_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
+        """Checkpoint candidates named by their Hub id (pinned at submit to the commit whose config
+        was read) are fetched here, by the driver, like the model; the job then records each
+        snapshot as its candidate's path, which `deploy` and `export` read."""
+        from dataclasses import replace
+
+        from quantselect.engines.models import WEIGHT_PATTERNS, from_hub, hub_id
+
+        fetched = {}
+        for c in spec.candidates:
+            if not (isinstance(c.config, Prequantized) and hub_id(c.config.path)):
+                continue
+            if events.on_status:
+                events.on_status(f"fetching checkpoint {c.name} ({c.config.path}) from the Hugging Face Hub on "
+                                 f"{socket.gethostname()}")
+            try:
+                path = from_hub(c.config.path)
+                if path.is_dir() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+                    raise InputError(f"{c.config.path}: {path}: folder has no weights (*.safetensors or *.bin)")
+            except InputError as e:
+                raise InputError(f"candidate {c.name}: on the driver's machine ({socket.gethostname()}): {e}") from None
+            fetched[c.name] = replace(c.config, path=str(path))
+        if not fetched:
+            return spec
+        self.repo.set_candidate_configs(job_id, {name: config.to_dict() for name, config in fetched.items()})
+        return replace(spec, candidates=[Candidate(c.name, fetched.get(c.name, c.config)) for c in spec.candidates])
 
     def _keys_on_driver(self, job_id: str, spec: JobSpec) -> None:
         """A job submitted where its model could not be read: the driver checks the model (saying
@@ -764,7 +791,7 @@ class Service:
         from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization
 
         path = from_hub(model, config_only=True) or Path(model).expanduser()
-        gguf = gguf_file(model)
+        gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
         if gguf is not None:
             cfg, where = gguf_model_config(gguf), str(gguf)
         else:
@@ -849,8 +876,12 @@ def _checkpoint_config(config: Any) -> dict[str, Any]:
     are not reused)."""
     from quantselect.engines.models import model_fingerprint
 
+    from quantselect.engines.models import hub_identity
+
     d = config.to_dict()
     if isinstance(config, Prequantized):
+        if hub_identity(config.path):  # a Hub commit: its pinned id at submit, its snapshot on the driver
+            d = {**d, "_data": {k: v for k, v in d["_data"].items() if k != "path"}}
         return {**d, "checkpoint": model_fingerprint(config.path), "tokenizer": "model"}
     return d
 
@@ -884,16 +915,19 @@ def model_is_here(model: str) -> bool:
     return model == DEMO or Path(model).expanduser().exists()
 
 
-def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, weights: bool = True) -> list[Candidate]:
+def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> list[Candidate]:
     """Candidates given as ``LABEL=PATH`` (checkpoints quantized elsewhere): a Hugging Face folder or
     a ``.gguf`` file of the same vocabulary as the model; its quantization (method, bits, group size;
     a GGUF file's type and bits per weight) is read here, at submit, so the path must be readable
-    here (on a cluster: the same path on shared storage). A folder may be named by its Hub id: its
-    snapshot, fetched here (``weights=False``, a dry run: its config and tokenizer alone)."""
+    here (on a cluster: the same path on shared storage).
+
+    A checkpoint named by its Hub id is read from its ``config.json`` alone (a GGUF file: that file,
+    whose header is its config) and recorded pinned to the commit read, ``owner/name@commit``: the
+    job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
     from dataclasses import replace
 
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
-    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization
+    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, pinned
 
     out = []
     for c in candidates:
@@ -901,13 +935,14 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, wei
             out.append(c)
             continue
         try:
-            path = from_hub(c.config.path, weights=weights) or Path(c.config.path).expanduser()
+            path = from_hub(c.config.path, config_only=True) or Path(c.config.path).expanduser()
         except InputError as e:
             raise InputError(f"candidate {c.name}: {e}") from None
+        hub = pinned(c.config.path, path) if hub_id(c.config.path) else None
         if path.is_file() and path.suffix.lower() == ".gguf":
             q = gguf_quantization(path)
             _check_same_model(c.name, path, {**gguf_model_config(path), "vocab_size": q["vocab_size"]}, model_path)
-            out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=GGUF, bits=q["bits"],
+            out.append(Candidate(c.name, replace(c.config, path=hub or os.path.abspath(path), method=GGUF, bits=q["bits"],
                                                  group_size=0, file_type=q["file_type"],
                                                  bits_per_weight=q["bits_per_weight"])))
             continue
@@ -921,7 +956,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None, wei
             raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")
         _check_same_model(c.name, path, cfg, model_path)
         method, bits, group = checkpoint_quantization(cfg)
-        out.append(Candidate(c.name, replace(c.config, path=str(path.resolve()), method=method, bits=bits,
+        out.append(Candidate(c.name, replace(c.config, path=hub or str(path.resolve()), method=method, bits=bits,
                                              group_size=group)))
     return out
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantselect.cli import cli
-from quantselect.engines.models import from_hub, hub_id
+from quantselect.engines.models import check_model, from_hub, hub_id, resolve_model
 from quantselect.errors import InputError
 from quantselect.service import Service
 from tests.fixtures.common import EXAMPLES, put_in_hub_cache
@@ -43,6 +43,34 @@ def test_what_is_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "llama").mkdir(parents=True)
     assert hub_id("models/llama") is None  # a path that exists is the path
+
+
+def test_a_hub_commit_is_one_identity_pinned_or_downloaded_whatever_of_it_is_here(tmp_path):
+    """The result cache knows a Hub download by its repository and commit: the id pinned at submit
+    and the snapshot the driver fetched give one key, and files added to the snapshot later (a
+    README, the weights after the config) do not change it."""
+    from quantselect.engines.models import hub_identity, model_fingerprint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert hub_identity(f"org/m@{commit}") == f"org/m@{commit}"
+    assert hub_identity(f"org/m-GGUF/q8/m.Q8_0.gguf@{commit}") == f"org/m-GGUF/q8/m.Q8_0.gguf@{commit}"
+    for not_pinned in ("org/m", "org/m@main", "org/m@v1.0", "demo", str(tmp_path / "snapshots" / commit)):
+        assert hub_identity(not_pinned) is None, not_pinned
+    snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert hub_identity(str(snapshot)) == f"org/m@{commit}"
+    assert hub_identity(str(snapshot / "q8" / "m.Q8_0.gguf")) == f"org/m/q8/m.Q8_0.gguf@{commit}"
+    key = model_fingerprint(str(snapshot))
+    assert key == model_fingerprint(f"org/m@{commit}") != model_fingerprint(f"org/m@{'f' * 40}")
+    (snapshot / "README.md").write_text("fetched later")
+    assert model_fingerprint(str(snapshot)) == key
+    plain = tmp_path / "plain"  # a folder of the user's: its files' names, sizes and times
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    before = model_fingerprint(str(plain))
+    (plain / "README.md").write_text("edited in place")
+    assert model_fingerprint(str(plain)) != before
 
 
 def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny):
@@ -152,10 +180,18 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     items = [{"prompt": f"q{i}", "reference": "a"} for i in range(20)]
     spec = Service().build_spec(SubmitRequest(model="demo", items=items, candidates=[f"q40={name}"]))
     q40 = spec.candidates[1].config
-    assert (q40.path, q40.method, q40.file_type) == (str((snapshot / demo_q4_0_gguf.name).resolve()), "gguf", "Q4_0")
+    assert (q40.path, q40.method, q40.file_type) == (f"{name}@{snapshot.name}", "gguf", "Q4_0")
     # As the model: checked from its header at submit, fetched by the driver.
     spec = Service().build_spec(SubmitRequest(model=name, items=items, candidates=["int8"]))
     assert (spec.model, spec.model_path) == (name, name)
+    # The snapshot's file is a link to a blob named by its hash: it is read through the link (the
+    # blob has no .gguf suffix), for the model and for a candidate alike.
+    assert check_model(str(from_hub(name))) == str(snapshot / demo_q4_0_gguf.name)
+    folder = resolve_model(str(from_hub(name)), tmp_path / "models")
+    assert (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    res = _run("plan", name, "--format", "json")  # the planner reads its header, as of a .gguf path
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["precisions"][0]["precision"] == "Q4_0 (this file)"
     with pytest.raises(InputError, match=r"acme/SmolLM2-GGUF/other\.gguf: not a folder or file here, and HF_HUB_OFFLINE"):
         from_hub("acme/SmolLM2-GGUF/other.gguf")
     # The repository named whole is not a model: the error says to name one of its files.

@@ -87,12 +87,13 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
 
     [_, mine] = spec(f"mine={release}").candidates
     assert mine.config == Prequantized(path=str(release.resolve()), method="gptq", bits=4, group_size=32)
-    # Named by its Hub id: its snapshot in the Hugging Face cache (a dry run reads it without the weights).
+    # Named by its Hub id: read from its snapshot in the Hugging Face cache, pinned to that commit.
     snapshot = put_in_hub_cache(release, "acme/tiny-llama-gptq")
     [_, hub] = spec("mine=acme/tiny-llama-gptq").candidates
-    assert hub.config == Prequantized(path=str(snapshot.resolve()), method="gptq", bits=4, group_size=32)
+    pin = f"acme/tiny-llama-gptq@{snapshot.name}"
+    assert hub.config == Prequantized(path=pin, method="gptq", bits=4, group_size=32)
     dry = svc.preview(SubmitRequest(model=str(tiny_llama), items=items, candidates=["mine=acme/tiny-llama-gptq"]))
-    assert dry["candidates"][1]["config"]["_data"]["path"] == str(snapshot.resolve())
+    assert dry["candidates"][1]["config"]["_data"]["path"] == pin
     with pytest.raises(InputError, match=r"candidate gone: .*/nowhere: no such checkpoint folder"):
         spec(f"gone={tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()
@@ -123,6 +124,42 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
     (release / "note.txt").write_text("a new file in the release")
     assert cache_keys(spec(f"mine={release}"))["mine"] != before
     (release / "note.txt").unlink()
+
+
+def test_a_checkpoint_named_by_its_hub_id_is_read_on_its_config_at_submit_and_fetched_by_the_driver(
+        ray_cluster, tiny_llama, gptq_release, tmp_path):
+    """`--candidates hub=org/model-GPTQ`, submitted from a laptop to a cluster: where the job is
+    submitted, only config.json is downloaded, and the candidate is pinned to the commit read; the
+    driver fetches that commit's weights on its machine (failing the job, saying where, when it
+    cannot; `resume` continues it) and records the snapshot, which `export` and `deploy` read. The
+    cache key names the commit, so it is the same on every machine and before and after the fetch."""
+    from quantselect.errors import QuantselectError
+
+    release, _ = gptq_release
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(release / "config.json", tmp_path / "cfg")
+    snapshot = put_in_hub_cache(tmp_path / "cfg", "acme/gptq-later")  # as `hf download acme/gptq-later config.json`
+    svc = Service()
+    req = SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                        candidates=["hub=acme/gptq-later"], threshold=0.5)
+    job = svc.submit(req)
+    hub = svc.repo.get_job_spec(job.id).candidates[1].config
+    assert (hub.path, hub.method, hub.bits, hub.group_size) == (f"acme/gptq-later@{snapshot.name}", "gptq", 4, 32)
+    assert all(svc.repo.cache_keys(job.id).values())
+    with pytest.raises(QuantselectError, match=rf"candidate hub: on the driver's machine \(.+\): "
+                                               rf"acme/gptq-later@{snapshot.name}: .+: folder has no weights"):
+        svc.run_job(job.id)
+    put_in_hub_cache(release, "acme/gptq-later")  # the rest of the commit, fetched on the driver's machine
+    done = svc.resume(job.id)
+    assert done.status == "succeeded"
+    assert svc.repo.get_job_spec(job.id).candidates[1].config.path == str(snapshot)
+    assert {r.name: r.status for r in svc.results(job.id)} == {"baseline": "succeeded", "hub": "succeeded"}
+    again = svc.submit(req)  # the same commit: the same keys, the results reused
+    assert svc.repo.cache_keys(again.id) == svc.repo.cache_keys(job.id)
+    assert svc.run_job(again.id).status == "succeeded"
+    assert {r.reused_from for r in svc.results(again.id)} == {job.id}
+    _, out = svc.export(job.id, str(tmp_path / "export"), "hub")
+    assert (out / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
 
 
 def test_a_checkpoint_loads_as_it_is_and_a_broken_one_fails_loudly(tiny_llama, gptq_release, tmp_path):

@@ -139,6 +139,14 @@ class Repository:
             self._job_row(s, job_id).model_config = config
 
     @_retrying
+    def set_candidate_configs(self, job_id: str, configs: dict[str, dict[str, Any]]) -> None:
+        """Candidates' configs as the driver resolved them (a Hub checkpoint's snapshot path)."""
+        with self._write.begin() as s:
+            for c in self._job_row(s, job_id, selectinload(JobRow.candidates)).candidates:
+                if c.name in configs:
+                    c.config = configs[c.name]
+
+    @_retrying
     def set_model_path(self, job_id: str, path: str) -> None:
         """Where the driver found the model (a Hub id's snapshot, downloaded on the cluster)."""
         with self._write.begin() as s:

@@ -37,6 +37,7 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<file>(/[\w.-]+)*/
 # weights, from the top folder only (not original/, onnx/ or gguf/ copies some releases add).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 HUB_BIN_WEIGHTS = ["pytorch_model*.bin"]  # taken only from a repository without safetensors
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def hub_id(model: str) -> tuple[str, str | None, str | None] | None:
@@ -101,6 +102,34 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
     return folder
 
 
+def hub_identity(model: str) -> str | None:
+    """What a Hub download is, whatever of it this disk holds: ``owner/name@commit`` (or
+    ``owner/name/file.gguf@commit``) for a Hub id pinned to a commit, or for a path inside the
+    Hugging Face cache's snapshot of one (``.../models--owner--name/snapshots/<commit>[/file]``);
+    None for anything else. A commit's files never change, so this names them on any machine."""
+    found = hub_id(model)
+    if found:
+        repo, rev, gguf = found
+        return f"{repo}{'/' + gguf if gguf else ''}@{rev}" if rev and COMMIT.fullmatch(rev) else None
+    if model == DEMO:
+        return None
+    parts = Path(model).expanduser().absolute().parts
+    if "snapshots" not in parts:
+        return None
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    if not (1 <= i < len(parts) - 1 and parts[i - 1].startswith("models--") and COMMIT.fullmatch(parts[i + 1])):
+        return None
+    repo = parts[i - 1].removeprefix("models--").replace("--", "/", 1)
+    inside = "/".join(parts[i + 2:])
+    return f"{repo}{'/' + inside if inside else ''}@{parts[i + 1]}"
+
+
+def pinned(model: str, snapshot: Path) -> str:
+    """The Hub id ``model`` pinned to the commit of ``snapshot``, the folder or file it resolved to."""
+    ident = hub_identity(str(snapshot))
+    return ident if ident else model
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -139,7 +168,7 @@ def check_model(model: str, weights: bool = True) -> str:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{model}: a model file must be a .gguf file; otherwise give a Hugging Face folder")
-        return str(path.resolve())
+        return os.path.abspath(path)  # not resolved: a link's target (a Hub cache blob) has no .gguf suffix
     if not (path / "config.json").is_file():
         raise InputError(f"{model}: folder has no config.json; is it a Hugging Face model folder?")
     if weights and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
@@ -436,8 +465,12 @@ def has_chat_template(model_path: str) -> bool | None:
 
 
 def model_fingerprint(model: str) -> str:
-    """What identifies the model's weights for the result cache, cheaply: the resolved path and each
-    weight/config file's name, size and modification time (no hashing of gigabytes)."""
+    """What identifies the model's weights for the result cache, cheaply: a Hub download's repository
+    and commit (``hub_identity``: the same on every machine, whichever of its files are here yet),
+    else the resolved path and each file's name, size and modification time (no hashing of gigabytes)."""
+    ident = hub_identity(model)
+    if ident:
+        return hashlib.sha256(f"hub:{ident}".encode()).hexdigest()
     path = demo_gguf_path() if model == DEMO else Path(model).expanduser().resolve()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
     parts = [str(path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]

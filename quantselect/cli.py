@@ -39,6 +39,9 @@ class Group(click.Group):
             raise err from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # `quantselect results JOB | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+            raise click.exceptions.Exit(141) from None  # as a shell reports a command SIGPIPE ended
         except Exception as e:
             if os.environ.get("QUANTSELECT_DEBUG"):
                 raise
@@ -621,17 +624,9 @@ def candidates(fmt: str) -> None:
     Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`;
     add kv_cache=fp8 to any candidate to measure it with an fp8 KV cache.
     Add a checkpoint quantized elsewhere with LABEL=PATH, e.g. `--candidates int8,hub-awq=/models/llama-awq`."""
-    from quantselect.domain.candidates import CATALOG, DEFAULT_CANDIDATES
-    from quantselect.engines.quantize import availability
     from quantselect.render import table
 
-    rows = []
-    for name, config in CATALOG.items():
-        reason = availability(config)
-        rows.append({"name": name, "available": reason is None, "reason": reason, "default": name in DEFAULT_CANDIDATES
-                     or name == "baseline", "description": config.description, "parameters": config.parameters(),
-                     "calibrated": config.calibrated, "bytes_per_weight": round(config.bytes_per_weight(), 4),
-                     "config": config.to_dict()})
+    rows = _service().candidates()
     if fmt == "json":
         return _echo_json(rows)
     click.echo(table(["candidate", "available", "default", "parameters", "description / why not"],

@@ -781,6 +781,27 @@ class Service:
         return PrunePlan(removed, keep)
 
     # ---- plan -----------------------------------------------------------------------------
+    def candidates(self) -> list[dict[str, Any]]:
+        """Every candidate of the catalog: its parameters and defaults, and whether this machine can
+        run it (and why not)."""
+        from quantselect.domain.candidates import CATALOG
+        from quantselect.engines.quantize import availability
+
+        rows = []
+        for name, config in CATALOG.items():
+            reason = availability(config)
+            rows.append({"name": name, "available": reason is None, "reason": reason,
+                         "default": name in DEFAULT_CANDIDATES or name == BASELINE, "description": config.description,
+                         "parameters": config.parameters(), "calibrated": config.calibrated,
+                         "bytes_per_weight": round(config.bytes_per_weight(), 4), "config": config.to_dict()})
+        return rows
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """The target GPUs costs are quoted for (``--target-gpu``): memory, bandwidth, compute, price."""
+        from quantselect.domain.gpus import GPUS
+
+        return [g.to_dict() for g in GPUS.values()]
+
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,
              batch: int = 1, kv_cache: str = "bf16") -> dict[str, Any]:
         """Memory per precision and GPUs needed, from the model's config.json alone (or a GGUF

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -80,6 +81,29 @@ def test_preview_says_what_a_submission_would_run_and_submits_nothing(client, ti
     bad = client.post("/api/v1/jobs/preview", json={**body, "candidates": ["int4:group_size=256"]})
     assert bad.status_code == 422 and "group size 256 does not divide" in bad.json()["detail"]
     assert client.get("/api/v1/jobs").json() == []
+
+
+def test_a_client_lists_candidates_and_gpus_and_plans_the_fit_before_submitting(client):
+    """What the CLI's `candidates`, `gpus` and `plan` say, over HTTP: the names a request's
+    `candidates` and `target_gpu` take, and whether a model fits, from its config alone."""
+    configs = Path(__file__).parent / "data" / "configs"
+    candidates = {c["name"]: c for c in client.get("/api/v1/candidates").json()}
+    assert {"baseline", "fp16", "int8", "w8a8", "int4", "int4-gptq", "int4-awq", "nf4", "fp8"} <= set(candidates)
+    assert candidates["baseline"]["default"] and candidates["int4-gptq"]["calibrated"]
+    assert candidates["int4-gptq"]["parameters"]["group_size"] == 128
+    assert all(c["available"] == (c["reason"] is None) for c in candidates.values())
+    gpus = {g["name"]: g for g in client.get("/api/v1/gpus").json()}
+    assert gpus["H100-80GB"]["aliases"] == ["H100"] and gpus["L4"]["usd_per_hour"] > 0
+    res = client.get("/api/v1/plan", params={"model": str(configs / "llama-3.1-70b.json"), "gpu": "H100"})
+    assert res.status_code == 200, res.text
+    rows = {r["precision"]: r for r in res.json()["precisions"]}
+    assert res.json()["gpu"] == "H100-80GB" and rows["bf16"]["gpus"] == 2 and rows["int4"]["gpus"] == 1
+    res = client.get("/api/v1/plan", params={"model": "/no/such/model"})
+    assert res.status_code == 422 and res.json()["detail"].startswith("/no/such/model: ")
+    res = client.get("/api/v1/plan", params={"model": str(configs / "llama-3.1-70b.json"), "batch": 0})
+    assert res.status_code == 422 and res.json()["detail"].startswith("query.batch: ")
+    res = client.get("/api/v1/plan", params={"model": str(configs / "llama-3.1-70b.json"), "gpu": "H1000"})
+    assert res.status_code == 422 and "unknown target GPU 'H1000'" in res.json()["detail"]
 
 
 def test_unknown_ids_are_404(client):

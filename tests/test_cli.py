@@ -46,6 +46,16 @@ def test_import_and_help_stay_light():
         assert command in help_out.stdout
 
 
+def test_output_a_pipe_cuts_short_ends_quietly():
+    """`quantselect results JOB | head`: once the reader has gone, the command stops without an
+    error message, with the status a shell gives a command SIGPIPE ended."""
+    p = subprocess.Popen([sys.executable, "-m", "quantselect", "gpus"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read()
+    assert (p.wait(), err) == (141, b"")
+
+
 def test_candidates_lists_availability():
     res = run("candidates", "--format", "json")
     rows = {r["name"]: r for r in json.loads(res.output)}

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,10 @@ class JobRequest(BaseModel):
     limit: int | None = Field(None, description="Use only the first N items.")
     sample: int | None = Field(None, description="Use a seeded random N of the items instead of the first N.")
     threshold: float = DEFAULT_THRESHOLD
-    candidates: list[str] | None = None
+    candidates: list[str] | None = Field(None, description="Candidate names (GET /api/v1/candidates), with "
+                                        "NAME:key=value parameters, or LABEL=PATH checkpoints quantized elsewhere "
+                                        "(a folder, a .gguf file, or a Hub id: its config.json is read to check the "
+                                        "request, the job fetches its weights).")
     gpu_hour_usd: float | None = Field(None, description="Price of one target GPU-hour (default: the price table's).")
     target_gpu: str | None = Field(None, description="Deployment GPU the cost is quoted for (default H100-80GB).")
     calibration: str | None = Field(None, description="Path of a GPTQ/AWQ calibration file the server can read.")
@@ -184,6 +187,25 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @app.delete("/api/v1/jobs/{job_id}/deploy")
     def undeploy(job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "stopped": svc.undeploy(job_id)}
+
+    @app.get("/api/v1/candidates")
+    def list_candidates() -> list[dict[str, Any]]:
+        """Every candidate (the names ``candidates`` takes), its parameters, whether it is a default,
+        and whether this server's machine can run it, and why not."""
+        return svc.candidates()
+
+    @app.get("/api/v1/gpus")
+    def list_gpus() -> list[dict[str, Any]]:
+        """The target GPUs costs are quoted for (``target_gpu``): memory, bandwidth, compute, price per hour."""
+        return svc.gpus()
+
+    @app.get("/api/v1/plan")
+    def plan(model: str, gpu: str | None = None, gpu_memory: str | None = None,
+             context: int | None = Query(None, ge=1), batch: int = Query(1, ge=1),
+             kv_cache: Literal["bf16", "fp16", "fp8"] = "bf16") -> dict[str, Any]:
+        """Will ``model`` fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
+        config.json alone (a folder or .gguf file the server can read, or a Hub id), as `quantselect plan`."""
+        return svc.plan(model, gpu, gpu_memory, context, batch, kv_cache)
 
     @app.get("/api/v1/cache")
     def cache() -> list[dict[str, Any]]:

@@ -116,9 +116,10 @@ class Service:
     # ---- submit -------------------------------------------------------------------------
     def build_spec(self, req: SubmitRequest) -> JobSpec:
         """Validate everything before anything is written. A model named by its Hub id is checked
-        on its config and tokenizer, fetched here, and a checkpoint candidate on its config; their
-        weights are fetched by the job's driver (``_model_on_driver``, ``_checkpoints_on_driver``)."""
-        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id
+        on its config and tokenizer, fetched here, and a checkpoint candidate on its config, each
+        pinned to the commit checked; their weights are fetched by the job's driver
+        (``_model_on_driver``, ``_checkpoints_on_driver``)."""
+        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, pinned
 
         from quantselect.domain.gpus import gpu
 
@@ -151,7 +152,7 @@ class Service:
         else:
             hub = from_hub(req.model, weights=False)  # a Hub id: its config and tokenizer, in the HF cache
             here = check_model(str(hub or req.model), weights=hub is None)
-            model_path = req.model if hub else here
+            model_path = pinned(req.model, hub) if hub else here  # the commit checked: the one the driver fetches
             candidates = resolve_checkpoints(candidates, here)
             if dataset.chat_template and has_chat_template(here) is False:
                 if dataset.items[0].messages is not None:
@@ -212,9 +213,13 @@ class Service:
                 "use_cache": spec.use_cache, "candidates": rows}
 
     def submit(self, req: SubmitRequest) -> Job:
+        from quantselect.engines.models import hub_identity
+
         spec = self.build_spec(req)
-        # a model only the cluster can read gets its cache keys from the driver (they hash its files)
-        return self.repo.create_job(spec, cache_keys(spec) if model_is_here(spec.model_path) else {})
+        # a model only the cluster can read gets its cache keys from the driver (they hash its files);
+        # a Hub commit's are known here
+        known = model_is_here(spec.model_path) or hub_identity(spec.model_path)
+        return self.repo.create_job(spec, cache_keys(spec) if known else {})
 
     def submit_remote(self, job_id: str, address: str, resume: bool = False) -> str:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""

@@ -74,12 +74,18 @@ def test_a_hub_commit_is_one_identity_pinned_or_downloaded_whatever_of_it_is_her
 
 
 def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny):
+    from quantselect.service import SubmitRequest
+
     repo, snapshot = hub_tiny
     res = _run("submit", repo, str(EXAMPLES / "piqa-300.jsonl"), "--limit", "8", "--candidates", "int8",
                "--threshold", "0.5")
     assert res.exit_code == 0, res.output
     job = Service().list_jobs()[0]
     assert (job.model, job.model_path, job.status) == (repo, str(snapshot), "succeeded")
+    # Submitted, it was pinned to the commit its config was checked on; the driver fetched that one.
+    pin = Service().submit(SubmitRequest(model=repo, dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                                         candidates=["int8"]))
+    assert pin.model_path == f"{repo}@{snapshot.name}" and all(Service().repo.cache_keys(pin.id).values())
     assert {r.name: r.status for r in Service().results(job.id)} == {"baseline": "succeeded", "int8": "succeeded"}
     # A revision is a ref of the cache, or a commit; the snapshot is the same folder.
     assert from_hub(f"{repo}@main") == from_hub(f"{repo}@{snapshot.name}") == snapshot
@@ -183,7 +189,7 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     assert (q40.path, q40.method, q40.file_type) == (f"{name}@{snapshot.name}", "gguf", "Q4_0")
     # As the model: checked from its header at submit, fetched by the driver.
     spec = Service().build_spec(SubmitRequest(model=name, items=items, candidates=["int8"]))
-    assert (spec.model, spec.model_path) == (name, name)
+    assert (spec.model, spec.model_path) == (name, f"{name}@{snapshot.name}")
     # The snapshot's file is a link to a blob named by its hash: it is read through the link (the
     # blob has no .gguf suffix), for the model and for a candidate alike.
     assert check_model(str(from_hub(name))) == str(snapshot / demo_q4_0_gguf.name)

@@ -29,7 +29,8 @@ class JobRequest(BaseModel):
 
     model: str = Field(description="A Hugging Face folder or .gguf file the server can read, a Hugging Face Hub id "
                        "(owner/name[@revision]: its config and tokenizer are fetched to check the request, the "
-                       "job fetches its weights into the server's Hugging Face cache), or 'demo'.")
+                       "job is pinned to that commit and fetches its weights into the server's Hugging Face "
+                       "cache), or 'demo'.")
     dataset: str | None = Field(None, description="Path of a dataset (JSONL, JSON array, CSV, Parquet) the server can read.")
     items: list[dict[str, Any]] | None = Field(None, description="Or the items inline, in the canonical format.")
     map: list[str] = Field(default_factory=list, description="Field mapping, as the CLI's --map KEY=VALUE.")

@@ -272,7 +272,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
            chat_template: bool, no_cache: bool, dry_run: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
-    a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet)."""
+    a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet: a file here, or one of a
+    Hub dataset, hf://datasets/OWNER/NAME[@REVISION]/PATH, as are --labels and --calibration)."""
     from quantselect.engines.models import hub_id
     from quantselect.service import SubmitRequest, model_is_here
 

@@ -8,7 +8,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -134,14 +135,7 @@ class Service:
         if req.sample is not None and (req.sample < 1 or req.limit is not None):
             raise InputError("give --limit or --sample, not both" if req.limit is not None
                              else f"sample {req.sample} must be at least 1")
-        if (req.dataset is None) == (req.items is None):
-            raise InputError("give exactly one of a dataset path or inline items")
-        generation = dict(max_new_tokens=req.max_new_tokens, stop=req.stop, chat_template=req.chat_template)
-        if req.dataset is not None:
-            dataset = load_dataset(req.dataset, req.mapping, metric=req.metric, limit=req.limit, **generation)
-        else:
-            items = req.items[: req.limit] if req.limit else req.items
-            dataset = parse_records(items, metric=req.metric, **generation)
+        dataset = _task_data(req)
         if req.sample is not None:
             dataset = dataset.sample(req.sample)
         if req.model_on_cluster and (hub_id(req.model) or not model_is_here(req.model)):
@@ -163,7 +157,10 @@ class Service:
             check_candidates_fit(candidates, here)
         calibration = None
         if any(c.config.calibrated for c in candidates):
-            dataset, calibration = split_calibration(dataset, req.calibration, req.calibration_samples)
+            with _hub_data(req.calibration) as local:
+                dataset, calibration = split_calibration(dataset, local, req.calibration_samples)
+            if local != req.calibration:
+                calibration = replace(calibration, source=req.calibration)
         elif req.calibration is not None:
             raise InputError(f"{req.calibration}: a calibration file is only used by int4-gptq / int4-awq, "
                              "and no such candidate was asked for")
@@ -1048,6 +1045,37 @@ def read_model_config(model_dir: Path) -> dict[str, Any] | None:
         return json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _task_data(req: SubmitRequest) -> Any:
+    """The request's items, validated: inline, or read from a file (here, or of a Hub dataset)."""
+    if (req.dataset is None) == (req.items is None):
+        raise InputError("give exactly one of a dataset path or inline items")
+    generation = dict(max_new_tokens=req.max_new_tokens, stop=req.stop, chat_template=req.chat_template)
+    if req.dataset is None:
+        return parse_records(req.items[: req.limit] if req.limit else req.items, metric=req.metric, **generation)
+    mapping = req.mapping
+    with _hub_data(req.dataset) as path, _hub_data(mapping.labels_file if mapping else None) as labels:
+        if mapping and labels != mapping.labels_file:
+            mapping = replace(mapping, labels_file=labels)
+        dataset = load_dataset(path, mapping, metric=req.metric, limit=req.limit, **generation)
+    return replace(dataset, source=req.dataset)
+
+
+@contextmanager
+def _hub_data(name: str | None):
+    """``name``, or where a file of a Hub dataset (``hf://datasets/...``) was downloaded to; errors
+    raised inside name the file as the user did, not by its place in the Hugging Face cache."""
+    from quantselect.engines.models import hub_data_file
+
+    local = hub_data_file(name)
+    if local is None:
+        yield name
+        return
+    try:
+        yield str(local)
+    except InputError as e:
+        raise InputError(str(e).replace(str(local), name)) from None
 
 
 def split_calibration(dataset: Any, path: str | None, samples: int) -> tuple[Any, Any]:

@@ -17,7 +17,7 @@ from quantselect.cli import cli
 from quantselect.engines.models import check_model, from_hub, hub_id, resolve_model
 from quantselect.errors import InputError
 from quantselect.service import Service
-from tests.fixtures.common import EXAMPLES, put_in_hub_cache
+from tests.fixtures.common import EXAMPLES, SHARED, put_in_hub_cache
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -205,3 +205,56 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     assert res.exit_code == 2 and res.output.strip() == (
         "Error: acme/SmolLM2-GGUF: the Hub repository has no config.json, so it is not a Hugging Face model; "
         "a repository of GGUF files: name one of them, owner/name/file.gguf")
+
+
+def test_a_file_of_a_hub_dataset_is_a_task_dataset_labels_or_calibration_file(tiny_llama, tmp_path):
+    """``hf://datasets/OWNER/NAME[@REVISION]/PATH``, as the Hub's file system (and pandas, polars,
+    duckdb) name a file: downloaded once into the Hugging Face cache where the job is submitted (the
+    items are stored with the job), and named so in the job and in every error."""
+    from quantselect.domain.dataset import FieldMapping
+    from quantselect.service import SubmitRequest
+
+    (tmp_path / "piqa" / "data").mkdir(parents=True)
+    for name in ("valid.jsonl", "valid-labels.lst"):
+        shutil.copy(SHARED / "datasets" / "piqa" / name, tmp_path / "piqa" / "data" / name)
+    put_in_hub_cache(tmp_path / "piqa", "acme/piqa", repo_type="dataset")
+    (tmp_path / "mine").mkdir()
+    lines = (EXAMPLES / "gsm8k-50.jsonl").read_text().splitlines()
+    (tmp_path / "mine" / "gsm8k.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (tmp_path / "mine" / "broken.jsonl").write_text(lines[0] + "\n" + lines[1][:-1] + "\n")
+    (tmp_path / "mine" / "calibration.txt").write_text("\n".join(f"sample {i} of a calibration text" for i in range(16)))
+    put_in_hub_cache(tmp_path / "mine", "acme/mine", repo_type="dataset")
+    svc = Service()
+
+    # PIQA as distributed, its labels beside it: the CLI's --map and --labels, both files on the Hub
+    piqa = "hf://datasets/acme/piqa/data/valid.jsonl"
+    req = SubmitRequest(model=str(tiny_llama), dataset=piqa, limit=20, candidates=["int8"],
+                        mapping=FieldMapping.parse(["prompt=Question: {goal}\nAnswer:", "choices=sol1,sol2"],
+                                                   "hf://datasets/acme/piqa@main/data/valid-labels.lst"))
+    spec = svc.build_spec(req)
+    assert (spec.dataset.source, spec.dataset.kind, len(spec.dataset)) == (piqa, "multiple_choice", 20)
+    local = svc.build_spec(SubmitRequest(model=str(tiny_llama), dataset=str(SHARED / "datasets" / "piqa" / "valid.jsonl"),
+                                         limit=20, candidates=["int8"], mapping=FieldMapping.parse(
+                                             ["prompt=Question: {goal}\nAnswer:", "choices=sol1,sol2"],
+                                             str(SHARED / "datasets" / "piqa" / "valid-labels.lst"))))
+    assert spec.dataset.items == local.dataset.items
+    # a calibration file of a Hub dataset too, for GPTQ
+    gptq = svc.build_spec(SubmitRequest(model=str(tiny_llama), dataset="hf://datasets/acme/mine/gsm8k.jsonl",
+                                        candidates=["int4-gptq"], calibration="hf://datasets/acme/mine/calibration.txt",
+                                        calibration_samples=8))
+    assert gptq.calibration.source == "hf://datasets/acme/mine/calibration.txt" and len(gptq.calibration.texts) == 8
+    assert len(gptq.dataset) == 30  # nothing held out of the task data
+
+    # Errors name the file as the user did, with its line; nothing is submitted.
+    res = _run("submit", str(tiny_llama), "hf://datasets/acme/mine/broken.jsonl")
+    assert res.exit_code == 2 and res.output.startswith("Error: hf://datasets/acme/mine/broken.jsonl:2: malformed JSON")
+    res = _run("submit", str(tiny_llama), "hf://datasets/acme/mine/gone.jsonl")
+    assert res.exit_code == 2 and res.output.strip() == (
+        "Error: hf://datasets/acme/mine/gone.jsonl: not here, and HF_HUB_OFFLINE is set and the Hugging Face "
+        "cache does not hold it; download it where the Hub can be reached (the cache is HF_HUB_CACHE), or give a file")
+    res = _run("submit", str(tiny_llama), "hf://acme/mine/gsm8k.jsonl")
+    assert res.exit_code == 2 and "a file of a Hub dataset is named hf://datasets/OWNER/NAME[@REVISION]/PATH" in res.output
+    assert Service().list_jobs() == []
+    # The CLI's dry run reads it the same way
+    res = _run("submit", str(tiny_llama), "hf://datasets/acme/mine/gsm8k.jsonl", "--dry-run")
+    assert res.exit_code == 0 and "Data: 30 items of hf://datasets/acme/mine/gsm8k.jsonl" in res.output, res.output

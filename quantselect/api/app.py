@@ -31,10 +31,11 @@ class JobRequest(BaseModel):
                        "(owner/name[@revision]: its config and tokenizer are fetched to check the request, the "
                        "job is pinned to that commit and fetches its weights into the server's Hugging Face "
                        "cache), or 'demo'.")
-    dataset: str | None = Field(None, description="Path of a dataset (JSONL, JSON array, CSV, Parquet) the server can read.")
+    dataset: str | None = Field(None, description="Path of a dataset (JSONL, JSON array, CSV, Parquet) the server can read, "
+                                "or a file of a Hub dataset: hf://datasets/OWNER/NAME[@REVISION]/PATH.")
     items: list[dict[str, Any]] | None = Field(None, description="Or the items inline, in the canonical format.")
     map: list[str] = Field(default_factory=list, description="Field mapping, as the CLI's --map KEY=VALUE.")
-    labels: str | None = Field(None, description="Path of a file with one answer index per line.")
+    labels: str | None = Field(None, description="Path (or hf://datasets/... file) with one answer index per line.")
     metric: str | None = None
     limit: int | None = Field(None, description="Use only the first N items.")
     sample: int | None = Field(None, description="Use a seeded random N of the items instead of the first N.")
@@ -45,7 +46,8 @@ class JobRequest(BaseModel):
                                         "request, the job fetches its weights).")
     gpu_hour_usd: float | None = Field(None, description="Price of one target GPU-hour (default: the price table's).")
     target_gpu: str | None = Field(None, description="Deployment GPU the cost is quoted for (default H100-80GB).")
-    calibration: str | None = Field(None, description="Path of a GPTQ/AWQ calibration file the server can read.")
+    calibration: str | None = Field(None, description="Path of a GPTQ/AWQ calibration file the server can read, "
+                                    "or an hf://datasets/... file.")
     calibration_samples: int = Field(DEFAULT_CALIBRATION_SAMPLES, description="GPTQ/AWQ calibration samples.")
     deploy: bool = False
     confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.")

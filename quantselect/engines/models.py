@@ -38,6 +38,8 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<file>(/[\w.-]+)*/
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 HUB_BIN_WEIGHTS = ["pytorch_model*.bin"]  # taken only from a repository without safetensors
 COMMIT = re.compile(r"[0-9a-f]{40}")
+# a file of a Hub dataset repository, as huggingface_hub's HfFileSystem (and pandas, polars, duckdb) name it
+HUB_DATA = re.compile(r"^hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<rev>[^/]+))?/(?P<file>[^/].*[^/])$")
 
 
 def hub_id(model: str) -> tuple[str, str | None, str | None] | None:
@@ -59,13 +61,12 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
     if found is None:
         return None
     repo, revision, gguf = found
-    from huggingface_hub import errors, hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
 
-    where = "not a folder or file here"
-    try:
+    with _hub_errors(model, repo, revision, gguf, "not a folder or file here", "a model"):
         if gguf:  # the file itself: its header holds the config, its tensors the weights
             return Path(hf_hub_download(repo, gguf, revision=revision))
         if config_only:
@@ -76,30 +77,57 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
             folder = fetch(HUB_FILES)
             if not any(folder.glob("*.safetensors")):
                 folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
-    except errors.GatedRepoError:
-        raise InputError(f"{model}: a gated model on the Hugging Face Hub: accept its licence on huggingface.co, "
-                         "then log in (`hf auth login` or HF_TOKEN)") from None
-    except errors.RepositoryNotFoundError:
-        raise InputError(f"{model}: {where}, nor a model on the Hugging Face Hub (a private one needs "
-                         "`hf auth login` or HF_TOKEN)") from None
-    except errors.RevisionNotFoundError:
-        raise InputError(f"{model}: the Hugging Face Hub has no revision {revision!r} of {repo}") from None
-    except errors.RemoteEntryNotFoundError:
-        raise InputError(f"{model}: {repo} on the Hugging Face Hub has no file {gguf}") from None
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as e:
-        from huggingface_hub import constants
-
-        why = ("HF_HUB_OFFLINE is set and the Hugging Face cache does not hold it" if constants.HF_HUB_OFFLINE
-               else f"the Hugging Face Hub cannot be reached to download it: {_first_line(e)}")
-        raise InputError(f"{model}: {where}, and {why}; download it where the Hub can be reached "
-                         "(the cache is HF_HUB_CACHE), or give a folder") from None
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise InputError(f"{model}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
     if not (folder / "config.json").is_file():
         raise InputError(f"{model}: the Hub repository has no config.json, so it is not a Hugging Face model"
                          + ("; a repository of GGUF files: name one of them, owner/name/file.gguf"
                             if "gguf" in repo.lower() else ""))
     return folder
+
+
+@contextmanager
+def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, where: str, what: str):
+    """The Hub client's errors while fetching ``name`` as one-line input errors that say what to do."""
+    from huggingface_hub import constants, errors
+
+    try:
+        yield
+    except errors.GatedRepoError:
+        raise InputError(f"{name}: a gated {what.split()[-1]} on the Hugging Face Hub: accept its licence on "
+                         "huggingface.co, then log in (`hf auth login` or HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise InputError(f"{name}: {where}, nor {what} on the Hugging Face Hub (a private one needs "
+                         "`hf auth login` or HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise InputError(f"{name}: the Hugging Face Hub has no revision {revision!r} of {repo}") from None
+    except errors.RemoteEntryNotFoundError:
+        raise InputError(f"{name}: {repo} on the Hugging Face Hub has no file {file}") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as e:
+        why = ("HF_HUB_OFFLINE is set and the Hugging Face cache does not hold it" if constants.HF_HUB_OFFLINE
+               else f"the Hugging Face Hub cannot be reached to download it: {_first_line(e)}")
+        raise InputError(f"{name}: {where}, and {why}; download it where the Hub can be reached "
+                         "(the cache is HF_HUB_CACHE), or give a " + ("folder" if what == "a model" else "file")) from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        raise InputError(f"{name}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
+
+
+def hub_data_file(name: str | None) -> Path | None:
+    """The local copy of a file of a Hugging Face Hub dataset repository, named as the Hub's file
+    system names it: ``hf://datasets/owner/name[@revision]/path/in/repo`` (a task dataset, labels or
+    calibration file), downloaded once into the Hugging Face cache; None for any other name."""
+    if not name or not name.startswith("hf://"):
+        return None
+    found = HUB_DATA.match(name)
+    if not found:
+        raise InputError(f"{name}: a file of a Hub dataset is named hf://datasets/OWNER/NAME[@REVISION]/PATH "
+                         "(e.g. hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet)")
+    from urllib.parse import unquote
+
+    from huggingface_hub import hf_hub_download
+
+    repo, file = found["repo"], found["file"]
+    revision = unquote(found["rev"]) if found["rev"] else None  # refs%2Fpr%2F1, as the Hub's file system writes it
+    with _hub_errors(name, repo, revision, file, "not here", "a dataset"):
+        return Path(hf_hub_download(repo, file, repo_type="dataset", revision=revision))
 
 
 def hub_identity(model: str) -> str | None:

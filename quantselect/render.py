@@ -94,11 +94,13 @@ def recommendation_text(rec: Any, engines: set[str]) -> str:
 
 
 def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: str, differs: Any = None,
-               gguf_file: str | None = None, kv_cache: str = "", checkpoint: bool = False) -> str:
+               gguf_file: str | None = None, kv_cache: str = "", checkpoint: bool = False,
+               base_model: str | None = None, quantized: bool = True) -> str:
     """README.md of an exported model: what it is, the evidence it was chosen on (with the items
     where it differs most from the baseline, ``differs``), how to load it (``gguf_file``: a GGUF
     checkpoint, run by llama.cpp or Ollama; ``kv_cache``: the KV cache its quality was measured with;
-    ``checkpoint``: quantized elsewhere, scored with the model's tokenizer)."""
+    ``checkpoint``: quantized elsewhere, scored with the model's tokenizer). ``base_model``: the
+    model's Hub id, in the metadata the Hub reads to list an upload among that model's quantizations."""
     row = next(r for r in rows if r["name"] == name)
     v = rec.verdict(name)
     title = str(job.model).rstrip("/").rsplit("/", 1)[-1] or job.model
@@ -131,7 +133,9 @@ def model_card(job: Any, name: str, rows: list[dict[str, Any]], rec: Any, path: 
                  f"`vllm serve {path} --kv-cache-dtype {kv_cache}`; a 16-bit cache runs the same weights "
                  "without that rounding.", ""]
     return "\n".join([
-        "---", f"library_name: {'gguf' if gguf_file else 'transformers'}", "tags:", "- quantselect", f"- {name}", "---", "",
+        "---", f"library_name: {'gguf' if gguf_file else 'transformers'}",
+        *([f"base_model: {base_model}"] + (["base_model_relation: quantized"] if quantized else []) if base_model else []),
+        "tags:", "- quantselect", f"- {name}", "---", "",
         f"# {title}: {name}", "",
         f"{name} ({row.get('throughput_engine') or row.get('device') or 'see below'}) of `{job.model}`, {why} by "
         f"quantselect job `{job.id}` on `{job.dataset_source}` ({row.get('n_items')} items, {job.metric}): {quality}; "

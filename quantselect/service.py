@@ -694,7 +694,7 @@ class Service:
 
         from quantselect.domain.candidates import FullPrecision, HalfPrecision
         from quantselect.engines import artifacts
-        from quantselect.engines.models import resolve_model
+        from quantselect.engines.models import hub_id, resolve_model
         from quantselect.render import model_card
 
         job = self.get_job(job_id)
@@ -708,8 +708,11 @@ class Service:
                     "compare": differs.to_dict() if differs else None}
         config = Candidate.from_dict({"name": name, "config": chosen.config}).config
         gguf = Path(config.path) if isinstance(config, Prequantized) and config.is_gguf else None
+        hub = hub_id(job.model)  # the Hub links a card naming its base model from that model's page
         files = {"README.md": model_card(job, name, rows, rec, str(out), differs, gguf_file=gguf and gguf.name,
-                                         kv_cache=config.kv_cache, checkpoint=isinstance(config, Prequantized)),
+                                         kv_cache=config.kv_cache, checkpoint=isinstance(config, Prequantized),
+                                         base_model=hub[0] if hub and not hub[2] else None,
+                                         quantized=config.weight_bits < 16),
                  "quantselect-evidence.json": json.dumps(evidence, indent=2, default=str)}
         artifact = _artifact(chosen)
         if gguf:  # the file itself, as llama.cpp and Ollama run it

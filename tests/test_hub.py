@@ -73,7 +73,7 @@ def test_a_hub_commit_is_one_identity_pinned_or_downloaded_whatever_of_it_is_her
     assert model_fingerprint(str(plain)) != before
 
 
-def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny):
+def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny, tmp_path):
     from quantselect.service import SubmitRequest
 
     repo, snapshot = hub_tiny
@@ -87,6 +87,12 @@ def test_a_job_runs_on_a_hub_id_from_the_cache(ray_cluster, hub_tiny):
                                          candidates=["int8"]))
     assert pin.model_path == f"{repo}@{snapshot.name}" and all(Service().repo.cache_keys(pin.id).values())
     assert {r.name: r.status for r in Service().results(job.id)} == {"baseline": "succeeded", "int8": "succeeded"}
+    # Exported, its card names the base model in the metadata the Hub reads to list the upload among
+    # that model's quantizations.
+    _, out = Service().export(job.id, str(tmp_path / "export"), "int8")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\nbase_model: tiny-org/tiny-llama\n"
+                           "base_model_relation: quantized\n"), card[:200]
     # A revision is a ref of the cache, or a commit; the snapshot is the same folder.
     assert from_hub(f"{repo}@main") == from_hub(f"{repo}@{snapshot.name}") == snapshot
 

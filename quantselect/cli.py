@@ -208,8 +208,8 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Items of the example dataset to use (default 60).")
 @click.option("--no-cache", is_flag=True, help="Run every candidate again even when an earlier demo stored its result.")
 def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
-    """Run the whole job on the embedded default: a local Ray, SQLite, the bundled SmolLM2-135M-
-    Instruct model and 60 PIQA items from examples/."""
+    """Run the whole job on the embedded default: a local Ray, SQLite, the bundled
+    SmolLM2-135M-Instruct model and 60 PIQA items from examples/."""
     svc = _service()
     req = svc.demo_request(deploy=deploy) if limit is None else svc.demo_request(deploy=deploy, limit=limit)
     req.use_cache = not no_cache
@@ -401,7 +401,8 @@ def status(job_id: str) -> None:
     """A job's status and its candidates' statuses."""
     svc = _service()
     job = svc.get_job(job_id)
-    click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+    click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
+               + (f": {job.stage}" if job.status == RUNNING and job.stage else ""))
     stored = svc.items_stored(job_id)
     for r in svc.results(job_id):
         notes = [f"reused from job {r.reused_from}"] if r.reused_from else []

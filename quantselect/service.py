@@ -253,7 +253,7 @@ class Service:
         scored again; refused while another driver's heartbeat is fresh."""
         from quantselect.engines.models import needs_conversion, resolve_model
 
-        events = events or Events()
+        events = self._staged(job_id, events or Events())
         self.claim(job_id, resume)
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
@@ -284,6 +284,20 @@ class Service:
         finally:
             beat.stop()
         return self._deployed(job_id, spec)
+
+    def _staged(self, job_id: str, events: Events) -> Events:
+        """``events`` whose status lines are also written as the job's stage, which `status` and the
+        REST job show: what a driver running elsewhere (a cluster, the API server) is doing now."""
+        from dataclasses import replace
+
+        shown = events.on_status
+
+        def on_status(text: str) -> None:
+            self.repo.set_job_stage(job_id, text)
+            if shown:
+                shown(text)
+
+        return replace(events, on_status=on_status)
 
     def _sweep(self, job_id: str, spec: JobSpec, model_dir: Path, model_config: dict[str, Any] | None,
                finished: list[CandidateResult], partial: dict[str, list[ItemResult]], events: Events,

@@ -157,7 +157,7 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     from dataclasses import replace
 
     from quantselect.errors import QuantselectError
-    from quantselect.service import SubmitRequest
+    from quantselect.service import Events, SubmitRequest
 
     svc = Service()
     req = SubmitRequest(model="cluster-org/tiny-llama", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
@@ -169,7 +169,17 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     with pytest.raises(QuantselectError, match=r"on the driver's machine \(.*\): cluster-org/tiny-llama: not a folder"):
         svc.run_job(job.id)
     snapshot = put_in_hub_cache(tiny_llama, "cluster-org/tiny-llama")  # now the driver's cache has it
-    done = svc.resume(job.id)
+    # What the driver is doing is the job's stage in the database, for `status` and the REST job of
+    # a job that runs elsewhere; it is cleared when the job ends.
+    seen = []
+    done = svc.resume(job.id, Events(on_status=lambda text: seen.append((text, svc.get_job(job.id).stage))))
+    assert seen and all(text == stage for text, stage in seen), seen
+    assert seen[0][0].startswith("fetching cluster-org/tiny-llama from the Hugging Face Hub")
+    assert any(text.startswith("running 2 candidate(s) on Ray") for text, _ in seen) and done.stage is None
+    svc.repo.set_job_status(job.id, "running")  # as `status` sees a job while its driver runs elsewhere
+    svc.repo.set_job_stage(job.id, seen[0][0])
+    assert _run("status", job.id).output.splitlines()[0] == f"Job {job.id}: running: {seen[0][0]}"
+    svc.repo.finish_job(job.id, "succeeded")
     assert (done.status, done.model, done.model_path) == ("succeeded", "cluster-org/tiny-llama", str(snapshot))
     assert all(svc.repo.cache_keys(job.id).values())
     # Run here, it is fetched from the cache: the same snapshot, the same keys, the results reused.

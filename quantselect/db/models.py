@@ -54,6 +54,7 @@ class JobRow(Base):
     driver: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running the job
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # that driver's last sign of life
     error: Mapped[str | None] = mapped_column(Text)
+    stage: Mapped[str | None] = mapped_column(Text)  # what its driver is doing now, while it runs
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
     base_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -139,6 +139,12 @@ class Repository:
             self._job_row(s, job_id).model_config = config
 
     @_retrying
+    def set_job_stage(self, job_id: str, stage: str) -> None:
+        """What the job's driver is doing now; cleared when the job finishes (``finish_job``)."""
+        with self._write.begin() as s:
+            self._job_row(s, job_id).stage = stage
+
+    @_retrying
     def set_candidate_configs(self, job_id: str, configs: dict[str, dict[str, Any]]) -> None:
         """Candidates' configs as the driver resolved them (a Hub checkpoint's snapshot path)."""
         with self._write.begin() as s:
@@ -245,7 +251,7 @@ class Repository:
             row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
             if status == SUCCEEDED and row.cancel_requested:
                 status, error = CANCELLED, "cancelled by request (after its last candidate had finished)"
-            row.status, row.error, row.updated_at = status, error, utcnow()
+            row.status, row.error, row.stage, row.updated_at = status, error, None, utcnow()
             if status == CANCELLED:
                 self._cancel_unfinished(s, job_id)
             return status
@@ -410,7 +416,7 @@ def _job(r: JobRow) -> Job:
         deployed_candidate=r.deployed_candidate, base_url=r.base_url,
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
         target_gpu=r.target_gpu, model_config=r.model_config, use_cache=r.use_cache,
-        cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at,
+        cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at, stage=r.stage,
     )
 
 

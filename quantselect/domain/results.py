@@ -209,6 +209,7 @@ class Job:
     cancel_requested: bool = False
     driver: str | None = None  # host:pid of the process running the job
     heartbeat_at: datetime | None = None  # last sign of life of that driver
+    stage: str | None = None  # what that driver is doing now (fetching, preparing, running candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,6 +238,7 @@ class Job:
             "cancel_requested": self.cancel_requested,
             "driver": self.driver,
             "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
+            "stage": self.stage,
         }
 
 

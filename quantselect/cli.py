@@ -19,7 +19,7 @@ from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, FINISHED,
-    POLICIES, QUEUED, RUNNING, SUCCEEDED,
+    JOB_STATUSES, POLICIES, QUEUED, RUNNING, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
 
@@ -382,12 +382,15 @@ def cancel(job_id: str) -> None:
 
 
 @cli.command()
+@click.option("--status", "statuses", multiple=True, type=click.Choice(JOB_STATUSES),
+              help="Only jobs in this status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the N newest.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def jobs(fmt: str) -> None:
+def jobs(statuses: tuple[str, ...], limit: int | None, fmt: str) -> None:
     """List jobs, newest first."""
     from quantselect.render import table
 
-    all_jobs = _service().list_jobs()
+    all_jobs = _service().list_jobs(limit, statuses)
     if fmt == "json":
         return _echo_json([j.to_dict() for j in all_jobs])
     click.echo(table(["id", "status", "model", "dataset", "items", "metric", "candidates", "created"],

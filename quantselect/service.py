@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, parse_age, plan_prune
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, Prequantized, resolve_candidates
@@ -539,8 +539,16 @@ class Service:
         return self.repo.delete_finished_job(job_id)
 
     # ---- read ---------------------------------------------------------------------------
-    def list_jobs(self) -> list[Job]:
-        return self.repo.list_jobs()
+    def list_jobs(self, limit: int | None = None, statuses: Sequence[str] = ()) -> list[Job]:
+        """Jobs, newest first: the ``limit`` newest, of the given ``statuses`` (all when empty)."""
+        from quantselect.domain.results import JOB_STATUSES
+
+        if limit is not None and limit < 1:
+            raise InputError(f"limit {limit} must be at least 1")
+        unknown = [s for s in statuses if s not in JOB_STATUSES]
+        if unknown:
+            raise InputError(f"status {unknown[0]!r} is not one of {', '.join(JOB_STATUSES)}")
+        return self.repo.list_jobs(limit, tuple(statuses))
 
     def get_job(self, job_id: str) -> Job:
         return self.repo.get_job(job_id)

@@ -83,7 +83,7 @@ def test_preview_says_what_a_submission_would_run_and_submits_nothing(client, ti
     assert client.get("/api/v1/jobs").json() == []
 
 
-def test_a_client_lists_candidates_and_gpus_and_plans_the_fit_before_submitting(client):
+def test_a_client_lists_candidates_gpus_and_jobs_and_plans_the_fit_before_submitting(client):
     """What the CLI's `candidates`, `gpus` and `plan` say, over HTTP: the names a request's
     `candidates` and `target_gpu` take, and whether a model fits, from its config alone."""
     configs = Path(__file__).parent / "data" / "configs"
@@ -104,6 +104,10 @@ def test_a_client_lists_candidates_and_gpus_and_plans_the_fit_before_submitting(
     assert res.status_code == 422 and res.json()["detail"].startswith("query.batch: ")
     res = client.get("/api/v1/plan", params={"model": str(configs / "llama-3.1-70b.json"), "gpu": "H1000"})
     assert res.status_code == 422 and "unknown target GPU 'H1000'" in res.json()["detail"]
+    # and which jobs are there: the newest, of some statuses
+    assert client.get("/api/v1/jobs", params={"status": ["queued", "running"], "limit": 5}).status_code == 200
+    res = client.get("/api/v1/jobs", params={"status": "done"})
+    assert res.status_code == 422 and res.json()["detail"].startswith("status 'done' is not one of queued, running")
 
 
 def test_unknown_ids_are_404(client):

@@ -56,6 +56,29 @@ def test_output_a_pipe_cuts_short_ends_quietly():
     assert (p.wait(), err) == (141, b"")
 
 
+def test_jobs_lists_the_newest_first_filtered_by_status_and_count(tiny_llama):
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    req = SubmitRequest(model=str(tiny_llama), items=[{"prompt": f"q{i}", "reference": "a"} for i in range(12)],
+                        candidates=["int8"])
+    a, b, c = (svc.submit(req) for _ in range(3))  # queued: created, not run
+    svc.repo.finish_job(a.id, "failed", error="on purpose")
+    svc.repo.finish_job(c.id, "succeeded")
+
+    def ids(*args: str) -> list[str]:
+        res = run("jobs", "--format", "json", *args)
+        assert res.exit_code == 0, res.output
+        return [j["id"] for j in json.loads(res.output)]
+
+    assert ids() == [c.id, b.id, a.id]
+    assert ids("--limit", "2") == [c.id, b.id]
+    assert ids("--status", "failed", "--status", "queued") == [b.id, a.id]
+    assert ids("--status", "running") == []
+    res = run("jobs", "--status", "done")
+    assert res.exit_code == 2 and "Invalid value for '--status'" in res.output
+
+
 def test_candidates_lists_availability():
     res = run("candidates", "--format", "json")
     rows = {r["name"]: r for r in json.loads(res.output)}

@@ -138,8 +138,10 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return svc.preview(_request(body))
 
     @app.get("/api/v1/jobs")
-    def list_jobs() -> list[dict[str, Any]]:
-        return [j.to_dict() for j in svc.list_jobs()]
+    def list_jobs(limit: int | None = Query(None, ge=1, description="Only the N newest."),
+                  status: list[str] = Query([], description="Only jobs in these statuses.")) -> list[dict[str, Any]]:
+        """Jobs, newest first."""
+        return [j.to_dict() for j in svc.list_jobs(limit, status)]
 
     @app.get("/api/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:

@@ -19,15 +19,14 @@ from quantselect.domain.cache import CandidateUse
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
-    CANCELLED, FAILED, FINISHED, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult, ItemResult, Job,
-    JobSpec,
+    CANCELLED, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult,
+    ItemResult, Job, JobSpec,
 )
 from quantselect.errors import ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     from quantselect.settings import Settings
 
-JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 CANDIDATE_STATUSES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 _MEASUREMENTS = (
     "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
@@ -109,8 +108,10 @@ class Repository:
         with self._read() as s:
             return _job(self._job_row(s, job_id, _names()))
 
-    def list_jobs(self, limit: int | None = None) -> list[Job]:
+    def list_jobs(self, limit: int | None = None, statuses: tuple[str, ...] = ()) -> list[Job]:
         q = select(JobRow).options(_names()).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
+        if statuses:
+            q = q.where(JobRow.status.in_(statuses))
         with self._read() as s:
             return [_job(r) for r in s.scalars(q)]
 

@@ -12,6 +12,7 @@ from quantselect.domain.dataset import TaskDataset
 # Job statuses: queued -> running -> succeeded / failed / cancelled
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # Candidate statuses: pending -> running -> succeeded / failed / cancelled
 PENDING = "pending"
 

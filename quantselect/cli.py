@@ -404,8 +404,13 @@ def status(job_id: str) -> None:
     """A job's status and its candidates' statuses."""
     svc = _service()
     job = svc.get_job(job_id)
-    click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
-               + (f": {job.stage}" if job.status == RUNNING and job.stage else ""))
+    silent = svc.driver_silent_for(job)
+    if silent is not None:
+        click.echo(f"Job {job.id}: running, but its driver ({job.driver}) has not been heard from for "
+                   f"{_duration(silent)}: it is gone; `quantselect resume {job.id}` continues the job")
+    else:
+        click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
+                   + (f": {job.stage}" if job.status == RUNNING and job.stage else ""))
     stored = svc.items_stored(job_id)
     for r in svc.results(job_id):
         notes = [f"reused from job {r.reused_from}"] if r.reused_from else []
@@ -660,6 +665,10 @@ def gpus(fmt: str) -> None:
                      [[g.name, g.memory_gib, g.bandwidth_tbs, g.bf16_tflops, g.int8_tops, g.fp8_tflops or "-",
                        ".".join(map(str, g.capability)), f"{g.usd_per_hour:.2f}"] for g in GPUS.values()]))
     click.echo("Prices are indicative on-demand prices per GPU-hour; give yours with --gpu-hour-usd.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _announce(job: Any) -> None:

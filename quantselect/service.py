@@ -25,6 +25,7 @@ from quantselect.domain.results import (
     DEFAULT_THRESHOLD,
     CANCELLED,
     FAILED,
+    RUNNING,
     SUCCEEDED,
     CandidateResult,
     ItemResult,
@@ -552,6 +553,15 @@ class Service:
 
     def get_job(self, job_id: str) -> Job:
         return self.repo.get_job(job_id)
+
+    def driver_silent_for(self, job: Job) -> float | None:
+        """Seconds since a running job's driver was last heard from, when that is long enough to call it
+        gone (``heartbeat_stale_seconds``: killed, its machine lost; `resume` continues the job); None
+        while it runs, or when the job is not running."""
+        if job.status != RUNNING or job.heartbeat_at is None:
+            return None
+        silent = (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at).total_seconds()
+        return silent if silent >= self.settings.heartbeat_stale_seconds else None
 
     def results(self, job_id: str) -> list[CandidateResult]:
         self.repo.get_job(job_id)

@@ -79,6 +79,29 @@ def test_jobs_lists_the_newest_first_filtered_by_status_and_count(tiny_llama):
     assert res.exit_code == 2 and "Invalid value for '--status'" in res.output
 
 
+def test_status_says_when_a_running_jobs_driver_is_gone(tiny_llama):
+    """A driver killed with its job running (kill -9, a lost machine) leaves the job 'running';
+    `status` tells it apart by the driver's heartbeat, and says what to do."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import text
+
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), items=[{"prompt": f"q{i}", "reference": "a"}
+                                                                 for i in range(12)], candidates=["int8"]))
+    svc.claim(job.id)  # this process is its driver now, and has just been heard from
+    svc.repo.set_job_stage(job.id, "running 2 candidate(s) on Ray")
+    assert run("status", job.id).output.splitlines()[0] == f"Job {job.id}: running: running 2 candidate(s) on Ray"
+    with svc.repo.engine.begin() as conn:  # its last heartbeat, ten minutes ago
+        conn.execute(text("UPDATE jobs SET heartbeat_at = :t WHERE id = :id"),
+                     {"t": datetime.utcnow() - timedelta(minutes=10), "id": job.id})
+    line = run("status", job.id).output.splitlines()[0]
+    assert line.startswith(f"Job {job.id}: running, but its driver ({svc.get_job(job.id).driver}) has not been heard "
+                           "from for 10 min: it is gone; `quantselect resume") and line.endswith("continues the job")
+
+
 def test_candidates_lists_availability():
     res = run("candidates", "--format", "json")
     rows = {r["name"]: r for r in json.loads(res.output)}

@@ -146,7 +146,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @app.get("/api/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
         job, rows, _ = svc.results_table(job_id)
-        return {**job.to_dict(), "results": rows}
+        return {**job.to_dict(), "driver_silent_seconds": svc.driver_silent_for(job), "results": rows}
 
     @app.delete("/api/v1/jobs/{job_id}", status_code=202)
     def cancel_job(job_id: str) -> dict[str, Any]:

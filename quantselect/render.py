@@ -232,6 +232,9 @@ def preview_text(p: dict[str, Any]) -> str:
         rows.append([c["name"], what, fmt_bytes(c["weights_bytes"]), fmt_bytes(c["gpu_need_bytes"]), where, stored])
     lines.append(table(["candidate", "parameters", "weights (est.)", "GPU need (est.)", "runs here", "stored result"],
                        rows))
+    for c in p["candidates"]:  # a checkpoint: where it is read from (a Hub id: pinned to the commit read)
+        if (c["config"].get("_data") or {}).get("path"):
+            lines.append(f"{c['name']}: a checkpoint read from {c['config']['_data']['path']}")
     if not p.get("params"):
         lines.append("(no memory estimates: the model's config.json is read on the cluster)")
     if any(c["stored_result"] for c in p["candidates"]):

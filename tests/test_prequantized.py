@@ -14,6 +14,7 @@ from quantselect.cli import cli
 from quantselect.domain.candidates import CATALOG, Prequantized, checkpoint_quantization, parse_candidate
 from quantselect.engines import artifacts
 from quantselect.engines.quantize import load_candidate
+from quantselect.render import preview_text
 from quantselect.errors import InputError
 from quantselect.service import Service, SubmitRequest
 from tests.fixtures.common import EXAMPLES, put_in_hub_cache
@@ -94,6 +95,7 @@ def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, 
     assert hub.config == Prequantized(path=pin, method="gptq", bits=4, group_size=32)
     dry = svc.preview(SubmitRequest(model=str(tiny_llama), items=items, candidates=["mine=acme/tiny-llama-gptq"]))
     assert dry["candidates"][1]["config"]["_data"]["path"] == pin
+    assert f"\nmine: a checkpoint read from {pin}" in preview_text(dry)
     with pytest.raises(InputError, match=r"candidate gone: .*/nowhere: no such checkpoint folder"):
         spec(f"gone={tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()

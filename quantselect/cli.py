@@ -667,10 +667,6 @@ def gpus(fmt: str) -> None:
     click.echo("Prices are indicative on-demand prices per GPU-hour; give yours with --gpu-hour-usd.")
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
 def _announce(job: Any) -> None:
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source} (metric {job.metric}), "
                f"candidates {', '.join(job.candidate_names)}")

@@ -176,8 +176,6 @@ class Service:
         settings, and per candidate its estimated weights and GPU need, whether this machine can run
         it (and why not), and whether a stored result of the same inputs would be reused."""
         from quantselect.domain import planner
-        from dataclasses import replace
-
         from quantselect.engines.models import from_hub, model_config_here
         from quantselect.engines.quantize import availability
 
@@ -289,8 +287,6 @@ class Service:
     def _staged(self, job_id: str, events: Events) -> Events:
         """``events`` whose status lines are also written as the job's stage, which `status` and the
         REST job show: what a driver running elsewhere (a cluster, the API server) is doing now."""
-        from dataclasses import replace
-
         shown = events.on_status
 
         def on_status(text: str) -> None:
@@ -355,8 +351,6 @@ class Service:
         """A model named by its Hub id is fetched here, by the driver (on a cluster, on the cluster),
         into this machine's Hugging Face cache; the job then records that snapshot folder as its
         model path. A download that fails fails the job, saying where; `resume` continues it."""
-        from dataclasses import replace
-
         from quantselect.engines.models import from_hub, hub_id
 
         if not hub_id(spec.model_path):
@@ -375,8 +369,6 @@ class Service:
         """Checkpoint candidates named by their Hub id (pinned at submit to the commit whose config
         was read) are fetched here, by the driver, like the model; the job then records each
         snapshot as its candidate's path, which `deploy` and `export` read."""
-        from dataclasses import replace
-
         from quantselect.engines.models import WEIGHT_PATTERNS, from_hub, hub_id
 
         fetched = {}
@@ -420,8 +412,6 @@ class Service:
         """What this run need not compute: the job's own succeeded candidates (a resumed job), stored
         results of earlier jobs with the same cache key (unless --no-cache), and per-item results
         an interrupted candidate had already stored."""
-        from dataclasses import replace
-
         from quantselect.engines.labelfree import needs_reference
 
         stored = {r.name: r for r in self.repo.get_results(job_id)}
@@ -783,8 +773,6 @@ class Service:
 
     def _candidate_uses(self) -> list[Any]:
         """The database's uses, the demo model named by the GGUF file it is converted from."""
-        from dataclasses import replace
-
         from quantselect.engines.models import DEMO, demo_gguf_path
 
         uses = self.repo.candidate_uses()
@@ -982,8 +970,6 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     A checkpoint named by its Hub id is read from its ``config.json`` alone (a GGUF file: that file,
     whose header is its config) and recorded pinned to the commit read, ``owner/name@commit``: the
     job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
-    from dataclasses import replace
-
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
     from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, pinned
 
@@ -1116,8 +1102,6 @@ def _hub_data(name: str | None):
 def split_calibration(dataset: Any, path: str | None, samples: int) -> tuple[Any, Any]:
     """Calibration samples for GPTQ/AWQ: read from ``path``, or split off the task data (those items
     are left out of the evaluation, so that no candidate is scored on what it was calibrated on)."""
-    from dataclasses import replace
-
     from quantselect.domain.dataset import calibration_samples, load_calibration_file
     from quantselect.domain.results import MIN_EVAL_ITEMS, Calibration, validate_calibration_samples
 

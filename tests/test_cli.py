@@ -99,7 +99,7 @@ def test_status_says_when_a_running_jobs_driver_is_gone(tiny_llama):
                      {"t": datetime.utcnow() - timedelta(minutes=10), "id": job.id})
     line = run("status", job.id).output.splitlines()[0]
     assert line.startswith(f"Job {job.id}: running, but its driver ({svc.get_job(job.id).driver}) has not been heard "
-                           "from for 10 min: it is gone; `quantselect resume") and line.endswith("continues the job")
+                           "from for 10m00s: it is gone; `quantselect resume") and line.endswith("continues the job")
 
 
 def test_candidates_lists_availability():

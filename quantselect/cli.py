@@ -297,8 +297,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
     job = svc.submit(req)
     _announce(job)
     if address and not model_is_here(job.model_path):
-        click.echo(f"{model}: " + ("a Hub id: the job's driver downloads it on the cluster" if job.model_path == model
-                                   and hub_id(model) else "not on this machine; the job's driver reads and checks it "
+        click.echo(f"{job.model}: " + ("a Hub id: the job's driver downloads it on the cluster"
+                                       if job.model_path == job.model and hub_id(job.model) else "not on this machine; the job's driver reads and checks it "
                                    "on the cluster"))
     if address:
         sid = svc.submit_remote(job.id, address)

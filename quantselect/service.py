@@ -121,9 +121,14 @@ class Service:
         on its config and tokenizer, fetched here, and a checkpoint candidate on its config, each
         pinned to the commit checked; their weights are fetched by the job's driver
         (``_model_on_driver``, ``_checkpoints_on_driver``)."""
-        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, pinned
+        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, hub_name, pinned
 
         from quantselect.domain.gpus import gpu
+
+        # huggingface.co addresses copied from a browser, in the names they stand for
+        mapping = req.mapping and replace(req.mapping, labels_file=hub_name(req.mapping.labels_file))
+        req = replace(req, model=hub_name(req.model), dataset=hub_name(req.dataset), mapping=mapping,
+                      calibration=hub_name(req.calibration))
 
         threshold = validate_threshold(req.threshold)
         target = gpu(req.target_gpu)
@@ -834,8 +839,9 @@ class Service:
         import json
 
         from quantselect.domain import planner
-        from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization
+        from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization, hub_name
 
+        model = hub_name(model)
         path = from_hub(model, config_only=True) or Path(model).expanduser()
         gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
         if gguf is not None:
@@ -971,13 +977,17 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     whose header is its config) and recorded pinned to the commit read, ``owner/name@commit``: the
     job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
-    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, pinned
+    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, hub_name, pinned
 
     out = []
     for c in candidates:
         if not isinstance(c.config, Prequantized):
             out.append(c)
             continue
+        try:
+            c = Candidate(c.name, replace(c.config, path=hub_name(c.config.path)))
+        except InputError as e:
+            raise InputError(f"candidate {c.name}: {e}") from None
         try:
             path = from_hub(c.config.path, config_only=True) or Path(c.config.path).expanduser()
         except InputError as e:

@@ -45,6 +45,23 @@ def test_what_is_a_hub_id(tmp_path, monkeypatch):
     assert hub_id("models/llama") is None  # a path that exists is the path
 
 
+def test_a_huggingface_co_address_copied_from_a_browser_names_what_it_shows():
+    from quantselect.engines.models import hub_name
+
+    hf = "https://huggingface.co"
+    assert hub_name(f"{hf}/Qwen/Qwen2.5-7B-Instruct/") == "Qwen/Qwen2.5-7B-Instruct"
+    assert hub_name(f"{hf}/meta-llama/Llama-3.1-8B/tree/refs%2Fpr%2F12") == "meta-llama/Llama-3.1-8B@refs/pr/12"
+    assert hub_name(f"{hf}/org/X-GGUF/resolve/v2/q8/X.Q8_0.gguf?download=true") == "org/X-GGUF/q8/X.Q8_0.gguf@v2"
+    assert hub_name(f"{hf}/datasets/openai/gsm8k/blob/main/main/test-00000-of-00001.parquet") == \
+        "hf://datasets/openai/gsm8k@main/main/test-00000-of-00001.parquet"
+    for other in ("/models/llama", "Qwen/Qwen2.5", "demo", "hf://datasets/a/b/c.jsonl", None):
+        assert hub_name(other) == other
+    with pytest.raises(InputError, match="a dataset's page; name one of its files"):
+        hub_name(f"{hf}/datasets/openai/gsm8k")
+    with pytest.raises(InputError, match="a file of a model repository; name the repository, Qwen/Q@main, or one"):
+        hub_name(f"{hf}/Qwen/Q/blob/main/config.json")
+
+
 def test_a_hub_commit_is_one_identity_pinned_or_downloaded_whatever_of_it_is_here(tmp_path):
     """The result cache knows a Hub download by its repository and commit: the id pinned at submit
     and the snapshot the driver fetched give one key, and files added to the snapshot later (a
@@ -141,7 +158,7 @@ def test_the_planner_reads_only_the_config_of_a_hub_id(tmp_path):
     (tmp_path / "cfg").mkdir()
     shutil.copy(CONFIGS / "llama-3.1-70b.json", tmp_path / "cfg" / "config.json")
     put_in_hub_cache(tmp_path / "cfg", "meta-llama/Llama-3.1-70B")
-    res = _run("plan", "meta-llama/Llama-3.1-70B", "--gpu", "H100", "--format", "json")
+    res = _run("plan", "https://huggingface.co/meta-llama/Llama-3.1-70B", "--gpu", "H100", "--format", "json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     rows = {r["precision"]: r for r in out["precisions"]}
@@ -206,6 +223,11 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     # As the model: checked from its header at submit, fetched by the driver.
     spec = Service().build_spec(SubmitRequest(model=name, items=items, candidates=["int8"]))
     assert (spec.model, spec.model_path) == (name, f"{name}@{snapshot.name}")
+    # The same, by the addresses a browser shows on huggingface.co
+    page = f"https://huggingface.co/acme/SmolLM2-GGUF/blob/main/{demo_q4_0_gguf.name}"
+    spec = Service().build_spec(SubmitRequest(model=page, items=items, candidates=[f"q40={page}"]))
+    assert (spec.model, spec.model_path) == (f"{name}@main", f"{name}@{snapshot.name}")
+    assert spec.candidates[1].config.path == f"{name}@{snapshot.name}"
     # The snapshot's file is a link to a blob named by its hash: it is read through the link (the
     # blob has no .gguf suffix), for the model and for a candidate alike.
     assert check_model(str(from_hub(name))) == str(snapshot / demo_q4_0_gguf.name)
@@ -274,3 +296,6 @@ def test_a_file_of_a_hub_dataset_is_a_task_dataset_labels_or_calibration_file(ti
     # The CLI's dry run reads it the same way
     res = _run("submit", str(tiny_llama), "hf://datasets/acme/mine/gsm8k.jsonl", "--dry-run")
     assert res.exit_code == 0 and "Data: 30 items of hf://datasets/acme/mine/gsm8k.jsonl" in res.output, res.output
+    # or by its address on huggingface.co
+    res = _run("submit", str(tiny_llama), "https://huggingface.co/datasets/acme/mine/blob/main/gsm8k.jsonl", "--dry-run")
+    assert res.exit_code == 0 and "Data: 30 items of hf://datasets/acme/mine@main/gsm8k.jsonl" in res.output, res.output

@@ -38,8 +38,32 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<file>(/[\w.-]+)*/
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 HUB_BIN_WEIGHTS = ["pytorch_model*.bin"]  # taken only from a repository without safetensors
 COMMIT = re.compile(r"[0-9a-f]{40}")
+# a page or file of a Hub repository as a browser shows its address
+HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/(?P<datasets>datasets/)?(?P<repo>[\w.-]+/[\w.-]+)"
+                     r"(?:/(?:tree|blob|resolve)/(?P<rev>[^/?#]+)(?:/(?P<file>[^?#]*[^/?#]))?)?/?(?:[?#].*)?$")
 # a file of a Hub dataset repository, as huggingface_hub's HfFileSystem (and pandas, polars, duckdb) name it
 HUB_DATA = re.compile(r"^hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<rev>[^/]+))?/(?P<file>[^/].*[^/])$")
+
+
+def hub_name(name: str | None) -> str | None:
+    """A huggingface.co address, as a browser shows it, in the form quantselect takes: a model's
+    page is ``owner/name`` (``/tree/REV``: ``@REV``), one of its .gguf files (``/blob/REV/f.gguf``,
+    ``/resolve/REV/f.gguf``) ``owner/name/f.gguf@REV``, a dataset's file
+    ``hf://datasets/owner/name@REV/path``. Anything else is returned as it is."""
+    found = HUB_URL.match(name or "")
+    if not found:
+        return name
+    from urllib.parse import unquote
+
+    repo, rev, file = found["repo"], found["rev"], found["file"]
+    if found["datasets"]:
+        if not file:
+            raise InputError(f"{name}: a dataset's page; name one of its files (open it on the Hub and copy its address)")
+        return f"hf://datasets/{repo}{'@' + rev if rev else ''}/{file}"
+    at = f"@{unquote(rev)}" if rev else ""
+    if file and not file.lower().endswith(".gguf"):
+        raise InputError(f"{name}: a file of a model repository; name the repository, {repo}{at}, or one .gguf file of it")
+    return f"{repo}/{file}{at}" if file else f"{repo}{at}"
 
 
 def hub_id(model: str) -> tuple[str, str | None, str | None] | None:

@@ -106,7 +106,13 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
             partial = [n for n in items if n not in done and len(items[n]) >= 8]
             return done and partial and (done, partial)
 
-        done, partial = _wait("one candidate done and another half-way", halfway, timeout=300, every=0.05)
+        try:
+            done, partial = _wait("one candidate done and another half-way", halfway, timeout=300, every=0.05)
+        except AssertionError:  # say what the driver was doing: its output, and the job's state
+            os.killpg(driver.pid, signal.SIGKILL)
+            out = driver.communicate(timeout=30)[0]
+            states = {r.name: (r.status, len(svc.item_results(job_id).get(r.name, []))) for r in svc.results(job_id)}
+            raise AssertionError(f"never half-way: candidates {states}; the driver said:\n{out[-3000:]}") from None
         before = {r.name: r for r in svc.results(job_id)}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         driver.wait(timeout=30)

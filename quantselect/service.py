@@ -374,7 +374,7 @@ class Service:
         """Checkpoint candidates named by their Hub id (pinned at submit to the commit whose config
         was read) are fetched here, by the driver, like the model; the job then records each
         snapshot as its candidate's path, which `deploy` and `export` read."""
-        from quantselect.engines.models import WEIGHT_PATTERNS, from_hub, hub_id
+        from quantselect.engines.models import check_model, from_hub, hub_id
 
         fetched = {}
         for c in spec.candidates:
@@ -385,8 +385,10 @@ class Service:
                                  f"{socket.gethostname()}")
             try:
                 path = from_hub(c.config.path)
-                if path.is_dir() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-                    raise InputError(f"{c.config.path}: {path}: folder has no weights (*.safetensors or *.bin)")
+                try:
+                    check_model(str(path))  # a folder without weights, say
+                except InputError as e:
+                    raise InputError(f"{c.config.path}: {e}") from None
             except InputError as e:
                 raise InputError(f"candidate {c.name}: on the driver's machine ({socket.gethostname()}): {e}") from None
             fetched[c.name] = replace(c.config, path=str(path))
@@ -926,9 +928,7 @@ def _checkpoint_config(config: Any) -> dict[str, Any]:
     fingerprint, so a folder replaced in place is evaluated again, and the tokenizer it is scored
     with (the model's since this was added: results stored before, scored with the checkpoint's own,
     are not reused)."""
-    from quantselect.engines.models import model_fingerprint
-
-    from quantselect.engines.models import hub_identity
+    from quantselect.engines.models import hub_identity, model_fingerprint
 
     d = config.to_dict()
     if isinstance(config, Prequantized):
@@ -986,9 +986,6 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
             continue
         try:
             c = Candidate(c.name, replace(c.config, path=hub_name(c.config.path)))
-        except InputError as e:
-            raise InputError(f"candidate {c.name}: {e}") from None
-        try:
             path = from_hub(c.config.path, config_only=True) or Path(c.config.path).expanduser()
         except InputError as e:
             raise InputError(f"candidate {c.name}: {e}") from None

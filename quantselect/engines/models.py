@@ -90,7 +90,7 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
 
-    with _hub_errors(model, repo, revision, gguf, "not a folder or file here", "a model"):
+    with _hub_errors(model, repo, revision, gguf, "model"):
         if gguf:  # the file itself: its header holds the config, its tensors the weights
             return Path(hf_hub_download(repo, gguf, revision=revision))
         if config_only:
@@ -109,17 +109,19 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
 
 
 @contextmanager
-def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, where: str, what: str):
-    """The Hub client's errors while fetching ``name`` as one-line input errors that say what to do."""
+def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, kind: str):
+    """The Hub client's errors while fetching ``name`` (a ``kind``: "model" or "dataset") as one-line
+    input errors that say what to do."""
     from huggingface_hub import constants, errors
 
+    where, instead = ("not a folder or file here", "folder") if kind == "model" else ("not here", "file")
     try:
         yield
     except errors.GatedRepoError:
-        raise InputError(f"{name}: a gated {what.split()[-1]} on the Hugging Face Hub: accept its licence on "
+        raise InputError(f"{name}: a gated {kind} on the Hugging Face Hub: accept its licence on "
                          "huggingface.co, then log in (`hf auth login` or HF_TOKEN)") from None
     except errors.RepositoryNotFoundError:
-        raise InputError(f"{name}: {where}, nor {what} on the Hugging Face Hub (a private one needs "
+        raise InputError(f"{name}: {where}, nor a {kind} on the Hugging Face Hub (a private one needs "
                          "`hf auth login` or HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
         raise InputError(f"{name}: the Hugging Face Hub has no revision {revision!r} of {repo}") from None
@@ -129,7 +131,7 @@ def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, wh
         why = ("HF_HUB_OFFLINE is set and the Hugging Face cache does not hold it" if constants.HF_HUB_OFFLINE
                else f"the Hugging Face Hub cannot be reached to download it: {_first_line(e)}")
         raise InputError(f"{name}: {where}, and {why}; download it where the Hub can be reached "
-                         "(the cache is HF_HUB_CACHE), or give a " + ("folder" if what == "a model" else "file")) from None
+                         f"(the cache is HF_HUB_CACHE), or give a {instead}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"{name}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
 
@@ -150,7 +152,7 @@ def hub_data_file(name: str | None) -> Path | None:
 
     repo, file = found["repo"], found["file"]
     revision = unquote(found["rev"]) if found["rev"] else None  # refs%2Fpr%2F1, as the Hub's file system writes it
-    with _hub_errors(name, repo, revision, file, "not here", "a dataset"):
+    with _hub_errors(name, repo, revision, file, "dataset"):
         return Path(hf_hub_download(repo, file, repo_type="dataset", revision=revision))
 
 
@@ -178,8 +180,7 @@ def hub_identity(model: str) -> str | None:
 
 def pinned(model: str, snapshot: Path) -> str:
     """The Hub id ``model`` pinned to the commit of ``snapshot``, the folder or file it resolved to."""
-    ident = hub_identity(str(snapshot))
-    return ident if ident else model
+    return hub_identity(str(snapshot)) or model
 
 
 def _first_line(e: BaseException) -> str:

@@ -262,7 +262,7 @@ class Service:
         beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
         try:
             spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
-            spec = self._checkpoints_on_driver(job_id, spec, events)
+            spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
             if events.on_status:
                 events.on_status("preparing the model" + (
                     ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
@@ -272,7 +272,8 @@ class Service:
             model_dir = resolve_model(spec.model_path, self.settings.models_dir)
             model_config = read_model_config(model_dir)
             self.repo.set_model_config(job_id, model_config)
-            finished, partial = self._carry_over(job_id, spec, events)
+            finished, partial = self._carry_over(job_id, spec, events, skip={r.name for r in unfetched})
+            finished += unfetched
             results = finished
             if len(finished) < len(spec.candidates):  # else all reused or kept: no Ray needed
                 results = self._sweep(job_id, spec, model_dir, model_config, finished, partial, events, beat)
@@ -311,7 +312,8 @@ class Service:
 
         connect(self.settings, persistent=spec.deploy)
         requests, refused = self._placements(spec, model_config)
-        for result in refused:
+        done = {r.name for r in finished}
+        for result in (r for r in refused if r.name not in done):  # a finished one stays as it is
             self.repo.save_outcome(job_id, result)
             finished.append(result)
             if events.on_outcome:
@@ -370,13 +372,14 @@ class Service:
         self.repo.set_model_path(job_id, path)
         return replace(spec, model_path=path)
 
-    def _checkpoints_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
+    def _checkpoints_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> tuple[JobSpec, list[CandidateResult]]:
         """Checkpoint candidates named by their Hub id (pinned at submit to the commit whose config
         was read) are fetched here, by the driver, like the model; the job then records each
-        snapshot as its candidate's path, which `deploy` and `export` read."""
+        snapshot as its candidate's path, which `deploy` and `export` read. A checkpoint that cannot
+        be fetched fails its candidate, saying where and why (returned, and stored); the others run."""
         from quantselect.engines.models import check_model, from_hub, hub_id
 
-        fetched = {}
+        fetched, failed = {}, []
         for c in spec.candidates:
             if not (isinstance(c.config, Prequantized) and hub_id(c.config.path)):
                 continue
@@ -385,17 +388,22 @@ class Service:
                                  f"{socket.gethostname()}")
             try:
                 path = from_hub(c.config.path)
-                try:
-                    check_model(str(path))  # a folder without weights, say
-                except InputError as e:
-                    raise InputError(f"{c.config.path}: {e}") from None
+                check_model(str(path))  # a folder without weights, say
             except InputError as e:
-                raise InputError(f"candidate {c.name}: on the driver's machine ({socket.gethostname()}): {e}") from None
+                where = f"{c.config.path}: " if not str(e).startswith(c.config.path) else ""
+                result = CandidateResult(name=c.name, config=c.config.to_dict(), status=FAILED,
+                                         error=f"not fetched on the driver's machine ({socket.gethostname()}): {where}{e}",
+                                         finished_at=datetime.now(timezone.utc))
+                self.repo.save_outcome(job_id, result)
+                if events.on_outcome:
+                    events.on_outcome(result)
+                failed.append(result)
+                continue
             fetched[c.name] = replace(c.config, path=str(path))
-        if not fetched:
-            return spec
-        self.repo.set_candidate_configs(job_id, {name: config.to_dict() for name, config in fetched.items()})
-        return replace(spec, candidates=[Candidate(c.name, fetched.get(c.name, c.config)) for c in spec.candidates])
+        if fetched:
+            self.repo.set_candidate_configs(job_id, {name: config.to_dict() for name, config in fetched.items()})
+            spec = replace(spec, candidates=[Candidate(c.name, fetched.get(c.name, c.config)) for c in spec.candidates])
+        return spec, failed
 
     def _keys_on_driver(self, job_id: str, spec: JobSpec) -> None:
         """A job submitted where its model could not be read: the driver checks the model (saying
@@ -415,7 +423,8 @@ class Service:
             self.deploy(job_id)
         return self.repo.get_job(job_id)
 
-    def _carry_over(self, job_id: str, spec: JobSpec, events: Events) -> tuple[list[CandidateResult], dict[str, list[ItemResult]]]:
+    def _carry_over(self, job_id: str, spec: JobSpec, events: Events,
+                    skip: set[str] = frozenset()) -> tuple[list[CandidateResult], dict[str, list[ItemResult]]]:
         """What this run need not compute: the job's own succeeded candidates (a resumed job), stored
         results of earlier jobs with the same cache key (unless --no-cache), and per-item results
         an interrupted candidate had already stored."""
@@ -424,7 +433,7 @@ class Service:
         stored = {r.name: r for r in self.repo.get_results(job_id)}
         finished = [r for r in stored.values() if r.status == SUCCEEDED]
         keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
-        keys = {n: k for n, k in keys.items() if k and stored[n].status != SUCCEEDED}
+        keys = {n: k for n, k in keys.items() if k and stored[n].status != SUCCEEDED and n not in skip}
         devices = None
         if any(self.repo.has_cached(k, exclude_job=job_id) for k in keys.values()):
             # A stored result counts only where it was measured on the hardware this cluster measures

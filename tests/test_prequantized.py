@@ -5,6 +5,7 @@ resolved at submit with one-line errors, loaded as they are, and evaluated in a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -132,34 +133,40 @@ def test_a_checkpoint_named_by_its_hub_id_is_read_on_its_config_at_submit_and_fe
         ray_cluster, tiny_llama, gptq_release, tmp_path):
     """`--candidates hub=org/model-GPTQ`, submitted from a laptop to a cluster: where the job is
     submitted, only config.json is downloaded, and the candidate is pinned to the commit read; the
-    driver fetches that commit's weights on its machine (failing the job, saying where, when it
-    cannot; `resume` continues it) and records the snapshot, which `export` and `deploy` read. The
-    cache key names the commit, so it is the same on every machine and before and after the fetch."""
-    from quantselect.errors import QuantselectError
-
+    driver fetches that commit's weights on its machine and records the snapshot, which `export` and
+    `deploy` read. One that cannot be fetched fails its candidate, saying where, and the others run;
+    submitted again, the others' results are reused and only it runs. The cache key names the
+    commit, so it is the same on every machine and before and after the fetch."""
     release, _ = gptq_release
     (tmp_path / "cfg").mkdir()
     shutil.copy(release / "config.json", tmp_path / "cfg")
     snapshot = put_in_hub_cache(tmp_path / "cfg", "acme/gptq-later")  # as `hf download acme/gptq-later config.json`
     svc = Service()
     req = SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
-                        candidates=["hub=acme/gptq-later"], threshold=0.5)
-    job = svc.submit(req)
-    hub = svc.repo.get_job_spec(job.id).candidates[1].config
+                        candidates=["int8", "hub=acme/gptq-later"], threshold=0.5)
+    first = svc.submit(req)
+    hub = svc.repo.get_job_spec(first.id).candidates[2].config
     assert (hub.path, hub.method, hub.bits, hub.group_size) == (f"acme/gptq-later@{snapshot.name}", "gptq", 4, 32)
-    assert all(svc.repo.cache_keys(job.id).values())
-    with pytest.raises(QuantselectError, match=rf"candidate hub: on the driver's machine \(.+\): "
-                                               rf"acme/gptq-later@{snapshot.name}: .+: folder has no weights"):
-        svc.run_job(job.id)
+    assert all(svc.repo.cache_keys(first.id).values())
+    assert svc.run_job(first.id).status == "succeeded"
+    results = {r.name: r for r in svc.results(first.id)}
+    assert {n: r.status for n, r in results.items()} == {"baseline": "succeeded", "int8": "succeeded", "hub": "failed"}
+    assert re.fullmatch(rf"not fetched on the driver's machine \(.+\): acme/gptq-later@{snapshot.name}: .+: "
+                        r"folder has no weights.*", results["hub"].error), results["hub"].error
+    assert svc.repo.get_job_spec(first.id).candidates[2].config.path == hub.path  # no snapshot recorded
+    shown = CliRunner().invoke(cli, ["status", first.id]).output
+    assert "not fetched on the driver's machine" in shown, shown
     put_in_hub_cache(release, "acme/gptq-later")  # the rest of the commit, fetched on the driver's machine
-    done = svc.resume(job.id)
-    assert done.status == "succeeded"
-    assert svc.repo.get_job_spec(job.id).candidates[1].config.path == str(snapshot)
-    assert {r.name: r.status for r in svc.results(job.id)} == {"baseline": "succeeded", "hub": "succeeded"}
+    job = svc.submit(req)
+    assert svc.repo.cache_keys(job.id) == svc.repo.cache_keys(first.id)
+    assert svc.run_job(job.id).status == "succeeded"
+    assert svc.repo.get_job_spec(job.id).candidates[2].config.path == str(snapshot)
+    results = {r.name: r for r in svc.results(job.id)}
+    assert {n: (r.status, r.reused_from) for n, r in results.items()} == {
+        "baseline": ("succeeded", first.id), "int8": ("succeeded", first.id), "hub": ("succeeded", None)}
     again = svc.submit(req)  # the same commit: the same keys, the results reused
-    assert svc.repo.cache_keys(again.id) == svc.repo.cache_keys(job.id)
     assert svc.run_job(again.id).status == "succeeded"
-    assert {r.reused_from for r in svc.results(again.id)} == {job.id}
+    assert {r.name: r.reused_from for r in svc.results(again.id)} == {"baseline": first.id, "int8": first.id, "hub": job.id}
     _, out = svc.export(job.id, str(tmp_path / "export"), "hub")
     assert (out / "model.safetensors").read_bytes() == (release / "model.safetensors").read_bytes()
 

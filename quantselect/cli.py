@@ -176,7 +176,12 @@ def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -
         raise QuantselectError(f"job {job_id} was cancelled; `quantselect resume {job_id}` continues it")
     _print_results(svc, job_id)
     if deploy:
-        _print_deployment(svc.get_job(job_id).base_url, svc.get_job(job_id).deployed_candidate)
+        job = svc.get_job(job_id)
+        if job.deploy_error:  # the results stand; what to do next is in the message
+            why = job.deploy_error.removeprefix(f"job {job_id}: ")
+            raise QuantselectError(f"job {job_id} succeeded but was not deployed: {why} "
+                                   f"(`quantselect deploy {job_id} --candidate NAME` serves one)")
+        _print_deployment(job.base_url, job.deployed_candidate)
 
 
 def _print_results(svc: Any, job_id: str, threshold: float | None = None, markdown: bool = False) -> None:
@@ -405,12 +410,15 @@ def status(job_id: str) -> None:
     svc = _service()
     job = svc.get_job(job_id)
     silent = svc.driver_silent_for(job)
-    if silent is not None:
+    if silent is not None and job.status == SUCCEEDED:
+        click.echo(f"Job {job.id}: succeeded, but its driver ({job.driver}) was gone before it was deployed (not "
+                   f"heard from for {_duration(silent)}); `quantselect deploy {job.id}` serves it")
+    elif silent is not None:
         click.echo(f"Job {job.id}: running, but its driver ({job.driver}) has not been heard from for "
                    f"{_duration(silent)}: it is gone; `quantselect resume {job.id}` continues the job")
     else:
         click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
-                   + (f": {job.stage}" if job.status == RUNNING and job.stage else ""))
+                   + (f": {job.stage}" if job.stage else ""))
     stored = svc.items_stored(job_id)
     for r in svc.results(job_id):
         notes = [f"reused from job {r.reused_from}"] if r.reused_from else []
@@ -422,6 +430,8 @@ def status(job_id: str) -> None:
                    + (f": {r.error}" if r.error else ""))
     if job.base_url:
         click.echo(f"  deployed {job.deployed_candidate} at {job.base_url}")
+    elif job.deploy_error:
+        click.echo(f"  not deployed: {job.deploy_error}")
 
 
 @cli.command()

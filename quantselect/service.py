@@ -41,6 +41,7 @@ from quantselect.errors import ConflictError, InputError, QuantselectError
 from quantselect.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+_DEPLOYING = "deploying the recommended candidate on Ray Serve"  # the stage of a succeeded job until it is served
 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
@@ -280,7 +281,7 @@ class Service:
             if results is None:
                 self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
                 return self.repo.get_job(job_id)
-            if self._succeed(job_id, results) != SUCCEEDED:  # a cancel came in at the very end
+            if self._succeed(job_id, results, spec.deploy) != SUCCEEDED:  # a cancel came in at the very end
                 return self.repo.get_job(job_id)
         except BaseException as e:
             msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
@@ -288,7 +289,7 @@ class Service:
             raise
         finally:
             beat.stop()
-        return self._deployed(job_id, spec)
+        return self._deployed(job_id, spec, events)
 
     def _staged(self, job_id: str, events: Events) -> Events:
         """``events`` whose status lines are also written as the job's stage, which `status` and the
@@ -348,11 +349,13 @@ class Service:
                             stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir))
         return None if hooks.stopped else results
 
-    def _succeed(self, job_id: str, results: list[CandidateResult]) -> str:
+    def _succeed(self, job_id: str, results: list[CandidateResult], deploy: bool = False) -> str:
         baseline = next(r for r in results if r.is_baseline)
         if baseline.status != SUCCEEDED:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
-        return self.repo.finish_job(job_id, SUCCEEDED)
+        # A job that asked to be deployed is succeeded and "deploying" in one write: a client that
+        # polls it never sees it done, with no base_url, before its deployment has started.
+        return self.repo.finish_job(job_id, SUCCEEDED, stage=_DEPLOYING if deploy else None)
 
     def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
         """A model named by its Hub id is fetched here, by the driver (on a cluster, on the cluster),
@@ -417,10 +420,24 @@ class Service:
             raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
         self.repo.set_cache_keys(job_id, cache_keys(spec))
 
-    def _deployed(self, job_id: str, spec: JobSpec) -> Job:
-        """The succeeded job, deployed first when it asked for it (a failed deployment does not fail the job)."""
-        if spec.deploy:
+    def _deployed(self, job_id: str, spec: JobSpec, events: Events) -> Job:
+        """The succeeded job, deployed first when it asked for it. A deployment that fails does not
+        fail the job, whose results stand: its reason is kept as the job's ``deploy_error``."""
+        if not spec.deploy:
+            return self.repo.get_job(job_id)
+        if events.on_status:
+            events.on_status(_DEPLOYING)
+        # Heard from while deploying: `status` tells a deployment whose driver died from one under way.
+        beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
+        try:
             self.deploy(job_id)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+            log.warning("job %s succeeded but was not deployed: %s", job_id, msg)
+            self.repo.set_deploy_error(job_id, msg)
+        finally:
+            beat.stop()
+            self.repo.set_job_stage(job_id, None)
         return self.repo.get_job(job_id)
 
     def _carry_over(self, job_id: str, spec: JobSpec, events: Events,
@@ -561,10 +578,10 @@ class Service:
         return self.repo.get_job(job_id)
 
     def driver_silent_for(self, job: Job) -> float | None:
-        """Seconds since a running job's driver was last heard from, when that is long enough to call it
-        gone (``heartbeat_stale_seconds``: killed, its machine lost; `resume` continues the job); None
-        while it runs, or when the job is not running."""
-        if job.status != RUNNING or job.heartbeat_at is None:
+        """Seconds since a running job's driver (or a succeeded one's, while it deploys) was last heard
+        from, when that is long enough to call it gone (``heartbeat_stale_seconds``: killed, its machine
+        lost; `resume` continues the job, `deploy` serves it); None while it runs, or when it is done."""
+        if not (job.status == RUNNING or (job.status == SUCCEEDED and job.stage)) or job.heartbeat_at is None:
             return None
         silent = (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at).total_seconds()
         return silent if silent >= self.settings.heartbeat_stale_seconds else None
@@ -699,9 +716,10 @@ class Service:
         if job.status != SUCCEEDED:
             raise ConflictError(f"job {job.id} is {job.status}; only a succeeded job can be {what}")
         results = {r.name: r for r in self.repo.get_results(job.id)}
-        name = candidate or self._recommend(job, list(results.values()), None).chosen
+        rec = None if candidate else self._recommend(job, list(results.values()), None)
+        name = candidate or rec.chosen
         if name is None:
-            raise ConflictError(f"job {job.id}: no candidate meets the threshold {job.threshold}; name the candidate to use")
+            raise ConflictError(f"job {job.id}: {rec.message}; name the candidate to use")
         if name not in results or results[name].status != SUCCEEDED:
             raise InputError(f"job {job.id}: candidate {name!r} did not succeed and cannot be {what}")
         return name, results[name]

@@ -190,3 +190,53 @@ def test_submit_inline_items_recommend_and_deploy(client, tiny_llama):
     assert client.delete(f"/api/v1/jobs/{job_id}/record").json() == {"deleted": job_id}
     assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
     assert client.delete(f"/api/v1/jobs/{job_id}/record").status_code == 404
+
+
+def _settled(client: TestClient, job_id: str, timeout: float = 300) -> dict:
+    """The job once it is done and deployed (or not): a succeeded job's stage is "deploying ..." until
+    then, written with its status, so a client never sees it done before its deployment started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] == "failed" or (job["status"] == "succeeded" and job["stage"] is None):
+            return job
+        assert job["stage"] is None or job["status"] == "running" or job["stage"].startswith("deploying"), job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not settle: {job}")
+
+
+def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_not(client, tiny_llama):
+    """`"deploy": true`: the recommended candidate is served once the job succeeds. When it cannot be
+    (a random model scores 0 on GSM8K: nothing to recommend), the job still succeeds, its results
+    stand, and `deploy_error` says why; `status` shows it, and deploying a named candidate clears it."""
+    from click.testing import CliRunner
+
+    from quantselect.cli import cli
+    from quantselect.serving.deploy import list_deployments
+
+    body = {"model": str(tiny_llama), "dataset": str(EXAMPLES / "gsm8k-50.jsonl"), "limit": 4, "max_new_tokens": 8,
+            "candidates": ["int8"], "deploy": True}
+    job_id = client.post("/api/v1/jobs", json=body).json()["id"]
+    job = _settled(client, job_id)
+    assert job["status"] == "succeeded" and job["base_url"] is None and job["driver_silent_seconds"] is None, job
+    assert job["deploy_error"] == (f"job {job_id}: no recommendation: the baseline scores 0 on this task, so there "
+                                   "is nothing to keep; name the candidate to use"), job
+    assert {r["name"]: r["status"] for r in job["results"]} == {"baseline": "succeeded", "int8": "succeeded"}
+    shown = CliRunner().invoke(cli, ["status", job_id]).output
+    assert shown.splitlines()[0] == f"Job {job_id}: succeeded" and f"  not deployed: {job['deploy_error']}" in shown, shown
+    dep = client.post(f"/api/v1/jobs/{job_id}/deploy", json={"candidate": "int8"})
+    assert dep.status_code == 200, dep.text
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["deploy_error"] is None and job["deployed_candidate"] == "int8"
+    assert client.delete(f"/api/v1/jobs/{job_id}/deploy").status_code == 200
+
+    body = {"model": str(tiny_llama), "items": piqa_items(8), "candidates": ["int8"], "threshold": 0.01, "deploy": True}
+    job_id = client.post("/api/v1/jobs", json=body).json()["id"]
+    job = _settled(client, job_id)
+    chosen = client.get(f"/api/v1/jobs/{job_id}/recommendation").json()["chosen"]
+    assert job["status"] == "succeeded" and job["deploy_error"] is None and job["deployed_candidate"] == chosen, job
+    model = job["base_url"].rstrip("/").split("/")[-2]
+    assert model in list_deployments()
+    reply = openai.OpenAI(base_url=job["base_url"], api_key="unused").completions.create(model=model, prompt="Hi", max_tokens=3)
+    assert reply.usage.completion_tokens > 0
+    assert client.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model

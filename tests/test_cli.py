@@ -261,6 +261,22 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
     assert job_count() == 1
 
 
+def test_submit_deploy_that_cannot_deploy_shows_the_results_then_says_why(ray_cluster, tiny_llama):
+    """The job succeeded: its results are printed and stored; the deployment it asked for did not
+    happen (a random model scores 0 on GSM8K: nothing to recommend), which is the one-line error."""
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "gsm8k-50.jsonl"), "--limit", "4",
+                                   "--max-new-tokens", "8", "--candidates", "int8", "--deploy"])
+    job_id = res.output.split()[1].rstrip(":")
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert "Recommendation" in res.output and "int8" in res.output, res.output
+    assert res.output.rstrip().splitlines()[-1] == (
+        f"Error: job {job_id} succeeded but was not deployed: no recommendation: the baseline scores 0 "
+        f"on this task, so there is nothing to keep; name the candidate to use (`quantselect deploy {job_id} "
+        "--candidate NAME` serves one)"), res.output
+    shown = run("status", job_id).output
+    assert shown.startswith(f"Job {job_id}: succeeded\n") and "  not deployed: job " in shown, shown
+
+
 def test_dry_run_says_what_would_run_and_submits_nothing(tiny_llama):
     res = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "60",
               "--candidates", "int8,int4-gptq:group_size=64,fp8", "--calibration-samples", "12", "--dry-run")

@@ -57,6 +57,7 @@ class JobRow(Base):
     stage: Mapped[str | None] = mapped_column(Text)  # what its driver is doing now, while it runs
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
     base_url: Mapped[str | None] = mapped_column(Text)
+    deploy_error: Mapped[str | None] = mapped_column(Text)  # why the deployment a job asked for did not happen
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

@@ -140,10 +140,17 @@ class Repository:
             self._job_row(s, job_id).model_config = config
 
     @_retrying
-    def set_job_stage(self, job_id: str, stage: str) -> None:
+    def set_job_stage(self, job_id: str, stage: str | None) -> None:
         """What the job's driver is doing now; cleared when the job finishes (``finish_job``)."""
         with self._write.begin() as s:
             self._job_row(s, job_id).stage = stage
+
+    @_retrying
+    def set_deploy_error(self, job_id: str, error: str | None) -> None:
+        """Why the deployment the job asked for (``--deploy``) did not happen; None: it did."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id)
+            row.deploy_error, row.updated_at = error, utcnow()
 
     @_retrying
     def set_candidate_configs(self, job_id: str, configs: dict[str, dict[str, Any]]) -> None:
@@ -175,6 +182,8 @@ class Repository:
                 self._candidate_row(s, job_id, candidate)
             row = self._job_row(s, job_id)
             row.deployed_candidate, row.base_url, row.updated_at = candidate, base_url, utcnow()
+            if candidate is not None:  # served now: an earlier failed (or abandoned) deployment is over
+                row.deploy_error = row.stage = None
 
     def delete_job(self, job_id: str) -> None:
         with self._write.begin() as s:
@@ -244,15 +253,17 @@ class Repository:
             return job
 
     @_retrying
-    def finish_job(self, job_id: str, status: str, error: str | None = None) -> str:
+    def finish_job(self, job_id: str, status: str, error: str | None = None, stage: str | None = None) -> str:
         """The job's end: its status, and every candidate still unfinished marked cancelled. A job
         whose cancel was asked for after the driver last looked ends cancelled, not succeeded (its
-        results stay; ``resume`` finishes it). Returns the status written."""
+        results stay; ``resume`` finishes it). ``stage``: what a succeeded job still does (deploying).
+        Returns the status written."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
             if status == SUCCEEDED and row.cancel_requested:
                 status, error = CANCELLED, "cancelled by request (after its last candidate had finished)"
-            row.status, row.error, row.stage, row.updated_at = status, error, None, utcnow()
+            row.status, row.error, row.updated_at = status, error, utcnow()
+            row.stage = stage if status == SUCCEEDED else None
             if status == CANCELLED:
                 self._cancel_unfinished(s, job_id)
             return status
@@ -418,6 +429,7 @@ def _job(r: JobRow) -> Job:
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
         target_gpu=r.target_gpu, model_config=r.model_config, use_cache=r.use_cache,
         cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at, stage=r.stage,
+        deploy_error=r.deploy_error,
     )
 
 

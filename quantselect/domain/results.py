@@ -210,7 +210,8 @@ class Job:
     cancel_requested: bool = False
     driver: str | None = None  # host:pid of the process running the job
     heartbeat_at: datetime | None = None  # last sign of life of that driver
-    stage: str | None = None  # what that driver is doing now (fetching, preparing, running candidates)
+    stage: str | None = None  # what that driver is doing now (fetching, preparing, running candidates, deploying)
+    deploy_error: str | None = None  # why the deployment it asked for (--deploy) did not happen
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,6 +241,7 @@ class Job:
             "driver": self.driver,
             "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
             "stage": self.stage,
+            "deploy_error": self.deploy_error,
         }
 
 

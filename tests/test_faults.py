@@ -98,7 +98,9 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
          "--max-new-tokens", "48", "--candidates", "int8,w8a8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        job_id = _wait("the job", lambda: [j.id for j in svc.list_jobs()], timeout=120)[0]
+        # Generous limits: they only stop a hung run. The driver starts a Ray cluster of its own beside
+        # the test's, on a machine that may be busy (one CI run took over 300 s to get half-way).
+        job_id = _wait("the job", lambda: [j.id for j in svc.list_jobs()], timeout=300)[0]
 
         def halfway():
             done = {r.name for r in svc.results(job_id) if r.status == "succeeded"}
@@ -107,7 +109,7 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
             return done and partial and (done, partial)
 
         try:
-            done, partial = _wait("one candidate done and another half-way", halfway, timeout=300, every=0.05)
+            done, partial = _wait("one candidate done and another half-way", halfway, timeout=900, every=0.05)
         except AssertionError:  # say what the driver was doing: its output, and the job's state
             os.killpg(driver.pid, signal.SIGKILL)
             out = driver.communicate(timeout=30)[0]

@@ -152,6 +152,8 @@ class Progress:
             note = (f", settled '{early['decision']}' after {r.n_items} items (early stop)"
                     if early.get("stopped_early") else "")
             self.status(f"{r.name:<{self.width}} done        score {r.score:.3f}, {r.eval_seconds:.0f}s evaluating{note}")
+        elif r.status == CANCELLED:
+            self.status(f"{r.name:<{self.width}} cancelled   {r.error}")
         else:
             self.status(f"{r.name:<{self.width}} FAILED      {r.error}")
 
@@ -377,9 +379,18 @@ def delete(job_ids: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("job_id")
-def cancel(job_id: str) -> None:
-    """Cancel JOB: its driver stops its workers within seconds (freeing their GPUs) and marks it cancelled."""
-    job = _service().cancel(job_id)
+@click.option("--candidate", "candidates", multiple=True, metavar="NAME",
+              help="Cancel only this candidate (repeatable): the job goes on without it.")
+def cancel(job_id: str, candidates: tuple[str, ...]) -> None:
+    """Cancel JOB: its driver stops its workers within seconds (freeing their GPUs) and marks it cancelled.
+    With --candidate, only those candidates: the others run on, and a resume leaves them cancelled."""
+    svc = _service()
+    for name in candidates:
+        svc.cancel_candidate(job_id, name)
+        click.echo(f"Job {job_id}: {name} cancelled; its driver stops its worker within seconds, the others run on")
+    if candidates:
+        return
+    job = svc.cancel(job_id)
     if job.status == CANCELLED:
         click.echo(f"Job {job_id}: cancelled")
     else:

@@ -24,6 +24,7 @@ from quantselect.domain.results import (
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
     CANCELLED,
+    CANCELLED_ALONE,
     FAILED,
     RUNNING,
     SUCCEEDED,
@@ -341,7 +342,7 @@ class Service:
             events.on_status(f"running {left} candidate(s) on Ray" + (f" ({len(finished)} already done)" if finished else ""))
         early_stop = EarlyStop(spec.threshold, spec.confidence) if spec.early_stop else None
         hooks = SweepHooks(on_outcome=outcome, on_items=lambda name, items: self.repo.save_items(job_id, name, items),
-                           on_progress=progress, should_stop=beat.cancelled.is_set)
+                           on_progress=progress, should_stop=beat.cancelled.is_set, dropped=lambda: beat.dropped)
         results = run_sweep(str(model_dir), spec.candidates, spec.dataset, hooks,
                             early_stop=early_stop, calibration=spec.calibration,
                             artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
@@ -448,9 +449,11 @@ class Service:
         from quantselect.engines.labelfree import needs_reference
 
         stored = {r.name: r for r in self.repo.get_results(job_id)}
-        finished = [r for r in stored.values() if r.status == SUCCEEDED]
+        # kept: succeeded ones, and those cancelled on their own (a resume does not run them again)
+        finished = [r for r in stored.values() if r.status == SUCCEEDED or (r.status == CANCELLED and r.error == CANCELLED_ALONE)]
         keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
-        keys = {n: k for n, k in keys.items() if k and stored[n].status != SUCCEEDED and n not in skip}
+        kept = {r.name for r in finished}
+        keys = {n: k for n, k in keys.items() if k and n not in kept and n not in skip}
         devices = None
         if any(self.repo.has_cached(k, exclude_job=job_id) for k in keys.values()):
             # A stored result counts only where it was measured on the hardware this cluster measures
@@ -555,6 +558,11 @@ class Service:
         """Stop a job: its driver sees the request within seconds, stops its workers (freeing their
         GPUs) and marks it cancelled; a job that no live driver runs is cancelled at once."""
         return self.repo.request_cancel(job_id, self.settings.heartbeat_stale_seconds)
+
+    def cancel_candidate(self, job_id: str, name: str) -> CandidateResult:
+        """Cancel one candidate of a queued or running job (one taking too long, say): the job goes on
+        without it, its driver stops its worker within seconds, and a resume leaves it cancelled."""
+        return self.repo.cancel_candidate(job_id, name)
 
     def delete(self, job_id: str) -> Job:
         """Forget a finished job that serves nothing: its record, results and per-item results. Its
@@ -904,10 +912,11 @@ class Service:
 class _Heartbeat:
     """The driver's sign of life in the job row, every ``interval`` seconds, from a thread (so that a
     long model conversion does not make the job look abandoned); ``cancelled`` is set once the job
-    is asked to cancel."""
+    is asked to cancel, ``dropped`` names the candidates cancelled on their own."""
 
     def __init__(self, repo: Any, job_id: str, interval: float) -> None:
         self.cancelled = threading.Event()
+        self.dropped: frozenset[str] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(repo, job_id, interval), daemon=True,
                                         name=f"quantselect-heartbeat-{job_id}")
@@ -915,8 +924,11 @@ class _Heartbeat:
 
     def _run(self, repo: Any, job_id: str, interval: float) -> None:
         while not self._stop.is_set():
-            if repo.heartbeat(job_id):
-                self.cancelled.set()
+            answer = repo.heartbeat(job_id)
+            if answer is not None:
+                cancel, self.dropped = answer
+                if cancel:
+                    self.cancelled.set()
             self._stop.wait(interval)
 
     def stop(self) -> None:

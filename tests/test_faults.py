@@ -227,3 +227,56 @@ def test_rest_resume_refuses_while_a_live_driver_runs_the_job_then_continues_it(
         _wait("the job done", lambda: svc.get_job(job.id).status == "succeeded", timeout=240)
         assert client.post(f"/api/v1/jobs/{job.id}/resume").status_code == 409  # nothing left to run
     _assert_once(svc, job.id, 6, {"baseline", "int8"})
+
+
+def test_a_candidate_cancelled_on_its_own_stops_while_the_job_goes_on(ray_cluster, tiny_llama, monkeypatch):
+    """`cancel JOB --candidate NAME`: one queued is never started, one running has its worker stopped
+    within seconds; the others finish and the job succeeds. A resume leaves such a candidate cancelled.
+    The baseline cannot be cancelled alone, nor a candidate of a finished job."""
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from quantselect.api.app import create_app
+    from quantselect.domain.results import CANCELLED_ALONE
+
+    monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "4")
+    monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "4")  # the driver looks every second
+    svc = Service()
+    req = SubmitRequest(model=str(tiny_llama), dataset=GSM8K, limit=50, max_new_tokens=64,
+                        candidates=["int8", "w8a8", "int4"])
+    job = svc.submit(req)
+    res = CliRunner().invoke(cli, ["cancel", job.id, "--candidate", "int4"])  # queued: it never starts
+    assert res.exit_code == 0 and "int4 cancelled" in res.output, res.output
+    for name, message in (("baseline", "is the baseline"), ("nope", "has no candidate 'nope'"),
+                          ("int4", "is already cancelled")):
+        bad = CliRunner().invoke(cli, ["cancel", job.id, "--candidate", name])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+    runner = threading.Thread(target=svc.run_job, args=(job.id,))
+    runner.start()
+    try:
+        _wait("w8a8 scoring", lambda: svc.items_stored(job.id).get("w8a8", 0) >= 4, timeout=900, every=0.05)
+        assert svc.items_stored(job.id)["w8a8"] < 50  # half-way
+        with TestClient(create_app(svc, connect_ray=False)) as client:
+            r = client.delete(f"/api/v1/jobs/{job.id}/candidates/w8a8")
+            assert r.status_code == 202 and r.json()["status"] == "cancelled", r.text
+            assert client.delete(f"/api/v1/jobs/{job.id}/candidates/baseline").status_code == 409
+        _wait("the w8a8 worker stopped", lambda: not _workers("w8a8", under=os.getpid()), timeout=60)
+    finally:
+        runner.join(timeout=400)
+    assert not runner.is_alive() and svc.get_job(job.id).status == "succeeded"
+    results = {r.name: r for r in svc.results(job.id)}
+    assert {n: (r.status, r.error) for n, r in results.items() if r.status != "succeeded"} == {
+        "w8a8": ("cancelled", CANCELLED_ALONE), "int4": ("cancelled", CANCELLED_ALONE)}
+    assert results["int4"].started_at is None  # never started
+    _assert_once(svc, job.id, 50, {"baseline", "int8"})
+    bad = CliRunner().invoke(cli, ["cancel", job.id, "--candidate", "int8"])
+    assert bad.exit_code != 0 and f"job {job.id} is succeeded" in bad.output, bad.output
+    # A job cancelled after one of its candidates was: resumed, that one stays cancelled, the rest runs
+    # (here: reused from the job above, which had the same inputs).
+    again = svc.submit(replace(req, candidates=["int8", "w8a8"]))
+    assert CliRunner().invoke(cli, ["cancel", again.id, "--candidate", "w8a8"]).exit_code == 0
+    assert svc.cancel(again.id).status == "cancelled"
+    assert svc.resume(again.id).status == "succeeded"
+    after = {r.name: (r.status, r.reused_from) for r in svc.results(again.id)}
+    assert after == {"baseline": ("succeeded", job.id), "int8": ("succeeded", job.id), "w8a8": ("cancelled", None)}, after

@@ -184,6 +184,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                            gpu_hour_usd: float | None = None) -> dict[str, Any]:
         return svc.recommend(job_id, threshold, confidence, policy, target_gpu, gpu_hour_usd).to_dict()
 
+    @app.delete("/api/v1/jobs/{job_id}/candidates/{name}", status_code=202)
+    def cancel_candidate(job_id: str, name: str) -> dict[str, Any]:
+        """Cancel one candidate of a queued or running job: the job goes on without it."""
+        result = svc.cancel_candidate(job_id, name)
+        return {"job_id": job_id, "candidate": name, "status": result.status, "error": result.error}
+
     @app.post("/api/v1/jobs/{job_id}/deploy")
     def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:
         url = svc.deploy(job_id, body.candidate if body else None, body.engine if body else None)

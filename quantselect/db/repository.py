@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undef
 from quantselect.db.engine import ensure_schema, make_engine, writer
 from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
 from quantselect.domain.cache import CandidateUse
-from quantselect.domain.candidates import Candidate
+from quantselect.domain.candidates import BASELINE, Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
-    CANCELLED, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration, CandidateResult,
-    ItemResult, Job, JobSpec,
+    CANCELLED, CANCELLED_ALONE, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration,
+    CandidateResult, ItemResult, Job, JobSpec,
 )
 from quantselect.errors import ConflictError, NotFoundError
 
@@ -211,15 +211,40 @@ class Repository:
             row.heartbeat_at = row.updated_at = utcnow()
             return _job(row)
 
-    def heartbeat(self, job_id: str) -> bool | None:
-        """The driver's sign of life; answers whether the job was asked to cancel (None: the database
-        did not answer, which is not a reason to stop)."""
+    def heartbeat(self, job_id: str) -> tuple[bool, frozenset[str]] | None:
+        """The driver's sign of life; answers whether the job was asked to cancel, and which of its
+        candidates were cancelled on their own (None: the database did not answer, which is not a
+        reason to stop)."""
         try:
             with self._write.begin() as s:
                 s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=utcnow()))
-                return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+                cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+                return cancel, frozenset(self._cancelled_alone(s, job_id))
         except (OperationalError, DBAPIError):
             return None
+
+    @staticmethod
+    def _cancelled_alone(s: Session, job_id: str) -> list[str]:
+        return list(s.scalars(select(CandidateRow.name).where(
+            CandidateRow.job_id == job_id, CandidateRow.status == CANCELLED, CandidateRow.error == CANCELLED_ALONE)))
+
+    @_retrying
+    def cancel_candidate(self, job_id: str, name: str) -> CandidateResult:
+        """Cancel one candidate of a queued or running job, which goes on without it: marked here;
+        the job's driver stops its worker within seconds (or never starts it)."""
+        with self._write.begin() as s:
+            job = self._job_row(s, job_id, lock=True)
+            c = self._candidate_row(s, job_id, name)
+            if job.status not in (QUEUED, RUNNING):
+                raise ConflictError(f"job {job_id} is {job.status}: it runs no candidate to cancel")
+            if c.name == BASELINE:
+                raise ConflictError(f"{name} is the baseline, which every other candidate is compared with; "
+                                    f"`quantselect cancel {job_id}` cancels the whole job")
+            if c.status not in (PENDING, RUNNING):
+                raise ConflictError(f"candidate {name} of job {job_id} is already {c.status}")
+            c.status, c.error, c.finished_at = CANCELLED, CANCELLED_ALONE, utcnow()
+            job.updated_at = utcnow()
+            return _result(c)
 
     @_retrying
     def request_cancel(self, job_id: str, stale_after: float) -> Job:
@@ -281,6 +306,8 @@ class Repository:
     ) -> None:
         with self._write.begin() as s:
             c = self._candidate_row(s, job_id, name)
+            if c.status == CANCELLED and c.error == CANCELLED_ALONE:  # its worker started before the driver knew
+                return
             c.status, c.error, c.started_at, c.finished_at = RUNNING, None, _naive_utc(started_at), None
             c.node_id, c.gpu_ids = node_id, [str(g) for g in gpu_ids or []]
 

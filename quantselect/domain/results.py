@@ -15,6 +15,9 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # Candidate statuses: pending -> running -> succeeded / failed / cancelled
 PENDING = "pending"
+# The error of a candidate cancelled on its own (`cancel JOB --candidate NAME`) while the job runs on:
+# a resumed job leaves it cancelled, where one cancelled with its job runs again.
+CANCELLED_ALONE = "cancelled on its own, by request"
 
 DEFAULT_THRESHOLD = 0.98
 DEFAULT_CONFIDENCE = 0.95

@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.planner import Request
-from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
+from quantselect.domain.results import CANCELLED, CANCELLED_ALONE, FAILED, SUCCEEDED, CandidateResult, ItemResult
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 PROGRESS_EVERY = 5.0  # seconds between two progress calls when nothing changed
@@ -148,12 +148,14 @@ def needs_baseline_first(dataset: TaskDataset, early_stop: object | None) -> boo
 class SweepHooks:
     """The driver's side of a sweep, all optional: outcomes, streamed items, progress (on every
     change, and every ``PROGRESS_EVERY`` seconds without one, so that it can say a long phase still
-    runs), and a stop signal checked between waits (a cancelled job)."""
+    runs), a stop signal checked between waits (a cancelled job), and the names of candidates
+    cancelled on their own, which are stopped (or never started) while the others go on."""
 
     on_outcome: Callable[[CandidateResult], None] = lambda r: None
     on_items: Callable[[str, list[ItemResult]], None] | None = None
     on_progress: Callable[[ProgressSnapshot], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
+    dropped: Callable[[], Collection[str]] = lambda: ()
     stopped: bool = field(default=False, init=False)
 
 
@@ -262,6 +264,13 @@ class _Runner:
             self.hooks.on_progress(snap)
             self.last, self.last_at = snap, time.monotonic()
 
+    def _cancelled_alone(self, cand: Candidate) -> CandidateResult:
+        self.board.forget.remote(cand.name)
+        result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=CANCELLED, error=CANCELLED_ALONE,
+                                 finished_at=datetime.now(timezone.utc))
+        self.hooks.on_outcome(result)
+        return result
+
     def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -300,6 +309,18 @@ class _Runner:
             while queue or running:
                 if self.hooks.should_stop():
                     self.hooks.stopped = True
+                    break
+                dropped = set(self.hooks.dropped())
+                for cand in [c for c in queue if c.name in dropped]:
+                    queue.remove(cand)
+                    outcomes.append(self._cancelled_alone(cand))
+                for ref, (cand, pg) in [(r, v) for r, v in running.items() if v[0].name in dropped]:
+                    ray.cancel(ref, force=True)  # its worker process is killed: its GPU is free now
+                    if pg is not None:
+                        remove_placement_group(pg)
+                    del running[ref]
+                    outcomes.append(self._cancelled_alone(cand))
+                if not (queue or running):
                     break
                 while queue and len(running) < max_in_flight:
                     cand = queue.pop(0)

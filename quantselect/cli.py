@@ -22,6 +22,7 @@ from quantselect.domain.results import (
     JOB_STATUSES, POLICIES, QUEUED, RUNNING, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
+from quantselect.settings import format_duration as _duration
 
 
 METRICS = tuple(dict.fromkeys(m for metrics in METRICS_BY_KIND.values() for m in metrics))
@@ -156,16 +157,6 @@ class Progress:
             self.status(f"{r.name:<{self.width}} cancelled   {r.error}")
         else:
             self.status(f"{r.name:<{self.width}} FAILED      {r.error}")
-
-
-def _duration(seconds: float) -> str:
-    """``45s``, ``3m10s``, ``2h05m``."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -> None:
@@ -311,7 +302,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
         sid = svc.submit_remote(job.id, address)
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")
         if wait:
-            _wait_remote(svc, job.id)
+            _wait_remote(svc, job.id, address, sid)
         return
     _run_and_report(svc, job.id, deploy)
 
@@ -321,20 +312,38 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape") if "\\" in text else text
 
 
-def _wait_remote(svc: Any, job_id: str) -> None:
-    last: dict[str, str] = {}
-    while True:
+def _wait_remote(svc: Any, job_id: str, address: str, sid: str) -> None:
+    """`--address --wait`: the driver's own output on the cluster as it comes (its progress lines,
+    then the results or its error, as a local run prints them), and its exit status."""
+    status = svc.follow_remote(address, sid, lambda text: click.echo(text, nl=False))
+    if status != "SUCCEEDED":
+        raise QuantselectError(f"the driver of job {job_id} on the cluster (Ray job {sid}) ended {status.lower()}; "
+                               f"`quantselect status {job_id}` says where the job stands")
+
+
+def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
+    """What `status` shows, then a line per change until the job is settled, then its results (an
+    error, exit non-zero, unless it succeeded): `status --follow`."""
+    job = svc.get_job(job_id)
+    lines = _status_lines(svc, job)
+    click.echo("\n".join(lines.values()))
+    start = time.monotonic()
+    while not _settled(svc, job):
+        time.sleep(every)
         job = svc.get_job(job_id)
-        for r in svc.results(job_id):
-            if last.get(r.name) != r.status:
-                last[r.name] = r.status
-                click.echo(f"{r.name:<10} {r.status}" + (f": {r.error}" if r.error else ""))
-        if job.status in FINISHED:
-            break
-        time.sleep(2)
-    if job.status != SUCCEEDED:
-        raise QuantselectError(f"job {job_id} {job.status}: {job.error}")
-    _print_results(svc, job_id)
+        now = _status_lines(svc, job)
+        for key, line in now.items():
+            if lines.get(key) != line:
+                click.echo(f"[{time.monotonic() - start:7.1f}s] {line.strip()}")
+        lines = now
+    if job.status == SUCCEEDED and not svc.driver_silent_for(job):
+        _print_results(svc, job_id)
+    elif job.status == SUCCEEDED:
+        raise QuantselectError(f"job {job_id} succeeded but was not deployed: its driver is gone")
+    elif job.status == RUNNING:
+        raise QuantselectError(f"job {job_id}: its driver is gone; `quantselect resume {job_id}` continues it")
+    else:
+        raise QuantselectError(f"job {job_id} {job.status}" + (f": {job.error}" if job.error else ""))
 
 
 @cli.command("run-job", hidden=True)
@@ -360,7 +369,7 @@ def resume(job_id: str, address: str | None, wait: bool | None) -> None:
         sid = svc.submit_remote(job_id, address, resume=True)
         click.echo(f"Resumed job {job_id} on the Ray cluster at {address} as Ray job {sid}")
         if wait:
-            _wait_remote(svc, job_id)
+            _wait_remote(svc, job_id, address, sid)
         return
     _run_and_report(svc, job_id, deploy=False, resume=True)
 
@@ -416,33 +425,53 @@ def jobs(statuses: tuple[str, ...], limit: int | None, fmt: str) -> None:
 
 @cli.command()
 @click.argument("job_id")
-def status(job_id: str) -> None:
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep watching a job that runs elsewhere (a cluster, the API server): print each change as "
+                   "it happens, then the results; exits non-zero unless the job succeeded.")
+@click.option("--every", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
+              help="With --follow: how often to look.")
+def status(job_id: str, follow: bool, every: float) -> None:
     """A job's status and its candidates' statuses."""
     svc = _service()
-    job = svc.get_job(job_id)
+    if follow:
+        return _follow(svc, job_id, every)
+    click.echo("\n".join(_status_lines(svc, svc.get_job(job_id)).values()))
+
+
+def _settled(svc: Any, job: Any) -> bool:
+    """Nothing more will happen unless somebody acts: the job ended (and its deployment, if it asked
+    for one), or its driver is gone."""
+    return (job.status in FINISHED and not job.stage) or svc.driver_silent_for(job) is not None
+
+
+def _status_lines(svc: Any, job: Any) -> dict[str, str]:
+    """What `status` prints, keyed (the job, each candidate, its deployment) so that --follow can
+    print what changed."""
+    lines = {}
     silent = svc.driver_silent_for(job)
     if silent is not None and job.status == SUCCEEDED:
-        click.echo(f"Job {job.id}: succeeded, but its driver ({job.driver}) was gone before it was deployed (not "
-                   f"heard from for {_duration(silent)}); `quantselect deploy {job.id}` serves it")
+        lines["job"] = (f"Job {job.id}: succeeded, but its driver ({job.driver}) was gone before it was deployed (not "
+                        f"heard from for {_duration(silent)}); `quantselect deploy {job.id}` serves it")
     elif silent is not None:
-        click.echo(f"Job {job.id}: running, but its driver ({job.driver}) has not been heard from for "
-                   f"{_duration(silent)}: it is gone; `quantselect resume {job.id}` continues the job")
+        lines["job"] = (f"Job {job.id}: running, but its driver ({job.driver}) has not been heard from for "
+                        f"{_duration(silent)}: it is gone; `quantselect resume {job.id}` continues the job")
     else:
-        click.echo(f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
-                   + (f": {job.stage}" if job.stage else ""))
-    stored = svc.items_stored(job_id)
-    for r in svc.results(job_id):
+        lines["job"] = (f"Job {job.id}: {job.status}" + (f" ({job.error})" if job.error else "")
+                        + (f": {job.stage}" if job.stage else ""))
+    stored = svc.items_stored(job.id)
+    for r in svc.results(job.id):
         notes = [f"reused from job {r.reused_from}"] if r.reused_from else []
         if r.status in (QUEUED, RUNNING) and stored.get(r.name):
             notes.append(f"{stored[r.name]}/{job.n_items} items scored and stored")
         notes += [f"{r.attempts} attempts"] if (r.attempts or 0) > 1 else []
         notes += [f"{r.items_carried} items carried over from an interrupted run"] if r.items_carried else []
-        click.echo(f"  {r.name:<10} {r.status}" + (f" ({', '.join(notes)})" if notes else "")
-                   + (f": {r.error}" if r.error else ""))
+        lines[f"candidate {r.name}"] = (f"  {r.name:<10} {r.status}" + (f" ({', '.join(notes)})" if notes else "")
+                                        + (f": {r.error}" if r.error else ""))
     if job.base_url:
-        click.echo(f"  deployed {job.deployed_candidate} at {job.base_url}")
+        lines["deployment"] = f"  deployed {job.deployed_candidate} at {job.base_url}"
     elif job.deploy_error:
-        click.echo(f"  not deployed: {job.deploy_error}")
+        lines["deployment"] = f"  not deployed: {job.deploy_error}"
+    return lines
 
 
 @cli.command()

@@ -252,6 +252,28 @@ class Service:
                 self.repo.set_job_status(job_id, FAILED, error=f"submission to {address} failed: {e}")
             raise QuantselectError(f"cannot submit to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
 
+    def follow_remote(self, address: str, submission_id: str, on_text: Callable[[str], None], every: float = 1.0) -> str:
+        """The output of a job's driver on a Ray cluster (its progress lines, then its results or its
+        error), handed to ``on_text`` as it comes, until that driver ends; returns the Ray job's final
+        status (SUCCEEDED, FAILED, STOPPED)."""
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            client = JobSubmissionClient(address)
+            shown = 0
+            while True:
+                status = client.get_job_status(submission_id)  # then the logs: complete once it has ended
+                logs = client.get_job_logs(submission_id)
+                if len(logs) > shown:
+                    on_text(logs[shown:])
+                    shown = len(logs)
+                if status.is_terminal():
+                    return status.value
+                time.sleep(every)
+        except (ConnectionError, RuntimeError) as e:
+            raise QuantselectError(f"lost the Ray cluster at {address} while following Ray job {submission_id}: "
+                                   f"{' '.join(str(e).split())[:300]}") from None
+
     # ---- run (the driver) ---------------------------------------------------------------
     def run_job(self, job_id: str, events: Events | None = None, resume: bool = False) -> Job:
         """Drive the job to its end. ``resume``: continue a job whose driver died (or that failed or
@@ -347,6 +369,7 @@ class Service:
                             early_stop=early_stop, calibration=spec.calibration,
                             artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
                             partial=partial, max_retries=self.settings.max_retries,
+                            candidate_timeout=self.settings.candidate_timeout_seconds,
                             stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir))
         return None if hooks.stopped else results
 

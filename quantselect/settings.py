@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
+
+from quantselect.errors import InputError
+
+T = TypeVar("T", int, float)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Settings:
     heartbeat_stale_seconds: float = 30.0  # a driver silent this long is gone: its job may be resumed
     api_max_jobs: int = 4  # jobs the REST server drives at once (more wait, queued)
     stream_chunk: int | None = None  # items a worker scores between hand-overs to the driver (None: 256)
+    candidate_timeout_seconds: float | None = None  # a candidate running longer is stopped and failed
 
     @property
     def models_dir(self) -> Path:
@@ -45,18 +51,62 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("QUANTSELECT_HOME") or Path.home() / ".quantselect").expanduser()
     db_url = env.get("QUANTSELECT_DB_URL") or f"sqlite:///{home / 'quantselect.db'}"
+    timeout = env.get("QUANTSELECT_CANDIDATE_TIMEOUT")
     return Settings(
         home=home,
         db_url=db_url,
         ray_address=env.get("QUANTSELECT_RAY_ADDRESS") or None,
         serve_host=env.get("QUANTSELECT_SERVE_HOST") or "127.0.0.1",
-        serve_port=int(env.get("QUANTSELECT_SERVE_PORT") or 8000),
-        local_ray_port=int(env.get("QUANTSELECT_LOCAL_RAY_PORT") or 6379),
+        serve_port=_number(env, "QUANTSELECT_SERVE_PORT", 8000, int, 1, 65535),
+        local_ray_port=_number(env, "QUANTSELECT_LOCAL_RAY_PORT", 6379, int, 1, 65535),
         artifacts_override=Path(env["QUANTSELECT_ARTIFACTS_DIR"]).expanduser() if env.get("QUANTSELECT_ARTIFACTS_DIR") else None,
         gpu_memory=env.get("QUANTSELECT_GPU_MEMORY") or None,
-        db_retry_seconds=float(env.get("QUANTSELECT_DB_RETRY_SECONDS") or 120.0),
-        max_retries=int(env.get("QUANTSELECT_MAX_RETRIES") or 1),
-        heartbeat_stale_seconds=float(env.get("QUANTSELECT_HEARTBEAT_STALE_SECONDS") or 30.0),
-        api_max_jobs=int(env.get("QUANTSELECT_API_MAX_JOBS") or 4),
-        stream_chunk=int(env["QUANTSELECT_STREAM_CHUNK"]) if env.get("QUANTSELECT_STREAM_CHUNK") else None,
+        db_retry_seconds=_number(env, "QUANTSELECT_DB_RETRY_SECONDS", 120.0, float, 0),
+        max_retries=_number(env, "QUANTSELECT_MAX_RETRIES", 1, int, 0),
+        heartbeat_stale_seconds=_number(env, "QUANTSELECT_HEARTBEAT_STALE_SECONDS", 30.0, float, 1),
+        api_max_jobs=_number(env, "QUANTSELECT_API_MAX_JOBS", 4, int, 1),
+        stream_chunk=_number(env, "QUANTSELECT_STREAM_CHUNK", None, int, 1),
+        candidate_timeout_seconds=parse_duration(timeout, "QUANTSELECT_CANDIDATE_TIMEOUT") if timeout else None,
     )
+
+
+def _number(env: Mapping[str, str], name: str, default: T | None, kind: Callable[[str], T],
+            low: T, high: T | None = None) -> T | None:
+    """A numeric setting; a value that is not one, or out of range, is a one-line error naming it."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise InputError(f"{name}={raw!r}: give {what}" + (f" (default {default})" if default is not None else "")) from None
+    if value < low or (high is not None and value > high):
+        raise InputError(f"{name}={raw!r}: give {what} " + (f"from {low} to {high}" if high is not None else f"of at least {low}"))
+    return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, name: str) -> float:
+    """``90``, ``45s``, ``90m``, ``6h``, ``1h30m`` -> seconds (a one-line error naming ``name`` otherwise)."""
+    compact = "".join(text.split()).lower()
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact or (len(parts) > 1 and not all(u for _, u in parts)):
+        raise InputError(f"{name}={text!r}: give a duration such as 90m, 6h, 1h30m or 45s")
+    seconds = sum(float(n) * _SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise InputError(f"{name}={text!r}: give a duration longer than 0")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m10s``, ``2h05m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

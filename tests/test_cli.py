@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -381,3 +382,69 @@ def test_delete_forgets_finished_jobs_and_refuses_a_running_or_served_one(tiny_l
     res = CliRunner().invoke(cli, ["delete", done])
     assert res.exit_code == 2 and f"job '{done}' not found" in res.output
     assert CliRunner().invoke(cli, ["delete"]).exit_code == 2  # a job id is required
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("QUANTSELECT_MAX_RETRIES", "abc", "give a whole number (default 1)"),
+    ("QUANTSELECT_SERVE_PORT", "70000", "give a whole number from 1 to 65535"),
+    ("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "soon", "give a number (default 30.0)"),
+    ("QUANTSELECT_STREAM_CHUNK", "0", "give a whole number of at least 1"),
+    ("QUANTSELECT_CANDIDATE_TIMEOUT", "soon", "give a duration such as 90m, 6h, 1h30m or 45s"),
+])
+def test_a_bad_setting_is_one_line_that_names_it(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    res = CliRunner().invoke(cli, ["jobs"])
+    assert res.exit_code == 2 and res.output == f"Error: {name}={value!r}: {message}\n", res.output
+
+
+def test_durations_a_setting_takes():
+    from quantselect.settings import get_settings
+
+    for text, seconds in (("90", 90), ("45s", 45), ("90m", 5400), ("6h", 21600), ("1h30m", 5400), ("1.5h", 5400)):
+        assert get_settings({"QUANTSELECT_CANDIDATE_TIMEOUT": text}).candidate_timeout_seconds == seconds, text
+    assert get_settings({}).candidate_timeout_seconds is None
+
+
+def test_status_follow_prints_each_change_then_the_results(ray_cluster, tiny_llama):
+    """`status JOB --follow` on a job another process drives (here a thread, as the API server does):
+    the first state, then a line per change, then the results table; exit 0."""
+    import threading
+
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                                   candidates=["int8"], threshold=0.5))
+    driver = threading.Timer(1.0, svc.run_job, args=(job.id,))  # starts once --follow watches
+    driver.start()
+    try:
+        res = CliRunner().invoke(cli, ["status", job.id, "--follow", "--every", "0.2"])
+    finally:
+        driver.join(timeout=300)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"Job {job.id}: queued" and lines[1].split() == ["baseline", "pending"], lines
+    changes = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
+    assert f"Job {job.id}: succeeded" in changes and changes.index("baseline   succeeded") > 0, changes
+    assert any(c.startswith(f"Job {job.id}: running") for c in changes), changes
+    assert "int8       succeeded" in changes and "Recommendation" in res.output, res.output
+
+
+def test_status_follow_ends_on_a_failed_job_or_a_driver_that_is_gone(tiny_llama, monkeypatch):
+    from quantselect.service import Service, SubmitRequest
+
+    monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "1")
+    svc = Service()
+    req = SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4, candidates=["int8"])
+    failed = svc.submit(req)
+    svc.repo.finish_job(failed.id, "failed", error="the baseline failed, nothing to compare with: boom")
+    res = CliRunner().invoke(cli, ["status", failed.id, "--follow"])
+    assert res.exit_code == 1 and res.output.splitlines()[-1] == (
+        f"Error: job {failed.id} failed: the baseline failed, nothing to compare with: boom"), res.output
+    gone = svc.submit(req)
+    svc.repo.claim_job(gone.id, driver="elsewhere:4242", stale_after=1)  # and never heard from again
+    res = CliRunner().invoke(cli, ["status", gone.id, "--follow", "--every", "0.2"])
+    assert res.exit_code == 1, res.output
+    assert re.search(r"its driver \(elsewhere:4242\) has not been heard from for \d+s: it is gone", res.output), res.output
+    assert res.output.splitlines()[-1] == (f"Error: job {gone.id}: its driver is gone; "
+                                            f"`quantselect resume {gone.id}` continues it"), res.output

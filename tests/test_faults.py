@@ -15,9 +15,11 @@ import threading
 import time
 
 import psutil
+import pytest
 from click.testing import CliRunner
 
 from quantselect.cli import cli
+from quantselect.errors import QuantselectError
 from quantselect.service import Service, SubmitRequest
 from quantselect.settings import get_settings
 from tests.fixtures.common import EXAMPLES
@@ -280,3 +282,21 @@ def test_a_candidate_cancelled_on_its_own_stops_while_the_job_goes_on(ray_cluste
     assert svc.resume(again.id).status == "succeeded"
     after = {r.name: (r.status, r.reused_from) for r in svc.results(again.id)}
     assert after == {"baseline": ("succeeded", job.id), "int8": ("succeeded", job.id), "w8a8": ("cancelled", None)}, after
+
+
+def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_cluster, tiny_llama, monkeypatch):
+    """QUANTSELECT_CANDIDATE_TIMEOUT bounds every candidate (the baseline too): a worker still running
+    after it is stopped, its GPU freed, and the candidate failed saying so; without a baseline the job
+    fails, saying why."""
+    monkeypatch.setenv("QUANTSELECT_CANDIDATE_TIMEOUT", "1s")  # far shorter than one candidate takes here
+    svc = Service()
+    job = svc.submit(_slow_request(tiny_llama, ["int8"]))
+    with pytest.raises(QuantselectError, match=r"the baseline failed, nothing to compare with: stopped: still "
+                                               r"running after 1s \(QUANTSELECT_CANDIDATE_TIMEOUT\)"):
+        svc.run_job(job.id)
+    assert svc.get_job(job.id).status == "failed"
+    results = {r.name: r for r in svc.results(job.id)}
+    assert {n: r.status for n, r in results.items()} == {"baseline": "failed", "int8": "failed"}
+    assert results["int8"].error == "stopped: still running after 1s (QUANTSELECT_CANDIDATE_TIMEOUT)"
+    _wait("the workers gone", lambda: not _workers(under=os.getpid()), timeout=60)
+    _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)

@@ -20,6 +20,7 @@ from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.planner import Request
 from quantselect.domain.results import CANCELLED, CANCELLED_ALONE, FAILED, SUCCEEDED, CandidateResult, ItemResult
+from quantselect.settings import format_duration
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 PROGRESS_EVERY = 5.0  # seconds between two progress calls when nothing changed
@@ -173,6 +174,7 @@ def run_sweep(
     finished: list[CandidateResult] | None = None,
     partial: dict[str, list[ItemResult]] | None = None,
     max_retries: int = 1,
+    candidate_timeout: float | None = None,
     stream_chunk: int | None = None,
     models_dir: str | None = None,
 ) -> list[CandidateResult]:
@@ -185,7 +187,8 @@ def run_sweep(
     ``finished``: outcomes already stored (a resumed job, reused results): not run again; a finished
     baseline is shared from its stored items. ``partial``: per-item results a candidate had already
     streamed before: the worker scores only the rest. A worker whose process or node dies is retried
-    ``max_retries`` times, from the items it had streamed.
+    ``max_retries`` times, from the items it had streamed. ``candidate_timeout``: seconds a candidate
+    may run (from its worker's first report, retries included) before it is stopped and failed.
 
     With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
     first, alone, and its per-item scores (and reference outputs) go to every other candidate.
@@ -208,7 +211,8 @@ def run_sweep(
         if items and name not in done_names:
             board.seed.remote(name, items)
     dataset_ref = ray.put(dataset)
-    run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries)
+    run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries,
+                  candidate_timeout)
     try:
         if not todo:
             return finished
@@ -245,10 +249,12 @@ class _Runner:
     outcomes in completion order, and stops everything when the driver says so."""
 
     def __init__(self, model_path: str, dataset_ref: Any, board: Any, hooks: SweepHooks, poll_seconds: float,
-                 measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int) -> None:
+                 measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int,
+                 timeout: float | None = None) -> None:
         self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
-        self.max_retries = max_retries
+        self.max_retries, self.timeout = max_retries, timeout
+        self.began: dict[str, float] = {}  # when each candidate's worker first reported
         self.last: ProgressSnapshot = {}
         self.last_at = 0.0
         self.attempts: dict[str, int] = {}
@@ -257,6 +263,8 @@ class _Runner:
         import ray
 
         snap, fresh, self.attempts = ray.get(self.board.drain.remote())
+        for name in snap:
+            self.began.setdefault(name, time.monotonic())
         if self.hooks.on_items:
             for name, items in fresh.items():
                 self.hooks.on_items(name, items)
@@ -264,12 +272,16 @@ class _Runner:
             self.hooks.on_progress(snap)
             self.last, self.last_at = snap, time.monotonic()
 
-    def _cancelled_alone(self, cand: Candidate) -> CandidateResult:
+    def _stopped(self, cand: Candidate, status: str, error: str, **fields: Any) -> CandidateResult:
+        """The outcome of a candidate stopped here (or never started), handed to the driver."""
         self.board.forget.remote(cand.name)
-        result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=CANCELLED, error=CANCELLED_ALONE,
-                                 finished_at=datetime.now(timezone.utc))
+        result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=status, error=error,
+                                 finished_at=datetime.now(timezone.utc), **fields)
         self.hooks.on_outcome(result)
         return result
+
+    def _overdue(self, name: str) -> bool:
+        return self.timeout is not None and name in self.began and time.monotonic() - self.began[name] > self.timeout
 
     def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
         import ray
@@ -313,13 +325,18 @@ class _Runner:
                 dropped = set(self.hooks.dropped())
                 for cand in [c for c in queue if c.name in dropped]:
                     queue.remove(cand)
-                    outcomes.append(self._cancelled_alone(cand))
-                for ref, (cand, pg) in [(r, v) for r, v in running.items() if v[0].name in dropped]:
+                    outcomes.append(self._stopped(cand, CANCELLED, CANCELLED_ALONE))
+                for ref, (cand, pg) in [(r, v) for r, v in running.items() if v[0].name in dropped or self._overdue(v[0].name)]:
                     ray.cancel(ref, force=True)  # its worker process is killed: its GPU is free now
                     if pg is not None:
                         remove_placement_group(pg)
                     del running[ref]
-                    outcomes.append(self._cancelled_alone(cand))
+                    if cand.name in dropped:
+                        outcomes.append(self._stopped(cand, CANCELLED, CANCELLED_ALONE))
+                    else:
+                        outcomes.append(self._stopped(
+                            cand, FAILED, f"stopped: still running after {format_duration(self.timeout)} "
+                                          "(QUANTSELECT_CANDIDATE_TIMEOUT)", attempts=self.attempts.get(cand.name)))
                 if not (queue or running):
                     break
                 while queue and len(running) < max_in_flight:

@@ -163,8 +163,13 @@ def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -
     from quantselect.service import Events
 
     progress = Progress()
-    job = svc.run_job(job_id, Events(on_progress=progress.update, on_outcome=progress.outcome, on_status=progress.status),
-                      resume=resume)
+    try:
+        job = svc.run_job(job_id, Events(on_progress=progress.update, on_outcome=progress.outcome,
+                                         on_status=progress.status), resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"\nJob {job_id} interrupted: its workers are stopped; `quantselect resume {job_id}` continues it, "
+                   "keeping finished candidates and the items already scored", err=True)
+        raise click.exceptions.Exit(130) from None  # as a shell reports a command SIGINT ended
     if job.status == CANCELLED:
         raise QuantselectError(f"job {job_id} was cancelled; `quantselect resume {job_id}` continues it")
     _print_results(svc, job_id)

@@ -43,6 +43,7 @@ from quantselect.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 _DEPLOYING = "deploying the recommended candidate on Ray Serve"  # the stage of a succeeded job until it is served
+INTERRUPTED = "interrupted (SIGINT, Ctrl-C)"  # the error of a job whose driver was interrupted
 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
@@ -306,6 +307,9 @@ class Service:
                 return self.repo.get_job(job_id)
             if self._succeed(job_id, results, spec.deploy) != SUCCEEDED:  # a cancel came in at the very end
                 return self.repo.get_job(job_id)
+        except KeyboardInterrupt:  # Ctrl-C (SIGINT): the sweep has stopped its workers; `resume` continues
+            self.repo.finish_job(job_id, CANCELLED, error=INTERRUPTED)
+            raise
         except BaseException as e:
             msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
             self.repo.finish_job(job_id, FAILED, error=msg)

@@ -300,3 +300,36 @@ def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_c
     assert results["int8"].error == "stopped: still running after 1s (QUANTSELECT_CANDIDATE_TIMEOUT)"
     _wait("the workers gone", lambda: not _workers(under=os.getpid()), timeout=60)
     _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
+
+
+def test_ctrl_c_in_a_local_run_cancels_the_job_which_resume_continues(ray_cluster, tiny_llama, monkeypatch, qs_home):
+    """SIGINT (Ctrl-C) in `submit`: its workers are stopped, the job is cancelled (not failed with a
+    bare KeyboardInterrupt, its candidates left "running"), the command says how to continue and
+    exits 130; `resume` then finishes it, keeping the items already stored."""
+    from quantselect.service import INTERRUPTED
+
+    monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "4")
+    svc = Service()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "quantselect", "submit", str(tiny_llama), GSM8K, "--limit", "40",
+         "--max-new-tokens", "48", "--candidates", "int8"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        job_id = _wait("the job", lambda: [j.id for j in svc.list_jobs()], timeout=300)[0]
+        _wait("items stored", lambda: any(svc.items_stored(job_id).values()), timeout=900, every=0.05)
+        driver.send_signal(signal.SIGINT)  # to the driver alone, as a terminal's Ctrl-C reaches it first
+        out = driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, out[-3000:]
+    assert f"Job {job_id} interrupted: its workers are stopped; `quantselect resume {job_id}` continues it" in out, out[-3000:]
+    assert "Traceback" not in out and "Aborted" not in out, out[-3000:]
+    job = svc.get_job(job_id)
+    assert (job.status, job.error) == ("cancelled", INTERRUPTED)
+    assert {r.status for r in svc.results(job_id)} <= {"succeeded", "cancelled"}, svc.results(job_id)
+    stored = sum(svc.items_stored(job_id).values())
+    assert stored > 0
+    res = CliRunner().invoke(cli, ["resume", job_id])
+    assert res.exit_code == 0, res.output
+    _assert_once(svc, job_id, 40, {"baseline", "int8"})

@@ -291,6 +291,9 @@ class Repository:
             row.stage = stage if status == SUCCEEDED else None
             if status == CANCELLED:
                 self._cancel_unfinished(s, job_id)
+            elif status == FAILED:  # their workers were stopped with the sweep; those never started stay pending
+                s.execute(update(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.status == RUNNING)
+                          .values(status=CANCELLED, error="stopped: the job failed", finished_at=utcnow()))
             return status
 
     @staticmethod

@@ -240,3 +240,35 @@ def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_no
     reply = openai.OpenAI(base_url=job["base_url"], api_key="unused").completions.create(model=model, prompt="Hi", max_tokens=3)
     assert reply.usage.completion_tokens > 0
     assert client.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model
+
+
+def test_stopping_the_server_cancels_the_jobs_it_runs_and_queued_which_resume_continues(ray_cluster, tiny_llama,
+                                                                                       monkeypatch):
+    """The app's shutdown (Ctrl-C or SIGTERM on `quantselect api`) cancels the job it drives (its
+    workers stop within seconds: the shutdown does not wait for the job to end) and the one it had
+    queued; both say why, and `resume` continues them. Before, the process waited for every job."""
+    from quantselect.api.app import SERVER_STOPPED, create_app
+    from quantselect.service import Service
+
+    monkeypatch.setenv("QUANTSELECT_API_MAX_JOBS", "1")  # the second job waits in the queue
+    monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "4")
+    svc = Service()
+    body = {"model": str(tiny_llama), "dataset": str(EXAMPLES / "gsm8k-50.jsonl"), "limit": 50, "max_new_tokens": 64,
+            "candidates": ["int8"]}
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        first = client.post("/api/v1/jobs", json=body).json()["id"]
+        second = client.post("/api/v1/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 600
+        while not any(svc.items_stored(first).values()):
+            assert time.monotonic() < deadline, "the first job never scored an item"
+            time.sleep(0.2)
+    for job_id in (first, second):  # the shutdown has run
+        job = svc.get_job(job_id)
+        assert (job.status, job.error) == ("cancelled", f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
+        assert {r.status for r in svc.results(job_id)} <= {"cancelled", "succeeded"}, svc.results(job_id)
+    assert {r.status for r in svc.results(second)} == {"cancelled"}  # never started
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("GPU") != 2:  # the first job's workers are gone
+        assert time.monotonic() < deadline, ray_cluster.available_resources()
+        time.sleep(0.5)
+    assert svc.resume(second).status == "succeeded"

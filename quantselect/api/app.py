@@ -4,6 +4,7 @@ Jobs run in a background thread of this process, which stays free to answer whil
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -16,12 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.results import (
-    DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD,
+    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, QUEUED, RUNNING,
 )
 from quantselect.errors import QuantselectError
 from quantselect.service import Service, SubmitRequest
 
 log = logging.getLogger(__name__)
+SERVER_STOPPED = "interrupted: the API server that ran it stopped"
 
 
 class JobRequest(BaseModel):
@@ -78,6 +80,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     svc = service or Service()
     # Jobs run side by side on the cluster (each its own driver thread); more wait, queued.
     executor = ThreadPoolExecutor(max_workers=svc.settings.api_max_jobs, thread_name_prefix="quantselect-job")
+    active: dict[str, bool] = {}  # the jobs this server runs or has queued -> whether their driver thread started
+    stopping = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,7 +91,32 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
             connect(svc.settings, persistent=True)
         yield
-        executor.shutdown(wait=False, cancel_futures=True)
+        _stop_jobs()
+
+    def _stop_jobs() -> None:
+        """The server stops: the jobs it drives are cancelled (their driver threads stop their workers
+        within seconds, which the shutdown waits for), those it had queued are not started; all end
+        `cancelled`, saying so, and `resume` continues them. Before, the process waited for every
+        running job to finish."""
+        stopping.set()
+        ours = dict(active)
+        if ours:
+            log.warning("the API server stops: cancelling %d job(s) it runs or has queued (resume continues them)", len(ours))
+        for job_id, started in ours.items():
+            if started:
+                try:
+                    svc.cancel(job_id)
+                except QuantselectError:  # it has just ended
+                    pass
+        executor.shutdown(wait=True, cancel_futures=True)
+        for job_id in ours:
+            job = svc.get_job(job_id)
+            if job.status in (QUEUED, RUNNING, CANCELLED):
+                svc.repo.finish_job(job_id, CANCELLED, error=f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
+
+    def _queue(job_id: str, resume: bool = False) -> None:
+        active[job_id] = False
+        executor.submit(_run, job_id, resume)
 
     app = FastAPI(title="quantselect", version="0.1.0", lifespan=lifespan,
                   description="Which precision should I deploy? Measured on your own task.")
@@ -102,12 +131,17 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return JSONResponse(status_code=422, content={"detail": "; ".join(msgs)})
 
     def _run(job_id: str, resume: bool = False) -> None:
+        if stopping.is_set():
+            return
+        active[job_id] = True
         try:
             svc.run_job(job_id, resume=resume)
         except QuantselectError as e:  # the job row carries the error; keep the server up
             log.warning("job %s: %s", job_id, e)
         except Exception:
             log.exception("job %s failed", job_id)
+        finally:
+            active.pop(job_id, None)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -127,7 +161,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @app.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:
         job = svc.submit(_request(body))
-        executor.submit(_run, job.id)
+        _queue(job.id)
         return job.to_dict()
 
     @app.post("/api/v1/jobs/preview")
@@ -162,7 +196,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     def resume_job(job_id: str) -> dict[str, Any]:
         """Continue a job whose driver died (or that failed or was cancelled), in this server."""
         job = svc.claim(job_id, resume=True)  # 409 now, not later, if a live driver runs it
-        executor.submit(_run, job_id, True)
+        _queue(job_id, True)
         return job.to_dict()
 
     @app.get("/api/v1/jobs/{job_id}/results")

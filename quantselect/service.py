@@ -24,7 +24,6 @@ from quantselect.domain.results import (
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
     CANCELLED,
-    CANCELLED_ALONE,
     FAILED,
     RUNNING,
     SUCCEEDED,
@@ -32,6 +31,7 @@ from quantselect.domain.results import (
     ItemResult,
     Job,
     JobSpec,
+    cancelled_alone,
     validate_confidence,
     validate_policy,
     validate_price,
@@ -284,7 +284,7 @@ class Service:
 
         events = self._staged(job_id, events or Events())
         self.claim(job_id, resume)
-        beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
+        beat = self._heartbeat(job_id)
         try:
             spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
             spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
@@ -311,12 +311,15 @@ class Service:
             self.repo.finish_job(job_id, CANCELLED, error=INTERRUPTED)
             raise
         except BaseException as e:
-            msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
-            self.repo.finish_job(job_id, FAILED, error=msg)
+            self.repo.finish_job(job_id, FAILED, error=_one_line(e))
             raise
         finally:
             beat.stop()
         return self._deployed(job_id, spec, events)
+
+    def _heartbeat(self, job_id: str) -> "_Heartbeat":
+        """This process's sign of life as the job's driver, often enough to stay well inside the staleness limit."""
+        return _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
 
     def _staged(self, job_id: str, events: Events) -> Events:
         """``events`` whose status lines are also written as the job's stage, which `status` and the
@@ -456,13 +459,12 @@ class Service:
         if events.on_status:
             events.on_status(_DEPLOYING)
         # Heard from while deploying: `status` tells a deployment whose driver died from one under way.
-        beat = _Heartbeat(self.repo, job_id, interval=min(5.0, self.settings.heartbeat_stale_seconds / 4))
+        beat = self._heartbeat(job_id)
         try:
             self.deploy(job_id)
         except Exception as e:  # noqa: BLE001
-            msg = str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
-            log.warning("job %s succeeded but was not deployed: %s", job_id, msg)
-            self.repo.set_deploy_error(job_id, msg)
+            log.warning("job %s succeeded but was not deployed: %s", job_id, _one_line(e))
+            self.repo.set_deploy_error(job_id, _one_line(e))
         finally:
             beat.stop()
             self.repo.set_job_stage(job_id, None)
@@ -477,7 +479,7 @@ class Service:
 
         stored = {r.name: r for r in self.repo.get_results(job_id)}
         # kept: succeeded ones, and those cancelled on their own (a resume does not run them again)
-        finished = [r for r in stored.values() if r.status == SUCCEEDED or (r.status == CANCELLED and r.error == CANCELLED_ALONE)]
+        finished = [r for r in stored.values() if r.status == SUCCEEDED or cancelled_alone(r.status, r.error)]
         keys = self.repo.cache_keys(job_id) if spec.use_cache else {}
         kept = {r.name for r in finished}
         keys = {n: k for n, k in keys.items() if k and n not in kept and n not in skip}
@@ -961,6 +963,11 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as the job row keeps it: our own errors as they are, any other with its type."""
+    return str(e) if isinstance(e, QuantselectError) else f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
 
 
 def _artifact(result: CandidateResult) -> str | None:

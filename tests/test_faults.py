@@ -32,6 +32,15 @@ def _slow_request(model, candidates: list[str], **kw) -> SubmitRequest:
     return SubmitRequest(model=str(model), dataset=GSM8K, limit=40, max_new_tokens=48, candidates=candidates, **kw)
 
 
+def _submit_in_a_process(model, candidates: str) -> subprocess.Popen:
+    """`quantselect submit` of a slow job as a user runs it: its own process, the job's driver (with a
+    local Ray cluster of its own), in a session of its own; output collected."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantselect", "submit", str(model), GSM8K, "--limit", "40",
+         "--max-new-tokens", "48", "--candidates", candidates],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def _workers(name: str | None = None, under: int | None = None) -> list[psutil.Process]:
     """Live Ray worker processes running a candidate (of one name) in the process tree of ``under``
     (this test's own Ray cluster: never another run's workers on the same machine)."""
@@ -95,10 +104,7 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
     monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "8")
     monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "3")
     svc = Service()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "quantselect", "submit", str(tiny_llama), GSM8K, "--limit", "40",
-         "--max-new-tokens", "48", "--candidates", "int8,w8a8"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = _submit_in_a_process(tiny_llama, "int8,w8a8")
     try:
         # Generous limits: they only stop a hung run. The driver starts a Ray cluster of its own beside
         # the test's, on a machine that may be busy (one CI run took over 300 s to get half-way).
@@ -310,10 +316,7 @@ def test_ctrl_c_in_a_local_run_cancels_the_job_which_resume_continues(ray_cluste
 
     monkeypatch.setenv("QUANTSELECT_STREAM_CHUNK", "4")
     svc = Service()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "quantselect", "submit", str(tiny_llama), GSM8K, "--limit", "40",
-         "--max-new-tokens", "48", "--candidates", "int8"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = _submit_in_a_process(tiny_llama, "int8")
     try:
         job_id = _wait("the job", lambda: [j.id for j in svc.list_jobs()], timeout=300)[0]
         _wait("items stored", lambda: any(svc.items_stored(job_id).values()), timeout=900, every=0.05)

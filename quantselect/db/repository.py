@@ -20,7 +20,7 @@ from quantselect.domain.candidates import BASELINE, Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import (
     CANCELLED, CANCELLED_ALONE, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration,
-    CandidateResult, ItemResult, Job, JobSpec,
+    CandidateResult, ItemResult, Job, JobSpec, cancelled_alone,
 )
 from quantselect.errors import ConflictError, NotFoundError
 
@@ -219,14 +219,11 @@ class Repository:
             with self._write.begin() as s:
                 s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=utcnow()))
                 cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
-                return cancel, frozenset(self._cancelled_alone(s, job_id))
+                dropped = s.scalars(select(CandidateRow.name).where(
+                    CandidateRow.job_id == job_id, CandidateRow.status == CANCELLED, CandidateRow.error == CANCELLED_ALONE))
+                return cancel, frozenset(dropped)
         except (OperationalError, DBAPIError):
             return None
-
-    @staticmethod
-    def _cancelled_alone(s: Session, job_id: str) -> list[str]:
-        return list(s.scalars(select(CandidateRow.name).where(
-            CandidateRow.job_id == job_id, CandidateRow.status == CANCELLED, CandidateRow.error == CANCELLED_ALONE)))
 
     @_retrying
     def cancel_candidate(self, job_id: str, name: str) -> CandidateResult:
@@ -309,7 +306,7 @@ class Repository:
     ) -> None:
         with self._write.begin() as s:
             c = self._candidate_row(s, job_id, name)
-            if c.status == CANCELLED and c.error == CANCELLED_ALONE:  # its worker started before the driver knew
+            if cancelled_alone(c.status, c.error):  # its worker started before the driver knew
                 return
             c.status, c.error, c.started_at, c.finished_at = RUNNING, None, _naive_utc(started_at), None
             c.node_id, c.gpu_ids = node_id, [str(g) for g in gpu_ids or []]

@@ -19,6 +19,10 @@ PENDING = "pending"
 # a resumed job leaves it cancelled, where one cancelled with its job runs again.
 CANCELLED_ALONE = "cancelled on its own, by request"
 
+
+def cancelled_alone(status: str, error: str | None) -> bool:
+    return status == CANCELLED and error == CANCELLED_ALONE
+
 DEFAULT_THRESHOLD = 0.98
 DEFAULT_CONFIDENCE = 0.95
 # How a candidate qualifies: its point estimate of relative quality meets the threshold, or the

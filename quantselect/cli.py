@@ -17,12 +17,13 @@ import click
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import METRICS as METRICS_BY_KIND
 from quantselect.domain.dataset import FieldMapping
+from quantselect.domain.durations import format_duration as _duration
+from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, FINISHED,
     JOB_STATUSES, POLICIES, QUEUED, RUNNING, SUCCEEDED,
 )
 from quantselect.errors import InputError, QuantselectError
-from quantselect.settings import format_duration as _duration
 
 
 METRICS = tuple(dict.fromkeys(m for metrics in METRICS_BY_KIND.values() for m in metrics))
@@ -266,6 +267,9 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
 @click.option("--chat-template", is_flag=True, help="Generation: wrap each prompt in the model's chat template.")
 @click.option("--no-cache", is_flag=True,
               help="Run every candidate even when a stored result of the same model, data, config and settings exists.")
+@click.option("--candidate-timeout", default=None, metavar="DURATION",
+              help="Stop and fail any candidate still running after this long (90m, 6h, 1h30m), freeing its GPU; "
+                   "the others run on. Default: the driver's QUANTSELECT_CANDIDATE_TIMEOUT, if set.")
 @click.option("--dry-run", is_flag=True,
               help="Check everything and say what would run (items, calibration hold-out, memory per candidate, "
                    "what runs here, what a stored result spares); submit nothing.")
@@ -273,7 +277,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
            sample: int | None, address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
-           chat_template: bool, no_cache: bool, dry_run: bool) -> None:
+           chat_template: bool, no_cache: bool, candidate_timeout: str | None, dry_run: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
     a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet: a file here, or one of a
     Hub dataset, hf://datasets/OWNER/NAME[@REVISION]/PATH, as are --labels and --calibration)."""
@@ -292,7 +296,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         candidates=candidates.split(",") if candidates is not None else None,
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
-                        chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address))
+                        chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address),
+                        candidate_timeout=parse_duration(candidate_timeout, "--candidate-timeout") if candidate_timeout else None)
     if dry_run:
         from quantselect.render import preview_text
 
@@ -724,7 +729,8 @@ def gpus(fmt: str) -> None:
 
 def _announce(job: Any) -> None:
     click.echo(f"Job {job.id}: {job.n_items} items of {job.dataset_source} (metric {job.metric}), "
-               f"candidates {', '.join(job.candidate_names)}")
+               f"candidates {', '.join(job.candidate_names)}"
+               + (f"; each may run {_duration(job.candidate_timeout)} at most" if job.candidate_timeout else ""))
 
 
 def main() -> None:

@@ -10,13 +10,14 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, parse_age, plan_prune
+from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, plan_prune
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, Prequantized, resolve_candidates
 from quantselect.domain.compare import ItemComparison, compare_items
+from quantselect.domain.durations import parse_duration
 from quantselect.domain.dataset import FieldMapping, load_dataset, parse_records
 from quantselect.domain.results import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -80,6 +81,7 @@ class SubmitRequest:
     stop: list[str] | None = None
     chat_template: bool = False
     use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs
+    candidate_timeout: float | None = None  # seconds each candidate may run (None: the driver's setting)
     # The model path is read where the job's driver runs (submit --address): when it is not here,
     # the model is checked by the driver on the cluster instead.
     model_on_cluster: bool = False
@@ -139,6 +141,8 @@ class Service:
         confidence = validate_confidence(req.confidence)
         policy = validate_policy(req.policy)
         candidates = resolve_candidates(req.candidates)
+        if req.candidate_timeout is not None and not req.candidate_timeout > 0:
+            raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0")
         if req.limit is not None and req.limit < 1:
             raise InputError(f"limit {req.limit} must be at least 1")
         if req.sample is not None and (req.sample < 1 or req.limit is not None):
@@ -176,7 +180,7 @@ class Service:
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
                        policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration,
-                       use_cache=req.use_cache)
+                       use_cache=req.use_cache, candidate_timeout=req.candidate_timeout)
 
     def preview(self, req: SubmitRequest) -> dict[str, Any]:
         """What ``submit`` would run (``--dry-run``), validated the same way, without submitting or
@@ -376,9 +380,16 @@ class Service:
                             early_stop=early_stop, calibration=spec.calibration,
                             artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
                             partial=partial, max_retries=self.settings.max_retries,
-                            candidate_timeout=self.settings.candidate_timeout_seconds,
+                            **self._candidate_timeout(spec),
                             stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir))
         return None if hooks.stopped else results
+
+    def _candidate_timeout(self, spec: JobSpec) -> dict[str, Any]:
+        """How long each candidate may run, and where that was said: the job's own limit
+        (``--candidate-timeout``) before this driver's ``QUANTSELECT_CANDIDATE_TIMEOUT``."""
+        if spec.candidate_timeout:
+            return {"candidate_timeout": spec.candidate_timeout, "timeout_source": "the job's candidate timeout"}
+        return {"candidate_timeout": self.settings.candidate_timeout_seconds}
 
     def _succeed(self, job_id: str, results: list[CandidateResult], deploy: bool = False) -> str:
         baseline = next(r for r in results if r.is_baseline)
@@ -862,7 +873,7 @@ class Service:
         The database is not touched: stored results stay valid without their artifacts."""
         from quantselect.engines.artifacts import remove
 
-        age = parse_age(older_than) if older_than is not None else None
+        age = timedelta(seconds=parse_duration(older_than, "--older-than", bare_seconds=False)) if older_than is not None else None
         entries, uses = self._cache()
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         plan = plan_prune(entries, uses, now, keys=keys, older_than=age, everything=everything)

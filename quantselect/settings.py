@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
+from quantselect.domain.durations import parse_duration
 from quantselect.errors import InputError
 
 T = TypeVar("T", int, float)
@@ -84,29 +84,3 @@ def _number(env: Mapping[str, str], name: str, default: T | None, kind: Callable
     if value < low or (high is not None and value > high):
         raise InputError(f"{name}={raw!r}: give {what} " + (f"from {low} to {high}" if high is not None else f"of at least {low}"))
     return value
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, name: str) -> float:
-    """``90``, ``45s``, ``90m``, ``6h``, ``1h30m`` -> seconds (a one-line error naming ``name`` otherwise)."""
-    compact = "".join(text.split()).lower()
-    parts = _DURATION.findall(compact)
-    if not compact or "".join(n + u for n, u in parts) != compact or (len(parts) > 1 and not all(u for _, u in parts)):
-        raise InputError(f"{name}={text!r}: give a duration such as 90m, 6h, 1h30m or 45s")
-    seconds = sum(float(n) * _SECONDS[u] for n, u in parts)
-    if seconds <= 0:
-        raise InputError(f"{name}={text!r}: give a duration longer than 0")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """``45s``, ``3m10s``, ``2h05m``."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -56,6 +56,8 @@ def test_health_and_openapi(client):
         ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "policy": "lucky"}, "policy 'lucky' must be one of"),
         ({"model": "/no/such/model", "items": [{"prompt": "a", "reference": "b"}]}, "model path does not exist"),
         ({"model": "demo", "dataset": "/no/such.jsonl"}, "dataset file not found"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "candidate_timeout": "soon"},
+         "candidate_timeout='soon': give a duration such as 90m"),
         ({"items": []}, "body.model: Field required"),
         ({"model": "demo", "items": [], "thresold": 0.9}, "body.thresold: Extra inputs are not permitted"),
     ],

@@ -397,12 +397,50 @@ def test_a_bad_setting_is_one_line_that_names_it(monkeypatch, name, value, messa
     assert res.exit_code == 2 and res.output == f"Error: {name}={value!r}: {message}\n", res.output
 
 
-def test_durations_a_setting_takes():
+def test_durations_read_and_print_the_way_people_write_them():
+    """One parser for QUANTSELECT_CANDIDATE_TIMEOUT, --candidate-timeout (REST candidate_timeout) and
+    --older-than."""
+    from quantselect.domain.durations import format_duration, parse_duration
+    from quantselect.errors import InputError
     from quantselect.settings import get_settings
 
-    for text, seconds in (("90", 90), ("45s", 45), ("90m", 5400), ("6h", 21600), ("1h30m", 5400), ("1.5h", 5400)):
+    for text, seconds in (("90", 90), ("45s", 45), ("90m", 5400), ("6h", 21600), ("1h30m", 5400), ("1.5h", 5400),
+                          (" 6 H ", 21600), ("30d", 30 * 86400), ("2w", 14 * 86400)):
+        assert parse_duration(text, "x") == seconds, text
         assert get_settings({"QUANTSELECT_CANDIDATE_TIMEOUT": text}).candidate_timeout_seconds == seconds, text
     assert get_settings({}).candidate_timeout_seconds is None
+    for bad in ("d", "-1d", "3x", "", "1h30", "0s"):
+        with pytest.raises(InputError, match=r"^x="):
+            parse_duration(bad, "x")
+    with pytest.raises(InputError, match=r"^--older-than='30': give a duration such as 30d"):
+        parse_duration("30", "--older-than", bare_seconds=False)  # 30 what? (as seconds it could prune everything)
+    assert [format_duration(s) for s in (45, 190, 7500)] == ["45s", "3m10s", "2h05m"]
+
+
+def test_a_job_s_own_candidate_timeout_is_stored_and_wins_over_the_driver_s(tiny_llama, monkeypatch, capsys):
+    """`submit --candidate-timeout` (REST candidate_timeout): stored with the job, said when it is
+    submitted, and the limit its driver enforces instead of QUANTSELECT_CANDIDATE_TIMEOUT (enforcement
+    itself: test_faults); a bad one is a one-line error and nothing is submitted."""
+    from dataclasses import replace
+
+    from quantselect.cli import _announce
+    from quantselect.service import Service, SubmitRequest
+
+    monkeypatch.setenv("QUANTSELECT_CANDIDATE_TIMEOUT", "6h")
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4,
+                                   candidates=["int8"], candidate_timeout=5400))
+    assert job.candidate_timeout == 5400 and svc.get_job(job.id).to_dict()["candidate_timeout_seconds"] == 5400
+    spec = svc.repo.get_job_spec(job.id)
+    assert svc._candidate_timeout(spec) == {"candidate_timeout": 5400, "timeout_source": "the job's candidate timeout"}
+    assert svc._candidate_timeout(replace(spec, candidate_timeout=None)) == {"candidate_timeout": 6 * 3600}
+    _announce(job)
+    assert capsys.readouterr().out.endswith("candidates baseline, int8; each may run 1h30m at most\n")
+    bad = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"),
+                                   "--candidate-timeout", "soon"])
+    assert bad.exit_code == 2 and bad.output == ("Error: --candidate-timeout='soon': give a duration such as 90m, 6h, "
+                                                 "1h30m or 45s\n"), bad.output
+    assert [j.id for j in svc.list_jobs()] == [job.id]
 
 
 def test_status_follow_prints_each_change_then_the_results(ray_cluster, tiny_llama):

@@ -291,19 +291,20 @@ def test_a_candidate_cancelled_on_its_own_stops_while_the_job_goes_on(ray_cluste
 
 
 def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_cluster, tiny_llama, monkeypatch):
-    """QUANTSELECT_CANDIDATE_TIMEOUT bounds every candidate (the baseline too): a worker still running
+    """A job's candidate timeout (`submit --candidate-timeout`; else the driver's
+    QUANTSELECT_CANDIDATE_TIMEOUT) bounds every candidate (the baseline too): a worker still running
     after it is stopped, its GPU freed, and the candidate failed saying so; without a baseline the job
     fails, saying why."""
-    monkeypatch.setenv("QUANTSELECT_CANDIDATE_TIMEOUT", "1s")  # far shorter than one candidate takes here
+    monkeypatch.setenv("QUANTSELECT_CANDIDATE_TIMEOUT", "6h")  # the job's own limit wins
     svc = Service()
-    job = svc.submit(_slow_request(tiny_llama, ["int8"]))
+    job = svc.submit(_slow_request(tiny_llama, ["int8"], candidate_timeout=1))  # far shorter than a candidate takes
     with pytest.raises(QuantselectError, match=r"the baseline failed, nothing to compare with: stopped: still "
-                                               r"running after 1s \(QUANTSELECT_CANDIDATE_TIMEOUT\)"):
+                                               r"running after 1s \(the job's candidate timeout\)"):
         svc.run_job(job.id)
     assert svc.get_job(job.id).status == "failed"
     results = {r.name: r for r in svc.results(job.id)}
     assert {n: r.status for n, r in results.items()} == {"baseline": "failed", "int8": "failed"}
-    assert results["int8"].error == "stopped: still running after 1s (QUANTSELECT_CANDIDATE_TIMEOUT)"
+    assert results["int8"].error == "stopped: still running after 1s (the job's candidate timeout)"
     _wait("the workers gone", lambda: not _workers(under=os.getpid()), timeout=60)
     _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import FieldMapping
+from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, QUEUED, RUNNING,
 )
@@ -55,6 +56,10 @@ class JobRequest(BaseModel):
     confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.")
     policy: str = Field(DEFAULT_POLICY, description="'point' or 'lower-bound': what must meet the threshold.")
     early_stop: bool = Field(False, description="Stop each candidate once an anytime-valid test settles its verdict.")
+    candidate_timeout: str | float | None = Field(
+        None, description="How long each candidate may run ('90m', '6h', '1h30m', or seconds): one still running is "
+        "stopped, its GPU freed, and fails saying so; the others run on. Default: the server's "
+        "QUANTSELECT_CANDIDATE_TIMEOUT, if set.")
     max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric).")
     stop: list[str] | None = Field(None, description="Generation: stop strings (default per metric; [] for none).")
     chat_template: bool = Field(False, description="Generation: wrap prompts in the model's chat template.")
@@ -156,7 +161,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                              calibration=body.calibration, calibration_samples=body.calibration_samples,
                              deploy=body.deploy, confidence=body.confidence,
                              policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
-                             stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache)
+                             stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache,
+                             candidate_timeout=None if body.candidate_timeout is None
+                             else parse_duration(body.candidate_timeout, "candidate_timeout"))
 
     @app.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class JobRow(Base):
     deployed_candidate: Mapped[str | None] = mapped_column(String(64))
     base_url: Mapped[str | None] = mapped_column(Text)
     deploy_error: Mapped[str | None] = mapped_column(Text)  # why the deployment a job asked for did not happen
+    candidate_timeout: Mapped[float | None] = mapped_column(Float)  # seconds a candidate may run (None: the driver's setting)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

@@ -12,7 +12,6 @@ converting again; a deployment also reloads from it whenever a replica starts.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Sequence
@@ -22,8 +21,6 @@ from quantselect.domain.results import QUEUED, RUNNING
 from quantselect.errors import InputError
 
 ARTIFACT, REFERENCE, MODEL, INCOMPLETE = "artifact", "reference", "model", "incomplete"
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 @dataclass(frozen=True)
@@ -62,14 +59,6 @@ class CandidateUse:
 class PrunePlan:
     remove: list[CacheEntry]
     keep: list[tuple[CacheEntry, str]]  # selected, but kept: why
-
-
-def parse_age(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``2w`` -> a timedelta."""
-    m = _AGE.match(text or "")
-    if not m:
-        raise InputError(f"--older-than {text!r}: give a number and a unit, m, h, d or w (e.g. 30d)")
-    return timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
 
 
 def attach_uses(entries: Iterable[CacheEntry], uses: Sequence[CandidateUse]) -> list[CacheEntry]:

@@ -109,6 +109,7 @@ class JobSpec:
     target_gpu: str = "H100-80GB"  # the deployment GPU the cost is quoted for
     calibration: Calibration | None = None
     use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs (--no-cache: never)
+    candidate_timeout: float | None = None  # seconds a candidate may run (None: the driver's setting, if any)
 
 
 @dataclass
@@ -219,6 +220,7 @@ class Job:
     heartbeat_at: datetime | None = None  # last sign of life of that driver
     stage: str | None = None  # what that driver is doing now (fetching, preparing, running candidates, deploying)
     deploy_error: str | None = None  # why the deployment it asked for (--deploy) did not happen
+    candidate_timeout: float | None = None  # seconds a candidate may run (None: the driver's setting, if any)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,6 +251,7 @@ class Job:
             "heartbeat_at": self.heartbeat_at.isoformat() if self.heartbeat_at else None,
             "stage": self.stage,
             "deploy_error": self.deploy_error,
+            "candidate_timeout_seconds": self.candidate_timeout,
         }
 
 

@@ -20,7 +20,7 @@ from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.planner import Request
 from quantselect.domain.results import CANCELLED, CANCELLED_ALONE, FAILED, SUCCEEDED, CandidateResult, ItemResult
-from quantselect.settings import format_duration
+from quantselect.domain.durations import format_duration
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 PROGRESS_EVERY = 5.0  # seconds between two progress calls when nothing changed
@@ -175,6 +175,7 @@ def run_sweep(
     partial: dict[str, list[ItemResult]] | None = None,
     max_retries: int = 1,
     candidate_timeout: float | None = None,
+    timeout_source: str = "QUANTSELECT_CANDIDATE_TIMEOUT",
     stream_chunk: int | None = None,
     models_dir: str | None = None,
 ) -> list[CandidateResult]:
@@ -188,7 +189,8 @@ def run_sweep(
     baseline is shared from its stored items. ``partial``: per-item results a candidate had already
     streamed before: the worker scores only the rest. A worker whose process or node dies is retried
     ``max_retries`` times, from the items it had streamed. ``candidate_timeout``: seconds a candidate
-    may run (from its worker's first report, retries included) before it is stopped and failed.
+    may run (from its worker's first report, retries included) before it is stopped and failed, with
+    an error that names ``timeout_source`` (where the limit was set).
 
     With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
     first, alone, and its per-item scores (and reference outputs) go to every other candidate.
@@ -212,7 +214,7 @@ def run_sweep(
             board.seed.remote(name, items)
     dataset_ref = ray.put(dataset)
     run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries,
-                  candidate_timeout)
+                  (candidate_timeout, timeout_source) if candidate_timeout else None)
     try:
         if not todo:
             return finished
@@ -250,10 +252,11 @@ class _Runner:
 
     def __init__(self, model_path: str, dataset_ref: Any, board: Any, hooks: SweepHooks, poll_seconds: float,
                  measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int,
-                 timeout: float | None = None) -> None:
+                 timeout: tuple[float, str] | None = None) -> None:
         self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
-        self.max_retries, self.timeout = max_retries, timeout
+        self.max_retries = max_retries
+        self.timeout, self.timeout_source = timeout or (None, "")
         self.began: dict[str, float] = {}  # when each candidate's worker first reported
         self.last: ProgressSnapshot = {}
         self.last_at = 0.0
@@ -336,7 +339,7 @@ class _Runner:
                     else:
                         outcomes.append(self._stopped(
                             cand, FAILED, f"stopped: still running after {format_duration(self.timeout)} "
-                                          "(QUANTSELECT_CANDIDATE_TIMEOUT)", attempts=self.attempts.get(cand.name)))
+                                          f"({self.timeout_source})", attempts=self.attempts.get(cand.name)))
                 if not (queue or running):
                     break
                 while queue and len(running) < max_in_flight:

@@ -462,6 +462,9 @@ def _status_lines(svc: Any, job: Any) -> dict[str, str]:
     if silent is not None and job.status == SUCCEEDED:
         lines["job"] = (f"Job {job.id}: succeeded, but its driver ({job.driver}) was gone before it was deployed (not "
                         f"heard from for {_duration(silent)}); `quantselect deploy {job.id}` serves it")
+    elif svc.queued_by_a_server_gone(job):
+        lines["job"] = (f"Job {job.id}: queued by the API server {job.driver}, which stopped before starting it; the "
+                        f"next `quantselect api` on this database runs it, or `quantselect resume {job.id}` here")
     elif silent is not None:
         lines["job"] = (f"Job {job.id}: running, but its driver ({job.driver}) has not been heard from for "
                         f"{_duration(silent)}: it is gone; `quantselect resume {job.id}` continues the job")

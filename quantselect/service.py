@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, plan_prune
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, Prequantized, resolve_candidates
@@ -26,6 +26,7 @@ from quantselect.domain.results import (
     DEFAULT_THRESHOLD,
     CANCELLED,
     FAILED,
+    QUEUED,
     RUNNING,
     SUCCEEDED,
     CandidateResult,
@@ -43,6 +44,7 @@ from quantselect.errors import ConflictError, InputError, QuantselectError
 from quantselect.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _DEPLOYING = "deploying the recommended candidate on Ray Serve"  # the stage of a succeeded job until it is served
 INTERRUPTED = "interrupted (SIGINT, Ctrl-C)"  # the error of a job whose driver was interrupted
 
@@ -284,23 +286,15 @@ class Service:
         """Drive the job to its end. ``resume``: continue a job whose driver died (or that failed or
         was cancelled): succeeded candidates are kept, per-item results already stored are not
         scored again; refused while another driver's heartbeat is fresh."""
-        from quantselect.engines.models import needs_conversion, resolve_model
-
         events = self._staged(job_id, events or Events())
         self.claim(job_id, resume)
         beat = self._heartbeat(job_id)
         try:
-            spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
-            spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
-            if events.on_status:
-                events.on_status("preparing the model" + (
-                    ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
-                    if needs_conversion(spec.model_path, self.settings.models_dir) else ""))
-            if not any(self.repo.cache_keys(job_id).values()):  # e.g. submitted where the model was not readable
-                self._keys_on_driver(job_id, spec)
-            model_dir = resolve_model(spec.model_path, self.settings.models_dir)
-            model_config = read_model_config(model_dir)
-            self.repo.set_model_config(job_id, model_config)
+            try:
+                spec, model_dir, model_config, unfetched = _unless_cancelled(beat, self._prepare, job_id, events)
+            except _CancelledMeanwhile:
+                self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
+                return self.repo.get_job(job_id)
             finished, partial = self._carry_over(job_id, spec, events, skip={r.name for r in unfetched})
             finished += unfetched
             results = finished
@@ -320,6 +314,25 @@ class Service:
         finally:
             beat.stop()
         return self._deployed(job_id, spec, events)
+
+    def _prepare(self, job_id: str, events: Events) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
+        """What the sweep needs, on the driver's machine: the model and checkpoints named by their Hub
+        id fetched, a GGUF model converted, the cache keys where submit could not compute them: the
+        job's spec as it now reads, the model's folder and config, and the checkpoints not fetched."""
+        from quantselect.engines.models import needs_conversion, resolve_model
+
+        spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
+        spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
+        if events.on_status:
+            events.on_status("preparing the model" + (
+                ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
+                if needs_conversion(spec.model_path, self.settings.models_dir) else ""))
+        if not any(self.repo.cache_keys(job_id).values()):  # e.g. submitted where the model was not readable
+            self._keys_on_driver(job_id, spec)
+        model_dir = resolve_model(spec.model_path, self.settings.models_dir)
+        model_config = read_model_config(model_dir)
+        self.repo.set_model_config(job_id, model_config)
+        return spec, model_dir, model_config, unfetched
 
     def _heartbeat(self, job_id: str) -> "_Heartbeat":
         """This process's sign of life as the job's driver, often enough to stay well inside the staleness limit."""
@@ -585,11 +598,38 @@ class Service:
             requests[cand.name] = req
         return requests, refused
 
+    @property
+    def driver_id(self) -> str:
+        """This process, as a job's driver (or as the API server that queued it): host:pid."""
+        return f"{socket.gethostname()}:{os.getpid()}"
+
     def claim(self, job_id: str, resume: bool = False) -> Job:
-        """Make this process the job's driver (ConflictError while another live driver runs it, or
-        when there is nothing to run); claiming again from the same process is allowed."""
-        driver = f"{socket.gethostname()}:{os.getpid()}"
-        return self.repo.claim_job(job_id, driver, self.settings.heartbeat_stale_seconds, resume=resume)
+        """Make this process the job's driver (ConflictError while another live driver runs it, or an
+        API server holds it queued, or when there is nothing to run); claiming again from the same
+        process is allowed."""
+        return self.repo.claim_job(job_id, self.driver_id, self.settings.heartbeat_stale_seconds, resume=resume)
+
+    # ---- the API server's queue ------------------------------------------------------------
+    def hold_waiting(self, job_ids: list[str]) -> None:
+        """This API server's sign of life for the jobs it has queued and not started yet."""
+        self.repo.hold_waiting(job_ids, self.driver_id)
+
+    def release_queued(self, job_ids: list[str]) -> None:
+        """This API server stops: the jobs it had queued stay queued, for the next server to run."""
+        self.repo.release_queued(job_ids, self.driver_id)
+
+    def adopt_queued(self) -> list[str]:
+        """The jobs an API server queued and never started before it stopped or died, now this
+        server's to run, oldest first."""
+        return self.repo.adopt_queued(self.driver_id, self.settings.heartbeat_stale_seconds)
+
+    def queued_by_a_server_gone(self, job: Job) -> bool:
+        """A queued job whose API server stopped or died before starting it: the next server on this
+        database takes it up (``adopt_queued``), or `resume` runs it elsewhere."""
+        if job.status != QUEUED or job.driver is None:
+            return False
+        return job.heartbeat_at is None or (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at
+                                             ).total_seconds() >= self.settings.heartbeat_stale_seconds
 
     def resume(self, job_id: str, events: Events | None = None) -> Job:
         return self.run_job(job_id, events, resume=True)
@@ -974,6 +1014,35 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class _CancelledMeanwhile(Exception):
+    """The job was cancelled while its driver prepared it."""
+
+
+def _unless_cancelled(beat: _Heartbeat, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, given up as soon as the job is cancelled (``_CancelledMeanwhile``): a download of
+    a 70B model, or the conversion of its GGUF file, takes long enough for a user to cancel it. ``fn``
+    runs in a thread of its own, which cannot be stopped: it ends with this process (the CLI, a
+    driver on a cluster) or, in the API server, runs to its end in the background, its result unused
+    (a `resume` reuses what it fetched or converted)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name=f"quantselect-prepare-{threading.get_ident()}")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if beat.cancelled.is_set() and worker.is_alive():
+            raise _CancelledMeanwhile()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _one_line(e: BaseException) -> str:

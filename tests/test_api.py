@@ -244,12 +244,16 @@ def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_no
     assert client.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model
 
 
-def test_stopping_the_server_cancels_the_jobs_it_runs_and_queued_which_resume_continues(ray_cluster, tiny_llama,
-                                                                                       monkeypatch):
+def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_the_one_it_queued(
+        ray_cluster, tiny_llama, monkeypatch):
     """The app's shutdown (Ctrl-C or SIGTERM on `quantselect api`) cancels the job it drives (its
-    workers stop within seconds: the shutdown does not wait for the job to end) and the one it had
-    queued; both say why, and `resume` continues them. Before, the process waited for every job."""
+    workers stop within seconds: the shutdown does not wait for the job to end), saying why, and
+    `resume` continues it. The job it had queued stays queued, `status` says why, and the next server
+    on the database runs it. Before, the process waited for every job; then queued ones were lost."""
+    from click.testing import CliRunner
+
     from quantselect.api.app import SERVER_STOPPED, create_app
+    from quantselect.cli import cli
     from quantselect.service import Service
 
     monkeypatch.setenv("QUANTSELECT_API_MAX_JOBS", "1")  # the second job waits in the queue
@@ -264,13 +268,17 @@ def test_stopping_the_server_cancels_the_jobs_it_runs_and_queued_which_resume_co
         while not any(svc.items_stored(first).values()):
             assert time.monotonic() < deadline, "the first job never scored an item"
             time.sleep(0.2)
-    for job_id in (first, second):  # the shutdown has run
-        job = svc.get_job(job_id)
-        assert (job.status, job.error) == ("cancelled", f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
-        assert {r.status for r in svc.results(job_id)} <= {"cancelled", "succeeded"}, svc.results(job_id)
-    assert {r.status for r in svc.results(second)} == {"cancelled"}  # never started
+    job = svc.get_job(first)  # the shutdown has run
+    assert (job.status, job.error) == ("cancelled", f"{SERVER_STOPPED}; `quantselect resume {first}` continues it")
+    assert {r.status for r in svc.results(first)} <= {"cancelled", "succeeded"}, svc.results(first)
+    assert svc.get_job(second).status == "queued" and {r.status for r in svc.results(second)} == {"pending"}
+    assert CliRunner().invoke(cli, ["status", second]).output.startswith(
+        f"Job {second}: queued by the API server {svc.driver_id}, which stopped before starting it; the next "
+        "`quantselect api` on this database runs it")
     deadline = time.monotonic() + 60
     while ray_cluster.available_resources().get("GPU") != 2:  # the first job's workers are gone
         assert time.monotonic() < deadline, ray_cluster.available_resources()
         time.sleep(0.5)
-    assert svc.resume(second).status == "succeeded"
+    with TestClient(create_app(svc, connect_ray=False)) as client:  # the server again (a restart, a new release)
+        assert wait_for(client, second)["status"] == "succeeded"
+    assert svc.get_job(first).status == "cancelled"  # an interrupted job waits for its user's `resume`

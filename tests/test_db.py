@@ -14,11 +14,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, text, update
 
 from quantselect.db import Repository, current_revision, ensure_schema, make_engine, upgrade
 from quantselect.db.engine import _config, head_revision, migrations_dir, normalize_url
-from quantselect.db.models import Base
+from quantselect.db.models import Base, JobRow, utcnow
 from quantselect.domain.candidates import resolve_candidates
 from quantselect.domain.dataset import parse_records
 from quantselect.domain.results import CandidateResult, ItemResult, JobSpec
@@ -185,6 +185,30 @@ def test_a_cancel_asked_for_as_the_last_candidate_finishes_ends_the_job_cancelle
     other = repo.create_job(make_spec())
     repo.claim_job(other.id, driver="driver-2", stale_after=60)
     assert repo.finish_job(other.id, "succeeded") == "succeeded"
+
+
+def test_jobs_an_api_server_queued_are_held_while_it_lives_and_taken_up_when_it_is_gone(repo):
+    """The queue of the API server lives in the database: a job it queued is held (no other server
+    takes it, no other driver runs it); one whose server stopped (released) or died (silent past the
+    limit) is taken up by the next server, once, oldest first; a job queued for a driver elsewhere
+    (`submit --address`: no server holds it) never is."""
+    from quantselect.errors import ConflictError
+
+    held, released, dead, remote = (repo.create_job(make_spec()).id for _ in range(4))
+    repo.hold_waiting([held], "alive:1")
+    repo.hold_waiting([released], "stopped:2")
+    repo.release_queued([released], "stopped:2")
+    repo.hold_waiting([dead], "killed:3")
+    with repo._write.begin() as s:
+        s.execute(update(JobRow).where(JobRow.id == dead).values(heartbeat_at=utcnow() - timedelta(seconds=90)))
+    with pytest.raises(ConflictError, match=f"job {held} is queued in the API server alive:1"):
+        repo.claim_job(held, driver="cli:9", stale_after=60)
+    assert sorted(repo.adopt_queued("next:4", stale_after=60)) == sorted([released, dead])
+    assert repo.adopt_queued("other:5", stale_after=60) == []  # held now by next:4
+    assert {j: repo.get_job(j).driver for j in (held, released, dead, remote)} == {
+        held: "alive:1", released: "next:4", dead: "next:4", remote: None}
+    assert repo.claim_job(dead, driver="next:4", stale_after=60).status == "running"  # its new server runs it
+    assert repo.claim_job(remote, driver="cluster:7", stale_after=60).status == "running"
 
 
 def test_unknown_ids_raise_not_found(repo):

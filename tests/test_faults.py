@@ -309,6 +309,31 @@ def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_c
     _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
 
 
+def test_a_cancel_does_not_wait_for_the_model_to_be_prepared(qs_home, monkeypatch):
+    """Preparing the model can take long (a 70B download, the conversion of its GGUF file): a cancel
+    meanwhile ends the job within seconds, before the preparation does, not after it. The conversion
+    itself finishes in the background (a resume reuses it) and changes nothing in the job."""
+    from quantselect.engines.models import needs_conversion
+
+    monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "2")  # the driver looks every 0.5 s
+    (qs_home / "models").unlink()
+    (qs_home / "models").mkdir()  # not the session's: the demo is converted again, which takes ~20 s
+    svc = Service()
+    job = svc.submit(SubmitRequest(model="demo", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4,
+                                   candidates=["int8"]))
+    ended = {}
+    driver = threading.Thread(target=lambda: ended.setdefault("job", svc.run_job(job.id)))
+    driver.start()
+    _wait("the conversion to start", lambda: "dequantizing" in (svc.get_job(job.id).stage or ""), timeout=60)
+    svc.cancel(job.id)
+    driver.join(timeout=30)
+    assert not driver.is_alive() and (ended["job"].status, ended["job"].error) == ("cancelled", "cancelled by request")
+    assert needs_conversion("demo", svc.settings.models_dir)  # the job ended first
+    _wait("the conversion to end", lambda: not needs_conversion("demo", svc.settings.models_dir), timeout=300, every=1)
+    time.sleep(0.5)
+    assert svc.get_job(job.id).status == "cancelled" and {r.status for r in svc.results(job.id)} == {"cancelled"}
+
+
 def test_ctrl_c_in_a_local_run_cancels_the_job_which_resume_continues(ray_cluster, tiny_llama, monkeypatch, qs_home):
     """SIGINT (Ctrl-C) in `submit`: its workers are stopped, the job is cancelled (not failed with a
     bare KeyboardInterrupt, its candidates left "running"), the command says how to continue and

@@ -50,6 +50,7 @@ def test_submit_with_address_runs_the_driver_on_the_cluster(head_node, tiny_llam
     assert f"Submitted to the Ray cluster at {head_node} as Ray job quantselect-{job_id}" in res.output
     assert "running 2 candidate(s) on Ray" in res.output and " int8 " in res.output, res.output  # its progress
     assert f"Job {job_id} (succeeded)" in res.output and "Recommendation" in res.output, res.output
+    assert " INFO " not in res.output, res.output  # Ray's own chatter, not the driver's output
     out = CliRunner().invoke(cli, ["status", job_id]).output
     assert "succeeded" in out and "int8" in out
     again = CliRunner().invoke(cli, ["resume", job_id, "--address", head_node, "--wait"])

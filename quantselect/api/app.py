@@ -18,7 +18,7 @@ from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
-    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, QUEUED, RUNNING,
+    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, RUNNING,
 )
 from quantselect.errors import QuantselectError
 from quantselect.service import Service, SubmitRequest
@@ -95,32 +95,59 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
             from quantselect.orchestration.cluster import connect
 
             connect(svc.settings, persistent=True)
+        keeper = threading.Thread(target=_keep_the_queue, name="quantselect-queue", daemon=True)
+        keeper.start()
         yield
         _stop_jobs()
+        keeper.join()
+
+    def _keep_the_queue() -> None:
+        """Every few seconds: hold the jobs queued here (their heartbeat: no other server or driver
+        takes them), and take up those an API server queued and never started before it stopped or
+        died (this one's predecessor, after a restart or a kill; another of several servers on one
+        database), oldest first."""
+        every = min(5.0, svc.settings.heartbeat_stale_seconds / 4)
+        while not stopping.is_set():
+            try:
+                svc.hold_waiting([job_id for job_id, started in list(active.items()) if not started])
+                adopted = svc.adopt_queued()
+            except Exception as e:  # a database blip: try again at the next tick
+                log.warning("the job queue: %s", e)
+                adopted = []
+            if adopted:
+                log.warning("taking up %d job(s) an API server queued and never started: %s", len(adopted),
+                            ", ".join(adopted))
+            for job_id in adopted:
+                _queue(job_id)
+            stopping.wait(every)
 
     def _stop_jobs() -> None:
         """The server stops: the jobs it drives are cancelled (their driver threads stop their workers
-        within seconds, which the shutdown waits for), those it had queued are not started; all end
-        `cancelled`, saying so, and `resume` continues them. Before, the process waited for every
-        running job to finish."""
+        within seconds, which the shutdown waits for), saying so, and `resume` continues them; those it
+        had queued and not started stay queued, for the next server on this database to run. Before,
+        the process waited for every running job to finish."""
         stopping.set()
         ours = dict(active)
+        running = [job_id for job_id, started in ours.items() if started]
         if ours:
-            log.warning("the API server stops: cancelling %d job(s) it runs or has queued (resume continues them)", len(ours))
-        for job_id, started in ours.items():
-            if started:
-                try:
-                    svc.cancel(job_id)
-                except QuantselectError:  # it has just ended
-                    pass
+            log.warning("the API server stops: cancelling %d running job(s) (resume continues them); %d queued "
+                        "job(s) stay queued for the next API server on this database", len(running),
+                        len(ours) - len(running))
+        for job_id in running:
+            try:
+                svc.cancel(job_id)
+            except QuantselectError:  # it has just ended
+                pass
         executor.shutdown(wait=True, cancel_futures=True)
+        svc.release_queued([job_id for job_id in ours if job_id not in running])
         for job_id in ours:
-            job = svc.get_job(job_id)
-            if job.status in (QUEUED, RUNNING, CANCELLED):
+            status = svc.get_job(job_id).status  # cancelled here, or resumed here and waiting for a slot
+            if (job_id in running and status in (RUNNING, CANCELLED)) or status == RUNNING:
                 svc.repo.finish_job(job_id, CANCELLED, error=f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
 
     def _queue(job_id: str, resume: bool = False) -> None:
         active[job_id] = False
+        svc.hold_waiting([job_id])  # held from now: no other server takes it up
         executor.submit(_run, job_id, resume)
 
     app = FastAPI(title="quantselect", version="0.1.0", lifespan=lifespan,

@@ -204,12 +204,51 @@ class Repository:
             if row.cancel_requested and not resume:
                 raise ConflictError(f"job {job_id} is being cancelled")
             fresh = row.heartbeat_at is not None and utcnow() - row.heartbeat_at < timedelta(seconds=stale_after)
+            if row.status == QUEUED and fresh and row.driver != driver:
+                raise ConflictError(f"job {job_id} is queued in the API server {row.driver}, which starts it when one "
+                                    "of its QUANTSELECT_API_MAX_JOBS slots frees; cancel it first to run it elsewhere")
             if row.status == RUNNING and fresh and row.driver != driver:
                 raise ConflictError(f"job {job_id} is running in {row.driver} (heartbeat {row.heartbeat_at:%H:%M:%S} UTC); "
                                     "cancel it first, or wait until that driver is gone")
             row.status, row.error, row.driver, row.cancel_requested = RUNNING, None, driver, False
             row.heartbeat_at = row.updated_at = utcnow()
             return _job(row)
+
+    def hold_waiting(self, job_ids: list[str], server: str) -> None:
+        """The API server ``server`` (host:pid) holds the jobs it has queued but not started yet (and
+        those it resumed, claimed, waiting for a slot): its sign of life for them, so that no other
+        server takes them up (``adopt_queued``) and no other driver runs them (``claim_job``)."""
+        if not job_ids:
+            return
+        with self._write.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.status == QUEUED)
+                      .values(driver=server, heartbeat_at=utcnow()))
+            s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.status == RUNNING, JobRow.driver == server)
+                      .values(heartbeat_at=utcnow()))
+
+    def release_queued(self, job_ids: list[str], server: str) -> None:
+        """The API server stops: the jobs it had queued stay queued, free for the next server to take up
+        at once (``adopt_queued``) rather than after the staleness limit."""
+        if not job_ids:
+            return
+        with self._write.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.status == QUEUED, JobRow.driver == server)
+                      .values(heartbeat_at=None))
+
+    def adopt_queued(self, server: str, stale_after: float) -> list[str]:
+        """Jobs an API server queued and never started, left behind when it stopped (released) or died
+        (silent longer than ``stale_after`` seconds): now held by ``server``, oldest first, for it to
+        run. Jobs queued by a live server, and those submitted for a driver elsewhere (``submit
+        --address``, queued by no server), are not taken."""
+        cutoff = utcnow() - timedelta(seconds=stale_after)
+        with self._write.begin() as s:
+            rows = s.scalars(select(JobRow).where(
+                JobRow.status == QUEUED, JobRow.driver.is_not(None),
+                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff),
+            ).order_by(JobRow.created_at, JobRow.id).with_for_update(skip_locked=True)).all()
+            for row in rows:
+                row.driver, row.heartbeat_at = server, utcnow()
+            return [row.id for row in rows]
 
     def heartbeat(self, job_id: str) -> tuple[bool, frozenset[str]] | None:
         """The driver's sign of life; answers whether the job was asked to cancel, and which of its

@@ -44,11 +44,13 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    # configure_logging=False: no Ray INFO lines ("Connecting to existing Ray cluster...") among ours,
+    # in a terminal or in a driver's output that `submit --address --wait` shows; warnings still show.
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
         elif persistent:
-            ray.init(address=ensure_local_head(settings), log_to_driver=False)
+            ray.init(address=ensure_local_head(settings), log_to_driver=False, configure_logging=False)
         else:
             # "local": a fresh in-process cluster even when /tmp/ray/ray_current_cluster names
             # another (possibly dead) one, which a bare ray.init() would try to join.

@@ -110,15 +110,15 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         while not stopping.is_set():
             try:
                 svc.hold_waiting([job_id for job_id, started in list(active.items()) if not started])
-                adopted = svc.adopt_queued()
+                # one of its own goes stale only when holding it failed for that long: it is queued already
+                adopted = [job_id for job_id in svc.adopt_queued() if job_id not in active]
+                if adopted:
+                    log.warning("taking up %d job(s) an API server queued and never started: %s", len(adopted),
+                                ", ".join(adopted))
+                for job_id in adopted:
+                    _queue(job_id)
             except Exception as e:  # a database blip: try again at the next tick
                 log.warning("the job queue: %s", e)
-                adopted = []
-            if adopted:
-                log.warning("taking up %d job(s) an API server queued and never started: %s", len(adopted),
-                            ", ".join(adopted))
-            for job_id in adopted:
-                _queue(job_id)
             stopping.wait(every)
 
     def _stop_jobs() -> None:

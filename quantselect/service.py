@@ -291,7 +291,8 @@ class Service:
         beat = self._heartbeat(job_id)
         try:
             try:
-                spec, model_dir, model_config, unfetched = _unless_cancelled(beat, self._prepare, job_id, events)
+                spec, model_dir, model_config, unfetched = _unless_cancelled(beat, self._prepare, job_id, events,
+                                                                             beat.cancelled)
             except _CancelledMeanwhile:
                 self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
                 return self.repo.get_job(job_id)
@@ -315,11 +316,13 @@ class Service:
             beat.stop()
         return self._deployed(job_id, spec, events)
 
-    def _prepare(self, job_id: str, events: Events) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
+    def _prepare(self, job_id: str, events: Events, stop: threading.Event
+                 ) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
         """What the sweep needs, on the driver's machine: the model and checkpoints named by their Hub
-        id fetched, a GGUF model converted, the cache keys where submit could not compute them: the
-        job's spec as it now reads, the model's folder and config, and the checkpoints not fetched."""
-        from quantselect.engines.models import needs_conversion, resolve_model
+        id fetched, a GGUF model converted (in a process of its own, stopped by ``stop``), the cache
+        keys where submit could not compute them: the job's spec as it now reads, the model's folder
+        and config, and the checkpoints not fetched."""
+        from quantselect.engines.models import needs_conversion, resolve_model_apart
 
         spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
         spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
@@ -329,7 +332,7 @@ class Service:
                 if needs_conversion(spec.model_path, self.settings.models_dir) else ""))
         if not any(self.repo.cache_keys(job_id).values()):  # e.g. submitted where the model was not readable
             self._keys_on_driver(job_id, spec)
-        model_dir = resolve_model(spec.model_path, self.settings.models_dir)
+        model_dir = resolve_model_apart(spec.model_path, self.settings.models_dir, stop)
         model_config = read_model_config(model_dir)
         self.repo.set_model_config(job_id, model_config)
         return spec, model_dir, model_config, unfetched
@@ -767,7 +770,7 @@ class Service:
         """Serve the job's recommended (or the named) candidate; ``engine``: ``static`` or ``dynamic``
         decoding (default: static on a GPU, dynamic on CPU). A candidate of the job served before is
         stopped once the new one answers."""
-        from quantselect.engines.models import resolve_model
+        from quantselect.engines.models import resolve_model_apart
         from quantselect.orchestration.cluster import connect
         from quantselect.serving.app import check_engine
         from quantselect.serving.deploy import deploy, list_deployments, undeploy
@@ -788,7 +791,7 @@ class Service:
         # base passed is the model.
         if isinstance(config, Prequantized):
             artifact = None
-        model_dir = artifact or resolve_model(job.model_path, self.settings.models_dir)
+        model_dir = artifact or resolve_model_apart(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
         app = _deployment_name(job_id, name)
         url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host,
@@ -838,7 +841,7 @@ class Service:
 
         from quantselect.domain.candidates import FullPrecision, HalfPrecision
         from quantselect.engines import artifacts
-        from quantselect.engines.models import hub_id, resolve_model
+        from quantselect.engines.models import hub_id, resolve_model_apart
         from quantselect.render import model_card
 
         job = self.get_job(job_id)
@@ -864,12 +867,12 @@ class Service:
                 raise ConflictError(f"job {job_id}: {name}'s GGUF file {gguf} is no longer there")
             artifacts.export_file(gguf, out, files)
         elif artifact:  # a checkpoint's own tokenizer may differ from the model's, with which it was scored
-            artifacts.export_folder(artifact, out, files, tokenizer_from=resolve_model(job.model_path, self.settings.models_dir)
+            artifacts.export_folder(artifact, out, files, tokenizer_from=resolve_model_apart(job.model_path, self.settings.models_dir)
                                     if isinstance(config, Prequantized) else None)
         elif isinstance(config, FullPrecision):  # the reference is the base model as it is
-            artifacts.export_folder(resolve_model(job.model_path, self.settings.models_dir), out, files)
+            artifacts.export_folder(resolve_model_apart(job.model_path, self.settings.models_dir), out, files)
         elif isinstance(config, HalfPrecision):
-            artifacts.export_converted(resolve_model(job.model_path, self.settings.models_dir), config, out, files)
+            artifacts.export_converted(resolve_model_apart(job.model_path, self.settings.models_dir), config, out, files)
         elif chosen.artifact_path:
             raise ConflictError(_artifact_gone(job_id, name, chosen))
         else:
@@ -1023,9 +1026,9 @@ class _CancelledMeanwhile(Exception):
 def _unless_cancelled(beat: _Heartbeat, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, given up as soon as the job is cancelled (``_CancelledMeanwhile``): a download of
     a 70B model, or the conversion of its GGUF file, takes long enough for a user to cancel it. ``fn``
-    runs in a thread of its own, which cannot be stopped: it ends with this process (the CLI, a
-    driver on a cluster) or, in the API server, runs to its end in the background, its result unused
-    (a `resume` reuses what it fetched or converted)."""
+    runs in a thread of its own, which cannot be stopped from outside (a conversion stops itself, its
+    process killed): a download ends with this process (the CLI, a driver on a cluster) or, in the API
+    server, runs to its end in the background, its result unused (a `resume` reuses it)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -1038,7 +1041,7 @@ def _unless_cancelled(beat: _Heartbeat, fn: Callable[..., T], *args: Any) -> T:
     worker.start()
     while worker.is_alive():
         worker.join(0.2)
-        if beat.cancelled.is_set() and worker.is_alive():
+        if beat.cancelled.is_set():  # also when fn has just ended, stopped by it (a conversion is)
             raise _CancelledMeanwhile()
     if "error" in box:
         raise box["error"]

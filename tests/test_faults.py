@@ -309,29 +309,66 @@ def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_c
     _wait("the GPUs free", lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
 
 
-def test_a_cancel_does_not_wait_for_the_model_to_be_prepared(qs_home, monkeypatch):
-    """Preparing the model can take long (a 70B download, the conversion of its GGUF file): a cancel
-    meanwhile ends the job within seconds, before the preparation does, not after it. The conversion
-    itself finishes in the background (a resume reuses it) and changes nothing in the job."""
-    from quantselect.engines.models import needs_conversion
+def _converting() -> list[psutil.Process]:
+    """This process's GGUF conversions (`python -m quantselect.engines.convert`)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "quantselect.engines.convert" in " ".join(p.cmdline())]
 
+
+def _converting_the_demo(qs_home, monkeypatch) -> tuple[Service, str, threading.Thread, dict]:
+    """A job on the demo model whose driver (a thread, as in the API server) is converting its GGUF
+    file, in a models folder of its own (not the session's, where it is converted already)."""
     monkeypatch.setenv("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "2")  # the driver looks every 0.5 s
     (qs_home / "models").unlink()
-    (qs_home / "models").mkdir()  # not the session's: the demo is converted again, which takes ~20 s
+    (qs_home / "models").mkdir()
     svc = Service()
     job = svc.submit(SubmitRequest(model="demo", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4,
                                    candidates=["int8"]))
-    ended = {}
-    driver = threading.Thread(target=lambda: ended.setdefault("job", svc.run_job(job.id)))
+    ended: dict = {}
+
+    def drive() -> None:
+        try:
+            ended["job"] = svc.run_job(job.id)
+        except QuantselectError as e:
+            ended["error"] = e
+
+    driver = threading.Thread(target=drive)
     driver.start()
-    _wait("the conversion to start", lambda: "dequantizing" in (svc.get_job(job.id).stage or ""), timeout=60)
-    svc.cancel(job.id)
+    _wait("the conversion to start", lambda: "dequantizing" in (svc.get_job(job.id).stage or "") and _converting(),
+          timeout=60)
+    return svc, job.id, driver, ended
+
+
+def test_a_cancel_does_not_wait_for_the_model_to_be_prepared(qs_home, monkeypatch):
+    """Preparing the model can take long (a 70B download, the conversion of its GGUF file, ~20 s for
+    the demo here): a cancel meanwhile ends the job within seconds, not after the preparation, and
+    stops the conversion's process."""
+    from quantselect.engines.models import needs_conversion
+
+    svc, job_id, driver, ended = _converting_the_demo(qs_home, monkeypatch)
+    svc.cancel(job_id)
     driver.join(timeout=30)
-    assert not driver.is_alive() and (ended["job"].status, ended["job"].error) == ("cancelled", "cancelled by request")
-    assert needs_conversion("demo", svc.settings.models_dir)  # the job ended first
-    _wait("the conversion to end", lambda: not needs_conversion("demo", svc.settings.models_dir), timeout=300, every=1)
-    time.sleep(0.5)
-    assert svc.get_job(job.id).status == "cancelled" and {r.status for r in svc.results(job.id)} == {"cancelled"}
+    assert not driver.is_alive() and "job" in ended, ended
+    assert (ended["job"].status, ended["job"].error) == ("cancelled", "cancelled by request")
+    _wait("the conversion stopped", lambda: not _converting(), timeout=30)
+    assert needs_conversion("demo", svc.settings.models_dir)  # stopped, not finished
+    assert svc.get_job(job_id).status == "cancelled" and {r.status for r in svc.results(job_id)} == {"cancelled"}
+
+
+def test_a_gguf_conversion_killed_fails_the_job_saying_so_and_leaves_the_driver_alive(qs_home, monkeypatch):
+    """The conversion runs in a process of its own (transformers' GGUF loader peaks at about twice the
+    model in float32): when the kernel's out-of-memory killer ends it, the job fails saying so, and
+    the driver (the API server, say) lives on."""
+    svc, job_id, driver, ended = _converting_the_demo(qs_home, monkeypatch)
+    for p in _converting():
+        p.kill()  # what the out-of-memory killer sends
+    driver.join(timeout=30)
+    assert not driver.is_alive()
+    job = svc.get_job(job_id)
+    assert job.status == "failed" and job.error == (
+        "demo: converting its GGUF file was killed (SIGKILL); out of memory? It takes about 8 bytes of host "
+        "memory per parameter, once"), job.error
+    assert str(ended["error"]) == job.error
 
 
 def test_ctrl_c_in_a_local_run_cancels_the_job_which_resume_continues(ray_cluster, tiny_llama, monkeypatch, qs_home):

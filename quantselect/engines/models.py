@@ -18,6 +18,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -263,6 +267,32 @@ def resolve_model(model: str, models_dir: Path) -> Path:
     if gguf is None:
         return Path(model)
     return _converted(gguf, _converted_folder(model, gguf, models_dir))
+
+
+def resolve_model_apart(model: str, models_dir: Path, stop: threading.Event | None = None) -> Path:
+    """``resolve_model``, with a GGUF conversion run in a process of its own: transformers' GGUF loader
+    peaks at about twice the model in float32, memory the caller (a job's driver, the API server)
+    then never holds, and an out-of-memory kill ends only the conversion, saying so. ``stop`` set
+    meanwhile (a cancelled job) kills it; the next conversion removes what it left half-written."""
+    if not needs_conversion(model, models_dir):
+        return resolve_model(model, models_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.convert", model, str(models_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                proc.kill()
+                proc.communicate()
+                raise InputError(f"{model}: converting its GGUF file was stopped") from None
+    if proc.returncode < 0:
+        raise InputError(f"{model}: converting its GGUF file was killed ({signal.Signals(-proc.returncode).name}); "
+                         "out of memory? It takes about 8 bytes of host memory per parameter, once")
+    if proc.returncode != 0:
+        raise InputError((err.strip().splitlines() or [f"{model}: converting its GGUF file failed"])[-1])
+    return Path(out.strip().splitlines()[-1])
 
 
 def needs_conversion(model: str, models_dir: Path) -> bool:

@@ -428,9 +428,20 @@ def jobs(statuses: tuple[str, ...], limit: int | None, fmt: str) -> None:
     all_jobs = _service().list_jobs(limit, statuses)
     if fmt == "json":
         return _echo_json([j.to_dict() for j in all_jobs])
-    click.echo(table(["id", "status", "model", "dataset", "items", "metric", "candidates", "created"],
+    click.echo(table(["id", "status", "model", "dataset", "items", "metric", "candidates", "recommended", "created"],
                      [[j.id, j.status, j.model, j.dataset_source, j.n_items, j.metric, ",".join(j.candidate_names),
-                       j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in all_jobs]))
+                       _answer(j.recommended), j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in all_jobs]))
+
+
+def _answer(recommended: dict[str, Any] | None) -> str:
+    """A succeeded job's answer in a few words: ``int4 (99.1%, $0.042/1M)``, or ``none >= 97%``."""
+    if not recommended:
+        return ""
+    if recommended["candidate"] is None:
+        return f"none >= {recommended['threshold']:.0%}"
+    rel, cost = recommended.get("relative_score"), recommended.get("cost_per_1m_tokens_usd")
+    notes = ([f"{rel:.1%}"] if rel is not None else []) + ([f"${cost:.3g}/1M"] if cost else [])
+    return recommended["candidate"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 @cli.command()

@@ -411,9 +411,19 @@ class Service:
         baseline = next(r for r in results if r.is_baseline)
         if baseline.status != SUCCEEDED:
             raise QuantselectError(f"the baseline failed, nothing to compare with: {baseline.error}")
+        try:
+            rec = self.recommend(job_id)  # from the stored results, as `recommend` answers it
+        except QuantselectError as e:  # the results stand; `recommend` will say the same
+            log.warning("job %s: no recommendation stored: %s", job_id, e)
+            answer = None
+        else:
+            chosen = rec.verdict(rec.chosen) if rec.chosen else None
+            answer = {"candidate": rec.chosen, "threshold": rec.threshold,
+                      "relative_score": chosen.relative_score if chosen else None,
+                      "cost_per_1m_tokens_usd": chosen.cost_per_1m_tokens_usd if chosen else None}
         # A job that asked to be deployed is succeeded and "deploying" in one write: a client that
         # polls it never sees it done, with no base_url, before its deployment has started.
-        return self.repo.finish_job(job_id, SUCCEEDED, stage=_DEPLOYING if deploy else None)
+        return self.repo.finish_job(job_id, SUCCEEDED, stage=_DEPLOYING if deploy else None, recommended=answer)
 
     def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
         """A model named by its Hub id is fetched here, by the driver (on a cluster, on the cluster),

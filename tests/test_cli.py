@@ -241,6 +241,12 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
 
     listing = json.loads(run("jobs", "--format", "json").output)
     assert [j["id"] for j in listing] == [job_id] and listing[0]["status"] == "succeeded"
+    own = json.loads(run("recommend", job_id, "--format", "json").output)  # the job's own settings
+    chosen = next((c for c in own["candidates"] if c["name"] == own["chosen"]), {})
+    assert listing[0]["recommended"] == {"candidate": own["chosen"], "threshold": 0.5,
+                                         "relative_score": chosen.get("relative_score"),
+                                         "cost_per_1m_tokens_usd": chosen.get("cost_per_1m_tokens_usd")}, listing[0]
+    assert (f"{own['chosen']} ({chosen['relative_score']:.1%}, $" if chosen else "none >= 50%") in run("jobs").output
     assert "succeeded" in run("status", job_id).output
     table = run("results", job_id).output
     assert "int4" in table and "Recommendation" in table

@@ -314,17 +314,19 @@ class Repository:
             return job
 
     @_retrying
-    def finish_job(self, job_id: str, status: str, error: str | None = None, stage: str | None = None) -> str:
+    def finish_job(self, job_id: str, status: str, error: str | None = None, stage: str | None = None,
+                   recommended: dict[str, Any] | None = None) -> str:
         """The job's end: its status, and every candidate still unfinished marked cancelled. A job
         whose cancel was asked for after the driver last looked ends cancelled, not succeeded (its
-        results stay; ``resume`` finishes it). ``stage``: what a succeeded job still does (deploying).
-        Returns the status written."""
+        results stay; ``resume`` finishes it). ``stage``: what a succeeded job still does (deploying);
+        ``recommended``: its answer. Returns the status written."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
             if status == SUCCEEDED and row.cancel_requested:
                 status, error = CANCELLED, "cancelled by request (after its last candidate had finished)"
             row.status, row.error, row.updated_at = status, error, utcnow()
             row.stage = stage if status == SUCCEEDED else None
+            row.recommended = recommended if status == SUCCEEDED else None
             if status == CANCELLED:
                 self._cancel_unfinished(s, job_id)
             elif status == FAILED:  # their workers were stopped with the sweep; those never started stay pending
@@ -495,7 +497,7 @@ def _job(r: JobRow) -> Job:
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
         target_gpu=r.target_gpu, model_config=r.model_config, use_cache=r.use_cache,
         cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at, stage=r.stage,
-        deploy_error=r.deploy_error, candidate_timeout=r.candidate_timeout,
+        deploy_error=r.deploy_error, candidate_timeout=r.candidate_timeout, recommended=r.recommended,
     )
 
 

@@ -221,6 +221,9 @@ class Job:
     stage: str | None = None  # what that driver is doing now (fetching, preparing, running candidates, deploying)
     deploy_error: str | None = None  # why the deployment it asked for (--deploy) did not happen
     candidate_timeout: float | None = None  # seconds a candidate may run (None: the driver's setting, if any)
+    # The answer as the job ended (its own threshold, confidence, policy and target GPU): the chosen
+    # candidate (None when none qualified), its quality relative to the baseline and its cost.
+    recommended: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +255,7 @@ class Job:
             "stage": self.stage,
             "deploy_error": self.deploy_error,
             "candidate_timeout_seconds": self.candidate_timeout,
+            "recommended": self.recommended,
         }
 
 

@@ -467,7 +467,9 @@ def test_status_follow_prints_each_change_then_the_results(ray_cluster, tiny_lla
         driver.join(timeout=300)
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    assert lines[0] == f"Job {job.id}: queued" and lines[1].split() == ["baseline", "pending"], lines
+    # the first state: queued, or already preparing (the driver's timer may win on a loaded machine)
+    assert re.match(f"Job {job.id}: (queued|running: preparing the model)$", lines[0]), lines
+    assert lines[1].split() == ["baseline", "pending"], lines
     changes = [line.split("] ", 1)[1] for line in lines if line.startswith("[")]
     assert f"Job {job.id}: succeeded" in changes and changes.index("baseline   succeeded") > 0, changes
     assert any(c.startswith(f"Job {job.id}: running") for c in changes), changes

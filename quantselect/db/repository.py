@@ -241,11 +241,14 @@ class Repository:
         run. Jobs queued by a live server, and those submitted for a driver elsewhere (``submit
         --address``, queued by no server), are not taken."""
         cutoff = utcnow() - timedelta(seconds=stale_after)
+        left = (JobRow.status == QUEUED, JobRow.driver.is_not(None),
+                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))
+        with self._read() as s:  # every server asks every few seconds: no write (lock) when nothing is left
+            if s.scalar(select(JobRow.id).where(*left).limit(1)) is None:
+                return []
         with self._write.begin() as s:
-            rows = s.scalars(select(JobRow).where(
-                JobRow.status == QUEUED, JobRow.driver.is_not(None),
-                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff),
-            ).order_by(JobRow.created_at, JobRow.id).with_for_update(skip_locked=True)).all()
+            rows = s.scalars(select(JobRow).where(*left).order_by(JobRow.created_at, JobRow.id)
+                             .with_for_update(skip_locked=True)).all()
             for row in rows:
                 row.driver, row.heartbeat_at = server, utcnow()
             return [row.id for row in rows]

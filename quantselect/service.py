@@ -291,8 +291,8 @@ class Service:
         beat = self._heartbeat(job_id)
         try:
             try:
-                spec, model_dir, model_config, unfetched = _unless_cancelled(beat, self._prepare, job_id, events,
-                                                                             beat.cancelled)
+                spec, model_dir, model_config, unfetched = _unless_cancelled(beat.cancelled, self._prepare, job_id,
+                                                                             events, beat.cancelled)
             except _CancelledMeanwhile:
                 self.repo.finish_job(job_id, CANCELLED, error="cancelled by request")
                 return self.repo.get_job(job_id)
@@ -641,8 +641,7 @@ class Service:
         database takes it up (``adopt_queued``), or `resume` runs it elsewhere."""
         if job.status != QUEUED or job.driver is None:
             return False
-        return job.heartbeat_at is None or (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at
-                                             ).total_seconds() >= self.settings.heartbeat_stale_seconds
+        return job.heartbeat_at is None or self._silent_for(job) is not None  # released, or silent
 
     def resume(self, job_id: str, events: Events | None = None) -> Job:
         return self.run_job(job_id, events, resume=True)
@@ -682,7 +681,13 @@ class Service:
         """Seconds since a running job's driver (or a succeeded one's, while it deploys) was last heard
         from, when that is long enough to call it gone (``heartbeat_stale_seconds``: killed, its machine
         lost; `resume` continues the job, `deploy` serves it); None while it runs, or when it is done."""
-        if not (job.status == RUNNING or (job.status == SUCCEEDED and job.stage)) or job.heartbeat_at is None:
+        if not (job.status == RUNNING or (job.status == SUCCEEDED and job.stage)):
+            return None
+        return self._silent_for(job)
+
+    def _silent_for(self, job: Job) -> float | None:
+        """Seconds since the job's heartbeat, when that is ``heartbeat_stale_seconds`` or more."""
+        if job.heartbeat_at is None:
             return None
         silent = (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at).total_seconds()
         return silent if silent >= self.settings.heartbeat_stale_seconds else None
@@ -1033,8 +1038,8 @@ class _CancelledMeanwhile(Exception):
     """The job was cancelled while its driver prepared it."""
 
 
-def _unless_cancelled(beat: _Heartbeat, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, given up as soon as the job is cancelled (``_CancelledMeanwhile``): a download of
+def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, given up as soon as ``cancelled`` is set (``_CancelledMeanwhile``): a download of
     a 70B model, or the conversion of its GGUF file, takes long enough for a user to cancel it. ``fn``
     runs in a thread of its own, which cannot be stopped from outside (a conversion stops itself, its
     process killed): a download ends with this process (the CLI, a driver on a cluster) or, in the API
@@ -1051,7 +1056,7 @@ def _unless_cancelled(beat: _Heartbeat, fn: Callable[..., T], *args: Any) -> T:
     worker.start()
     while worker.is_alive():
         worker.join(0.2)
-        if beat.cancelled.is_set():  # also when fn has just ended, stopped by it (a conversion is)
+        if cancelled.is_set():  # also when fn has just ended, stopped by it (a conversion is)
             raise _CancelledMeanwhile()
     if "error" in box:
         raise box["error"]

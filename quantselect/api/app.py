@@ -142,7 +142,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         svc.release_queued([job_id for job_id in ours if job_id not in running])
         for job_id in ours:
             status = svc.get_job(job_id).status  # cancelled here, or resumed here and waiting for a slot
-            if (job_id in running and status in (RUNNING, CANCELLED)) or status == RUNNING:
+            if status == RUNNING or (job_id in running and status == CANCELLED):
                 svc.repo.finish_job(job_id, CANCELLED, error=f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
 
     def _queue(job_id: str, resume: bool = False) -> None:

@@ -214,7 +214,7 @@ def run_sweep(
             board.seed.remote(name, items)
     dataset_ref = ray.put(dataset)
     run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries,
-                  (candidate_timeout, timeout_source) if candidate_timeout else None)
+                  candidate_timeout, timeout_source)
     try:
         if not todo:
             return finished
@@ -252,11 +252,10 @@ class _Runner:
 
     def __init__(self, model_path: str, dataset_ref: Any, board: Any, hooks: SweepHooks, poll_seconds: float,
                  measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int,
-                 timeout: tuple[float, str] | None = None) -> None:
+                 timeout: float | None = None, timeout_source: str = "") -> None:
         self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
-        self.max_retries = max_retries
-        self.timeout, self.timeout_source = timeout or (None, "")
+        self.max_retries, self.timeout, self.timeout_source = max_retries, timeout, timeout_source
         self.began: dict[str, float] = {}  # when each candidate's worker first reported
         self.last: ProgressSnapshot = {}
         self.last_at = 0.0

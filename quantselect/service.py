@@ -689,7 +689,7 @@ class Service:
         """Seconds since the job's heartbeat, when that is ``heartbeat_stale_seconds`` or more."""
         if job.heartbeat_at is None:
             return None
-        silent = (datetime.now(timezone.utc).replace(tzinfo=None) - job.heartbeat_at).total_seconds()
+        silent = (self.repo.now() - job.heartbeat_at).total_seconds()  # the database's clock, as it was written
         return silent if silent >= self.settings.heartbeat_stale_seconds else None
 
     def results(self, job_id: str) -> list[CandidateResult]:

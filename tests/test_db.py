@@ -211,6 +211,35 @@ def test_jobs_an_api_server_queued_are_held_while_it_lives_and_taken_up_when_it_
     assert repo.claim_job(remote, driver="cluster:7", stale_after=60).status == "running"
 
 
+@pytest.mark.postgres
+def test_heartbeats_are_written_and_judged_by_the_database_clock(postgres_url, monkeypatch):
+    """Drivers and API servers on a cluster run on machines whose clocks drift apart. A heartbeat
+    written by a machine whose clock is 10 minutes slow is still fresh to one whose clock is right:
+    its queue is not taken up, its job not run twice, not cancelled as if no driver ran it, and
+    `status` does not call it silent."""
+    import quantselect.db.repository as repository
+    from quantselect.errors import ConflictError
+    from quantselect.service import Service
+    from tests.fixtures.postgres import fresh_database
+
+    with fresh_database(postgres_url) as url:
+        repo = Repository.open(get_settings({"QUANTSELECT_DB_URL": url}))
+        queued, running = (repo.create_job(make_spec()).id for _ in range(2))
+        with monkeypatch.context() as slow:
+            slow.setattr(repository, "utcnow", lambda: utcnow() - timedelta(minutes=10))
+            repo.hold_waiting([queued], "slow-clock:1")
+            repo.claim_job(running, driver="slow-clock:2", stale_after=60)
+            repo.heartbeat(running)
+        assert repo.adopt_queued("right-clock:3", stale_after=60) == []
+        with pytest.raises(ConflictError, match=f"job {running} is running in slow-clock:2"):
+            repo.claim_job(running, driver="right-clock:4", stale_after=60, resume=True)
+        assert repo.request_cancel(running, stale_after=60).status == "running"  # its driver stops it
+        monkeypatch.setenv("QUANTSELECT_DB_URL", url)
+        assert Service().driver_silent_for(repo.get_job(running)) is None
+        assert abs(repo.now() - utcnow()) < timedelta(seconds=60)  # naive UTC, as every timestamp here
+        repo.close()
+
+
 def test_unknown_ids_raise_not_found(repo):
     with pytest.raises(NotFoundError, match="job 'nope' not found"):
         repo.get_job("nope")

@@ -82,6 +82,19 @@ class Repository:
     def close(self) -> None:
         self.engine.dispose()
 
+    def now(self) -> datetime:
+        """The clock heartbeats are written and judged by (``_clock``), read on its own."""
+        with self._read() as s:
+            return self._clock(s)
+
+    def _clock(self, s: Session) -> datetime:
+        """The database's clock, naive UTC: every process that writes a heartbeat or judges one reads
+        the same clock, so drivers and API servers on machines whose clocks drift apart (a cluster)
+        never take a live one for dead. A SQLite file is this machine's, and so is its clock."""
+        if self.engine.dialect.name == "postgresql":
+            return s.scalar(select(func.timezone("UTC", func.statement_timestamp())))
+        return utcnow()
+
     # ---- jobs
     def create_job(self, spec: JobSpec, cache_keys: dict[str, str] | None = None) -> Job:
         ds = spec.dataset
@@ -203,7 +216,8 @@ class Repository:
                 raise ConflictError(f"job {job_id} is {row.status}; nothing to run{hint}")
             if row.cancel_requested and not resume:
                 raise ConflictError(f"job {job_id} is being cancelled")
-            fresh = row.heartbeat_at is not None and utcnow() - row.heartbeat_at < timedelta(seconds=stale_after)
+            now = self._clock(s)
+            fresh = row.heartbeat_at is not None and now - row.heartbeat_at < timedelta(seconds=stale_after)
             if row.status == QUEUED and fresh and row.driver != driver:
                 raise ConflictError(f"job {job_id} is queued in the API server {row.driver}, which starts it when one "
                                     "of its QUANTSELECT_API_MAX_JOBS slots frees; cancel it first to run it elsewhere")
@@ -211,7 +225,7 @@ class Repository:
                 raise ConflictError(f"job {job_id} is running in {row.driver} (heartbeat {row.heartbeat_at:%H:%M:%S} UTC); "
                                     "cancel it first, or wait until that driver is gone")
             row.status, row.error, row.driver, row.cancel_requested = RUNNING, None, driver, False
-            row.heartbeat_at = row.updated_at = utcnow()
+            row.heartbeat_at, row.updated_at = now, utcnow()
             return _job(row)
 
     def hold_waiting(self, job_ids: list[str], server: str) -> None:
@@ -221,10 +235,11 @@ class Repository:
         if not job_ids:
             return
         with self._write.begin() as s:
+            now = self._clock(s)
             s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.status == QUEUED)
-                      .values(driver=server, heartbeat_at=utcnow()))
+                      .values(driver=server, heartbeat_at=now))
             s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.status == RUNNING, JobRow.driver == server)
-                      .values(heartbeat_at=utcnow()))
+                      .values(heartbeat_at=now))
 
     def release_queued(self, job_ids: list[str], server: str) -> None:
         """The API server stops: the jobs it had queued stay queued, free for the next server to take up
@@ -240,17 +255,19 @@ class Repository:
         (silent longer than ``stale_after`` seconds): now held by ``server``, oldest first, for it to
         run. Jobs queued by a live server, and those submitted for a driver elsewhere (``submit
         --address``, queued by no server), are not taken."""
-        cutoff = utcnow() - timedelta(seconds=stale_after)
-        left = (JobRow.status == QUEUED, JobRow.driver.is_not(None),
-                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))
+        def left(now: datetime) -> tuple:
+            return (JobRow.status == QUEUED, JobRow.driver.is_not(None),
+                    or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < now - timedelta(seconds=stale_after)))
+
         with self._read() as s:  # every server asks every few seconds: no write (lock) when nothing is left
-            if s.scalar(select(JobRow.id).where(*left).limit(1)) is None:
+            if s.scalar(select(JobRow.id).where(*left(self._clock(s))).limit(1)) is None:
                 return []
         with self._write.begin() as s:
-            rows = s.scalars(select(JobRow).where(*left).order_by(JobRow.created_at, JobRow.id)
+            now = self._clock(s)
+            rows = s.scalars(select(JobRow).where(*left(now)).order_by(JobRow.created_at, JobRow.id)
                              .with_for_update(skip_locked=True)).all()
             for row in rows:
-                row.driver, row.heartbeat_at = server, utcnow()
+                row.driver, row.heartbeat_at = server, now
             return [row.id for row in rows]
 
     def heartbeat(self, job_id: str) -> tuple[bool, frozenset[str]] | None:
@@ -259,7 +276,7 @@ class Repository:
         reason to stop)."""
         try:
             with self._write.begin() as s:
-                s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=utcnow()))
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=self._clock(s)))
                 cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
                 dropped = s.scalars(select(CandidateRow.name).where(
                     CandidateRow.job_id == job_id, CandidateRow.status == CANCELLED, CandidateRow.error == CANCELLED_ALONE))
@@ -295,7 +312,7 @@ class Repository:
                 raise ConflictError(f"job {job_id} is already {row.status}")
             row.cancel_requested, row.updated_at = True, utcnow()
             alive = row.status == RUNNING and row.heartbeat_at is not None and \
-                utcnow() - row.heartbeat_at < timedelta(seconds=stale_after)
+                self._clock(s) - row.heartbeat_at < timedelta(seconds=stale_after)
             if not alive:
                 row.status, row.error = CANCELLED, "cancelled before it ran" if row.status == QUEUED else "cancelled"
                 self._cancel_unfinished(s, job_id)

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.postgres",
+    "tests.fixtures.fake_hub",
 ]
 
 

@@ -15,6 +15,10 @@ class InputError(QuantselectError):
     http_status = 422
 
 
+class Stopped(QuantselectError):
+    """Work given up because its job was cancelled meanwhile (a download, a conversion)."""
+
+
 class NotFoundError(QuantselectError):
     """A job, candidate or deployment that does not exist."""
 

@@ -319,13 +319,13 @@ class Service:
     def _prepare(self, job_id: str, events: Events, stop: threading.Event
                  ) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
         """What the sweep needs, on the driver's machine: the model and checkpoints named by their Hub
-        id fetched, a GGUF model converted (in a process of its own, stopped by ``stop``), the cache
+        id fetched, a GGUF model converted (each in a process of its own, stopped by ``stop``), the cache
         keys where submit could not compute them: the job's spec as it now reads, the model's folder
         and config, and the checkpoints not fetched."""
         from quantselect.engines.models import needs_conversion, resolve_model_apart
 
-        spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events)
-        spec, unfetched = self._checkpoints_on_driver(job_id, spec, events)
+        spec = self._model_on_driver(job_id, self.repo.get_job_spec(job_id), events, stop)
+        spec, unfetched = self._checkpoints_on_driver(job_id, spec, events, stop)
         if events.on_status:
             events.on_status("preparing the model" + (
                 ": dequantizing its GGUF file into a safetensors folder, once (later jobs reuse it)"
@@ -425,11 +425,12 @@ class Service:
         # polls it never sees it done, with no base_url, before its deployment has started.
         return self.repo.finish_job(job_id, SUCCEEDED, stage=_DEPLOYING if deploy else None, recommended=answer)
 
-    def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> JobSpec:
+    def _model_on_driver(self, job_id: str, spec: JobSpec, events: Events, stop: threading.Event) -> JobSpec:
         """A model named by its Hub id is fetched here, by the driver (on a cluster, on the cluster),
-        into this machine's Hugging Face cache; the job then records that snapshot folder as its
-        model path. A download that fails fails the job, saying where; `resume` continues it."""
-        from quantselect.engines.models import from_hub, hub_id
+        into this machine's Hugging Face cache, by a process that ``stop`` kills; the job then records
+        that snapshot folder as its model path. A download that fails fails the job, saying where;
+        `resume` continues it."""
+        from quantselect.engines.models import fetch_apart, hub_id
 
         if not hub_id(spec.model_path):
             return spec
@@ -437,18 +438,19 @@ class Service:
             events.on_status(f"fetching {spec.model_path} from the Hugging Face Hub (once: later jobs read "
                              f"the cache) on {socket.gethostname()}")
         try:
-            path = str(from_hub(spec.model_path))
+            path = str(fetch_apart(spec.model_path, stop))
         except InputError as e:
             raise InputError(f"on the driver's machine ({socket.gethostname()}): {e}") from None
         self.repo.set_model_path(job_id, path)
         return replace(spec, model_path=path)
 
-    def _checkpoints_on_driver(self, job_id: str, spec: JobSpec, events: Events) -> tuple[JobSpec, list[CandidateResult]]:
+    def _checkpoints_on_driver(self, job_id: str, spec: JobSpec, events: Events, stop: threading.Event
+                               ) -> tuple[JobSpec, list[CandidateResult]]:
         """Checkpoint candidates named by their Hub id (pinned at submit to the commit whose config
         was read) are fetched here, by the driver, like the model; the job then records each
         snapshot as its candidate's path, which `deploy` and `export` read. A checkpoint that cannot
         be fetched fails its candidate, saying where and why (returned, and stored); the others run."""
-        from quantselect.engines.models import check_model, from_hub, hub_id
+        from quantselect.engines.models import check_model, fetch_apart, hub_id
 
         fetched, failed = {}, []
         for c in spec.candidates:
@@ -458,7 +460,7 @@ class Service:
                 events.on_status(f"fetching checkpoint {c.name} ({c.config.path}) from the Hugging Face Hub on "
                                  f"{socket.gethostname()}")
             try:
-                path = from_hub(c.config.path)
+                path = fetch_apart(c.config.path, stop)
                 check_model(str(path))  # a folder without weights, say
             except InputError as e:
                 where = f"{c.config.path}: " if not str(e).startswith(c.config.path) else ""
@@ -1041,9 +1043,9 @@ class _CancelledMeanwhile(Exception):
 def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, given up as soon as ``cancelled`` is set (``_CancelledMeanwhile``): a download of
     a 70B model, or the conversion of its GGUF file, takes long enough for a user to cancel it. ``fn``
-    runs in a thread of its own, which cannot be stopped from outside (a conversion stops itself, its
-    process killed): a download ends with this process (the CLI, a driver on a cluster) or, in the API
-    server, runs to its end in the background, its result unused (a `resume` reuses it)."""
+    runs in a thread of its own, which cannot be stopped from outside: it stops itself, seeing the
+    same event (a download's or a conversion's process is killed, ``Stopped``), and what it wrote
+    stays for a `resume` (a download goes on from where it stopped)."""
     box: dict[str, Any] = {}
 
     def run() -> None:

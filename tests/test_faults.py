@@ -310,9 +310,14 @@ def test_a_candidate_running_longer_than_the_timeout_is_stopped_and_failed(ray_c
 
 
 def _converting() -> list[psutil.Process]:
-    """This process's GGUF conversions (`python -m quantselect.engines.convert`)."""
+    """This process's GGUF conversions (`python -m quantselect.engines.apart convert`)."""
+    return _apart("convert")
+
+
+def _apart(verb: str) -> list[psutil.Process]:
+    """This process's children doing ``verb`` to a job's model (`python -m quantselect.engines.apart`)."""
     return [p for p in psutil.Process().children(recursive=True)
-            if "quantselect.engines.convert" in " ".join(p.cmdline())]
+            if f"quantselect.engines.apart {verb}" in " ".join(p.cmdline())]
 
 
 def _converting_the_demo(qs_home, monkeypatch) -> tuple[Service, str, threading.Thread, dict]:

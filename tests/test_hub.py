@@ -206,6 +206,36 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     assert {r.reused_from for r in svc.results(again.id)} == {job.id}
 
 
+def test_a_download_is_a_process_of_its_own_which_a_cancel_stops(ray_cluster, tiny_llama, fake_hub, tmp_path):
+    """The driver downloads a Hub model's weights in a process of its own: a cancel meanwhile ends the
+    job at once and stops the download, also where the driver lives on (the API server drives its
+    jobs in threads, as this test does), and the Hub sees its client go. A `resume` downloads it
+    and runs the job on that snapshot."""
+    import threading
+
+    from quantselect.service import SubmitRequest
+
+    commit = fake_hub.add("far-org/tiny-llama", tiny_llama)
+    fake_hub.trickle("far-org/tiny-llama", "model.safetensors")  # a 16 GB download, as it were
+    svc = Service()
+    job = svc.submit(SubmitRequest(model="far-org/tiny-llama", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                                   candidates=["int8"]))
+    assert job.model_path == f"far-org/tiny-llama@{commit}"  # its config and tokenizer read, pinned
+    ended: dict = {}
+    driver = threading.Thread(target=lambda: ended.setdefault("job", svc.run_job(job.id)))
+    driver.start()
+    assert fake_hub.started.wait(60), fake_hub.requests
+    assert svc.get_job(job.id).stage.startswith(f"fetching far-org/tiny-llama@{commit} from the Hugging Face Hub")
+    svc.cancel(job.id)
+    driver.join(timeout=30)
+    assert not driver.is_alive() and (ended["job"].status, ended["job"].error) == ("cancelled", "cancelled by request")
+    assert fake_hub.disconnected.wait(10), "the download goes on after the job was cancelled"
+    fake_hub.trickle("far-org/tiny-llama", "model.safetensors", on=False)
+    done = svc.resume(job.id)
+    assert done.status == "succeeded" and Path(done.model_path).name == commit
+    assert (Path(done.model_path) / "model.safetensors").read_bytes() == (tiny_llama / "model.safetensors").read_bytes()
+
+
 def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_gguf, tmp_path):
     """``owner/name/file.gguf``: that one file of the repository (llama.cpp releases hold one file
     per quantization), fetched alone, then read as any .gguf file is."""

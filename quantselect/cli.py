@@ -635,12 +635,19 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 def api(host: str, port: int) -> None:
-    """Serve the REST API (OpenAPI docs at /docs)."""
+    """Serve the REST API (OpenAPI docs at /docs). With $QUANTSELECT_API_TOKEN set, every /api/v1
+    request must carry it: `Authorization: Bearer TOKEN`."""
     import uvicorn
 
     from quantselect.api.app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    svc = _service()
+    if svc.settings.api_token:
+        click.echo("Every /api/v1 request must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.", err=True)
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host}:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can "
+                   "submit and delete jobs and read their datasets; set one (`openssl rand -hex 32`)", err=True)
+    uvicorn.run(create_app(svc), host=host, port=port, log_level="info")
 
 
 @cli.group()

@@ -29,6 +29,7 @@ class Settings:
     api_max_jobs: int = 4  # jobs the REST server drives at once (more wait, queued)
     stream_chunk: int | None = None  # items a worker scores between hand-overs to the driver (None: 256)
     candidate_timeout_seconds: float | None = None  # a candidate running longer is stopped and failed
+    api_token: str | None = None  # the bearer token every REST API request must carry (None: none asked)
 
     @property
     def models_dir(self) -> Path:
@@ -67,7 +68,20 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_max_jobs=_number(env, "QUANTSELECT_API_MAX_JOBS", 4, int, 1),
         stream_chunk=_number(env, "QUANTSELECT_STREAM_CHUNK", None, int, 1),
         candidate_timeout_seconds=parse_duration(timeout, "QUANTSELECT_CANDIDATE_TIMEOUT") if timeout else None,
+        api_token=_token(env, "QUANTSELECT_API_TOKEN"),
     )
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def _token(env: Mapping[str, str], name: str) -> str | None:
+    """A secret a client must send; one short enough to guess is refused, naming the variable."""
+    raw = (env.get(name) or "").strip()
+    if raw and (len(raw) < MIN_TOKEN_CHARS or any(c.isspace() for c in raw)):
+        raise InputError(f"{name}: give a token of at least {MIN_TOKEN_CHARS} characters and no spaces "
+                         "(`openssl rand -hex 32` makes one)")
+    return raw or None
 
 
 def _number(env: Mapping[str, str], name: str, default: T | None, kind: Callable[[str], T],

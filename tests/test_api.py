@@ -282,3 +282,84 @@ def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_th
     with TestClient(create_app(svc, connect_ray=False)) as client:  # the server again (a restart, a new release)
         assert wait_for(client, second)["status"] == "succeeded"
     assert svc.get_job(first).status == "cancelled"  # an interrupted job waits for its user's `resume`
+
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def test_with_a_token_every_api_request_must_carry_it(monkeypatch):
+    """QUANTSELECT_API_TOKEN set: a request without it, or with another, is refused (401, one line,
+    `WWW-Authenticate: Bearer`) and changes nothing; with it, it is served. /healthz (probes) and the
+    OpenAPI docs stay open, which show the scheme. A token short enough to guess is refused, naming
+    the variable."""
+    from click.testing import CliRunner
+
+    from quantselect.api.app import create_app
+    from quantselect.cli import cli
+
+    monkeypatch.setenv("QUANTSELECT_API_TOKEN", TOKEN)
+    body = {"model": "demo", "items": piqa_items(4)}
+    with TestClient(create_app(connect_ray=False)) as client:
+        for headers, what in (({}, "no bearer token"), ({"Authorization": "Bearer " + TOKEN[:-1] + "X"}, "wrong bearer token"),
+                              ({"Authorization": "Basic " + TOKEN}, "no bearer token")):
+            for res in (client.get("/api/v1/jobs", headers=headers), client.post("/api/v1/jobs", json=body, headers=headers)):
+                assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer", res.text
+                assert res.json() == {"detail": f"{what}: send the header `Authorization: Bearer TOKEN` with the server's "
+                                                "QUANTSELECT_API_TOKEN"}
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/v1/jobs", headers=auth).json() == []  # nothing was submitted
+        assert client.get("/healthz").status_code == 200 and client.get("/docs").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert spec["paths"]["/api/v1/jobs"]["get"]["security"] == [{"HTTPBearer": []}]
+    monkeypatch.delenv("QUANTSELECT_API_TOKEN")
+    with TestClient(create_app(connect_ray=False)) as client:  # no token: no scheme, every request served
+        assert client.get("/api/v1/jobs").status_code == 200
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+    monkeypatch.setenv("QUANTSELECT_API_TOKEN", "letmein")
+    res = CliRunner().invoke(cli, ["api"])
+    assert res.exit_code == 2 and res.output == (
+        "Error: QUANTSELECT_API_TOKEN: give a token of at least 16 characters and no spaces (`openssl rand -hex 32` "
+        "makes one)\n")
+
+
+def test_the_api_command_serves_http_asking_for_its_token_and_warns_when_open_to_the_network(ray_cluster, tmp_path):
+    """`quantselect api` as users start it, a real HTTP server: with a token it says so and asks
+    for it; listening beyond this machine without one, it warns before it starts."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures.ray_cluster import free_port
+
+    env = {**os.environ, "QUANTSELECT_RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "QUANTSELECT_API_TOKEN": TOKEN}
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "quantselect", "api", "--host", "0.0.0.0", "--port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr.readline() == "Every /api/v1 request must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.\n"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/gpus").status_code == 401
+        res = httpx.get(f"http://127.0.0.1:{port}/api/v1/gpus", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert res.status_code == 200 and any(g["name"].startswith("H100") for g in res.json())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    del env["QUANTSELECT_API_TOKEN"]
+    server = subprocess.Popen([sys.executable, "-m", "quantselect", "api", "--host", "0.0.0.0", "--port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr.readline() == (
+            f"warning: serving on 0.0.0.0:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can submit "
+            "and delete jobs and read their datasets; set one (`openssl rand -hex 32`)\n")
+    finally:
+        server.kill()
+        server.wait(timeout=60)

@@ -3,15 +3,17 @@ Jobs run in a background thread of this process, which stays free to answer whil
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantselect.domain.candidates import BASELINE
@@ -152,6 +154,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     app = FastAPI(title="quantselect", version="0.1.0", lifespan=lifespan,
                   description="Which precision should I deploy? Measured on your own task.")
+    # With QUANTSELECT_API_TOKEN set, every /api/v1 request carries it (`Authorization: Bearer ...`);
+    # /healthz (for probes) and the OpenAPI docs stay open.
+    v1 = APIRouter(dependencies=[Security(_bearer(svc.settings.api_token))] if svc.settings.api_token else [])
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
@@ -192,93 +197,93 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                              candidate_timeout=None if body.candidate_timeout is None
                              else parse_duration(body.candidate_timeout, "candidate_timeout"))
 
-    @app.post("/api/v1/jobs", status_code=202)
+    @v1.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:
         job = svc.submit(_request(body))
         _queue(job.id)
         return job.to_dict()
 
-    @app.post("/api/v1/jobs/preview")
+    @v1.post("/api/v1/jobs/preview")
     def preview_job(body: JobRequest) -> dict[str, Any]:
         """What POST /api/v1/jobs would run (as the CLI's --dry-run): checked the same way, nothing
         submitted: the items scored and held out, per candidate its estimated memory, whether the
         server can run it, and whether a stored result would be reused."""
         return svc.preview(_request(body))
 
-    @app.get("/api/v1/jobs")
+    @v1.get("/api/v1/jobs")
     def list_jobs(limit: int | None = Query(None, ge=1, description="Only the N newest."),
                   status: list[str] = Query([], description="Only jobs in these statuses.")) -> list[dict[str, Any]]:
         """Jobs, newest first."""
         return [j.to_dict() for j in svc.list_jobs(limit, status)]
 
-    @app.get("/api/v1/jobs/{job_id}")
+    @v1.get("/api/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
         job, rows, _ = svc.results_table(job_id)
         return {**job.to_dict(), "driver_silent_seconds": svc.driver_silent_for(job), "results": rows}
 
-    @app.delete("/api/v1/jobs/{job_id}", status_code=202)
+    @v1.delete("/api/v1/jobs/{job_id}", status_code=202)
     def cancel_job(job_id: str) -> dict[str, Any]:
         """Cancel: the job's driver stops its workers within seconds and marks it cancelled."""
         return svc.cancel(job_id).to_dict()
 
-    @app.delete("/api/v1/jobs/{job_id}/record")
+    @v1.delete("/api/v1/jobs/{job_id}/record")
     def delete_job(job_id: str) -> dict[str, Any]:
         """Delete a finished job that serves nothing: its record, results and per-item results."""
         return {"deleted": svc.delete(job_id).id}
 
-    @app.post("/api/v1/jobs/{job_id}/resume", status_code=202)
+    @v1.post("/api/v1/jobs/{job_id}/resume", status_code=202)
     def resume_job(job_id: str) -> dict[str, Any]:
         """Continue a job whose driver died (or that failed or was cancelled), in this server."""
         job = svc.claim(job_id, resume=True)  # 409 now, not later, if a live driver runs it
         _queue(job_id, True)
         return job.to_dict()
 
-    @app.get("/api/v1/jobs/{job_id}/results")
+    @v1.get("/api/v1/jobs/{job_id}/results")
     def get_results(job_id: str, items: bool = False) -> list[dict[str, Any]]:
         if items:
             svc.get_job(job_id)
             return [{"candidate": n, **i.to_dict()} for n, rows in svc.item_results(job_id).items() for i in rows]
         return svc.results_table(job_id)[1]
 
-    @app.get("/api/v1/jobs/{job_id}/compare")
+    @v1.get("/api/v1/jobs/{job_id}/compare")
     def get_comparison(job_id: str, candidate: str, against: str = BASELINE, limit: int = 10) -> dict[str, Any]:
         """The items ``candidate`` scored differently from ``against`` (the baseline), worst drops
         first, with each prompt, what was expected and what each one answered."""
         return svc.compare(job_id, candidate, against, limit).to_dict()
 
-    @app.get("/api/v1/jobs/{job_id}/recommendation")
+    @v1.get("/api/v1/jobs/{job_id}/recommendation")
     def get_recommendation(job_id: str, threshold: float | None = None, confidence: float | None = None,
                            policy: str | None = None, target_gpu: str | None = None,
                            gpu_hour_usd: float | None = None) -> dict[str, Any]:
         return svc.recommend(job_id, threshold, confidence, policy, target_gpu, gpu_hour_usd).to_dict()
 
-    @app.delete("/api/v1/jobs/{job_id}/candidates/{name}", status_code=202)
+    @v1.delete("/api/v1/jobs/{job_id}/candidates/{name}", status_code=202)
     def cancel_candidate(job_id: str, name: str) -> dict[str, Any]:
         """Cancel one candidate of a queued or running job: the job goes on without it."""
         result = svc.cancel_candidate(job_id, name)
         return {"job_id": job_id, "candidate": name, "status": result.status, "error": result.error}
 
-    @app.post("/api/v1/jobs/{job_id}/deploy")
+    @v1.post("/api/v1/jobs/{job_id}/deploy")
     def deploy(job_id: str, body: DeployRequest | None = Body(None)) -> dict[str, Any]:
         url = svc.deploy(job_id, body.candidate if body else None, body.engine if body else None)
         return {"job_id": job_id, "candidate": svc.get_job(job_id).deployed_candidate, "base_url": url}
 
-    @app.delete("/api/v1/jobs/{job_id}/deploy")
+    @v1.delete("/api/v1/jobs/{job_id}/deploy")
     def undeploy(job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "stopped": svc.undeploy(job_id)}
 
-    @app.get("/api/v1/candidates")
+    @v1.get("/api/v1/candidates")
     def list_candidates() -> list[dict[str, Any]]:
         """Every candidate (the names ``candidates`` takes), its parameters, whether it is a default,
         and whether this server's machine can run it, and why not."""
         return svc.candidates()
 
-    @app.get("/api/v1/gpus")
+    @v1.get("/api/v1/gpus")
     def list_gpus() -> list[dict[str, Any]]:
         """The target GPUs costs are quoted for (``target_gpu``): memory, bandwidth, compute, price per hour."""
         return svc.gpus()
 
-    @app.get("/api/v1/plan")
+    @v1.get("/api/v1/plan")
     def plan(model: str, gpu: str | None = None, gpu_memory: str | None = None,
              context: int | None = Query(None, ge=1), batch: int = Query(1, ge=1),
              kv_cache: Literal["bf16", "fp16", "fp8"] = "bf16") -> dict[str, Any]:
@@ -286,12 +291,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         config.json alone (a folder or .gguf file the server can read, or a Hub id), as `quantselect plan`."""
         return svc.plan(model, gpu, gpu_memory, context, batch, kv_cache)
 
-    @app.get("/api/v1/cache")
+    @v1.get("/api/v1/cache")
     def cache() -> list[dict[str, Any]]:
         """The quantized models and reference outputs on disk, oldest use first."""
         return [e.to_dict() for e in svc.cache_entries()]
 
-    @app.post("/api/v1/cache/prune")
+    @v1.post("/api/v1/cache/prune")
     def prune_cache(body: PruneRequest) -> dict[str, Any]:
         """Remove cache entries; what a deployment serves or a running job may use is kept, with why."""
         plan = svc.prune_cache(body.keys, body.older_than, body.all, body.dry_run)
@@ -299,4 +304,18 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                 "freed_bytes": 0 if body.dry_run else sum(e.size_bytes for e in plan.remove),
                 "kept": [{**e.to_dict(), "reason": why} for e, why in plan.keep]}
 
+    app.include_router(v1)
     return app
+
+
+def _bearer(token: str) -> Callable[..., None]:
+    """A dependency that refuses (401) a request without ``token`` as its bearer token."""
+    scheme = HTTPBearer(auto_error=False, description="QUANTSELECT_API_TOKEN, the token the server was started with")
+
+    def authorized(sent: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
+        if sent is None or not hmac.compare_digest(sent.credentials.encode(), token.encode()):
+            raise HTTPException(401, headers={"WWW-Authenticate": "Bearer"},
+                                detail=("wrong bearer token" if sent else "no bearer token") + ": send the header "
+                                       "`Authorization: Bearer TOKEN` with the server's QUANTSELECT_API_TOKEN")
+
+    return authorized

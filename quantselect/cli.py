@@ -201,7 +201,10 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
     click.echo("Try it:")
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                        "max_tokens": 32, "temperature": 0})
-    click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+    from quantselect.settings import get_settings
+
+    key = ' -H "Authorization: Bearer $QUANTSELECT_SERVE_API_KEY"' if get_settings().serve_api_key else ""
+    click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")
     if candidate and ":kv_cache=" in candidate:
         click.echo("Its fp8 KV cache is emulated here (answers as evaluated, the memory of a 16-bit cache); "
                    "vLLM's --kv-cache-dtype fp8 stores it in 8 bits.")

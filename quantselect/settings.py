@@ -30,6 +30,7 @@ class Settings:
     stream_chunk: int | None = None  # items a worker scores between hand-overs to the driver (None: 256)
     candidate_timeout_seconds: float | None = None  # a candidate running longer is stopped and failed
     api_token: str | None = None  # the bearer token every REST API request must carry (None: none asked)
+    serve_api_key: str | None = None  # the API key a deployment's OpenAI clients must send (None: none asked)
 
     @property
     def models_dir(self) -> Path:
@@ -69,6 +70,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         stream_chunk=_number(env, "QUANTSELECT_STREAM_CHUNK", None, int, 1),
         candidate_timeout_seconds=parse_duration(timeout, "QUANTSELECT_CANDIDATE_TIMEOUT") if timeout else None,
         api_token=_token(env, "QUANTSELECT_API_TOKEN"),
+        serve_api_key=_token(env, "QUANTSELECT_SERVE_API_KEY"),
     )
 
 

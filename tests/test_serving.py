@@ -37,8 +37,8 @@ def smol_url(serve_port, demo_model_dir):
     undeploy("smollm2-int4")
 
 
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+def _client(url: str, api_key: str = "x") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
 
 
 def test_deploy_returns_openai_base_url(tiny_url, serve_port):
@@ -211,6 +211,37 @@ def test_errors_are_openai_shaped(tiny_url):
         assert e.value.body["code"] == "invalid_prompt"
     r = client.completions.create(model="tiny-int8", prompt="a " * 505, max_tokens=100, temperature=0)
     assert r.usage.prompt_tokens == 506 and r.usage.completion_tokens <= 6
+
+
+def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_llama, serve_port, monkeypatch, capsys):
+    """QUANTSELECT_SERVE_API_KEY: the /v1 routes answer 401, in OpenAI's shape, to a client without
+    the key or with another (the openai client raises AuthenticationError), and serve one with it;
+    /healthz stays open for probes and for deploy's own wait. The printed curl line sends it."""
+    from quantselect.cli import _print_deployment
+    from quantselect.serving.deploy import deploy, undeploy
+
+    key = "sk-local-0123456789abcdef"
+    url = deploy("keyed", str(tiny_llama), CATALOG["baseline"].to_dict(), port=serve_port, api_key=key)
+    try:
+        assert httpx.get(url.removesuffix("/v1") + "/healthz").json()["status"] == "ok"
+        r = httpx.get(url + "/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["message"].startswith("No API key provided")
+        for wrong in ("x", key[:-1]):
+            with pytest.raises(openai.AuthenticationError) as e:
+                _client(url, wrong).completions.create(model="keyed", prompt="Hi", max_tokens=2)
+            assert e.value.body["message"].startswith("Incorrect API key provided")
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, "x").chat.completions.create(model="keyed", messages=[{"role": "user", "content": "Hi"}])
+        answer = _client(url, key).completions.create(model="keyed", prompt="Hi", max_tokens=2, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        assert [m.id for m in _client(url, key).models.list().data] == ["keyed"]
+    finally:
+        undeploy("keyed")
+    monkeypatch.setenv("QUANTSELECT_SERVE_API_KEY", key)
+    _print_deployment(url, "baseline")
+    assert "-H 'Content-Type: application/json' -H \"Authorization: Bearer $QUANTSELECT_SERVE_API_KEY\" -d" in \
+        capsys.readouterr().out
 
 
 def test_deploy_validates_before_touching_ray(serve_port):

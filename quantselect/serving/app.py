@@ -7,6 +7,7 @@ imported only inside the replica (``load_candidate``); importing this module doe
 
 # No `from __future__ import annotations`: serve.ingress rebuilds the route signatures and FastAPI must
 # see the request models as classes, not strings (else the body becomes a required query parameter).
+import hmac
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import time
 import uuid
 from typing import Any, Iterator, Literal, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -235,7 +236,8 @@ class _Batch:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * MAX_ROWS)
 @serve.ingress(api)
 class QuantizedModelServer:
-    def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False, engine: Optional[str] = None):
+    def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False, engine: Optional[str] = None,
+                 api_key: Optional[str] = None):
         import torch
 
         from quantselect.engines.decode import Decoder
@@ -246,7 +248,7 @@ class QuantizedModelServer:
             from quantselect.settings import get_settings
 
             model_path = str(resolve_model("demo", get_settings().models_dir))
-        self.name = name
+        self.name, self.api_key = name, api_key
         if not use_gpu:  # Ray gives an actor without CPUs one torch thread; a CPU replica decodes with all cores
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.loaded = load_candidate(model_path, config_from_dict(config), device="cuda" if use_gpu else "cpu")
@@ -272,6 +274,20 @@ class QuantizedModelServer:
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
+    def _check_key(self, authorization: Optional[str]) -> None:
+        """With an API key, the /v1 routes answer only a request that sends it, as OpenAI clients do
+        (``Authorization: Bearer KEY``); 401 in OpenAI's shape otherwise."""
+        if self.api_key is None:
+            return
+        scheme, _, sent = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not sent:
+            raise ApiError(401, "No API key provided: send `Authorization: Bearer KEY` with the deployment's "
+                                "QUANTSELECT_SERVE_API_KEY (the OpenAI client's api_key).", "invalid_request_error",
+                           "invalid_api_key")
+        if not hmac.compare_digest(sent.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided: give the deployment's QUANTSELECT_SERVE_API_KEY.",
+                           "invalid_request_error", "invalid_api_key")
+
     def _check_model(self, req: _Sampling) -> None:
         if req.model is not None and req.model != self.name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.name}`.",
@@ -356,18 +372,21 @@ class QuantizedModelServer:
                 "threads": self.threads}
 
     @api.get("/v1/models")
-    def models(self) -> dict:
+    def models(self, authorization: Optional[str] = Header(None)) -> dict:
+        self._check_key(authorization)
         card = {"id": self.name, "object": "model", "created": 0, "owned_by": "quantselect", "engine": self.loaded.engine}
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/completions")
-    def completions(self, req: CompletionRequest):
+    def completions(self, req: CompletionRequest, authorization: Optional[str] = Header(None)):
+        self._check_key(authorization)
         self._check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         return self._respond(req, [self._tokens(p) for p in prompts], False, req.max_tokens)
 
     @api.post("/v1/chat/completions")
-    def chat_completions(self, req: ChatRequest):
+    def chat_completions(self, req: ChatRequest, authorization: Optional[str] = Header(None)):
+        self._check_key(authorization)
         self._check_model(req)
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         if getattr(self.tok, "chat_template", None):
@@ -386,13 +405,15 @@ def check_engine(engine: Optional[str]) -> None:
 
 
 def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
-              engine: Optional[str] = None) -> serve.Application:
+              engine: Optional[str] = None, api_key: Optional[str] = None) -> serve.Application:
     """Pure builder: the Serve application serving ``model_path`` quantized as ``config``; ``engine``:
-    ``static`` or ``dynamic`` KV cache (default: static on a GPU, dynamic on CPU)."""
+    ``static`` or ``dynamic`` KV cache (default: static on a GPU, dynamic on CPU); ``api_key``: the
+    key its /v1 routes ask for (None: none)."""
     config_from_dict(config)  # fail here, with an InputError, rather than in a replica
     check_engine(engine)
     resources = {"num_cpus": 0, **({"num_gpus": 1} if use_gpu else {})}
-    return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine)
+    return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine,
+                                                                          api_key)
 
 
 class AppArgs(BaseModel):
@@ -407,7 +428,10 @@ class AppArgs(BaseModel):
 
 
 def app_builder(args: dict) -> serve.Application:
-    """Application builder for ``serve run`` / ``serve deploy`` config files."""
+    """Application builder for ``serve run`` / ``serve deploy`` config files. The API key, if any, is
+    QUANTSELECT_SERVE_API_KEY where the application is built (the application's ``runtime_env``)."""
+    from quantselect.settings import get_settings
+
     a = AppArgs.model_validate(args)
     if isinstance(a.config, str):
         if a.config not in CATALOG:
@@ -415,4 +439,4 @@ def app_builder(args: dict) -> serve.Application:
         config = CATALOG[a.config].to_dict()
     else:
         config = a.config
-    return build_app(a.name, a.model_path, config, a.use_gpu, a.engine)
+    return build_app(a.name, a.model_path, config, a.use_gpu, a.engine, get_settings().serve_api_key)

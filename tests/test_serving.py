@@ -290,6 +290,13 @@ def test_serve_config_file_builds_an_application():
     assert isinstance(app, Application)
     with pytest.raises(Exception):
         call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), {**app_cfg.args, "typo": 1})
+    # A candidate too large for one GPU (its job gave it several) is served on as many: the replica
+    # asks Ray for them, and its layers are split over them (checked on a GPU machine).
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path),
+                                                       {**app_cfg.args, "use_gpu": True, "gpus": 2})
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 2}
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), app_cfg.args)
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 0}  # a CPU replica reserves nothing
 
 
 def test_serving_imports_no_torch_and_no_db():

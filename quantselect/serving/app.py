@@ -260,7 +260,10 @@ class QuantizedModelServer:
         # dynamic cache, eager; on a GPU a static KV cache with a compiled step, one request at a time
         # (the cache is the replica's), and the batch for requests longer than it. (build_app has
         # validated ``engine``.)
-        engine = engine or ("static" if self.loaded.device == "cuda" else "dynamic")
+        # A model spread over several GPUs (``gpus``) decodes eagerly, batched: its layers live on
+        # different devices, which a compiled step over one static cache does not take.
+        spread = self.loaded.device == "cuda" and torch.cuda.device_count() > 1
+        engine = engine or ("static" if self.loaded.device == "cuda" and not spread else "dynamic")
         self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
             if engine == "static" else None
         self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
@@ -405,13 +408,16 @@ def check_engine(engine: Optional[str]) -> None:
 
 
 def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
-              engine: Optional[str] = None, api_key: Optional[str] = None) -> serve.Application:
+              engine: Optional[str] = None, api_key: Optional[str] = None, gpus: int = 1) -> serve.Application:
     """Pure builder: the Serve application serving ``model_path`` quantized as ``config``; ``engine``:
-    ``static`` or ``dynamic`` KV cache (default: static on a GPU, dynamic on CPU); ``api_key``: the
-    key its /v1 routes ask for (None: none)."""
+    ``static`` or ``dynamic`` KV cache (default: static on one GPU, dynamic on CPU or several GPUs);
+    ``api_key``: the key its /v1 routes ask for (None: none); ``gpus``: GPUs per replica with
+    ``use_gpu``, the layers split over them (a candidate too large for one, as its job ran it)."""
     config_from_dict(config)  # fail here, with an InputError, rather than in a replica
     check_engine(engine)
-    resources = {"num_cpus": 0, **({"num_gpus": 1} if use_gpu else {})}
+    if gpus < 1:
+        raise InputError(f"gpus {gpus}: give at least 1 GPU per replica")
+    resources = {"num_cpus": 0, **({"num_gpus": gpus} if use_gpu else {})}
     return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine,
                                                                           api_key)
 
@@ -424,6 +430,7 @@ class AppArgs(BaseModel):
     model_path: str
     config: Union[str, dict[str, Any]]  # a catalogue name ("int4") or a CandidateConfig.to_dict()
     use_gpu: bool = False
+    gpus: int = 1  # with use_gpu: GPUs per replica, the model's layers split over them
     engine: Optional[Literal["static", "dynamic"]] = None
 
 
@@ -439,4 +446,4 @@ def app_builder(args: dict) -> serve.Application:
         config = CATALOG[a.config].to_dict()
     else:
         config = a.config
-    return build_app(a.name, a.model_path, config, a.use_gpu, a.engine, get_settings().serve_api_key)
+    return build_app(a.name, a.model_path, config, a.use_gpu, a.engine, get_settings().serve_api_key, a.gpus)

@@ -80,13 +80,15 @@ def _failure_reason(app: str) -> str:
 
 
 def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1", port: int = 8000,
-           use_gpu: bool = False, engine: str | None = None, api_key: str | None = None, timeout_s: float = 600) -> str:
-    """Serve ``model_path`` quantized as ``config`` (a ``CandidateConfig.to_dict()``) under ``name``,
-    its /v1 routes asking for ``api_key`` if given; replaces a deployment of the same name. Returns
-    the OpenAI base URL."""
+           use_gpu: bool = False, gpus: int = 1, engine: str | None = None, api_key: str | None = None,
+           timeout_s: float = 600) -> str:
+    """Serve ``model_path`` quantized as ``config`` (a ``CandidateConfig.to_dict()``) under ``name``
+    (with ``use_gpu``, on ``gpus`` GPUs), its /v1 routes asking for ``api_key`` if given; replaces a
+    deployment of the same name. Returns the OpenAI base URL."""
     check_name(name)
     _require_ray()
-    app = build_app(name, str(model_path), config, use_gpu=use_gpu, engine=engine, api_key=api_key)  # validates first
+    app = build_app(name, str(model_path), config, use_gpu=use_gpu, engine=engine, api_key=api_key,
+                    gpus=gpus)  # validates first
     ensure_serve(host, port)
     try:
         serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)

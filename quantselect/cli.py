@@ -737,6 +737,24 @@ def candidates(fmt: str) -> None:
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def doctor(fmt: str) -> None:
+    """Check this machine's set-up: the database, disk space, Ray, GPUs, libraries, the candidates it
+    can run, the Hugging Face Hub and access. Changes nothing; exits 1 when a job would fail. Paste
+    its output into a bug report."""
+    from quantselect.render import table
+
+    report = _service().doctor()
+    if fmt == "json":
+        _echo_json(report)
+    else:
+        click.echo(f"quantselect {report['quantselect']}, Python {report['python']}, {report['platform']}")
+        click.echo(table(["check", "status", "detail"], [[c["name"], c["status"], c["detail"]] for c in report["checks"]]))
+    if report["failed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def gpus(fmt: str) -> None:
     """The target GPUs costs are quoted for: memory, bandwidth, peak compute, price per hour."""
     from quantselect.domain.gpus import GPUS

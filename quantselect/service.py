@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, plan_prune
+from quantselect.domain.checks import FAIL, INFO, OK, WARN, Check, failed
 from quantselect.domain.candidates import BASELINE, DEFAULT_CANDIDATES, Candidate, Prequantized, resolve_candidates
 from quantselect.domain.compare import ItemComparison, compare_items
 from quantselect.domain.durations import parse_duration
@@ -50,6 +52,7 @@ INTERRUPTED = "interrupted (SIGINT, Ctrl-C)"  # the error of a job whose driver 
 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
+DOCTOR_LOW_DISK = 20 * 2**30  # free space below which `doctor` warns: a 7B sweep writes several artifacts
 
 
 def examples_dir() -> Path:
@@ -948,6 +951,126 @@ class Service:
             else:
                 keep.append((e, "a process is building or loading it right now"))
         return PrunePlan(removed, keep)
+
+    # ---- doctor ---------------------------------------------------------------------------
+    def doctor(self) -> dict[str, Any]:
+        """Every part of this machine's set-up a job needs, checked without changing anything (no
+        database file created, no Ray started): what was found, and what to do where it is not ok;
+        ``failed`` when a job would fail."""
+        import platform
+
+        from quantselect import __version__
+
+        checks = [self._database_check(), *self._storage_checks(), self._ray_check(), *self._machine_checks(),
+                  self._hub_check(), self._access_check()]
+        return {"quantselect": __version__, "python": platform.python_version(), "platform": platform.platform(),
+                "checks": [c.to_dict() for c in checks], "failed": failed(checks)}
+
+    def _database_check(self) -> Check:
+        from quantselect.db.engine import known_revisions, probe, shown_url
+
+        url = shown_url(self.settings.db_url)
+        try:
+            revision, head = probe(self.settings.db_url)
+        except FileNotFoundError:
+            return Check("database", OK, f"{url}: no file yet, created on first use (or by `quantselect db upgrade`)")
+        except Exception as e:  # noqa: BLE001 - unreachable, refused, bad credentials: said in one line
+            cause = getattr(e, "orig", None) or e
+            return Check("database", FAIL, f"{url}: cannot connect ({' '.join(str(cause).split())[:200]}); start it "
+                                           "or fix QUANTSELECT_DB_URL")
+        if revision == head:
+            return Check("database", OK, f"{url}: schema {revision}, this quantselect's")
+        if revision is None or revision in known_revisions():
+            return Check("database", OK, f"{url}: schema {revision or 'none yet'}, migrated to {head} on first use "
+                                         "(or by `quantselect db upgrade`)")
+        return Check("database", FAIL, f"{url}: schema {revision}, which this quantselect (up to {head}) does not know; "
+                                       "upgrade quantselect")
+
+    def _storage_checks(self) -> list[Check]:
+        """Free space where quantized models, converted models and downloads go."""
+        import shutil
+
+        from huggingface_hub import constants
+
+        places = {"home": self.settings.home, "artifacts": self.settings.artifacts_dir,
+                  "hub cache": Path(constants.HF_HUB_CACHE)}
+        checks = []
+        for name, path in places.items():
+            there = next(p for p in (path, *path.parents) if p.exists())  # what will hold it once created
+            free = shutil.disk_usage(there).free
+            where = f"{path}{'' if there == path else ' (not created yet)'}: {free / 2**30:.1f} GiB free"
+            if not os.access(there, os.W_OK):
+                checks.append(Check(name, FAIL, f"{where}, but not writable by this user"))
+            elif free < DOCTOR_LOW_DISK:
+                checks.append(Check(name, WARN, f"{where}; a 7B model takes ~15 GiB in bf16 and ~5 GiB per 4-bit "
+                                                "artifact: free some (`quantselect cache prune`) or move it"))
+            else:
+                checks.append(Check(name, OK, where))
+        return checks
+
+    def _ray_check(self) -> Check:
+        from quantselect.orchestration.cluster import address_answers, local_head_is_up
+
+        address = self.settings.ray_address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            head = f"127.0.0.1:{self.settings.local_ray_port}"
+            return Check("ray", OK, "no cluster set: each job starts a local Ray; the one `deploy` and `api` keep "
+                                    f"at {head} is {'running' if local_head_is_up(self.settings) else 'not running'}")
+        answers = address_answers(address)
+        if answers is None:
+            return Check("ray", INFO, f"joins {address} (not checked: it names no port)")
+        if not answers:
+            return Check("ray", FAIL, f"nothing answers at {address} (QUANTSELECT_RAY_ADDRESS): start the cluster, "
+                                      "or fix or unset the variable")
+        return Check("ray", OK, f"joins {address}, which answers")
+
+    def _machine_checks(self) -> list[Check]:
+        """This machine's GPUs, libraries, the candidates it can run and the bundled demo model."""
+        from quantselect.engines.environment import accelerators, library_versions
+        from quantselect.engines.models import demo_gguf_path
+
+        found = accelerators()
+        here = " (this machine's; the cluster's nodes may differ)" if self.settings.ray_address else ""
+        if found["gpus"]:
+            kinds = Counter(f"{g['name']} ({g['memory_bytes'] / 2**30:.1f} GiB, compute {g['capability']})"
+                            for g in found["gpus"])
+            gpus = Check("gpus", OK, ", ".join(f"{n}x {k}" for k, n in kinds.items()) + f", CUDA {found['torch_cuda']}"
+                         + here)
+        else:
+            build = f"CUDA {found['torch_cuda']} build" if found["torch_cuda"] else "a CPU build"
+            gpus = Check("gpus", INFO, f"none: torch is {build} and sees no CUDA GPU, so candidates run on CPU" + here)
+        versions = library_versions()
+        libraries = Check("libraries", INFO, ", ".join(f"{k} {v or '-'}" for k, v in versions.items()))
+        rows = self.candidates()
+        missing = [r["name"] for r in rows if r["default"] and not r["available"]]
+        unavailable = [f"{r['name']} ({r['reason']})" for r in rows if not r["available"]]
+        detail = f"{len(rows) - len(unavailable)} of {len(rows)} run here" + (
+            f"; not: {'; '.join(unavailable)}" if unavailable else "")
+        candidates = Check("candidates", WARN if missing else OK,
+                           detail + (f"; default ones missing: {', '.join(missing)}" if missing else ""))
+        try:
+            demo = Check("demo model", OK, str(demo_gguf_path()))
+        except InputError as e:
+            demo = Check("demo model", WARN, str(e))
+        return [gpus, libraries, candidates, demo]
+
+    def _hub_check(self) -> Check:
+        from huggingface_hub import constants, get_token
+
+        online = "offline (HF_HUB_OFFLINE: only the cache answers)" if constants.HF_HUB_OFFLINE else "online"
+        token = "a token is set" if get_token() else "no token (gated and private models need `hf auth login` or HF_TOKEN)"
+        endpoint = "" if constants.ENDPOINT == "https://huggingface.co" else f" at {constants.ENDPOINT}"
+        return Check("hugging face", INFO, f"{online}{endpoint}; {token}")
+
+    def _access_check(self) -> Check:
+        """Who may use what this machine serves: the REST API and the deployments."""
+        api = "set" if self.settings.api_token else "unset (fine on 127.0.0.1, the default)"
+        key = "set" if self.settings.serve_api_key else "unset"
+        detail = f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_SERVE_API_KEY {key}"
+        if self.settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not self.settings.serve_api_key:
+            return Check("access", WARN, f"{detail}: deployments listen on {self.settings.serve_host} and answer "
+                                         "anyone who reaches them; set QUANTSELECT_SERVE_API_KEY")
+        return Check("access", INFO, detail)
 
     # ---- plan -----------------------------------------------------------------------------
     def candidates(self) -> list[dict[str, Any]]:

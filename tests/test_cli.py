@@ -43,7 +43,7 @@ def test_import_and_help_stay_light():
     help_out = subprocess.run([sys.executable, "-m", "quantselect", "--help"], capture_output=True, text=True, cwd=REPO)
     assert help_out.returncode == 0
     for command in ("demo", "submit", "jobs", "status", "results", "recommend", "compare", "deploy", "undeploy",
-                    "api", "db", "candidates", "plan", "gpus"):
+                    "api", "db", "candidates", "plan", "gpus", "doctor"):
         assert command in help_out.stdout
 
 

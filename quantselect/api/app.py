@@ -278,6 +278,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         and whether this server's machine can run it, and why not."""
         return svc.candidates()
 
+    @v1.get("/api/v1/doctor")
+    def doctor() -> dict[str, Any]:
+        """`quantselect doctor --format json` on the server: its database, disk, Ray, GPUs, libraries,
+        the candidates it can run, and access; ``failed`` when a job would fail there."""
+        return svc.doctor()
+
     @v1.get("/api/v1/gpus")
     def list_gpus() -> list[dict[str, Any]]:
         """The target GPUs costs are quoted for (``target_gpu``): memory, bandwidth, compute, price per hour."""

@@ -21,11 +21,13 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: int | None = None) -> Engine:
+    """``connect_timeout``: seconds a PostgreSQL connection may take (a probe); None: the driver's own."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True,
+                             connect_args={"connect_timeout": connect_timeout} if connect_timeout else {})
     if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
@@ -117,6 +119,37 @@ def current_revision(url: str | Engine) -> str | None:
         if engine is not url:
             engine.dispose()
     return ",".join(sorted(revs)) or None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL (None: another database, or one in memory)."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, as it may be printed."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def probe(url: str, timeout: int = 5) -> tuple[str | None, str]:
+    """Ask the database at ``url`` once, giving up after ``timeout`` seconds: (its schema revision,
+    None when it has none yet; this code's head revision). A SQLite file is not created here."""
+    file = sqlite_file(url)
+    if file is not None and not file.exists():
+        raise FileNotFoundError(file)
+    engine = make_engine(url, connect_timeout=timeout)
+    try:
+        return current_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+
+
+def known_revisions() -> set[str]:
+    return {r.revision for r in _script().walk_revisions()}
 
 
 def head_revision() -> str:

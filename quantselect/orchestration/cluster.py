@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -75,6 +76,19 @@ def local_head_is_up(settings: Settings) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1)
         return probe.connect_ex(("127.0.0.1", settings.local_ray_port)) == 0
+
+
+def address_answers(address: str, timeout: float = 3.0) -> bool | None:
+    """Whether something listens at a Ray address (``HOST:PORT``, ``ray://HOST:PORT``), asked without
+    importing Ray; None for an address that names no port (``auto``, ``local``)."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if found is None:
+        return None
+    try:
+        with socket.create_connection((found[1], int(found[2])), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def cluster_exists(settings: Settings) -> bool:

@@ -650,6 +650,9 @@ def api(host: str, port: int) -> None:
     elif host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host}:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can "
                    "submit and delete jobs and read their datasets; set one (`openssl rand -hex 32`)", err=True)
+    if svc.settings.api_paths is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo("warning: requests may name any file this server can read as a dataset (and read it back in "
+                   "their results); QUANTSELECT_API_PATHS=/data:/models limits them to those folders", err=True)
     uvicorn.run(create_app(svc), host=host, port=port, log_level="info")
 
 

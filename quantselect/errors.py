@@ -26,6 +26,13 @@ class NotFoundError(QuantselectError):
     http_status = 404
 
 
+class ForbiddenError(QuantselectError):
+    """The request names what this server does not let its clients use (a path outside its folders)."""
+
+    exit_code = 2
+    http_status = 403
+
+
 class ConflictError(QuantselectError):
     """The request is valid but not in the current state (e.g. deploy before a job finished)."""
 

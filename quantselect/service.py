@@ -42,7 +42,7 @@ from quantselect.domain.results import (
     validate_threshold,
 )
 from quantselect.domain.selection import Recommendation, recommend
-from quantselect.errors import ConflictError, InputError, QuantselectError
+from quantselect.errors import ConflictError, ForbiddenError, InputError, QuantselectError
 from quantselect.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ class SubmitRequest:
     # The model path is read where the job's driver runs (submit --address): when it is not here,
     # the model is checked by the driver on the cluster instead.
     model_on_cluster: bool = False
+    # A request from afar (the REST API with QUANTSELECT_API_PATHS): the files and folders of this
+    # machine it may name, those under these folders (None: any this process can read).
+    readable: tuple[Path, ...] | None = None
 
 
 @dataclass
@@ -146,6 +149,9 @@ class Service:
         confidence = validate_confidence(req.confidence)
         policy = validate_policy(req.policy)
         candidates = resolve_candidates(req.candidates)
+        if req.readable is not None:
+            only_under(req.readable, req.dataset, req.mapping and req.mapping.labels_file, req.calibration,
+                       models=[req.model, *(c.config.path for c in candidates if isinstance(c.config, Prequantized))])
         if req.candidate_timeout is not None and not req.candidate_timeout > 0:
             raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0")
         if req.limit is not None and req.limit < 1:
@@ -1066,7 +1072,8 @@ class Service:
         """Who may use what this machine serves: the REST API and the deployments."""
         api = "set" if self.settings.api_token else "unset (fine on 127.0.0.1, the default)"
         key = "set" if self.settings.serve_api_key else "unset"
-        detail = f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_SERVE_API_KEY {key}"
+        paths = ", ".join(map(str, self.settings.api_paths)) if self.settings.api_paths else "unset (any file)"
+        detail = f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_SERVE_API_KEY {key}"
         if self.settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not self.settings.serve_api_key:
             return Check("access", WARN, f"{detail}: deployments listen on {self.settings.serve_host} and answer "
                                          "anyone who reaches them; set QUANTSELECT_SERVE_API_KEY")
@@ -1095,15 +1102,17 @@ class Service:
         return [g.to_dict() for g in GPUS.values()]
 
     def plan(self, model: str, gpu: str | None = None, gpu_memory: str | None = None, context: int | None = None,
-             batch: int = 1, kv_cache: str = "bf16") -> dict[str, Any]:
+             batch: int = 1, kv_cache: str = "bf16", readable: tuple[Path, ...] | None = None) -> dict[str, Any]:
         """Memory per precision and GPUs needed, from the model's config.json alone (or a GGUF
-        file's header)."""
+        file's header). ``readable``: as ``SubmitRequest.readable``."""
         import json
 
         from quantselect.domain import planner
         from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization, hub_name
 
         model = hub_name(model)
+        if readable is not None:
+            only_under(readable, models=[model])
         path = from_hub(model, config_only=True) or Path(model).expanduser()
         gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
         if gguf is not None:
@@ -1188,6 +1197,22 @@ def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: A
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[str] = ()) -> None:
+    """Refuse (``ForbiddenError``) a file or folder of this machine outside the ``readable`` folders
+    (links followed), whether it exists or not, so that the answer says nothing of what is there.
+    ``hf://`` files, and ``models`` named by their Hub id or ``demo``, are not this machine's."""
+    from quantselect.engines.models import DEMO, hub_id
+
+    folders = [Path(os.path.realpath(f)) for f in readable]
+    here = [f for f in files if f and not f.startswith("hf://")] + [
+        m for m in models if m != DEMO and not (hub_id(m) and not Path(m).expanduser().exists())]
+    for name in here:
+        real = Path(os.path.realpath(Path(name).expanduser()))
+        if not any(real.is_relative_to(f) for f in folders):
+            raise ForbiddenError(f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "
+                                 f"{', '.join(map(str, readable))}); put it there, or name it on the Hugging Face Hub")
 
 
 def _one_line(e: BaseException) -> str:

@@ -31,6 +31,7 @@ class Settings:
     candidate_timeout_seconds: float | None = None  # a candidate running longer is stopped and failed
     api_token: str | None = None  # the bearer token every REST API request must carry (None: none asked)
     serve_api_key: str | None = None  # the API key a deployment's OpenAI clients must send (None: none asked)
+    api_paths: tuple[Path, ...] | None = None  # the folders REST requests may name files under (None: any)
 
     @property
     def models_dir(self) -> Path:
@@ -71,10 +72,24 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         candidate_timeout_seconds=parse_duration(timeout, "QUANTSELECT_CANDIDATE_TIMEOUT") if timeout else None,
         api_token=_token(env, "QUANTSELECT_API_TOKEN"),
         serve_api_key=_token(env, "QUANTSELECT_SERVE_API_KEY"),
+        api_paths=_folders(env, "QUANTSELECT_API_PATHS"),
     )
 
 
 MIN_TOKEN_CHARS = 16
+
+
+def _folders(env: Mapping[str, str], name: str) -> tuple[Path, ...] | None:
+    """Absolute folders, separated as in PATH (``/data:/models``); None when the variable is unset."""
+    raw = env.get(name)
+    if not raw or not raw.strip():
+        return None
+    folders = tuple(Path(p.strip()).expanduser() for p in raw.split(os.pathsep) if p.strip())
+    relative = [str(f) for f in folders if not f.is_absolute()]
+    if relative:
+        raise InputError(f"{name}={raw!r}: {relative[0]} is not an absolute path; give absolute folders separated "
+                         f"by {os.pathsep!r}")
+    return folders
 
 
 def _token(env: Mapping[str, str], name: str) -> str | None:

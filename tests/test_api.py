@@ -333,7 +333,7 @@ def test_the_api_command_serves_http_asking_for_its_token_and_warns_when_open_to
     from tests.fixtures.ray_cluster import free_port
 
     env = {**os.environ, "QUANTSELECT_RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-           "QUANTSELECT_API_TOKEN": TOKEN}
+           "QUANTSELECT_API_TOKEN": TOKEN, "QUANTSELECT_API_PATHS": str(tmp_path)}
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "quantselect", "api", "--host", "0.0.0.0", "--port", str(port)],
                               env=env, stderr=subprocess.PIPE, text=True)
@@ -353,13 +353,59 @@ def test_the_api_command_serves_http_asking_for_its_token_and_warns_when_open_to
     finally:
         server.terminate()
         server.wait(timeout=60)
-    del env["QUANTSELECT_API_TOKEN"]
+    del env["QUANTSELECT_API_TOKEN"], env["QUANTSELECT_API_PATHS"]
     server = subprocess.Popen([sys.executable, "-m", "quantselect", "api", "--host", "0.0.0.0", "--port", str(port)],
                               env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr.readline() == (
             f"warning: serving on 0.0.0.0:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can submit "
             "and delete jobs and read their datasets; set one (`openssl rand -hex 32`)\n")
+        assert server.stderr.readline().startswith("warning: requests may name any file this server can read")
     finally:
         server.kill()
         server.wait(timeout=60)
+
+
+def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(tiny_llama, tmp_path, monkeypatch):
+    """QUANTSELECT_API_PATHS: a dataset, labels, calibration file, model or checkpoint folder outside
+    those folders is refused (403) before anything is read, whether it exists or not (the answer
+    tells nothing of what is there), links followed; Hub ids, hf:// files and the demo model are
+    not this machine's files. Without it, a client could read back any JSONL/CSV/Parquet file the
+    server can read, as a dataset's items."""
+    import shutil
+
+    from quantselect.api.app import create_app
+    from quantselect.errors import InputError
+    from quantselect.settings import get_settings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(EXAMPLES / "piqa-300.jsonl", data / "piqa.jsonl")
+    (data / "escape.jsonl").symlink_to(EXAMPLES / "piqa-300.jsonl")
+    monkeypatch.setenv("QUANTSELECT_API_PATHS", f"{data}:{tmp_path / 'models'}")
+    inside = {"model": "demo", "dataset": str(data / "piqa.jsonl"), "limit": 8, "candidates": ["int8"]}
+    refused = [({"dataset": str(EXAMPLES / "piqa-300.jsonl")}, str(EXAMPLES / "piqa-300.jsonl")),
+               ({"dataset": "/etc/no-such-file.jsonl"}, "/etc/no-such-file.jsonl"),
+               ({"dataset": str(data / "escape.jsonl")}, str(data / "escape.jsonl")),
+               ({"dataset": str(data / ".." / "data" / ".." / "secrets.csv")}, str(data / ".." / "data" / ".." / "secrets.csv")),
+               ({"model": str(tiny_llama)}, str(tiny_llama)),
+               ({"candidates": ["int8", f"mine={tiny_llama}"]}, str(tiny_llama)),
+               ({"candidates": ["int4-gptq"], "calibration": str(EXAMPLES / "gsm8k-50.jsonl")}, str(EXAMPLES / "gsm8k-50.jsonl")),
+               ({"labels": "/etc/passwd", "map": ["prompt=goal", "choices=sol1,sol2"]}, "/etc/passwd")]
+    with TestClient(create_app(connect_ray=False)) as client:
+        for change, name in refused:
+            for route in ("/api/v1/jobs", "/api/v1/jobs/preview"):
+                res = client.post(route, json={**inside, **change})
+                assert res.status_code == 403, (change, res.text)
+                assert res.json()["detail"] == (f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "
+                                                f"{data}, {tmp_path / 'models'}); put it there, or name it on the "
+                                                "Hugging Face Hub")
+        assert client.get("/api/v1/jobs").json() == []
+        res = client.post("/api/v1/jobs/preview", json=inside)
+        assert res.status_code == 200 and res.json()["n_items"] == 8, res.text
+        res = client.post("/api/v1/jobs/preview", json={**inside, "model": "nobody/not-cached"})  # a Hub id: not a path
+        assert res.status_code == 422 and "not a folder or file here" in res.json()["detail"]
+        assert client.get("/api/v1/plan", params={"model": str(tiny_llama)}).status_code == 403
+        assert client.get("/api/v1/plan", params={"model": "demo"}).status_code == 200
+    with pytest.raises(InputError, match="QUANTSELECT_API_PATHS='data': data is not an absolute path"):
+        get_settings({"QUANTSELECT_API_PATHS": "data"})

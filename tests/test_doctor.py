@@ -77,7 +77,7 @@ def test_a_ray_address_is_checked_and_deployments_open_to_the_network_are_warned
     code, checks = _doctor()
     assert checks["access"] == {"name": "access", "status": "info",
                                 "detail": "QUANTSELECT_API_TOKEN unset (fine on 127.0.0.1, the default); "
-                                          "QUANTSELECT_SERVE_API_KEY set"}
+                                          "QUANTSELECT_API_PATHS unset (any file); QUANTSELECT_SERVE_API_KEY set"}
     assert "k" * 32 not in json.dumps(checks)
 
 
@@ -97,5 +97,5 @@ def test_the_rest_api_answers_the_servers_own_checks():
 
 @pytest.fixture(autouse=True)
 def _no_tokens(monkeypatch):
-    for name in ("QUANTSELECT_API_TOKEN", "QUANTSELECT_SERVE_API_KEY", "QUANTSELECT_SERVE_HOST"):
+    for name in ("QUANTSELECT_API_TOKEN", "QUANTSELECT_SERVE_API_KEY", "QUANTSELECT_SERVE_HOST", "QUANTSELECT_API_PATHS"):
         monkeypatch.delenv(name, raising=False)

@@ -195,7 +195,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                              policy=body.policy, early_stop=body.early_stop, max_new_tokens=body.max_new_tokens,
                              stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache,
                              candidate_timeout=None if body.candidate_timeout is None
-                             else parse_duration(body.candidate_timeout, "candidate_timeout"))
+                             else parse_duration(body.candidate_timeout, "candidate_timeout"),
+                             readable=svc.settings.api_paths)
 
     @v1.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:
@@ -295,7 +296,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
              kv_cache: Literal["bf16", "fp16", "fp8"] = "bf16") -> dict[str, Any]:
         """Will ``model`` fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
         config.json alone (a folder or .gguf file the server can read, or a Hub id), as `quantselect plan`."""
-        return svc.plan(model, gpu, gpu_memory, context, batch, kv_cache)
+        return svc.plan(model, gpu, gpu_memory, context, batch, kv_cache, readable=svc.settings.api_paths)
 
     @v1.get("/api/v1/cache")
     def cache() -> list[dict[str, Any]]:

@@ -151,7 +151,7 @@ class Service:
         candidates = resolve_candidates(req.candidates)
         if req.readable is not None:
             only_under(req.readable, req.dataset, req.mapping and req.mapping.labels_file, req.calibration,
-                       models=[req.model, *(c.config.path for c in candidates if isinstance(c.config, Prequantized))])
+                       models=[req.model, *(hub_name(c.config.path) for c in candidates if isinstance(c.config, Prequantized))])
         if req.candidate_timeout is not None and not req.candidate_timeout > 0:
             raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0")
         if req.limit is not None and req.limit < 1:

@@ -403,8 +403,10 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
         assert client.get("/api/v1/jobs").json() == []
         res = client.post("/api/v1/jobs/preview", json=inside)
         assert res.status_code == 200 and res.json()["n_items"] == 8, res.text
-        res = client.post("/api/v1/jobs/preview", json={**inside, "model": "nobody/not-cached"})  # a Hub id: not a path
-        assert res.status_code == 422 and "not a folder or file here" in res.json()["detail"]
+        for hub in ({"model": "nobody/not-cached"}, {"model": "https://huggingface.co/nobody/not-cached"},
+                    {"candidates": ["int8", "theirs=https://huggingface.co/nobody/awq"]}):  # Hub ids: not paths
+            res = client.post("/api/v1/jobs/preview", json={**inside, **hub})
+            assert res.status_code == 422 and "not a folder or file here" in res.json()["detail"], res.text
         assert client.get("/api/v1/plan", params={"model": str(tiny_llama)}).status_code == 403
         assert client.get("/api/v1/plan", params={"model": "demo"}).status_code == 200
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS='data': data is not an absolute path"):

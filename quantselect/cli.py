@@ -203,8 +203,12 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
                        "max_tokens": 32, "temperature": 0})
     from quantselect.settings import get_settings
 
-    key = ' -H "Authorization: Bearer $QUANTSELECT_SERVE_API_KEY"' if get_settings().serve_api_key else ""
+    settings = get_settings()
+    key = ' -H "Authorization: Bearer $QUANTSELECT_SERVE_API_KEY"' if settings.serve_api_key else ""
     click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")
+    if not key and settings.serve_host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: it answers whoever reaches {settings.serve_host}:{settings.serve_port}: set "
+                   "QUANTSELECT_SERVE_API_KEY and deploy again to ask its clients for a key", err=True)
     if candidate and ":kv_cache=" in candidate:
         click.echo("Its fp8 KV cache is emulated here (answers as evaluated, the memory of a 16-bit cache); "
                    "vLLM's --kv-cache-dtype fp8 stores it in 8 bits.")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from quantselect.domain.cache import CacheEntry, PrunePlan, attach_uses, plan_prune
 from quantselect.domain.checks import FAIL, INFO, OK, WARN, Check, failed
@@ -244,10 +244,7 @@ class Service:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
         from ray.job_submission import JobSubmissionClient
 
-        # The driver on the cluster uses this process's database and quantselect settings (artifact
-        # storage, GPU memory, retries...): every QUANTSELECT_* variable set here goes along.
-        env = {k: v for k, v in os.environ.items() if k.startswith("QUANTSELECT_") and k != "QUANTSELECT_RAY_ADDRESS"}
-        env["QUANTSELECT_DB_URL"] = self.settings.db_url
+        env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job_spec(job_id).deploy)
         deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
             client = JobSubmissionClient(address)
@@ -967,15 +964,26 @@ class Service:
 
         from quantselect import __version__
 
-        checks = [self._database_check(), *self._storage_checks(), self._ray_check(), *self._machine_checks(),
-                  self._hub_check(), self._access_check()]
+        checks: list[Check] = []
+        for name, check in (("database", self._database_check), ("storage", self._storage_checks),
+                            ("ray", self._ray_check), ("machine", self._machine_checks), ("hugging face", self._hub_check),
+                            ("access", self._access_check)):
+            try:
+                found = check()
+            except Exception as e:  # noqa: BLE001 - one check that breaks is a failed line, not a traceback
+                found = Check(name, FAIL, f"could not be checked: {_one_line(e)}")
+            checks += found if isinstance(found, list) else [found]
         return {"quantselect": __version__, "python": platform.python_version(), "platform": platform.platform(),
                 "checks": [c.to_dict() for c in checks], "failed": failed(checks)}
 
     def _database_check(self) -> Check:
         from quantselect.db.engine import known_revisions, probe, shown_url
 
-        url = shown_url(self.settings.db_url)
+        try:
+            url = shown_url(self.settings.db_url)
+        except Exception:  # noqa: BLE001 - not a URL at all
+            return Check("database", FAIL, "QUANTSELECT_DB_URL is not a database URL: give sqlite:///PATH or "
+                                           "postgresql://USER@HOST/DB")
         try:
             revision, head = probe(self.settings.db_url)
         except FileNotFoundError:
@@ -1193,10 +1201,21 @@ def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: A
     while worker.is_alive():
         worker.join(0.2)
         if cancelled.is_set():  # also when fn has just ended, stopped by it (a conversion is)
+            worker.join(5)  # it kills its child process within 0.5 s: before this process may exit
             raise _CancelledMeanwhile()
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:
+    """What a driver submitted to a cluster (Ray Jobs API) gets of this process's settings: this
+    database and every QUANTSELECT_* variable (artifact storage, GPU memory, retries...), but not the
+    REST API's token, which it never needs, nor the deployments' key unless the job deploys: a job's
+    variables are shown to whoever reaches the cluster's dashboard."""
+    kept = {k: v for k, v in environ.items() if k.startswith("QUANTSELECT_") and k not in (
+        "QUANTSELECT_RAY_ADDRESS", "QUANTSELECT_API_TOKEN", *(() if deploy else ("QUANTSELECT_SERVE_API_KEY",)))}
+    return {**kept, "QUANTSELECT_DB_URL": db_url}
 
 
 def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[str] = ()) -> None:
@@ -1207,12 +1226,22 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
 
     folders = [Path(os.path.realpath(f)) for f in readable]
     here = [f for f in files if f and not f.startswith("hf://")] + [
-        m for m in models if m != DEMO and not (hub_id(m) and not Path(m).expanduser().exists())]
+        m for m in models if m != DEMO and not (hub_id(m) and not _exists(m))]
     for name in here:
-        real = Path(os.path.realpath(Path(name).expanduser()))
-        if not any(real.is_relative_to(f) for f in folders):
+        try:
+            real = Path(os.path.realpath(Path(name).expanduser()))
+        except (ValueError, OSError):  # a NUL byte, say: nothing this machine holds
+            real = None
+        if real is None or not any(real.is_relative_to(f) for f in folders):
             raise ForbiddenError(f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "
                                  f"{', '.join(map(str, readable))}); put it there, or name it on the Hugging Face Hub")
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).expanduser().exists()
+    except (ValueError, OSError):
+        return False
 
 
 def _one_line(e: BaseException) -> str:

@@ -85,6 +85,8 @@ def _folders(env: Mapping[str, str], name: str) -> tuple[Path, ...] | None:
     if not raw or not raw.strip():
         return None
     folders = tuple(Path(p.strip()).expanduser() for p in raw.split(os.pathsep) if p.strip())
+    if not folders:
+        raise InputError(f"{name}={raw!r}: give absolute folders separated by {os.pathsep!r}, or unset it")
     relative = [str(f) for f in folders if not f.is_absolute()]
     if relative:
         raise InputError(f"{name}={raw!r}: {relative[0]} is not an absolute path; give absolute folders separated "

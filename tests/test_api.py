@@ -207,7 +207,7 @@ def _settled(client: TestClient, job_id: str, timeout: float = 300) -> dict:
     raise AssertionError(f"job {job_id} did not settle: {job}")
 
 
-def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_not(client, tiny_llama):
+def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_not(client, tiny_llama, monkeypatch):
     """`"deploy": true`: the recommended candidate is served once the job succeeds. When it cannot be
     (a random model scores 0 on GSM8K: nothing to recommend), the job still succeeds, its results
     stand, and `deploy_error` says why; `status` shows it, and deploying a named candidate clears it."""
@@ -232,16 +232,24 @@ def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_no
     assert job["deploy_error"] is None and job["deployed_candidate"] == "int8"
     assert client.delete(f"/api/v1/jobs/{job_id}/deploy").status_code == 200
 
+    # A server with QUANTSELECT_SERVE_API_KEY deploys with it: the deployment asks its clients for it.
+    from quantselect.api.app import create_app
+
+    key = "sk-served-0123456789abcdef"
+    monkeypatch.setenv("QUANTSELECT_SERVE_API_KEY", key)
     body = {"model": str(tiny_llama), "items": piqa_items(8), "candidates": ["int8"], "threshold": 0.01, "deploy": True}
-    job_id = client.post("/api/v1/jobs", json=body).json()["id"]
-    job = _settled(client, job_id)
-    chosen = client.get(f"/api/v1/jobs/{job_id}/recommendation").json()["chosen"]
-    assert job["status"] == "succeeded" and job["deploy_error"] is None and job["deployed_candidate"] == chosen, job
-    model = job["base_url"].rstrip("/").split("/")[-2]
-    assert model in list_deployments()
-    reply = openai.OpenAI(base_url=job["base_url"], api_key="unused").completions.create(model=model, prompt="Hi", max_tokens=3)
-    assert reply.usage.completion_tokens > 0
-    assert client.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model
+    with TestClient(create_app(connect_ray=False)) as keyed:
+        job_id = keyed.post("/api/v1/jobs", json=body).json()["id"]
+        job = _settled(keyed, job_id)
+        chosen = keyed.get(f"/api/v1/jobs/{job_id}/recommendation").json()["chosen"]
+        assert job["status"] == "succeeded" and job["deploy_error"] is None and job["deployed_candidate"] == chosen, job
+        model = job["base_url"].rstrip("/").split("/")[-2]
+        assert model in list_deployments()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=job["base_url"], api_key="unused").completions.create(model=model, prompt="Hi")
+        reply = openai.OpenAI(base_url=job["base_url"], api_key=key).completions.create(model=model, prompt="Hi", max_tokens=3)
+        assert reply.usage.completion_tokens > 0
+        assert keyed.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model
 
 
 def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_the_one_it_queued(
@@ -308,6 +316,11 @@ def test_with_a_token_every_api_request_must_carry_it(monkeypatch):
                                                 "QUANTSELECT_API_TOKEN"}
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert client.get("/api/v1/jobs", headers=auth).json() == []  # nothing was submitted
+        routes = [(m.upper(), path.replace("{job_id}", "x").replace("{name}", "y"))
+                  for path, methods in client.app.openapi()["paths"].items() if path.startswith("/api/") for m in methods]
+        assert len(routes) >= 19
+        for method, path in routes:  # every one of them, a route added later too
+            assert client.request(method, path).status_code == 401, (method, path)
         assert client.get("/healthz").status_code == 200 and client.get("/docs").status_code == 200
         spec = client.get("/openapi.json").json()
         assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -391,7 +404,8 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
                ({"model": str(tiny_llama)}, str(tiny_llama)),
                ({"candidates": ["int8", f"mine={tiny_llama}"]}, str(tiny_llama)),
                ({"candidates": ["int4-gptq"], "calibration": str(EXAMPLES / "gsm8k-50.jsonl")}, str(EXAMPLES / "gsm8k-50.jsonl")),
-               ({"labels": "/etc/passwd", "map": ["prompt=goal", "choices=sol1,sol2"]}, "/etc/passwd")]
+               ({"labels": "/etc/passwd", "map": ["prompt=goal", "choices=sol1,sol2"]}, "/etc/passwd"),
+               ({"dataset": "/tmp/a\u0000b.jsonl"}, "/tmp/a\u0000b.jsonl")]
     with TestClient(create_app(connect_ray=False)) as client:
         for change, name in refused:
             for route in ("/api/v1/jobs", "/api/v1/jobs/preview"):
@@ -411,3 +425,5 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
         assert client.get("/api/v1/plan", params={"model": "demo"}).status_code == 200
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS='data': data is not an absolute path"):
         get_settings({"QUANTSELECT_API_PATHS": "data"})
+    with pytest.raises(InputError, match="QUANTSELECT_API_PATHS=':': give absolute folders"):
+        get_settings({"QUANTSELECT_API_PATHS": ":"})

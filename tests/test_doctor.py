@@ -53,6 +53,10 @@ def test_a_database_is_checked_at_its_schema_and_an_unreachable_one_fails(qs_hom
         code, checks = _doctor()
         assert code == 0 and checks["database"]["detail"].endswith("schema none yet, migrated to "
                                                                    f"{head_revision()} on first use (or by `quantselect db upgrade`)")
+    monkeypatch.setenv("QUANTSELECT_DB_URL", "localhost:5432/db")  # not a URL: a failed line, the others checked
+    code, checks = _doctor()
+    assert code == 1 and checks["database"]["detail"].startswith("QUANTSELECT_DB_URL is not a database URL")
+    assert checks["ray"]["status"] == "ok"
     monkeypatch.setenv("QUANTSELECT_DB_URL", "postgresql://someone:hunter2@127.0.0.1:9/nowhere")
     code, checks = _doctor()
     assert code == 1 and checks["database"]["status"] == "fail", checks["database"]

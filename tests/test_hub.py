@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,17 @@ def test_a_download_is_a_process_of_its_own_which_a_cancel_stops(ray_cluster, ti
     driver.join(timeout=30)
     assert not driver.is_alive() and (ended["job"].status, ended["job"].error) == ("cancelled", "cancelled by request")
     assert fake_hub.disconnected.wait(10), "the download goes on after the job was cancelled"
+    # A driver killed outright (SIGKILL, its pod evicted) takes its download with it.
+    fake_hub.started.clear(), fake_hub.disconnected.clear()
+    cli = subprocess.Popen([sys.executable, "-m", "quantselect", "submit", "far-org/tiny-llama",
+                            str(EXAMPLES / "piqa-300.jsonl"), "--limit", "8", "--candidates", "int8"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert fake_hub.started.wait(120), fake_hub.requests[-5:]
+    finally:
+        cli.kill()
+        cli.wait()
+    assert fake_hub.disconnected.wait(10), "the download outlives its driver"
     fake_hub.trickle("far-org/tiny-llama", "model.safetensors", on=False)
     done = svc.resume(job.id)
     assert done.status == "succeeded" and Path(done.model_path).name == commit

@@ -173,3 +173,16 @@ def test_sample_takes_a_seeded_random_subset_in_file_order(tiny_llama):
     assert len(from_file.dataset) == 40 and from_file.dataset.items != load_dataset(EXAMPLES / "piqa-300.jsonl", limit=40).items
     with pytest.raises(InputError, match="give --limit or --sample, not both"):
         svc.build_spec(SubmitRequest(model=str(tiny_llama), items=items, sample=30, limit=30))
+
+
+def test_a_driver_sent_to_a_cluster_gets_the_settings_but_not_the_secrets_it_does_not_need():
+    """`submit --address`: the driver's variables travel through the Ray Jobs API, shown to whoever
+    reaches the dashboard. It gets the database and the quantselect settings; never the REST API's
+    token, and the deployments' key only when the job deploys."""
+    from quantselect.service import driver_env
+
+    here = {"QUANTSELECT_API_TOKEN": "t" * 20, "QUANTSELECT_SERVE_API_KEY": "k" * 20, "QUANTSELECT_GPU_MEMORY": "80GiB",
+            "QUANTSELECT_RAY_ADDRESS": "head:6379", "QUANTSELECT_DB_URL": "sqlite:///here.db", "HOME": "/root"}
+    sent = {"QUANTSELECT_GPU_MEMORY": "80GiB", "QUANTSELECT_DB_URL": "postgresql://db/qs"}
+    assert driver_env(here, "postgresql://db/qs", deploy=False) == sent
+    assert driver_env(here, "postgresql://db/qs", deploy=True) == {**sent, "QUANTSELECT_SERVE_API_KEY": "k" * 20}

@@ -295,6 +295,9 @@ def test_serve_config_file_builds_an_application():
     app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path),
                                                        {**app_cfg.args, "use_gpu": True, "gpus": 2})
     assert app._bound_deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 2}
+    with pytest.raises(InputError, match="engine static: a model split over 2 GPUs decodes with the batch"):
+        call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path),
+                                                     {**app_cfg.args, "use_gpu": True, "gpus": 2, "engine": "static"})
     app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), app_cfg.args)
     assert app._bound_deployment.ray_actor_options == {"num_cpus": 0}  # a CPU replica reserves nothing
 

@@ -141,7 +141,8 @@ def probe(url: str, timeout: int = 5) -> tuple[str | None, str]:
     file = sqlite_file(url)
     if file is not None and not file.exists():
         raise FileNotFoundError(file)
-    engine = make_engine(url, connect_timeout=timeout)
+    # a SQLite file as it is (make_engine's pragmas would turn another program's file to WAL)
+    engine = create_engine(normalize_url(url)) if file is not None else make_engine(url, connect_timeout=timeout)
     try:
         return current_revision(engine), head_revision()
     finally:

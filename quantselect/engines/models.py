@@ -292,8 +292,9 @@ def fetch_apart(model: str, stop: threading.Event | None = None) -> Path:
 def _apart(argv: list[str], what: str, stop: threading.Event | None, quiet: bool, killed: str = "") -> Path:
     """Run ``python -m quantselect.engines.apart ARGV`` and return the path it prints; its error as
     ours. ``quiet``: its stderr (the libraries' warnings) kept from this process's output."""
-    proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.apart", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE if quiet else None, text=True)
+    verb, *args = argv
+    proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.apart", verb, str(os.getpid()), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
     while True:
         try:
             out, _ = proc.communicate(timeout=0.5)

@@ -417,6 +417,9 @@ def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
     check_engine(engine)
     if gpus < 1:
         raise InputError(f"gpus {gpus}: give at least 1 GPU per replica")
+    if use_gpu and gpus > 1 and engine == "static":
+        raise InputError(f"engine static: a model split over {gpus} GPUs decodes with the batch (engine dynamic); "
+                         "its layers live on different devices, which the compiled static step does not take")
     resources = {"num_cpus": 0, **({"num_gpus": gpus} if use_gpu else {})}
     return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine,
                                                                           api_key)

@@ -277,6 +277,9 @@ def demo(deploy: bool, limit: int | None, no_cache: bool) -> None:
 @click.option("--candidate-timeout", default=None, metavar="DURATION",
               help="Stop and fail any candidate still running after this long (90m, 6h, 1h30m), freeing its GPU; "
                    "the others run on. Default: the driver's QUANTSELECT_CANDIDATE_TIMEOUT, if set.")
+@click.option("--notify", default=None, metavar="URL",
+              help="Post the job's end (one line of text and the job as JSON) to this webhook: Slack, Mattermost, "
+                   "Teams, a CI.")
 @click.option("--dry-run", is_flag=True,
               help="Check everything and say what would run (items, calibration hold-out, memory per candidate, "
                    "what runs here, what a stored result spares); submit nothing.")
@@ -284,7 +287,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
            gpu_hour_usd: float | None, calibration: str | None, calibration_samples: int, mapping: tuple[str, ...], labels: str | None, metric: str | None, limit: int | None,
            sample: int | None, address: str | None, wait: bool | None, deploy: bool, confidence: float, policy: str,
            early_stop: bool, max_new_tokens: int | None, stop: tuple[str, ...], no_stop: bool,
-           chat_template: bool, no_cache: bool, candidate_timeout: str | None, dry_run: bool) -> None:
+           chat_template: bool, no_cache: bool, candidate_timeout: str | None, notify: str | None, dry_run: bool) -> None:
     """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
     a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet: a file here, or one of a
     Hub dataset, hf://datasets/OWNER/NAME[@REVISION]/PATH, as are --labels and --calibration)."""
@@ -304,7 +307,8 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
                         confidence=confidence, policy=policy, early_stop=early_stop,
                         max_new_tokens=max_new_tokens, stop=[] if no_stop else ([_unescape(x) for x in stop] or None),
                         chat_template=chat_template, use_cache=not no_cache, model_on_cluster=bool(address),
-                        candidate_timeout=parse_duration(candidate_timeout, "--candidate-timeout") if candidate_timeout else None)
+                        candidate_timeout=parse_duration(candidate_timeout, "--candidate-timeout") if candidate_timeout else None,
+                        notify=notify)
     if dry_run:
         from quantselect.render import preview_text
 

@@ -36,8 +36,10 @@ from quantselect.domain.results import (
     Job,
     JobSpec,
     cancelled_alone,
+    end_notice,
     validate_confidence,
     validate_policy,
+    validate_notify,
     validate_price,
     validate_threshold,
 )
@@ -87,6 +89,7 @@ class SubmitRequest:
     chat_template: bool = False
     use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs
     candidate_timeout: float | None = None  # seconds each candidate may run (None: the driver's setting)
+    notify: str | None = None  # a webhook URL the job's end is posted to
     # The model path is read where the job's driver runs (submit --address): when it is not here,
     # the model is checked by the driver on the cluster instead.
     model_on_cluster: bool = False
@@ -191,7 +194,7 @@ class Service:
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
                        policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration,
-                       use_cache=req.use_cache, candidate_timeout=req.candidate_timeout)
+                       use_cache=req.use_cache, candidate_timeout=req.candidate_timeout, notify=validate_notify(req.notify))
 
     def preview(self, req: SubmitRequest) -> dict[str, Any]:
         """What ``submit`` would run (``--dry-run``), validated the same way, without submitting or
@@ -294,6 +297,13 @@ class Service:
         scored again; refused while another driver's heartbeat is fresh."""
         events = self._staged(job_id, events or Events())
         self.claim(job_id, resume)
+        try:
+            return self._drive(job_id, events)
+        finally:
+            self._announce_end(job_id)
+
+    def _drive(self, job_id: str, events: Events) -> Job:
+        """``run_job`` once this process is the job's driver."""
         beat = self._heartbeat(job_id)
         try:
             try:
@@ -321,6 +331,18 @@ class Service:
         finally:
             beat.stop()
         return self._deployed(job_id, spec, events)
+
+    def _announce_end(self, job_id: str) -> None:
+        """Post how the job ended to its webhook (``notify``), if it has one: ``{"text": one line, as
+        Slack, Mattermost and Teams show it, "job": the job as the REST API gives it}``. A hook that
+        does not answer is logged, never the job's failure."""
+        try:
+            job = self.repo.get_job(job_id)
+        except Exception as e:  # noqa: BLE001 - the database is gone too: what the job raised says more
+            log.warning("job %s: its end was not announced: %s", job_id, e)
+            return
+        if job.notify:
+            post_json(job.notify, {"text": end_notice(job), "job": job.to_dict()}, f"job {job_id}'s end")
 
     def _prepare(self, job_id: str, events: Events, stop: threading.Event
                  ) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
@@ -1206,6 +1228,28 @@ def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: A
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, timeout: float = 5.0) -> bool:
+    """POST ``payload`` as JSON, trying ``attempts`` times (1 s, 2 s apart); False, logged, when every
+    try failed (no answer, or a status other than 2xx)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps(payload, default=str).encode()
+    for attempt in range(attempts):
+        try:
+            request = urllib.request.Request(url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json", "User-Agent": "quantselect"})
+            with urllib.request.urlopen(request, timeout=timeout):
+                return True
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = getattr(e, "reason", None) or e
+        if attempt + 1 < attempts:
+            time.sleep(2**attempt)
+    log.warning("could not post %s to %s: %s", what, url, last)
+    return False
 
 
 def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:

@@ -58,6 +58,8 @@ def test_health_and_openapi(client):
         ({"model": "demo", "dataset": "/no/such.jsonl"}, "dataset file not found"),
         ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "candidate_timeout": "soon"},
          "candidate_timeout='soon': give a duration such as 90m"),
+        ({"model": "demo", "items": [{"prompt": "a", "reference": "b"}], "notify": "ftp://hooks"},
+         "notify 'ftp://hooks': give an http(s) URL"),
         ({"items": []}, "body.model: Field required"),
         ({"model": "demo", "items": [], "thresold": 0.9}, "body.thresold: Extra inputs are not permitted"),
     ],

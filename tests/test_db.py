@@ -69,7 +69,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
     upgrade(db_url, "0001")  # step by step, as an existing installation upgrades
     assert current_revision(db_url) == "0001"
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0008"
+    assert current_revision(db_url) == head_revision() == "0009"
     engine = make_engine(db_url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
@@ -77,7 +77,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
             command.downgrade(_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0008"
+        assert current_revision(engine) == "0009"
     finally:
         engine.dispose()
 
@@ -316,7 +316,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(site / "quantselect" / "_migrations"), "0008"]
+    assert out == [str(site / "quantselect" / "_migrations"), "0009"]
 
 
 def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -192,3 +193,21 @@ def test_ties_on_cost_break_on_memory_and_failed_baseline_gives_no_pick():
 def test_cost_per_million_tokens():
     assert cost_per_1m_tokens(3.6, 1000) == pytest.approx(1.0)
     assert cost_per_1m_tokens(3.6, None) is None
+
+
+def test_a_jobs_end_in_one_line_for_a_chat_channel():
+    from quantselect.domain.results import Job, end_notice
+
+    from datetime import datetime
+
+    job = Job(id="abc", status="succeeded", model="llama", model_path="/m", dataset_source="tasks.jsonl",
+              dataset_kind="multiple_choice", created_at=datetime(2026, 12, 7), updated_at=datetime(2026, 12, 7),
+              metric="accuracy", n_items=10, threshold=0.98, gpu_hour_usd=3.0, deploy=False, candidate_names=[],
+              recommended={"candidate": "int4", "threshold": 0.98, "relative_score": 0.9912, "cost_per_1m_tokens_usd": 0.04213})
+    assert end_notice(job) == ("quantselect job abc (llama on tasks.jsonl) succeeded: int4 recommended, 99.1% of the "
+                               "baseline's quality, $0.04213 per 1M tokens")
+    none = {"candidate": None, "threshold": 0.98, "relative_score": None, "cost_per_1m_tokens_usd": None}
+    assert end_notice(replace(job, recommended=none, base_url="http://h:8000/models/x/v1")) == (
+        "quantselect job abc (llama on tasks.jsonl) succeeded: no candidate keeps 98% of the baseline's quality; "
+        "served at http://h:8000/models/x/v1")
+    assert end_notice(replace(job, status="cancelled", error="cancelled by request")).endswith(") cancelled: cancelled by request")

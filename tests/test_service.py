@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from quantselect.domain.candidates import Candidate, Int4WeightOnly, resolve_candidates
@@ -186,3 +188,77 @@ def test_a_driver_sent_to_a_cluster_gets_the_settings_but_not_the_secrets_it_doe
     sent = {"QUANTSELECT_GPU_MEMORY": "80GiB", "QUANTSELECT_DB_URL": "postgresql://db/qs"}
     assert driver_env(here, "postgresql://db/qs", deploy=False) == sent
     assert driver_env(here, "postgresql://db/qs", deploy=True) == {**sent, "QUANTSELECT_SERVE_API_KEY": "k" * 20}
+
+
+class _Hook:
+    """A webhook receiver (a real HTTP server): what was posted, answering ``statuses`` in turn."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posted: list[dict] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hook.posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(statuses.pop(0) if statuses else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/B000"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, caplog):
+    """`submit --notify URL`: once the job ends, its driver posts one line (as Slack, Mattermost and
+    Teams show a webhook's `text`) and the job as the REST API gives it, retrying a hook that fails
+    (503 here, once). A failed job says why; a hook that never answers is logged and fails nothing."""
+    from click.testing import CliRunner
+
+    from quantselect.cli import cli
+
+    hook = _Hook([503])
+    try:
+        res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "6",
+                                       "--candidates", "int8", "--threshold", "0.5", "--notify", hook.url])
+        assert res.exit_code == 0, res.output
+        job = Service().list_jobs()[0]
+        assert len(hook.posted) == 2 and hook.posted[0] == hook.posted[1]  # the 503, then the retry
+        posted = hook.posted[-1]
+        assert posted["job"]["id"] == job.id and posted["job"]["status"] == "succeeded" and posted["job"]["notify"] == hook.url
+        rec = job.recommended
+        assert posted["text"] == (f"quantselect job {job.id} ({tiny_llama} on {EXAMPLES / 'piqa-300.jsonl'}) succeeded: "
+                                  f"{rec['candidate']} recommended, {rec['relative_score']:.1%} of the baseline's quality, "
+                                  f"${rec['cost_per_1m_tokens_usd']:.4g} per 1M tokens")
+        model = tmp_path / "broken"
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "llama"}')
+        (model / "model.safetensors").write_bytes(b"not a safetensors file")
+        svc = Service()
+        spec = JobSpec(model=str(model), model_path=str(model), dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=2),
+                       candidates=resolve_candidates([]), notify=hook.url)
+        failed = svc.repo.create_job(spec)
+        with pytest.raises(Exception, match="baseline failed"):
+            svc.run_job(failed.id)
+        assert hook.posted[-1]["text"].startswith(f"quantselect job {failed.id} ({model} on {EXAMPLES / 'piqa-300.jsonl'}) "
+                                                  "failed: the baseline failed, nothing to compare with: ")
+    finally:
+        hook.close()
+    gone = svc.repo.create_job(replace(spec, model=str(tiny_llama), model_path=str(tiny_llama),
+                                       candidates=resolve_candidates(["int8"])))
+    assert svc.run_job(gone.id).status == "succeeded"  # its hook no longer answers: logged, nothing else
+    assert f"could not post job {gone.id}'s end to {hook.url}" in caplog.text
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--notify", "slack"])
+    assert res.exit_code == 2 and res.output == ("Error: notify 'slack': give an http(s) URL to post the job's end to, "
+                                                 "such as https://hooks.slack.com/services/T000/B000/XXXX\n")

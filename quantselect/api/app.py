@@ -62,6 +62,8 @@ class JobRequest(BaseModel):
         None, description="How long each candidate may run ('90m', '6h', '1h30m', or seconds): one still running is "
         "stopped, its GPU freed, and fails saying so; the others run on. Default: the server's "
         "QUANTSELECT_CANDIDATE_TIMEOUT, if set.")
+    notify: str | None = Field(None, description="A webhook URL the job's end is posted to: {\"text\": one line (as "
+                               "Slack, Mattermost and Teams show it), \"job\": the job as GET /api/v1/jobs/{id} gives it}.")
     max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric).")
     stop: list[str] | None = Field(None, description="Generation: stop strings (default per metric; [] for none).")
     chat_template: bool = Field(False, description="Generation: wrap prompts in the model's chat template.")
@@ -196,7 +198,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                              stop=body.stop, chat_template=body.chat_template, use_cache=not body.no_cache,
                              candidate_timeout=None if body.candidate_timeout is None
                              else parse_duration(body.candidate_timeout, "candidate_timeout"),
-                             readable=svc.settings.api_paths)
+                             notify=body.notify, readable=svc.settings.api_paths)
 
     @v1.post("/api/v1/jobs", status_code=202)
     def submit_job(body: JobRequest) -> dict[str, Any]:

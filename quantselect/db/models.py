@@ -59,6 +59,7 @@ class JobRow(Base):
     base_url: Mapped[str | None] = mapped_column(Text)
     deploy_error: Mapped[str | None] = mapped_column(Text)  # why the deployment a job asked for did not happen
     candidate_timeout: Mapped[float | None] = mapped_column(Float)  # seconds a candidate may run (None: the driver's setting)
+    notify: Mapped[str | None] = mapped_column(Text)  # a webhook URL the job's end is posted to
     recommended: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the answer as the job succeeded
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -105,7 +105,7 @@ class Repository:
             dataset=ds.to_dict(), threshold=spec.threshold, gpu_hour_usd=spec.gpu_hour_usd, deploy=spec.deploy,
             confidence=spec.confidence, policy=spec.policy, early_stop=spec.early_stop,
             target_gpu=spec.target_gpu, calibration=spec.calibration.to_dict() if spec.calibration else None,
-            use_cache=spec.use_cache, candidate_timeout=spec.candidate_timeout,
+            use_cache=spec.use_cache, candidate_timeout=spec.candidate_timeout, notify=spec.notify,
             candidates=[
                 CandidateRow(position=i, name=c.name, config=c.config.to_dict(), status=PENDING, gpu_ids=[],
                              cache_key=keys.get(c.name))
@@ -139,7 +139,7 @@ class Repository:
                 confidence=row.confidence, policy=row.policy, early_stop=row.early_stop,
                 target_gpu=row.target_gpu,
                 calibration=Calibration.from_dict(row.calibration) if row.calibration else None,
-                use_cache=row.use_cache, candidate_timeout=row.candidate_timeout,
+                use_cache=row.use_cache, candidate_timeout=row.candidate_timeout, notify=row.notify,
             )
 
     @_retrying
@@ -517,7 +517,7 @@ def _job(r: JobRow) -> Job:
         confidence=r.confidence, policy=r.policy, early_stop=r.early_stop,
         target_gpu=r.target_gpu, model_config=r.model_config, use_cache=r.use_cache,
         cancel_requested=r.cancel_requested, driver=r.driver, heartbeat_at=r.heartbeat_at, stage=r.stage,
-        deploy_error=r.deploy_error, candidate_timeout=r.candidate_timeout, recommended=r.recommended,
+        deploy_error=r.deploy_error, candidate_timeout=r.candidate_timeout, notify=r.notify, recommended=r.recommended,
     )
 
 

@@ -67,6 +67,39 @@ def validate_policy(p: str) -> str:
     return p
 
 
+def validate_notify(url: str | None) -> str | None:
+    """A webhook URL a job posts its end to: http or https, with a host."""
+    from urllib.parse import urlsplit
+
+    from quantselect.errors import InputError
+
+    if url is None:
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"notify {url!r}: give an http(s) URL to post the job's end to, such as "
+                         "https://hooks.slack.com/services/T000/B000/XXXX")
+    return url.strip()
+
+
+def end_notice(job: "Job") -> str:
+    """One line that says how a job ended and its answer, for a chat channel (a webhook's ``text``)."""
+    head = f"quantselect job {job.id} ({job.model} on {job.dataset_source}) {job.status}"
+    if job.status != SUCCEEDED:
+        return f"{head}: {job.error}" if job.error else head
+    rec = job.recommended
+    if not rec:
+        answer = ""
+    elif rec.get("candidate") is None:
+        answer = f": no candidate keeps {rec['threshold']:.0%} of the baseline's quality"
+    else:
+        cost = rec.get("cost_per_1m_tokens_usd")
+        answer = (f": {rec['candidate']} recommended, {rec['relative_score']:.1%} of the baseline's quality"
+                  + (f", ${cost:.4g} per 1M tokens" if cost is not None else ""))
+    served = f"; served at {job.base_url}" if job.base_url else ""
+    return head + answer + served
+
+
 def validate_price(p: float) -> float:
     from quantselect.errors import InputError
 
@@ -110,6 +143,7 @@ class JobSpec:
     calibration: Calibration | None = None
     use_cache: bool = True  # reuse stored results of earlier jobs with the same inputs (--no-cache: never)
     candidate_timeout: float | None = None  # seconds a candidate may run (None: the driver's setting, if any)
+    notify: str | None = None  # a webhook URL the job's end is posted to
 
 
 @dataclass
@@ -224,6 +258,7 @@ class Job:
     # The answer as the job ended (its own threshold, confidence, policy and target GPU): the chosen
     # candidate (None when none qualified), its quality relative to the baseline and its cost.
     recommended: dict[str, Any] | None = None
+    notify: str | None = None  # a webhook URL the job's end is posted to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -255,6 +290,7 @@ class Job:
             "stage": self.stage,
             "deploy_error": self.deploy_error,
             "candidate_timeout_seconds": self.candidate_timeout,
+            "notify": self.notify,
             "recommended": self.recommended,
         }
 

@@ -429,3 +429,30 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
         get_settings({"QUANTSELECT_API_PATHS": "data"})
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS=':': give absolute folders"):
         get_settings({"QUANTSELECT_API_PATHS": ":"})
+
+
+def test_metrics_for_prometheus(monkeypatch):
+    """GET /metrics: jobs and candidates by status over the whole database, and this server's own
+    jobs, in Prometheus' text format; behind the API token when one is set (Prometheus sends it as
+    a bearer token)."""
+    import re
+
+    from quantselect.api.app import create_app
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    svc.repo.create_job(svc.build_spec(SubmitRequest(model="demo", items=piqa_items(40), candidates=["int8"])))
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        res = client.get("/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    lines = res.text.splitlines()
+    samples = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    assert all(re.fullmatch(r'[a-z_]+(\{[a-z]+="[a-z]+"\})?', name) and value.isdigit() for name, value in samples.items())
+    assert samples['quantselect_jobs{status="queued"}'] == "1" and samples['quantselect_jobs{status="running"}'] == "0"
+    assert samples['quantselect_candidates{status="pending"}'] == "2"
+    assert samples['quantselect_api_jobs{state="running"}'] == "0" and samples["quantselect_api_max_jobs"] == "4"
+    assert "# TYPE quantselect_jobs gauge" in lines
+    monkeypatch.setenv("QUANTSELECT_API_TOKEN", TOKEN)
+    with TestClient(create_app(connect_ray=False)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200

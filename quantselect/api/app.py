@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -186,6 +186,20 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @v1.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text format: jobs and candidates by status (the whole database), this server's
+        jobs running and waiting for a slot. Behind the API token when one is set."""
+        jobs, candidates = svc.repo.counts()
+        running = sum(1 for started in list(active.values()) if started)
+        return prometheus_text([
+            ("quantselect_jobs", "Jobs in the database, by status.", "status", jobs),
+            ("quantselect_candidates", "Candidates of every job, by status.", "status", candidates),
+            ("quantselect_api_jobs", "This API server's jobs: running, and waiting for one of its "
+             "QUANTSELECT_API_MAX_JOBS slots.", "state", {"running": running, "waiting": len(active) - running}),
+            ("quantselect_api_max_jobs", "Jobs this API server drives at once.", None, svc.settings.api_max_jobs),
+        ])
+
     def _request(body: JobRequest) -> SubmitRequest:
         return SubmitRequest(model=body.model, dataset=body.dataset, items=body.items,
                              mapping=FieldMapping.parse(body.map, body.labels), metric=body.metric,
@@ -315,6 +329,18 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     app.include_router(v1)
     return app
+
+
+def prometheus_text(gauges: list[tuple[str, str, str | None, dict[str, int] | int]]) -> str:
+    """Gauges in Prometheus' text exposition format: (name, help, label, {label value: value} or a value)."""
+    lines = []
+    for name, help_, label, values in gauges:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+        if isinstance(values, dict):
+            lines += [f'{name}{{{label}="{key}"}} {value}' for key, value in values.items()]
+        else:
+            lines.append(f"{name} {values}")
+    return "\n".join(lines) + "\n"
 
 
 def _bearer(token: str) -> Callable[..., None]:

@@ -128,6 +128,14 @@ class Repository:
         with self._read() as s:
             return [_job(r) for r in s.scalars(q)]
 
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How many jobs, and how many candidates, are in each status (every status named, 0 included)."""
+        with self._read() as s:
+            jobs = dict(s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
+            candidates = dict(s.execute(select(CandidateRow.status, func.count()).group_by(CandidateRow.status)).all())
+        return ({status: jobs.get(status, 0) for status in JOB_STATUSES},
+                {status: candidates.get(status, 0) for status in CANDIDATE_STATUSES})
+
     def get_job_spec(self, job_id: str) -> JobSpec:
         with self._read() as s:
             row = self._job_row(s, job_id, undefer(JobRow.dataset), undefer(JobRow.calibration),

@@ -236,6 +236,12 @@ def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_lla
         answer = _client(url, key).completions.create(model="keyed", prompt="Hi", max_tokens=2, temperature=0)
         assert answer.usage.completion_tokens >= 1
         assert [m.id for m in _client(url, key).models.list().data] == ["keyed"]
+        assert httpx.get(url.removesuffix("/v1") + "/healthz").json()["api_key"] is True
+        # Deployed again from a shell without the key, it would be served open: refused, saying so.
+        with pytest.raises(ConflictError, match="deployment 'keyed' asks its clients for an API key, and this process "
+                                                "has no QUANTSELECT_SERVE_API_KEY"):
+            deploy("keyed", str(tiny_llama), CATALOG["baseline"].to_dict(), port=serve_port)
+        assert _client(url, key).models.list().data[0].id == "keyed"  # still served, with its key
     finally:
         undeploy("keyed")
     monkeypatch.setenv("QUANTSELECT_SERVE_API_KEY", key)

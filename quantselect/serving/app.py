@@ -372,7 +372,7 @@ class QuantizedModelServer:
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "device": self.loaded.device, "engine": self.loaded.engine,
                 "decoding": self.engine, "batch": {"max_rows": MAX_ROWS, "rows": len(self.batch.rows), "peak_rows": self.batch.peak},
-                "threads": self.threads}
+                "threads": self.threads, "api_key": self.api_key is not None}
 
     @api.get("/v1/models")
     def models(self, authorization: Optional[str] = Header(None)) -> dict:

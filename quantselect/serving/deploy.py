@@ -68,6 +68,17 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise QuantselectError(f"{url} did not become healthy within {timeout_s:.0f} s ({last})")
 
 
+def _asks_for_a_key(healthz: str) -> bool:
+    """Whether the running deployment behind ``healthz`` asks its clients for an API key."""
+    import json
+
+    try:
+        with urllib.request.urlopen(healthz, timeout=10) as r:
+            return bool(json.load(r).get("api_key"))
+    except (urllib.error.URLError, OSError, ValueError):  # not answering: nothing served to protect
+        return False
+
+
 def _failure_reason(app: str) -> str:
     """The last line of the replica's error (Serve's own exception only says the update failed)."""
     try:
@@ -90,13 +101,17 @@ def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1",
     app = build_app(name, str(model_path), config, use_gpu=use_gpu, engine=engine, api_key=api_key,
                     gpus=gpus)  # validates first
     ensure_serve(host, port)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if api_key is None and name in list_deployments() and _asks_for_a_key(f"http://{local}:{port}/models/{name}/healthz"):
+        raise ConflictError(f"deployment {name!r} asks its clients for an API key, and this process has no "
+                            "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or undeploy it "
+                            "first to serve it open")
     try:
         serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)
     except RuntimeError as e:  # the replica failed to start (bad path, quantization error, ...)
         reason = _failure_reason(APP_PREFIX + name) or str(e)
         serve.delete(APP_PREFIX + name)
         raise QuantselectError(f"deployment {name!r} failed: {reason}") from e
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     _wait_healthy(f"http://{local}:{port}/models/{name}/healthz", timeout_s)
     return f"http://{host}:{port}/models/{name}/v1"
 

@@ -247,7 +247,7 @@ class Service:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
         from ray.job_submission import JobSubmissionClient
 
-        env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job_spec(job_id).deploy)
+        env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job(job_id).deploy)
         deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
             client = JobSubmissionClient(address)

@@ -201,12 +201,12 @@ def _print_deployment(url: str | None, candidate: str | None) -> None:
     click.echo("Try it:")
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                        "max_tokens": 32, "temperature": 0})
-    from quantselect.settings import get_settings
+    from quantselect.settings import get_settings, is_loopback
 
     settings = get_settings()
     key = ' -H "Authorization: Bearer $QUANTSELECT_SERVE_API_KEY"' if settings.serve_api_key else ""
     click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")
-    if not key and settings.serve_host not in ("127.0.0.1", "localhost", "::1"):
+    if not key and not is_loopback(settings.serve_host):
         click.echo(f"warning: it answers whoever reaches {settings.serve_host}:{settings.serve_port}: set "
                    "QUANTSELECT_SERVE_API_KEY and deploy again to ask its clients for a key", err=True)
     if candidate and ":kv_cache=" in candidate:
@@ -651,14 +651,15 @@ def api(host: str, port: int) -> None:
     import uvicorn
 
     from quantselect.api.app import create_app
+    from quantselect.settings import is_loopback
 
     svc = _service()
     if svc.settings.api_token:
         click.echo("Every /api/v1 request must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.", err=True)
-    elif host not in ("127.0.0.1", "localhost", "::1"):
+    elif not is_loopback(host):
         click.echo(f"warning: serving on {host}:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can "
                    "submit and delete jobs and read their datasets; set one (`openssl rand -hex 32`)", err=True)
-    if svc.settings.api_paths is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if svc.settings.api_paths is None and not is_loopback(host):
         click.echo("warning: requests may name any file this server can read as a dataset (and read it back in "
                    "their results); QUANTSELECT_API_PATHS=/data:/models limits them to those folders", err=True)
     uvicorn.run(create_app(svc), host=host, port=port, log_level="info")

@@ -45,7 +45,7 @@ from quantselect.domain.results import (
 )
 from quantselect.domain.selection import Recommendation, recommend
 from quantselect.errors import ConflictError, ForbiddenError, InputError, QuantselectError
-from quantselect.settings import Settings, get_settings
+from quantselect.settings import Settings, get_settings, is_loopback
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1104,7 +1104,7 @@ class Service:
         key = "set" if self.settings.serve_api_key else "unset"
         paths = ", ".join(map(str, self.settings.api_paths)) if self.settings.api_paths else "unset (any file)"
         detail = f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_SERVE_API_KEY {key}"
-        if self.settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not self.settings.serve_api_key:
+        if not is_loopback(self.settings.serve_host) and not self.settings.serve_api_key:
             return Check("access", WARN, f"{detail}: deployments listen on {self.settings.serve_host} and answer "
                                          "anyone who reaches them; set QUANTSELECT_SERVE_API_KEY")
         return Check("access", INFO, detail)

@@ -79,6 +79,11 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
 MIN_TOKEN_CHARS = 16
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a server listening on ``host`` answers this machine only."""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def _folders(env: Mapping[str, str], name: str) -> tuple[Path, ...] | None:
     """Absolute folders, separated as in PATH (``/data:/models``); None when the variable is unset."""
     raw = env.get(name)

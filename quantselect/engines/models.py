@@ -277,7 +277,7 @@ def resolve_model_apart(model: str, models_dir: Path, stop: threading.Event | No
     half-written."""
     if not needs_conversion(model, models_dir):
         return resolve_model(model, models_dir)
-    return _apart(["convert", model, str(models_dir)], f"{model}: converting its GGUF file", stop, quiet=True,
+    return _apart("convert", [model, str(models_dir)], f"{model}: converting its GGUF file", stop, quiet=True,
                   killed="; out of memory? It takes about 8 bytes of host memory per parameter, once")
 
 
@@ -286,13 +286,12 @@ def fetch_apart(model: str, stop: threading.Event | None = None) -> Path:
     job) kills it (``Stopped``), so a download given up stops at once, also in a process that lives
     on (the API server); the Hub client resumes what it left from where it stopped. Its progress
     bars show where this process's output goes."""
-    return _apart(["fetch", model], f"{model}: fetching it from the Hugging Face Hub", stop, quiet=False)
+    return _apart("fetch", [model], f"{model}: fetching it from the Hugging Face Hub", stop, quiet=False)
 
 
-def _apart(argv: list[str], what: str, stop: threading.Event | None, quiet: bool, killed: str = "") -> Path:
-    """Run ``python -m quantselect.engines.apart ARGV`` and return the path it prints; its error as
-    ours. ``quiet``: its stderr (the libraries' warnings) kept from this process's output."""
-    verb, *args = argv
+def _apart(verb: str, args: list[str], what: str, stop: threading.Event | None, quiet: bool, killed: str = "") -> Path:
+    """Run ``python -m quantselect.engines.apart VERB PID ARGS`` and return the path it prints; its
+    error as ours. ``quiet``: its stderr (the libraries' warnings) kept from this process's output."""
     proc = subprocess.Popen([sys.executable, "-m", "quantselect.engines.apart", verb, str(os.getpid()), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
     while True:

@@ -35,7 +35,9 @@ def make_engine(url: str, connect_timeout: int | None = None) -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (SQLAlchemy's pysqlite recipe)
-        for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
+        # busy_timeout first: switching a new file to WAL waits for the lock like any write (another
+        # process migrating it on first use holds it), rather than failing at once as "locked"
+        for pragma in ("busy_timeout=30000", "journal_mode=WAL", "foreign_keys=ON"):
             dbapi_conn.execute(f"PRAGMA {pragma}")
 
     @event.listens_for(engine, "begin")

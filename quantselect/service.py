@@ -37,6 +37,7 @@ from quantselect.domain.results import (
     JobSpec,
     cancelled_alone,
     end_notice,
+    link_local,
     validate_confidence,
     validate_policy,
     validate_notify,
@@ -194,7 +195,7 @@ class Service:
         return JobSpec(model=req.model, model_path=model_path, dataset=dataset, candidates=candidates,
                        threshold=threshold, gpu_hour_usd=price, deploy=req.deploy, confidence=confidence,
                        policy=policy, early_stop=req.early_stop, target_gpu=target.name, calibration=calibration,
-                       use_cache=req.use_cache, candidate_timeout=req.candidate_timeout, notify=validate_notify(req.notify))
+                       use_cache=req.use_cache, candidate_timeout=req.candidate_timeout, notify=validate_notify(req.notify, self.settings.notify_hosts))
 
     def preview(self, req: SubmitRequest) -> dict[str, Any]:
         """What ``submit`` would run (``--dry-run``), validated the same way, without submitting or
@@ -341,8 +342,14 @@ class Service:
         except Exception as e:  # noqa: BLE001 - the database is gone too: what the job raised says more
             log.warning("job %s: its end was not announced: %s", job_id, e)
             return
-        if job.notify:
-            post_json(job.notify, {"text": end_notice(job), "job": job.to_dict()}, f"job {job_id}'s end")
+        if not job.notify:
+            return
+        try:  # the hosts allowed where the job ends: it may have been queued before they were narrowed
+            validate_notify(job.notify, self.settings.notify_hosts)
+        except QuantselectError as e:
+            log.warning("job %s: its end was not announced: %s", job_id, e)
+            return
+        post_json(job.notify, {"text": end_notice(job), "job": job.to_dict()}, f"job {job_id}'s end")
 
     def _prepare(self, job_id: str, events: Events, stop: threading.Event
                  ) -> tuple[JobSpec, Path, dict[str, Any] | None, list[CandidateResult]]:
@@ -676,10 +683,11 @@ class Service:
     def resume(self, job_id: str, events: Events | None = None) -> Job:
         return self.run_job(job_id, events, resume=True)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, reason: str | None = None) -> Job:
         """Stop a job: its driver sees the request within seconds, stops its workers (freeing their
-        GPUs) and marks it cancelled; a job that no live driver runs is cancelled at once."""
-        return self.repo.request_cancel(job_id, self.settings.heartbeat_stale_seconds)
+        GPUs) and marks it cancelled, with ``reason`` as its error if given (what its webhook says);
+        a job that no live driver runs is cancelled at once."""
+        return self.repo.request_cancel(job_id, self.settings.heartbeat_stale_seconds, reason)
 
     def cancel_candidate(self, job_id: str, name: str) -> CandidateResult:
         """Cancel one candidate of a queued or running job (one taking too long, say): the job goes on
@@ -1103,7 +1111,9 @@ class Service:
         api = "set" if self.settings.api_token else "unset (fine on 127.0.0.1, the default)"
         key = "set" if self.settings.serve_api_key else "unset"
         paths = ", ".join(map(str, self.settings.api_paths)) if self.settings.api_paths else "unset (any file)"
-        detail = f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_SERVE_API_KEY {key}"
+        hosts = ", ".join(self.settings.notify_hosts) if self.settings.notify_hosts else "unset (any but link-local)"
+        detail = (f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_NOTIFY_HOSTS {hosts}; "
+                  f"QUANTSELECT_SERVE_API_KEY {key}")
         if not is_loopback(self.settings.serve_host) and not self.settings.serve_api_key:
             return Check("access", WARN, f"{detail}: deployments listen on {self.settings.serve_host} and answer "
                                          "anyone who reaches them; set QUANTSELECT_SERVE_API_KEY")
@@ -1232,24 +1242,78 @@ def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: A
 
 def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, timeout: float = 5.0) -> bool:
     """POST ``payload`` as JSON, trying ``attempts`` times (1 s, 2 s apart); False, logged, when every
-    try failed (no answer, or a status other than 2xx)."""
+    try failed (no answer, or a status other than 2xx). Redirects are not followed, and nothing is
+    sent to a host whose name resolves to a link-local address (a cloud's metadata service)."""
     import json
     import urllib.error
-    import urllib.request
 
     body = json.dumps(payload, default=str).encode()
+    opener = _webhook_opener()
     for attempt in range(attempts):
         try:
             request = urllib.request.Request(url, data=body, method="POST",
                                              headers={"Content-Type": "application/json", "User-Agent": "quantselect"})
-            with urllib.request.urlopen(request, timeout=timeout):
+            with opener.open(request, timeout=timeout):
                 return True
+        except urllib.error.HTTPError as e:
+            last = f"{e.code} {e.reason}" + (" (a redirect, not followed)" if 300 <= e.code < 400 else "")
         except (urllib.error.URLError, OSError, ValueError) as e:
             last = getattr(e, "reason", None) or e
         if attempt + 1 < attempts:
             time.sleep(2**attempt)
     log.warning("could not post %s to %s: %s", what, url, last)
     return False
+
+
+def _connect_checked(address: tuple[str, int], timeout: Any = None, source_address: Any = None,
+                     *args: Any, **kwargs: Any) -> Any:
+    """``socket.create_connection`` to a webhook's host that refuses it when its name resolves to a
+    link-local address (a cloud's metadata service), connecting to the very address checked."""
+    import socket
+
+    host, port = address
+    found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    bad = [info[4][0] for info in found if link_local(info[4][0])]
+    if bad:
+        raise OSError(f"{host} resolves to the link-local address {bad[0]} (a cloud's metadata service), which is "
+                      "never a webhook: not posted")
+    last: OSError = OSError(f"{host} resolves to no address")
+    for info in found:
+        try:
+            return socket.create_connection(info[4][:2], timeout, source_address)
+        except OSError as e:
+            last = e
+    raise last
+
+
+def _webhook_opener() -> Any:
+    """A urllib opener that follows no redirect and connects to no link-local address."""
+    import http.client
+    import urllib.request
+
+    def checked(connection: type) -> type:
+        class Checked(connection):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._create_connection = _connect_checked
+
+        return Checked
+
+    http_conn, https_conn = checked(http.client.HTTPConnection), checked(http.client.HTTPSConnection)
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:  # the 3xx is raised as an HTTPError
+            return None
+
+    class CheckedHTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(http_conn, req)
+
+    class CheckedHTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(https_conn, req, context=self._context)
+
+    return urllib.request.build_opener(NoRedirect, CheckedHTTP, CheckedHTTPS)
 
 
 def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:

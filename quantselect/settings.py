@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
@@ -32,6 +33,7 @@ class Settings:
     api_token: str | None = None  # the bearer token every REST API request must carry (None: none asked)
     serve_api_key: str | None = None  # the API key a deployment's OpenAI clients must send (None: none asked)
     api_paths: tuple[Path, ...] | None = None  # the folders REST requests may name files under (None: any)
+    notify_hosts: tuple[str, ...] | None = None  # the hosts a job's webhook may be on (None: any but link-local)
 
     @property
     def models_dir(self) -> Path:
@@ -73,6 +75,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_token=_token(env, "QUANTSELECT_API_TOKEN"),
         serve_api_key=_token(env, "QUANTSELECT_SERVE_API_KEY"),
         api_paths=_folders(env, "QUANTSELECT_API_PATHS"),
+        notify_hosts=_hosts(env, "QUANTSELECT_NOTIFY_HOSTS"),
     )
 
 
@@ -97,6 +100,20 @@ def _folders(env: Mapping[str, str], name: str) -> tuple[Path, ...] | None:
         raise InputError(f"{name}={raw!r}: {relative[0]} is not an absolute path; give absolute folders separated "
                          f"by {os.pathsep!r}")
     return folders
+
+
+def _hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
+    """Host names (``hooks.slack.com``), ``*.example.com`` for every host under a domain, or IP
+    addresses, separated by commas; lower-cased. None when the variable is unset."""
+    raw = env.get(name)
+    if not raw or not raw.strip():
+        return None
+    hosts = tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+    bad = [h for h in hosts if not re.fullmatch(r"(\*\.)?[a-z0-9_.:-]+", h) or "://" in h or "/" in h]
+    if not hosts or bad:
+        raise InputError(f"{name}={raw!r}: give host names (hooks.slack.com), *.example.com patterns or IP addresses "
+                         "separated by commas, without scheme or path, or unset it")
+    return hosts
 
 
 def _token(env: Mapping[str, str], name: str) -> str | None:

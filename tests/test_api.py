@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fixtures.common import EXAMPLES
+from tests.fixtures.hooks import Hook
 
 
 @pytest.fixture
@@ -271,8 +272,9 @@ def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_th
     svc = Service()
     body = {"model": str(tiny_llama), "dataset": str(EXAMPLES / "gsm8k-50.jsonl"), "limit": 50, "max_new_tokens": 64,
             "candidates": ["int8"]}
+    hook = Hook()
     with TestClient(create_app(svc, connect_ray=False)) as client:
-        first = client.post("/api/v1/jobs", json=body).json()["id"]
+        first = client.post("/api/v1/jobs", json={**body, "notify": hook.url}).json()["id"]
         second = client.post("/api/v1/jobs", json=body).json()["id"]
         deadline = time.monotonic() + 600
         while not any(svc.items_stored(first).values()):
@@ -280,6 +282,9 @@ def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_th
             time.sleep(0.2)
     job = svc.get_job(first)  # the shutdown has run
     assert (job.status, job.error) == ("cancelled", f"{SERVER_STOPPED}; `quantselect resume {first}` continues it")
+    hook.close()
+    assert [p["text"] for p in hook.posted] == [  # the webhook says it too (before, it said "cancelled by request")
+        f"quantselect job {first} ({tiny_llama} on {EXAMPLES / 'gsm8k-50.jsonl'}) cancelled: {job.error}"]
     assert {r.status for r in svc.results(first)} <= {"cancelled", "succeeded"}, svc.results(first)
     assert svc.get_job(second).status == "queued" and {r.status for r in svc.results(second)} == {"pending"}
     assert CliRunner().invoke(cli, ["status", second]).output.startswith(
@@ -429,6 +434,20 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
         get_settings({"QUANTSELECT_API_PATHS": "data"})
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS=':': give absolute folders"):
         get_settings({"QUANTSELECT_API_PATHS": ":"})
+
+
+def test_a_webhook_on_a_host_the_server_does_not_post_to_is_403(monkeypatch):
+    from quantselect.api.app import create_app
+
+    monkeypatch.setenv("QUANTSELECT_NOTIFY_HOSTS", "hooks.slack.com,*.internal.example")
+    body = {"model": "demo", "items": piqa_items(4), "candidates": ["int8"]}
+    with TestClient(create_app(connect_ray=False)) as client:
+        for url in ("http://169.254.169.254/latest/meta-data/iam/", "http://127.0.0.1:8265/api/jobs/"):
+            res = client.post("/api/v1/jobs", json={**body, "notify": url})
+            assert res.status_code == 403 and res.json()["detail"].startswith(f"notify '{url}': "), res.text
+        assert client.get("/api/v1/jobs").json() == []
+        res = client.post("/api/v1/jobs/preview", json={**body, "notify": "https://chat.internal.example/hooks/x"})
+        assert res.status_code == 200, res.text
 
 
 def test_metrics_for_prometheus(monkeypatch):

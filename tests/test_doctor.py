@@ -81,7 +81,8 @@ def test_a_ray_address_is_checked_and_deployments_open_to_the_network_are_warned
     code, checks = _doctor()
     assert checks["access"] == {"name": "access", "status": "info",
                                 "detail": "QUANTSELECT_API_TOKEN unset (fine on 127.0.0.1, the default); "
-                                          "QUANTSELECT_API_PATHS unset (any file); QUANTSELECT_SERVE_API_KEY set"}
+                                          "QUANTSELECT_API_PATHS unset (any file); QUANTSELECT_NOTIFY_HOSTS unset (any but "
+                                          "link-local); QUANTSELECT_SERVE_API_KEY set"}
     assert "k" * 32 not in json.dumps(checks)
 
 
@@ -101,5 +102,6 @@ def test_the_rest_api_answers_the_servers_own_checks():
 
 @pytest.fixture(autouse=True)
 def _no_tokens(monkeypatch):
-    for name in ("QUANTSELECT_API_TOKEN", "QUANTSELECT_SERVE_API_KEY", "QUANTSELECT_SERVE_HOST", "QUANTSELECT_API_PATHS"):
+    for name in ("QUANTSELECT_API_TOKEN", "QUANTSELECT_SERVE_API_KEY", "QUANTSELECT_SERVE_HOST", "QUANTSELECT_API_PATHS",
+                 "QUANTSELECT_NOTIFY_HOSTS"):
         monkeypatch.delenv(name, raising=False)

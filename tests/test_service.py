@@ -11,6 +11,7 @@ from quantselect.domain.dataset import load_dataset
 from quantselect.domain.results import JobSpec
 from quantselect.service import Events, Service
 from tests.fixtures.common import EXAMPLES
+from tests.fixtures.hooks import Hook
 
 
 def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster, tiny_llama, monkeypatch):
@@ -190,34 +191,77 @@ def test_a_driver_sent_to_a_cluster_gets_the_settings_but_not_the_secrets_it_doe
     assert driver_env(here, "postgresql://db/qs", deploy=True) == {**sent, "QUANTSELECT_SERVE_API_KEY": "k" * 20}
 
 
-class _Hook:
-    """A webhook receiver (a real HTTP server): what was posted, answering ``statuses`` in turn."""
+def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog):
+    """A job's webhook (`--notify`, REST `notify`) is a URL a client chose, which the server then
+    posts to: not a way into the server's own network. A redirect is not followed, a host whose
+    name resolves to a link-local address (a cloud's metadata service: 169.254.169.254 hands out
+    credentials) gets nothing, and QUANTSELECT_NOTIFY_HOSTS narrows the hosts allowed, checked at
+    submit and again when the job ends (it may have been queued before)."""
+    import socket
 
-    def __init__(self, statuses: list[int]) -> None:
-        import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from quantselect.domain.results import validate_notify
+    from quantselect.errors import ForbiddenError, InputError
+    from quantselect.service import post_json
+    from quantselect.settings import get_settings
 
-        self.posted: list[dict] = []
-        hook = self
+    hook = Hook()
+    elsewhere = Hook([302], location=hook.url)
+    real = socket.getaddrinfo
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                hook.posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(statuses.pop(0) if statuses else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+    def dns(host, *args, **kwargs):  # names as a DNS server could answer them
+        return real({"metadata.example": "169.254.169.254", "hooks.example": "127.0.0.1"}.get(host, host), *args, **kwargs)
 
-            def log_message(self, *args) -> None:
-                pass
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    try:
+        assert post_json(f"http://hooks.example:{hook.port}/h", {"n": 1}, "one") and hook.posted == [{"n": 1}]
+        assert not post_json(elsewhere.url, {"n": 2}, "two", attempts=1)
+        assert (elsewhere.requests, hook.requests) == (1, 1)  # the redirect was not followed
+        assert f"could not post two to {elsewhere.url}: 302 Found (a redirect, not followed)" in caplog.text
+        assert not post_json(f"http://metadata.example:{hook.port}/h", {"n": 3}, "three", attempts=1)
+        assert hook.requests == 1 and ("metadata.example resolves to the link-local address 169.254.169.254 (a cloud's "
+                                       "metadata service), which is never a webhook: not posted") in caplog.text
+        for url in ("http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://[::ffff:169.254.169.254]/"):
+            with pytest.raises(ForbiddenError, match="link-local address"):
+                validate_notify(url)
+        hosts = get_settings({"QUANTSELECT_NOTIFY_HOSTS": " hooks.slack.com, *.Example.com ,10.0.0.7"}).notify_hosts
+        assert hosts == ("hooks.slack.com", "*.example.com", "10.0.0.7")
+        for url in ("https://hooks.slack.com/services/T/B/X", "https://chat.example.com/h", "https://a.b.example.com/h",
+                    "http://10.0.0.7:8065/hooks/x"):
+            assert validate_notify(url, hosts) == url
+        for url in ("https://example.com/h", "https://evilexample.com/h", "https://hooks.slack.com.evil.io/",
+                    "http://127.0.0.1:8265/api/jobs/", "http://10.0.0.8/"):
+            with pytest.raises(ForbiddenError, match=r"is not a host this server posts to \(QUANTSELECT_NOTIFY_HOSTS: "
+                                                     r"hooks.slack.com, \*.example.com, 10.0.0.7\)"):
+                validate_notify(url, hosts)
+        with pytest.raises(InputError, match="QUANTSELECT_NOTIFY_HOSTS='https://hooks.slack.com/x': give host names"):
+            get_settings({"QUANTSELECT_NOTIFY_HOSTS": "https://hooks.slack.com/x"})
+        svc = Service()
+        spec = JobSpec(model="demo", model_path="demo", dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=2),
+                       candidates=resolve_candidates([]), notify=hook.url)
+        job = svc.repo.create_job(spec)  # queued while any host was allowed
+        svc.repo.finish_job(job.id, "failed", error="it broke")
+        monkeypatch.setenv("QUANTSELECT_NOTIFY_HOSTS", "hooks.slack.com")
+        Service()._announce_end(job.id)  # the driver's settings, as it ends the job
+        assert hook.requests == 1
+        assert (f"job {job.id}: its end was not announced: notify '{hook.url}': 127.0.0.1 is not a host this server "
+                "posts to") in caplog.text
+    finally:
+        hook.close()
+        elsewhere.close()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/B000"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def test_a_webhook_on_a_host_not_allowed_is_refused_at_submit(tiny_llama, monkeypatch):
+    from click.testing import CliRunner
+
+    from quantselect.cli import cli
+
+    monkeypatch.setenv("QUANTSELECT_NOTIFY_HOSTS", "hooks.slack.com")
+    res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--notify",
+                                   "http://localhost:6379/"])
+    assert res.exit_code == 2 and res.output == (
+        "Error: notify 'http://localhost:6379/': localhost is not a host this server posts to "
+        "(QUANTSELECT_NOTIFY_HOSTS: hooks.slack.com); use a hook on one of them\n")
+    assert Service().list_jobs() == []
 
 
 def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, caplog):
@@ -228,7 +272,7 @@ def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, c
 
     from quantselect.cli import cli
 
-    hook = _Hook([503])
+    hook = Hook([503])
     try:
         res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--limit", "6",
                                        "--candidates", "int8", "--threshold", "0.5", "--notify", hook.url])

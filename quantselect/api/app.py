@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SERVER_STOPPED = "interrupted: the API server that ran it stopped"
 
 
+def _stopped(job_id: str) -> str:
+    return f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it"
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -137,17 +141,16 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
             log.warning("the API server stops: cancelling %d running job(s) (resume continues them); %d queued "
                         "job(s) stay queued for the next API server on this database", len(running),
                         len(ours) - len(running))
-        for job_id in running:
+        for job_id in running:  # they end with the reason (and their webhooks say it)
             try:
-                svc.cancel(job_id)
+                svc.cancel(job_id, reason=_stopped(job_id))
             except QuantselectError:  # it has just ended
                 pass
         executor.shutdown(wait=True, cancel_futures=True)
         svc.release_queued([job_id for job_id in ours if job_id not in running])
-        for job_id in ours:
-            status = svc.get_job(job_id).status  # cancelled here, or resumed here and waiting for a slot
-            if status == RUNNING or (job_id in running and status == CANCELLED):
-                svc.repo.finish_job(job_id, CANCELLED, error=f"{SERVER_STOPPED}; `quantselect resume {job_id}` continues it")
+        for job_id in ours:  # resumed here and still waiting for a slot: never started again
+            if svc.get_job(job_id).status == RUNNING:
+                svc.repo.finish_job(job_id, CANCELLED, error=_stopped(job_id))
 
     def _queue(job_id: str, resume: bool = False) -> None:
         active[job_id] = False

@@ -311,9 +311,10 @@ class Repository:
             return _result(c)
 
     @_retrying
-    def request_cancel(self, job_id: str, stale_after: float) -> Job:
+    def request_cancel(self, job_id: str, stale_after: float, reason: str | None = None) -> Job:
         """Ask the job's driver to stop it. A job no driver is running (queued, or its driver's
-        heartbeat is stale) is cancelled here and now."""
+        heartbeat is stale) is cancelled here and now. ``reason``: the error the job ends with
+        (else "cancelled by request"); kept as a running job's error until its driver ends it."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, _names(), lock=True)
             if row.status in FINISHED:
@@ -322,8 +323,11 @@ class Repository:
             alive = row.status == RUNNING and row.heartbeat_at is not None and \
                 self._clock(s) - row.heartbeat_at < timedelta(seconds=stale_after)
             if not alive:
-                row.status, row.error = CANCELLED, "cancelled before it ran" if row.status == QUEUED else "cancelled"
+                row.status, row.error = CANCELLED, reason or (
+                    "cancelled before it ran" if row.status == QUEUED else "cancelled")
                 self._cancel_unfinished(s, job_id)
+            elif reason:
+                row.error = reason
             return _job(row)
 
     @_retrying
@@ -346,12 +350,15 @@ class Repository:
                    recommended: dict[str, Any] | None = None) -> str:
         """The job's end: its status, and every candidate still unfinished marked cancelled. A job
         whose cancel was asked for after the driver last looked ends cancelled, not succeeded (its
-        results stay; ``resume`` finishes it). ``stage``: what a succeeded job still does (deploying);
-        ``recommended``: its answer. Returns the status written."""
+        results stay; ``resume`` finishes it), and one cancelled with a reason ends with it as its
+        error. ``stage``: what a succeeded job still does (deploying); ``recommended``: its answer.
+        Returns the status written."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
             if status == SUCCEEDED and row.cancel_requested:
-                status, error = CANCELLED, "cancelled by request (after its last candidate had finished)"
+                status, error = CANCELLED, row.error or "cancelled by request (after its last candidate had finished)"
+            elif status == CANCELLED and row.cancel_requested and row.status == RUNNING and row.error:
+                error = row.error  # the reason the cancel was asked for
             row.status, row.error, row.updated_at = status, error, utcnow()
             row.stage = stage if status == SUCCEEDED else None
             row.recommended = recommended if status == SUCCEEDED else None

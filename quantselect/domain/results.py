@@ -67,19 +67,67 @@ def validate_policy(p: str) -> str:
     return p
 
 
-def validate_notify(url: str | None) -> str | None:
-    """A webhook URL a job posts its end to: http or https, with a host."""
+def validate_notify(url: str | None, hosts: tuple[str, ...] | None = None) -> str | None:
+    """A webhook URL a job posts its end to: http or https, with a host; one of ``hosts`` when given
+    (``QUANTSELECT_NOTIFY_HOSTS``), and never a link-local address (a cloud's metadata service)."""
     from urllib.parse import urlsplit
 
-    from quantselect.errors import InputError
+    from quantselect.errors import ForbiddenError, InputError
 
     if url is None:
         return None
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
         raise InputError(f"notify {url!r}: give an http(s) URL to post the job's end to, such as "
                          "https://hooks.slack.com/services/T000/B000/XXXX")
+    if link_local(host):
+        raise ForbiddenError(f"notify {url!r}: {host} is a link-local address (a cloud's metadata service), never a "
+                             "webhook; give the hook's own URL")
+    if hosts is not None and not host_allowed(host, hosts):
+        raise ForbiddenError(f"notify {url!r}: {host} is not a host this server posts to (QUANTSELECT_NOTIFY_HOSTS: "
+                             f"{', '.join(hosts)}); use a hook on one of them")
     return url.strip()
+
+
+def host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
+    """Whether ``host`` is one of ``hosts``: a name, ``*.domain`` (any host under it), or an IP address."""
+    import ipaddress
+
+    host = host.lower().rstrip(".")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for allowed in hosts:
+        if allowed.startswith("*."):
+            if ip is None and host.endswith(allowed[1:]):
+                return True
+            continue
+        try:
+            allowed_ip = ipaddress.ip_address(allowed)
+        except ValueError:  # a name
+            allowed_ip = None
+        if (ip == allowed_ip) if ip is not None else (host == allowed):
+            return True
+    return False
+
+
+def link_local(host: str) -> bool:
+    """Whether ``host`` is a link-local IP address (169.254.0.0/16, fe80::/10: where clouds answer
+    metadata and credential requests)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_link_local or bool(mapped and mapped.is_link_local)
 
 
 def end_notice(job: "Job") -> str:

@@ -847,12 +847,12 @@ class Service:
         model_dir = artifact or resolve_model_apart(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
         app = _deployment_name(job_id, name)
+        before = job.deployed_candidate and _deployment_name(job_id, job.deployed_candidate)
         # on as many GPUs as it was evaluated on: a candidate too large for one was given several
         url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host, port=self.settings.serve_port,
                      use_gpu=use_gpu, gpus=max(1, len(chosen.gpu_ids)), engine=engine,
-                     api_key=self.settings.serve_api_key)
+                     api_key=self.settings.serve_api_key, replaces=before or None)
         self.repo.set_deployment(job_id, name, url)
-        before = job.deployed_candidate and _deployment_name(job_id, job.deployed_candidate)
         if before and before != app and before in list_deployments():
             undeploy(before)
         return url

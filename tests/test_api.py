@@ -252,6 +252,16 @@ def test_a_job_that_asks_to_be_deployed_serves_its_recommendation_or_says_why_no
             openai.OpenAI(base_url=job["base_url"], api_key="unused").completions.create(model=model, prompt="Hi")
         reply = openai.OpenAI(base_url=job["base_url"], api_key=key).completions.create(model=model, prompt="Hi", max_tokens=3)
         assert reply.usage.completion_tokens > 0
+        # A server without the key deploying the job's other candidate would stop the keyed deployment
+        # and serve the new one open: refused, and the keyed one still serves.
+        other = "baseline" if chosen != "baseline" else "int8"
+        res = client.post(f"/api/v1/jobs/{job_id}/deploy", json={"candidate": other})
+        assert res.status_code == 409 and res.json()["detail"].startswith(
+            f"deployment '{model}' asks its clients for an API key, and this process has no QUANTSELECT_SERVE_API_KEY"), res.text
+        assert keyed.get(f"/api/v1/jobs/{job_id}").json()["deployed_candidate"] == chosen
+        assert model in list_deployments() and f"{other}-{job_id[:6]}" not in list_deployments()
+        reply = openai.OpenAI(base_url=job["base_url"], api_key=key).completions.create(model=model, prompt="Hi", max_tokens=3)
+        assert reply.usage.completion_tokens > 0
         assert keyed.delete(f"/api/v1/jobs/{job_id}/deploy").json()["stopped"] == model
 
 

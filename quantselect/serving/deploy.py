@@ -92,20 +92,25 @@ def _failure_reason(app: str) -> str:
 
 def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1", port: int = 8000,
            use_gpu: bool = False, gpus: int = 1, engine: str | None = None, api_key: str | None = None,
-           timeout_s: float = 600) -> str:
+           replaces: str | None = None, timeout_s: float = 600) -> str:
     """Serve ``model_path`` quantized as ``config`` (a ``CandidateConfig.to_dict()``) under ``name``
     (with ``use_gpu``, on ``gpus`` GPUs), its /v1 routes asking for ``api_key`` if given; replaces a
-    deployment of the same name. Returns the OpenAI base URL."""
+    deployment of the same name. ``replaces``: the deployment the caller stops once this one answers
+    (another candidate of the same job). Without ``api_key``, replacing a deployment that asks its
+    clients for a key is refused: it would serve them open. Returns the OpenAI base URL."""
     check_name(name)
     _require_ray()
     app = build_app(name, str(model_path), config, use_gpu=use_gpu, engine=engine, api_key=api_key,
                     gpus=gpus)  # validates first
     ensure_serve(host, port)
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    if api_key is None and name in list_deployments() and _asks_for_a_key(f"http://{local}:{port}/models/{name}/healthz"):
-        raise ConflictError(f"deployment {name!r} asks its clients for an API key, and this process has no "
-                            "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or undeploy it "
-                            "first to serve it open")
+    if api_key is None:
+        running = list_deployments()
+        for keyed in [n for n in (name, replaces) if n in running]:
+            if _asks_for_a_key(f"http://{local}:{port}/models/{keyed}/healthz"):
+                raise ConflictError(f"deployment {keyed!r} asks its clients for an API key, and this process has no "
+                                    "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or "
+                                    "undeploy it first to serve it open")
     try:
         serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)
     except RuntimeError as e:  # the replica failed to start (bad path, quantization error, ...)

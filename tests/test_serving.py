@@ -227,6 +227,11 @@ def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_lla
         r = httpx.get(url + "/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert r.json()["error"]["message"].startswith("No API key provided")
+        for body in ({"prompt": ""}, b"{not json"):  # the key is asked for before the body is read
+            r = httpx.post(url + "/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        r = httpx.post(url + "/completions", json={"prompt": ""}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
         for wrong in ("x", key[:-1]):
             with pytest.raises(openai.AuthenticationError) as e:
                 _client(url, wrong).completions.create(model="keyed", prompt="Hi", max_tokens=2)

@@ -161,7 +161,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                   description="Which precision should I deploy? Measured on your own task.")
     # With QUANTSELECT_API_TOKEN set, every /api/v1 request carries it (`Authorization: Bearer ...`);
     # /healthz (for probes) and the OpenAPI docs stay open.
+    # (The dependency shows the scheme in the docs; the gate asks for the token before a request's body
+    # is read, so that a client without it gets a 401 for a malformed body too, and a route added
+    # without the dependency is still closed.)
     v1 = APIRouter(dependencies=[Security(_bearer(svc.settings.api_token))] if svc.settings.api_token else [])
+    if svc.settings.api_token:
+        app.add_middleware(_TokenGate, token=svc.settings.api_token, open_paths=OPEN_PATHS)
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
@@ -346,14 +351,46 @@ def prometheus_text(gauges: list[tuple[str, str, str | None, dict[str, int] | in
     return "\n".join(lines) + "\n"
 
 
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _refused(authorization: str | None, token: str) -> str | None:
+    """Why a request with this ``Authorization`` header may not pass (None: it may)."""
+    scheme, _, sent = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not sent.strip():
+        why = "no bearer token"
+    elif not hmac.compare_digest(sent.strip().encode(), token.encode()):
+        why = "wrong bearer token"
+    else:
+        return None
+    return f"{why}: send the header `Authorization: Bearer TOKEN` with the server's QUANTSELECT_API_TOKEN"
+
+
 def _bearer(token: str) -> Callable[..., None]:
     """A dependency that refuses (401) a request without ``token`` as its bearer token."""
     scheme = HTTPBearer(auto_error=False, description="QUANTSELECT_API_TOKEN, the token the server was started with")
 
-    def authorized(sent: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
-        if sent is None or not hmac.compare_digest(sent.credentials.encode(), token.encode()):
-            raise HTTPException(401, headers={"WWW-Authenticate": "Bearer"},
-                                detail=("wrong bearer token" if sent else "no bearer token") + ": send the header "
-                                       "`Authorization: Bearer TOKEN` with the server's QUANTSELECT_API_TOKEN")
+    def authorized(request: Request, sent: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
+        why = _refused(request.headers.get("authorization"), token)
+        if why:
+            raise HTTPException(401, headers={"WWW-Authenticate": "Bearer"}, detail=why)
 
     return authorized
+
+
+class _TokenGate:
+    """Pure ASGI: every path but ``open_paths`` answers 401 to a request without the token, before
+    anything else of it is read."""
+
+    def __init__(self, app: Any, token: str, open_paths: frozenset[str]) -> None:
+        self.app, self.token, self.open_paths = app, token, open_paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            headers = dict(scope.get("headers") or [])
+            why = _refused(headers.get(b"authorization", b"").decode("latin-1"), self.token)
+            if why:
+                await JSONResponse({"detail": why}, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Iterator, Literal, Optional, Union
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +40,49 @@ def _error(status: int, message: str, type_: str, code: str | None) -> JSONRespo
 
 
 api = FastAPI(title="quantselect OpenAI-compatible server")
+
+
+_API_KEY: Optional[str] = None  # this process's deployment's key (a replica process runs one), set as it starts
+
+
+def _refusal(authorization: str) -> Optional[JSONResponse]:
+    """With an API key, a request that does not send it (``Authorization: Bearer KEY``, as OpenAI
+    clients do) gets a 401 in OpenAI's shape; None when it may pass."""
+    if _API_KEY is None:
+        return None
+    scheme, _, sent = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not sent.strip():
+        return _error(401, "No API key provided: send `Authorization: Bearer KEY` with the deployment's "
+                           "QUANTSELECT_SERVE_API_KEY (the OpenAI client's api_key).", "invalid_request_error",
+                      "invalid_api_key")
+    if not hmac.compare_digest(sent.strip().encode(), _API_KEY.encode()):
+        return _error(401, "Incorrect API key provided: give the deployment's QUANTSELECT_SERVE_API_KEY.",
+                      "invalid_request_error", "invalid_api_key")
+    return None
+
+
+class _KeyGate:
+    """Every route but /healthz (for probes) asks for the key, before anything of the request is read
+    (an invalid body from a client without the key is a 401, not a 400)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _API_KEY is not None:
+            path, root = scope["path"], scope.get("root_path") or ""
+            if root and path.startswith(root):  # under the application's route prefix
+                path = path[len(root):]
+            if path.rstrip("/") != "/healthz":
+                headers = dict(scope.get("headers") or [])
+                refused = _refusal(headers.get(b"authorization", b"").decode("latin-1"))
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_KeyGate)
 
 
 @api.exception_handler(ApiError)
@@ -248,7 +291,11 @@ class QuantizedModelServer:
             from quantselect.settings import get_settings
 
             model_path = str(resolve_model("demo", get_settings().models_dir))
+        import quantselect.serving.app as this_module  # (this class reaches the replica pickled by value: its
+        # globals are a copy, _KeyGate reads the module's)
+
         self.name, self.api_key = name, api_key
+        this_module._API_KEY = api_key  # asked for by _KeyGate, before a request's body is read
         if not use_gpu:  # Ray gives an actor without CPUs one torch thread; a CPU replica decodes with all cores
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.loaded = load_candidate(model_path, config_from_dict(config), device="cuda" if use_gpu else "cpu")
@@ -277,20 +324,6 @@ class QuantizedModelServer:
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
-    def _check_key(self, authorization: Optional[str]) -> None:
-        """With an API key, the /v1 routes answer only a request that sends it, as OpenAI clients do
-        (``Authorization: Bearer KEY``); 401 in OpenAI's shape otherwise."""
-        if self.api_key is None:
-            return
-        scheme, _, sent = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not sent:
-            raise ApiError(401, "No API key provided: send `Authorization: Bearer KEY` with the deployment's "
-                                "QUANTSELECT_SERVE_API_KEY (the OpenAI client's api_key).", "invalid_request_error",
-                           "invalid_api_key")
-        if not hmac.compare_digest(sent.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided: give the deployment's QUANTSELECT_SERVE_API_KEY.",
-                           "invalid_request_error", "invalid_api_key")
-
     def _check_model(self, req: _Sampling) -> None:
         if req.model is not None and req.model != self.name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.name}`.",
@@ -375,21 +408,18 @@ class QuantizedModelServer:
                 "threads": self.threads, "api_key": self.api_key is not None}
 
     @api.get("/v1/models")
-    def models(self, authorization: Optional[str] = Header(None)) -> dict:
-        self._check_key(authorization)
+    def models(self) -> dict:
         card = {"id": self.name, "object": "model", "created": 0, "owned_by": "quantselect", "engine": self.loaded.engine}
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/completions")
-    def completions(self, req: CompletionRequest, authorization: Optional[str] = Header(None)):
-        self._check_key(authorization)
+    def completions(self, req: CompletionRequest):
         self._check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         return self._respond(req, [self._tokens(p) for p in prompts], False, req.max_tokens)
 
     @api.post("/v1/chat/completions")
-    def chat_completions(self, req: ChatRequest, authorization: Optional[str] = Header(None)):
-        self._check_key(authorization)
+    def chat_completions(self, req: ChatRequest):
         self._check_model(req)
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         if getattr(self.tok, "chat_template", None):

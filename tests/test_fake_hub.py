@@ -81,3 +81,28 @@ def test_an_unknown_repository(fake_hub: FakeHub, tmp_path):
         snapshot_download("org/missing", cache_dir=tmp_path / "cache")
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("org/missing", "config.json", cache_dir=tmp_path / "cache")
+
+
+def test_a_file_of_a_dataset_repository(fake_hub: FakeHub, tmp_path):
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    folder = tmp_path / "tasks"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "valid.jsonl").write_text('{"prompt": "a", "reference": "b"}\n')
+    commit = fake_hub.add("org/tasks", folder, repo_type="dataset")
+    path = Path(hf_hub_download("org/tasks", "data/valid.jsonl", repo_type="dataset", cache_dir=tmp_path / "cache"))
+    assert path.read_text() == (folder / "data" / "valid.jsonl").read_text() and path.parent.parent.name == commit
+    assert "HEAD /datasets/org/tasks/resolve/main/data/valid.jsonl" in fake_hub.requests
+    with pytest.raises(RepositoryNotFoundError):  # a dataset is not a model of the same name
+        hf_hub_download("org/tasks", "data/valid.jsonl", cache_dir=tmp_path / "cache")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("org/tasks", "data/test.jsonl", repo_type="dataset", cache_dir=tmp_path / "cache")
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download("org/tasks", "data/valid.jsonl", repo_type="dataset", revision="v2", cache_dir=tmp_path / "cache")
+    assert [p.rfilename for p in _dataset_info("org/tasks").siblings] == ["data/valid.jsonl"]
+
+
+def _dataset_info(repo: str):
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(repo)

@@ -342,3 +342,33 @@ def test_a_file_of_a_hub_dataset_is_a_task_dataset_labels_or_calibration_file(ti
     # or by its address on huggingface.co
     res = _run("submit", str(tiny_llama), "https://huggingface.co/datasets/acme/mine/blob/main/gsm8k.jsonl", "--dry-run")
     assert res.exit_code == 0 and "Data: 30 items of hf://datasets/acme/mine@main/gsm8k.jsonl" in res.output, res.output
+
+
+def test_a_hub_dataset_file_is_downloaded_and_its_errors_say_what_to_fix(fake_hub, tiny_llama, tmp_path):
+    """A task dataset and a calibration file named hf://datasets/..., downloaded by the real client
+    from a Hub (the fake one) at submit; a missing file, revision or dataset is a one-line error that
+    names it, and nothing is submitted."""
+    from quantselect.service import SubmitRequest
+
+    folder = tmp_path / "tasks"
+    (folder / "data").mkdir(parents=True)
+    lines = (EXAMPLES / "gsm8k-50.jsonl").read_text().splitlines()
+    (folder / "data" / "gsm8k.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (folder / "calibration.txt").write_text("\n".join(f"sample {i} of a calibration text" for i in range(16)))
+    fake_hub.add("fake-org/tasks", folder, repo_type="dataset")
+    spec = Service().build_spec(SubmitRequest(model=str(tiny_llama), dataset="hf://datasets/fake-org/tasks/data/gsm8k.jsonl",
+                                              candidates=["int4-gptq"], calibration="hf://datasets/fake-org/tasks/calibration.txt",
+                                              calibration_samples=8))
+    assert (spec.dataset.source, len(spec.dataset), len(spec.calibration.texts)) == (
+        "hf://datasets/fake-org/tasks/data/gsm8k.jsonl", 30, 8)
+    assert "GET /datasets/fake-org/tasks/resolve/main/data/gsm8k.jsonl" in fake_hub.requests
+    for name, error in (
+            ("hf://datasets/fake-org/tasks/data/test.jsonl",
+             "fake-org/tasks on the Hugging Face Hub has no file data/test.jsonl"),
+            ("hf://datasets/fake-org/tasks@v2/data/gsm8k.jsonl",
+             "the Hugging Face Hub has no revision 'v2' of fake-org/tasks"),
+            ("hf://datasets/fake-org/other/data/gsm8k.jsonl",
+             "not here, nor a dataset on the Hugging Face Hub (a private one needs `hf auth login` or HF_TOKEN)")):
+        res = _run("submit", str(tiny_llama), name)
+        assert res.exit_code == 2 and res.output == f"Error: {name}: {error}\n", res.output
+    assert Service().list_jobs() == []

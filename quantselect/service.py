@@ -137,7 +137,14 @@ class Service:
         """Validate everything before anything is written. A model named by its Hub id is checked
         on its config and tokenizer, fetched here, and a checkpoint candidate on its config, each
         pinned to the commit checked; their weights are fetched by the job's driver
-        (``_model_on_driver``, ``_checkpoints_on_driver``)."""
+        (``_model_on_driver``, ``_checkpoints_on_driver``). A request from afar (``readable``) names
+        this machine's files by absolute paths: ``owner/name`` is always the Hub's."""
+        from quantselect.engines.models import names_from_afar
+
+        with names_from_afar(req.readable is not None):
+            return self._build_spec(req)
+
+    def _build_spec(self, req: SubmitRequest) -> JobSpec:
         from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, hub_name, pinned
 
         from quantselect.domain.gpus import gpu
@@ -1145,6 +1152,13 @@ class Service:
              batch: int = 1, kv_cache: str = "bf16", readable: tuple[Path, ...] | None = None) -> dict[str, Any]:
         """Memory per precision and GPUs needed, from the model's config.json alone (or a GGUF
         file's header). ``readable``: as ``SubmitRequest.readable``."""
+        from quantselect.engines.models import names_from_afar
+
+        with names_from_afar(readable is not None):
+            return self._plan(model, gpu, gpu_memory, context, batch, kv_cache, readable)
+
+    def _plan(self, model: str, gpu: str | None, gpu_memory: str | None, context: int | None, batch: int,
+              kv_cache: str, readable: tuple[Path, ...] | None) -> dict[str, Any]:
         import json
 
         from quantselect.domain import planner
@@ -1334,7 +1348,7 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
 
     folders = [Path(os.path.realpath(f)) for f in readable]
     here = [f for f in files if f and not f.startswith("hf://")] + [
-        m for m in models if m != DEMO and not (hub_id(m) and not _exists(m))]
+        m for m in models if m != DEMO and not hub_id(m)]
     for name in here:
         try:
             real = Path(os.path.realpath(Path(name).expanduser()))
@@ -1343,13 +1357,6 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
         if real is None or not any(real.is_relative_to(f) for f in folders):
             raise ForbiddenError(f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "
                                  f"{', '.join(map(str, readable))}); put it there, or name it on the Hugging Face Hub")
-
-
-def _exists(name: str) -> bool:
-    try:
-        return Path(name).expanduser().exists()
-    except (ValueError, OSError):
-        return False
 
 
 def _one_line(e: BaseException) -> str:

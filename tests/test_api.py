@@ -445,6 +445,17 @@ def test_with_api_paths_a_request_names_files_of_this_machine_only_under_them(ti
             assert res.status_code == 422 and "not a folder or file here" in res.json()["detail"], res.text
         assert client.get("/api/v1/plan", params={"model": str(tiny_llama)}).status_code == 403
         assert client.get("/api/v1/plan", params={"model": "demo"}).status_code == 200
+        # A relative owner/name is the Hub's, even where the server's working directory holds such a
+        # folder: the answer tells nothing of it (before, a 403 there against a 422 elsewhere).
+        shutil.copytree(tiny_llama, tmp_path / "work" / "acme" / "tiny")
+        monkeypatch.chdir(tmp_path / "work")
+        answers = []
+        for model in ("acme/tiny", "acme/none"):
+            res = client.post("/api/v1/jobs/preview", json={**inside, "model": model})
+            plan = client.get("/api/v1/plan", params={"model": model})
+            answers.append((res.status_code, res.json()["detail"].replace(model, "M"), plan.status_code,
+                            plan.json()["detail"].replace(model, "M")))
+        assert answers[0] == answers[1] and answers[0][0] == 422 and "M: not a folder or file here" in answers[0][1], answers
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS='data': data is not an absolute path"):
         get_settings({"QUANTSELECT_API_PATHS": "data"})
     with pytest.raises(InputError, match="QUANTSELECT_API_PATHS=':': give absolute folders"):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import hashlib
 import importlib.util
@@ -72,12 +73,27 @@ def hub_name(name: str | None) -> str | None:
 
 def hub_id(model: str) -> tuple[str, str | None, str | None] | None:
     """(repository, revision, GGUF file in it) when ``model`` names a Hugging Face Hub model, or
-    one GGUF file of a repository, and nothing on this disk (a path that exists is always the
-    path); None otherwise."""
-    found = HUB_ID.match(model)
-    if model == DEMO or not found or Path(model).expanduser().exists():
+    one GGUF file of a repository, and nothing on this disk (a relative path that exists is the
+    path, except for names from afar: see ``names_from_afar``); None otherwise."""
+    found = HUB_ID.match(model)  # never an absolute path
+    if model == DEMO or not found or (not _FROM_AFAR.get() and Path(model).expanduser().exists()):
         return None
     return found["repo"], found["rev"], found["file"] and found["file"][1:]
+
+
+_FROM_AFAR: contextvars.ContextVar[bool] = contextvars.ContextVar("quantselect_names_from_afar", default=False)
+
+
+@contextmanager
+def names_from_afar(on: bool = True):
+    """Within it, a name shaped like a Hub id (``owner/name``) is the Hub's even where the working
+    directory holds a folder of that relative path: a REST client names this machine's files by
+    absolute paths (under QUANTSELECT_API_PATHS), and learns nothing of the server's folder."""
+    token = _FROM_AFAR.set(on)
+    try:
+        yield
+    finally:
+        _FROM_AFAR.reset(token)
 
 
 def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Path | None:

@@ -288,6 +288,33 @@ def test_failed_replica_is_cleaned_up_with_its_reason(serve_port, tmp_path):
     assert "broken" not in list_deployments()
 
 
+def test_a_candidate_its_job_ran_on_two_gpus_is_deployed_on_two(tiny_llama, serve_port, monkeypatch):
+    """Service.deploy gives the replica as many GPUs as the candidate's job ran it on (a model too
+    large for one). Here the two GPUs are Ray's logical ones and torch has no CUDA, so the replica
+    starts on both and then refuses, saying how many it holds and what to install."""
+    from quantselect.domain.candidates import resolve_candidates
+    from quantselect.domain.dataset import load_dataset
+    from quantselect.domain.results import CandidateResult, JobSpec
+    from quantselect.errors import QuantselectError
+    from quantselect.service import Service
+    from quantselect.serving.deploy import list_deployments
+    from tests.fixtures.common import EXAMPLES
+
+    monkeypatch.setenv("QUANTSELECT_SERVE_PORT", str(serve_port))
+    svc = Service()
+    candidates = resolve_candidates(["int8"])
+    job = svc.repo.create_job(JobSpec(model=str(tiny_llama), model_path=str(tiny_llama), candidates=candidates,
+                                      dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4)))
+    for c in candidates:  # as a job on two GPUs of a CUDA node records them
+        svc.repo.save_outcome(job.id, CandidateResult(name=c.name, config=c.config.to_dict(), status="succeeded", score=0.5,
+                                                      n_items=4, device="cuda:0", gpu_ids=["0", "1"]))
+    svc.repo.finish_job(job.id, "succeeded")
+    with pytest.raises(QuantselectError, match=r"deployment 'int8-\w+' failed: .*this replica holds 2 GPU\(s\) \(Ray's "
+                                               r"(0, 1|1, 0)\) but torch .* sees no CUDA device: install a CUDA build"):
+        svc.deploy(job.id, "int8")
+    assert not any(d.startswith("int8-") for d in list_deployments()) and svc.get_job(job.id).deployed_candidate is None
+
+
 def test_serve_config_file_builds_an_application():
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary

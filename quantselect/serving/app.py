@@ -298,6 +298,12 @@ class QuantizedModelServer:
         this_module._API_KEY = api_key  # asked for by _KeyGate, before a request's body is read
         if not use_gpu:  # Ray gives an actor without CPUs one torch thread; a CPU replica decodes with all cores
             torch.set_num_threads(len(os.sched_getaffinity(0)))
+        elif not torch.cuda.is_available():
+            import ray
+
+            held = ray.get_gpu_ids()
+            raise RuntimeError(f"this replica holds {len(held)} GPU(s) (Ray's {', '.join(map(str, held))}) but torch "
+                               f"{torch.__version__} sees no CUDA device: install a CUDA build of torch on the node")
         self.loaded = load_candidate(model_path, config_from_dict(config), device="cuda" if use_gpu else "cpu")
         self.tok = self.loaded.tokenizer
         self.lock = threading.Lock()  # one forward pass at a time per replica

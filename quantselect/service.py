@@ -1121,10 +1121,15 @@ class Service:
         hosts = ", ".join(self.settings.notify_hosts) if self.settings.notify_hosts else "unset (any but link-local)"
         detail = (f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_NOTIFY_HOSTS {hosts}; "
                   f"QUANTSELECT_SERVE_API_KEY {key}")
+        warnings = []
         if not is_loopback(self.settings.serve_host) and not self.settings.serve_api_key:
-            return Check("access", WARN, f"{detail}: deployments listen on {self.settings.serve_host} and answer "
-                                         "anyone who reaches them; set QUANTSELECT_SERVE_API_KEY")
-        return Check("access", INFO, detail)
+            warnings.append(f"deployments listen on {self.settings.serve_host} and answer anyone who reaches them; "
+                            "set QUANTSELECT_SERVE_API_KEY")
+        if self.settings.ray_address and _password_in(self.settings.db_url):
+            warnings.append("`submit --address` hands the database URL, its password included, to the Ray Jobs API, "
+                            "whose dashboard shows it; leave the password out of QUANTSELECT_DB_URL and give it as "
+                            "PGPASSWORD or in ~/.pgpass, here and on the nodes")
+        return Check("access", WARN, f"{detail}: {'; '.join(warnings)}") if warnings else Check("access", INFO, detail)
 
     # ---- plan -----------------------------------------------------------------------------
     def candidates(self) -> list[dict[str, Any]]:
@@ -1328,6 +1333,15 @@ def _webhook_opener() -> Any:
             return self.do_open(https_conn, req, context=self._context)
 
     return urllib.request.build_opener(NoRedirect, CheckedHTTP, CheckedHTTPS)
+
+
+def _password_in(db_url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return bool(make_url(db_url).password)
+    except Exception:  # noqa: BLE001 - a URL the database check reports
+        return False
 
 
 def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:

@@ -322,10 +322,21 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
     if address:
         sid = svc.submit_remote(job.id, address)
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")
+        _warn_of_the_password(svc)
         if wait:
             _wait_remote(svc, job.id, address, sid)
         return
     _run_and_report(svc, job.id, deploy)
+
+
+def _warn_of_the_password(svc: Any) -> None:
+    """The driver got the database URL as a variable of its Ray job, which the dashboard shows."""
+    from quantselect.db.engine import has_password
+
+    if has_password(svc.settings.db_url):
+        click.echo("warning: the database URL went to the cluster with its password, and the Ray dashboard shows a "
+                   "job's variables: leave the password out of QUANTSELECT_DB_URL and give it as PGPASSWORD or in "
+                   "~/.pgpass, here and on the nodes (cluster/README.md)", err=True)
 
 
 def _unescape(text: str) -> str:
@@ -389,6 +400,7 @@ def resume(job_id: str, address: str | None, wait: bool | None) -> None:
     if address:
         sid = svc.submit_remote(job_id, address, resume=True)
         click.echo(f"Resumed job {job_id} on the Ray cluster at {address} as Ray job {sid}")
+        _warn_of_the_password(svc)
         if wait:
             _wait_remote(svc, job_id, address, sid)
         return

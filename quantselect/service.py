@@ -37,7 +37,7 @@ from quantselect.domain.results import (
     JobSpec,
     cancelled_alone,
     end_notice,
-    link_local,
+    metadata_address,
     validate_confidence,
     validate_policy,
     validate_notify,
@@ -1118,17 +1118,13 @@ class Service:
         api = "set" if self.settings.api_token else "unset (fine on 127.0.0.1, the default)"
         key = "set" if self.settings.serve_api_key else "unset"
         paths = ", ".join(map(str, self.settings.api_paths)) if self.settings.api_paths else "unset (any file)"
-        hosts = ", ".join(self.settings.notify_hosts) if self.settings.notify_hosts else "unset (any but link-local)"
+        hosts = ", ".join(self.settings.notify_hosts) if self.settings.notify_hosts else "unset (any but link-local and metadata)"
         detail = (f"QUANTSELECT_API_TOKEN {api}; QUANTSELECT_API_PATHS {paths}; QUANTSELECT_NOTIFY_HOSTS {hosts}; "
                   f"QUANTSELECT_SERVE_API_KEY {key}")
         warnings = []
         if not is_loopback(self.settings.serve_host) and not self.settings.serve_api_key:
             warnings.append(f"deployments listen on {self.settings.serve_host} and answer anyone who reaches them; "
                             "set QUANTSELECT_SERVE_API_KEY")
-        if self.settings.ray_address and _password_in(self.settings.db_url):
-            warnings.append("`submit --address` hands the database URL, its password included, to the Ray Jobs API, "
-                            "whose dashboard shows it; leave the password out of QUANTSELECT_DB_URL and give it as "
-                            "PGPASSWORD or in ~/.pgpass, here and on the nodes")
         return Check("access", WARN, f"{detail}: {'; '.join(warnings)}") if warnings else Check("access", INFO, detail)
 
     # ---- plan -----------------------------------------------------------------------------
@@ -1262,14 +1258,18 @@ def _unless_cancelled(cancelled: threading.Event, fn: Callable[..., T], *args: A
 def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, timeout: float = 5.0) -> bool:
     """POST ``payload`` as JSON, trying ``attempts`` times (1 s, 2 s apart); False, logged, when every
     try failed (no answer, or a status other than 2xx). Redirects are not followed, and nothing is
-    sent to a host whose name resolves to a link-local address (a cloud's metadata service)."""
+    sent to a host whose name resolves to a link-local or cloud metadata address: checked on the
+    address connected to, or, through a proxy (``https_proxy``...), on the name resolved here."""
     import json
     import urllib.error
+    import urllib.request
 
     body = json.dumps(payload, default=str).encode()
     opener = _webhook_opener()
+    last: object = None
     for attempt in range(attempts):
         try:
+            _refuse_proxied_metadata(url)
             request = urllib.request.Request(url, data=body, method="POST",
                                              headers={"Content-Type": "application/json", "User-Agent": "quantselect"})
             with opener.open(request, timeout=timeout):
@@ -1284,18 +1284,39 @@ def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, t
     return False
 
 
+def _refuse_metadata(host: str, found: list[str]) -> None:
+    bad = [address for address in found if metadata_address(address)]
+    if bad:
+        raise OSError(f"{host} resolves to {bad[0]}, a link-local or cloud metadata address, which is never a "
+                      "webhook: not posted")
+
+
+def _refuse_proxied_metadata(url: str) -> None:
+    """Through a proxy, which connects for us: the name as it resolves here (where it does)."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in urllib.request.getproxies() or urllib.request.proxy_bypass(host):
+        return
+    try:
+        found = [info[4][0] for info in socket.getaddrinfo(host, parts.port or 443, 0, socket.SOCK_STREAM)]
+    except OSError:  # only the proxy resolves it: its own rules apply
+        return
+    _refuse_metadata(host, found)
+
+
 def _connect_checked(address: tuple[str, int], timeout: Any = None, source_address: Any = None,
                      *args: Any, **kwargs: Any) -> Any:
-    """``socket.create_connection`` to a webhook's host that refuses it when its name resolves to a
-    link-local address (a cloud's metadata service), connecting to the very address checked."""
+    """``socket.create_connection`` that refuses a host whose name resolves to a link-local or cloud
+    metadata address, connecting to the very address checked."""
     import socket
 
     host, port = address
     found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    bad = [info[4][0] for info in found if link_local(info[4][0])]
-    if bad:
-        raise OSError(f"{host} resolves to the link-local address {bad[0]} (a cloud's metadata service), which is "
-                      "never a webhook: not posted")
+    _refuse_metadata(host, [info[4][0] for info in found])
     last: OSError = OSError(f"{host} resolves to no address")
     for info in found:
         try:
@@ -1306,7 +1327,7 @@ def _connect_checked(address: tuple[str, int], timeout: Any = None, source_addre
 
 
 def _webhook_opener() -> Any:
-    """A urllib opener that follows no redirect and connects to no link-local address."""
+    """A urllib opener that follows no redirect and connects to no link-local or metadata address."""
     import http.client
     import urllib.request
 
@@ -1333,15 +1354,6 @@ def _webhook_opener() -> Any:
             return self.do_open(https_conn, req, context=self._context)
 
     return urllib.request.build_opener(NoRedirect, CheckedHTTP, CheckedHTTPS)
-
-
-def _password_in(db_url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return bool(make_url(db_url).password)
-    except Exception:  # noqa: BLE001 - a URL the database check reports
-        return False
 
 
 def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:

@@ -108,12 +108,22 @@ def _hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
     raw = env.get(name)
     if not raw or not raw.strip():
         return None
-    hosts = tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
-    bad = [h for h in hosts if not re.fullmatch(r"(\*\.)?[a-z0-9_.:-]+", h) or "://" in h or "/" in h]
+    hosts = tuple(h.strip().lower().rstrip(".").strip("[]") for h in raw.split(",") if h.strip())
+    bad = [h for h in hosts if not (re.fullmatch(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*", h) or _ipv6(h))]
     if not hosts or bad:
-        raise InputError(f"{name}={raw!r}: give host names (hooks.slack.com), *.example.com patterns or IP addresses "
-                         "separated by commas, without scheme or path, or unset it")
+        raise InputError(f"{name}={raw!r}: {bad[0] if bad else 'nothing'}: give host names (hooks.slack.com), "
+                         "*.example.com patterns or IP addresses separated by commas, without scheme, port or path, "
+                         "or unset it")
     return hosts
+
+
+def _ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def _token(env: Mapping[str, str], name: str) -> str | None:

@@ -337,6 +337,7 @@ def test_with_a_token_every_api_request_must_carry_it(monkeypatch):
             res = client.post("/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json", **headers})
             assert res.status_code == status, res.text
         assert client.get("/api/v1/no-such-route").status_code == 401  # says nothing of what exists
+        assert client.get("/healthz/", follow_redirects=False).status_code != 401  # open, as /healthz
         assert client.get("/api/v1/no-such-route", headers=auth).status_code == 404
         routes = [(m.upper(), path.replace("{job_id}", "x").replace("{name}", "y"))
                   for path, methods in client.app.openapi()["paths"].items() if path.startswith("/api/") for m in methods]

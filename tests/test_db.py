@@ -69,7 +69,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
     upgrade(db_url, "0001")  # step by step, as an existing installation upgrades
     assert current_revision(db_url) == "0001"
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0009"
+    assert current_revision(db_url) == head_revision() == "0010"
     engine = make_engine(db_url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
@@ -77,7 +77,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
             command.downgrade(_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0009"
+        assert current_revision(engine) == "0010"
     finally:
         engine.dispose()
 
@@ -185,6 +185,38 @@ def test_a_cancel_asked_for_as_the_last_candidate_finishes_ends_the_job_cancelle
     other = repo.create_job(make_spec())
     repo.claim_job(other.id, driver="driver-2", stale_after=60)
     assert repo.finish_job(other.id, "succeeded") == "succeeded"
+
+
+def test_a_cancel_with_a_reason_ends_the_job_with_it_and_shows_no_error_meanwhile(repo):
+    """A cancel asked for with a reason (the API server that runs the job stops) is the job's error
+    once its driver ends it, not before (a running job shows none); a cancel asked for first, by a
+    user, keeps its own; a job cancelled on the spot (its driver silent) keeps the reason when its
+    driver still ends it; a resume forgets it."""
+    reason = "interrupted: the API server that ran it stopped"
+    job = repo.create_job(make_spec())
+    repo.claim_job(job.id, driver="driver-1", stale_after=60)
+    repo.heartbeat(job.id)
+    asked = repo.request_cancel(job.id, stale_after=60, reason=reason)
+    assert (asked.status, asked.error) == ("running", None) and repo.get_job(job.id).error is None
+    assert repo.finish_job(job.id, "cancelled", error="cancelled by request") == "cancelled"
+    assert repo.get_job(job.id).error == reason
+    repo.claim_job(job.id, driver="driver-1", stale_after=60, resume=True)
+    repo.heartbeat(job.id)
+    repo.finish_job(job.id, "succeeded")
+    assert repo.get_job(job.id).status == "succeeded"  # the old reason did not turn it into a cancel
+    by_user = repo.create_job(make_spec())
+    repo.claim_job(by_user.id, driver="driver-1", stale_after=60)
+    repo.heartbeat(by_user.id)
+    repo.request_cancel(by_user.id, stale_after=60)
+    repo.request_cancel(by_user.id, stale_after=60, reason=reason)  # the server stops meanwhile
+    repo.finish_job(by_user.id, "cancelled", error="cancelled by request")
+    assert repo.get_job(by_user.id).error == "cancelled by request"
+    silent = repo.create_job(make_spec())
+    repo.claim_job(silent.id, driver="driver-1", stale_after=60)
+    gone = repo.request_cancel(silent.id, stale_after=0, reason=reason)  # its driver taken for gone: cancelled now
+    assert (gone.status, gone.error) == ("cancelled", reason)
+    repo.finish_job(silent.id, "cancelled", error="cancelled by request")  # its driver, still ending it
+    assert repo.get_job(silent.id).error == reason
 
 
 def test_jobs_an_api_server_queued_are_held_while_it_lives_and_taken_up_when_it_is_gone(repo):
@@ -316,7 +348,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(site / "quantselect" / "_migrations"), "0009"]
+    assert out == [str(site / "quantselect" / "_migrations"), "0010"]
 
 
 def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo):
@@ -330,3 +362,12 @@ def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo)
     assert uses["int8"].job_created_at == job.created_at
     repo.set_deployment(job.id, None, None)
     assert not any(u.served for u in repo.candidate_uses())
+
+
+def test_has_password_finds_it_in_the_userinfo_and_the_query():
+    from quantselect.db.engine import has_password
+
+    assert has_password("postgresql://quantselect:s3cret@db.example.com:5432/quantselect")
+    assert has_password("postgresql://quantselect@db.example.com/quantselect?password=s3cret&sslmode=require")
+    for url in ("postgresql://quantselect@db.example.com/quantselect", "sqlite:////tmp/q.db", "not a url"):
+        assert not has_password(url)

@@ -78,21 +78,11 @@ def test_a_ray_address_is_checked_and_deployments_open_to_the_network_are_warned
     code, checks = _doctor()
     assert code == 0 and checks["access"]["status"] == "warn" and "set QUANTSELECT_SERVE_API_KEY" in checks["access"]["detail"]
     monkeypatch.setenv("QUANTSELECT_SERVE_API_KEY", "k" * 32)
-    monkeypatch.setenv("QUANTSELECT_RAY_ADDRESS", address)
-    monkeypatch.setenv("QUANTSELECT_DB_URL", "postgresql://quantselect:pw-in-the-url@127.0.0.1:9/quantselect")
-    code, checks = _doctor()
-    assert checks["access"]["status"] == "warn" and checks["access"]["detail"].endswith(
-        "`submit --address` hands the database URL, its password included, to the Ray Jobs API, whose dashboard "
-        "shows it; leave the password out of QUANTSELECT_DB_URL and give it as PGPASSWORD or in ~/.pgpass, here and "
-        "on the nodes")
-    assert "pw-in-the-url" not in json.dumps(checks)
-    monkeypatch.delenv("QUANTSELECT_RAY_ADDRESS")
-    monkeypatch.delenv("QUANTSELECT_DB_URL")
     code, checks = _doctor()
     assert checks["access"] == {"name": "access", "status": "info",
                                 "detail": "QUANTSELECT_API_TOKEN unset (fine on 127.0.0.1, the default); "
                                           "QUANTSELECT_API_PATHS unset (any file); QUANTSELECT_NOTIFY_HOSTS unset (any but "
-                                          "link-local); QUANTSELECT_SERVE_API_KEY set"}
+                                          "link-local and metadata); QUANTSELECT_SERVE_API_KEY set"}
     assert "k" * 32 not in json.dumps(checks)
 
 

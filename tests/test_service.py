@@ -218,11 +218,24 @@ def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog)
         assert (elsewhere.requests, hook.requests) == (1, 1)  # the redirect was not followed
         assert f"could not post two to {elsewhere.url}: 302 Found (a redirect, not followed)" in caplog.text
         assert not post_json(f"http://metadata.example:{hook.port}/h", {"n": 3}, "three", attempts=1)
-        assert hook.requests == 1 and ("metadata.example resolves to the link-local address 169.254.169.254 (a cloud's "
-                                       "metadata service), which is never a webhook: not posted") in caplog.text
-        for url in ("http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://[::ffff:169.254.169.254]/"):
-            with pytest.raises(ForbiddenError, match="link-local address"):
+        assert hook.requests == 1 and ("metadata.example resolves to 169.254.169.254, a link-local or cloud metadata "
+                                       "address, which is never a webhook: not posted") in caplog.text
+        # through a proxy, which would connect for us: the name as it resolves here
+        proxy = Hook()
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("no_proxy", "")
+        assert not post_json(f"http://metadata.example:{hook.port}/h", {"n": 4}, "four", attempts=1)
+        assert post_json(f"http://hooks.example:{hook.port}/h", {"n": 5}, "five", attempts=1)
+        assert proxy.posted == [{"n": 5}] and hook.requests == 1  # the proxy took it, and it alone
+        proxy.close()
+        monkeypatch.delenv("http_proxy")
+        for url in ("http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://[::ffff:169.254.169.254]/",
+                    "http://[fd00:ec2::254]/", "http://100.100.100.200/", "http://[64:ff9b::a9fe:a9fe]/",
+                    "http://[2002:a9fe:a9fe::]/"):
+            with pytest.raises(ForbiddenError, match="is a link-local or cloud metadata address, never a webhook"):
                 validate_notify(url)
+        for url in ("http://10.0.0.7/h", "http://[::1]:8080/h", "https://hooks.slack.com/services/T/B/X"):
+            assert validate_notify(url) == url
         hosts = get_settings({"QUANTSELECT_NOTIFY_HOSTS": " hooks.slack.com, *.Example.com ,10.0.0.7"}).notify_hosts
         assert hosts == ("hooks.slack.com", "*.example.com", "10.0.0.7")
         for url in ("https://hooks.slack.com/services/T/B/X", "https://chat.example.com/h", "https://a.b.example.com/h",
@@ -233,8 +246,10 @@ def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog)
             with pytest.raises(ForbiddenError, match=r"is not a host this server posts to \(QUANTSELECT_NOTIFY_HOSTS: "
                                                      r"hooks.slack.com, \*.example.com, 10.0.0.7\)"):
                 validate_notify(url, hosts)
-        with pytest.raises(InputError, match="QUANTSELECT_NOTIFY_HOSTS='https://hooks.slack.com/x': give host names"):
-            get_settings({"QUANTSELECT_NOTIFY_HOSTS": "https://hooks.slack.com/x"})
+        for raw in ("https://hooks.slack.com/x", "hooks.slack.com:443", "a.b,,*.", "*"):
+            with pytest.raises(InputError, match=r"QUANTSELECT_NOTIFY_HOSTS=.*: give host names .* without scheme, port or path"):
+                get_settings({"QUANTSELECT_NOTIFY_HOSTS": raw})
+        assert get_settings({"QUANTSELECT_NOTIFY_HOSTS": "[fd00::7], 10.1.2.3"}).notify_hosts == ("fd00::7", "10.1.2.3")
         svc = Service()
         spec = JobSpec(model="demo", model_path="demo", dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=2),
                        candidates=resolve_candidates([]), notify=hook.url)

@@ -386,11 +386,20 @@ class _TokenGate:
         self.app, self.token, self.open_paths = app, token, open_paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+        if scope["type"] in ("http", "websocket") and _route_path(scope).rstrip("/") not in self.open_paths:
             headers = dict(scope.get("headers") or [])
             why = _refused(headers.get(b"authorization", b"").decode("latin-1"), self.token)
+            if why and scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
             if why:
                 await JSONResponse({"detail": why}, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: dict) -> str:
+    """The request's path as the app routes it: without the ``root_path`` a proxy mounts it under."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] if root and path.startswith(root) else path

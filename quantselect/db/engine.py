@@ -132,6 +132,15 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
+def has_password(url: str) -> bool:
+    """Whether the URL holds a password (``user:PASSWORD@host``, or ``?password=``)."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL: the database check says so
+        return False
+    return bool(parsed.password or parsed.query.get("password"))
+
+
 def shown_url(url: str) -> str:
     """The URL with its password hidden, as it may be printed."""
     return make_url(url).render_as_string(hide_password=True)

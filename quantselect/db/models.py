@@ -51,6 +51,7 @@ class JobRow(Base):
     deploy: Mapped[bool] = mapped_column(Boolean)
     use_cache: Mapped[bool] = mapped_column(Boolean, server_default=true())
     cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    cancel_reason: Mapped[str | None] = mapped_column(Text)  # why (None: by request), its error once it ends
     driver: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running the job
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # that driver's last sign of life
     error: Mapped[str | None] = mapped_column(Text)

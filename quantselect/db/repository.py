@@ -232,7 +232,7 @@ class Repository:
             if row.status == RUNNING and fresh and row.driver != driver:
                 raise ConflictError(f"job {job_id} is running in {row.driver} (heartbeat {row.heartbeat_at:%H:%M:%S} UTC); "
                                     "cancel it first, or wait until that driver is gone")
-            row.status, row.error, row.driver, row.cancel_requested = RUNNING, None, driver, False
+            row.status, row.error, row.driver, row.cancel_requested, row.cancel_reason = RUNNING, None, driver, False, None
             row.heartbeat_at, row.updated_at = now, utcnow()
             return _job(row)
 
@@ -314,20 +314,20 @@ class Repository:
     def request_cancel(self, job_id: str, stale_after: float, reason: str | None = None) -> Job:
         """Ask the job's driver to stop it. A job no driver is running (queued, or its driver's
         heartbeat is stale) is cancelled here and now. ``reason``: the error the job ends with
-        (else "cancelled by request"); kept as a running job's error until its driver ends it."""
+        (else "cancelled by request"), unless a cancel was asked for already."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, _names(), lock=True)
             if row.status in FINISHED:
                 raise ConflictError(f"job {job_id} is already {row.status}")
+            if not row.cancel_requested:
+                row.cancel_reason = reason
             row.cancel_requested, row.updated_at = True, utcnow()
             alive = row.status == RUNNING and row.heartbeat_at is not None and \
                 self._clock(s) - row.heartbeat_at < timedelta(seconds=stale_after)
             if not alive:
-                row.status, row.error = CANCELLED, reason or (
+                row.status, row.error = CANCELLED, row.cancel_reason or (
                     "cancelled before it ran" if row.status == QUEUED else "cancelled")
                 self._cancel_unfinished(s, job_id)
-            elif reason:
-                row.error = reason
             return _job(row)
 
     @_retrying
@@ -356,9 +356,9 @@ class Repository:
         with self._write.begin() as s:
             row = self._job_row(s, job_id, lock=True)  # against a cancel request landing in between
             if status == SUCCEEDED and row.cancel_requested:
-                status, error = CANCELLED, row.error or "cancelled by request (after its last candidate had finished)"
-            elif status == CANCELLED and row.cancel_requested and row.status == RUNNING and row.error:
-                error = row.error  # the reason the cancel was asked for
+                status, error = CANCELLED, row.cancel_reason or "cancelled by request (after its last candidate had finished)"
+            elif status == CANCELLED and row.cancel_requested and row.cancel_reason:
+                error = row.cancel_reason  # why the cancel was asked for
             row.status, row.error, row.updated_at = status, error, utcnow()
             row.stage = stage if status == SUCCEEDED else None
             row.recommended = recommended if status == SUCCEEDED else None

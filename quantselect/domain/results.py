@@ -69,7 +69,7 @@ def validate_policy(p: str) -> str:
 
 def validate_notify(url: str | None, hosts: tuple[str, ...] | None = None) -> str | None:
     """A webhook URL a job posts its end to: http or https, with a host; one of ``hosts`` when given
-    (``QUANTSELECT_NOTIFY_HOSTS``), and never a link-local address (a cloud's metadata service)."""
+    (``QUANTSELECT_NOTIFY_HOSTS``), and never a link-local or cloud metadata address."""
     from urllib.parse import urlsplit
 
     from quantselect.errors import ForbiddenError, InputError
@@ -85,9 +85,9 @@ def validate_notify(url: str | None, hosts: tuple[str, ...] | None = None) -> st
     if parts.scheme not in ("http", "https") or not host:
         raise InputError(f"notify {url!r}: give an http(s) URL to post the job's end to, such as "
                          "https://hooks.slack.com/services/T000/B000/XXXX")
-    if link_local(host):
-        raise ForbiddenError(f"notify {url!r}: {host} is a link-local address (a cloud's metadata service), never a "
-                             "webhook; give the hook's own URL")
+    if metadata_address(host):
+        raise ForbiddenError(f"notify {url!r}: {host} is a link-local or cloud metadata address, never a webhook; "
+                             "give the hook's own URL")
     if hosts is not None and not host_allowed(host, hosts):
         raise ForbiddenError(f"notify {url!r}: {host} is not a host this server posts to (QUANTSELECT_NOTIFY_HOSTS: "
                              f"{', '.join(hosts)}); use a hook on one of them")
@@ -117,17 +117,30 @@ def host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
     return False
 
 
-def link_local(host: str) -> bool:
-    """Whether ``host`` is a link-local IP address (169.254.0.0/16, fe80::/10: where clouds answer
-    metadata and credential requests)."""
+# Where clouds answer metadata and credential requests beyond the link-local ranges: AWS over IPv6
+# (instance metadata, EKS Pod Identity), Alibaba Cloud.
+METADATA_ADDRESSES = ("fd00:ec2::254", "fd00:ec2::23", "100.100.100.200")
+# IPv6 ranges that carry an IPv4 address in their last 32 bits: IPv4-compatible, IPv4-translated, NAT64
+_EMBEDDING_IPV4 = ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+
+
+def metadata_address(host: str) -> bool:
+    """Whether ``host`` is an IP address no webhook is on: link-local (169.254.0.0/16, fe80::/10,
+    where clouds answer metadata and credential requests), another address of a cloud's metadata
+    service, or one of those inside an IPv6 address (IPv4-mapped or -compatible, 6to4, Teredo, NAT64)."""
     import ipaddress
 
     try:
         ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
     except ValueError:
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_link_local or bool(mapped and mapped.is_link_local)
+    found = [ip]
+    if ip.version == 6:
+        found += [inner for inner in (ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1]) if inner]
+        if any(ip in ipaddress.ip_network(net) for net in _EMBEDDING_IPV4) and int(ip) & 0xFFFFFFFF:
+            found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    known = {ipaddress.ip_address(a) for a in METADATA_ADDRESSES}
+    return any(a.is_link_local or a in known for a in found)
 
 
 def end_notice(job: "Job") -> str:

@@ -69,13 +69,16 @@ class _KeyGate:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _API_KEY is not None:
+        if scope["type"] in ("http", "websocket") and _API_KEY is not None:
             path, root = scope["path"], scope.get("root_path") or ""
             if root and path.startswith(root):  # under the application's route prefix
                 path = path[len(root):]
             if path.rstrip("/") != "/healthz":
                 headers = dict(scope.get("headers") or [])
                 refused = _refusal(headers.get(b"authorization", b"").decode("latin-1"))
+                if refused is not None and scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
                 if refused is not None:
                     await refused(scope, receive, send)
                     return

@@ -55,11 +55,16 @@ def ensure_serve(host: str, port: int) -> None:
         )
 
 
+def _local_get(url: str, timeout: float):
+    """GET a URL of this machine's Serve proxy, never through an ``http_proxy``."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout)
+
+
 def _wait_healthy(url: str, timeout_s: float) -> None:
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with _local_get(url, timeout=10) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError) as e:
@@ -68,15 +73,16 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise QuantselectError(f"{url} did not become healthy within {timeout_s:.0f} s ({last})")
 
 
-def _asks_for_a_key(healthz: str) -> bool:
-    """Whether the running deployment behind ``healthz`` asks its clients for an API key."""
+def _asks_for_a_key(healthz: str) -> bool | None:
+    """Whether the running deployment behind ``healthz`` asks its clients for an API key; None when
+    it does not say (busy, restarting, broken)."""
     import json
 
     try:
-        with urllib.request.urlopen(healthz, timeout=10) as r:
+        with _local_get(healthz, timeout=10) as r:
             return bool(json.load(r).get("api_key"))
-    except (urllib.error.URLError, OSError, ValueError):  # not answering: nothing served to protect
-        return False
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def _failure_reason(app: str) -> str:
@@ -107,10 +113,14 @@ def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1",
     if api_key is None:
         running = list_deployments()
         for keyed in [n for n in (name, replaces) if n in running]:
-            if _asks_for_a_key(f"http://{local}:{port}/models/{keyed}/healthz"):
-                raise ConflictError(f"deployment {keyed!r} asks its clients for an API key, and this process has no "
-                                    "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or "
-                                    "undeploy it first to serve it open")
+            asks = _asks_for_a_key(f"http://{local}:{port}/models/{keyed}/healthz")
+            if asks or asks is None:  # one that does not say may ask: never replaced by an open one blind
+                raise ConflictError(
+                    f"deployment {keyed!r} " + ("asks its clients for an API key" if asks else
+                                                "does not say whether it asks its clients for an API key (its /healthz "
+                                                "does not answer)") + ", and this process has no "
+                    "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or undeploy it first "
+                    "to serve it open")
     try:
         serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)
     except RuntimeError as e:  # the replica failed to start (bad path, quantization error, ...)

@@ -3,19 +3,19 @@ Jobs run in a background thread of this process, which stays free to answer whil
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Body, FastAPI, HTTPException, Query, Request, Security
+from fastapi import APIRouter, Body, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantselect.bearer import BearerGate
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.dataset import FieldMapping
 from quantselect.domain.durations import parse_duration
@@ -159,14 +159,13 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     app = FastAPI(title="quantselect", version="0.1.0", lifespan=lifespan,
                   description="Which precision should I deploy? Measured on your own task.")
-    # With QUANTSELECT_API_TOKEN set, every /api/v1 request carries it (`Authorization: Bearer ...`);
-    # /healthz (for probes) and the OpenAPI docs stay open.
-    # (The dependency shows the scheme in the docs; the gate asks for the token before a request's body
-    # is read, so that a client without it gets a 401 for a malformed body too, and a route added
-    # without the dependency is still closed.)
-    v1 = APIRouter(dependencies=[Security(_bearer(svc.settings.api_token))] if svc.settings.api_token else [])
-    if svc.settings.api_token:
-        app.add_middleware(_TokenGate, token=svc.settings.api_token, open_paths=OPEN_PATHS)
+    # With QUANTSELECT_API_TOKEN set, every request carries it (`Authorization: Bearer ...`), asked for
+    # by the gate; /healthz (for probes) and the OpenAPI docs stay open, and show the scheme.
+    token = svc.settings.api_token
+    v1 = APIRouter(dependencies=[Security(HTTPBearer(auto_error=False, description="QUANTSELECT_API_TOKEN, the "
+                                                     "token the server was started with"))] if token else [])
+    if token:
+        app.add_middleware(BearerGate, secret=lambda: token, open_paths=OPEN_PATHS, refusal=_token_refusal)
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
@@ -354,52 +353,6 @@ def prometheus_text(gauges: list[tuple[str, str, str | None, dict[str, int] | in
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-def _refused(authorization: str | None, token: str) -> str | None:
-    """Why a request with this ``Authorization`` header may not pass (None: it may)."""
-    scheme, _, sent = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not sent.strip():
-        why = "no bearer token"
-    elif not hmac.compare_digest(sent.strip().encode(), token.encode()):
-        why = "wrong bearer token"
-    else:
-        return None
-    return f"{why}: send the header `Authorization: Bearer TOKEN` with the server's QUANTSELECT_API_TOKEN"
-
-
-def _bearer(token: str) -> Callable[..., None]:
-    """A dependency that refuses (401) a request without ``token`` as its bearer token."""
-    scheme = HTTPBearer(auto_error=False, description="QUANTSELECT_API_TOKEN, the token the server was started with")
-
-    def authorized(request: Request, sent: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
-        why = _refused(request.headers.get("authorization"), token)
-        if why:
-            raise HTTPException(401, headers={"WWW-Authenticate": "Bearer"}, detail=why)
-
-    return authorized
-
-
-class _TokenGate:
-    """Pure ASGI: every path but ``open_paths`` answers 401 to a request without the token, before
-    anything else of it is read."""
-
-    def __init__(self, app: Any, token: str, open_paths: frozenset[str]) -> None:
-        self.app, self.token, self.open_paths = app, token, open_paths
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket") and _route_path(scope).rstrip("/") not in self.open_paths:
-            headers = dict(scope.get("headers") or [])
-            why = _refused(headers.get(b"authorization", b"").decode("latin-1"), self.token)
-            if why and scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            if why:
-                await JSONResponse({"detail": why}, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _route_path(scope: dict) -> str:
-    """The request's path as the app routes it: without the ``root_path`` a proxy mounts it under."""
-    path, root = scope["path"], scope.get("root_path") or ""
-    return path[len(root):] if root and path.startswith(root) else path
+def _token_refusal(why: str) -> JSONResponse:
+    return JSONResponse({"detail": f"{why} bearer token: send the header `Authorization: Bearer TOKEN` with the "
+                                   "server's QUANTSELECT_API_TOKEN"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})

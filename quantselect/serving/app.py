@@ -7,7 +7,6 @@ imported only inside the replica (``load_candidate``); importing this module doe
 
 # No `from __future__ import annotations`: serve.ingress rebuilds the route signatures and FastAPI must
 # see the request models as classes, not strings (else the body becomes a required query parameter).
-import hmac
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from quantselect.bearer import NO, BearerGate
 from quantselect.domain.candidates import CATALOG, config_from_dict
 from quantselect.errors import InputError
 
@@ -45,47 +45,22 @@ api = FastAPI(title="quantselect OpenAI-compatible server")
 _API_KEY: Optional[str] = None  # this process's deployment's key (a replica process runs one), set as it starts
 
 
-def _refusal(authorization: str) -> Optional[JSONResponse]:
-    """With an API key, a request that does not send it (``Authorization: Bearer KEY``, as OpenAI
-    clients do) gets a 401 in OpenAI's shape; None when it may pass."""
-    if _API_KEY is None:
-        return None
-    scheme, _, sent = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not sent.strip():
+def _api_key() -> Optional[str]:
+    return _API_KEY
+
+
+def _key_refusal(why: str) -> JSONResponse:
+    """A 401 in OpenAI's shape, as OpenAI clients expect it."""
+    if why == NO:
         return _error(401, "No API key provided: send `Authorization: Bearer KEY` with the deployment's "
                            "QUANTSELECT_SERVE_API_KEY (the OpenAI client's api_key).", "invalid_request_error",
                       "invalid_api_key")
-    if not hmac.compare_digest(sent.strip().encode(), _API_KEY.encode()):
-        return _error(401, "Incorrect API key provided: give the deployment's QUANTSELECT_SERVE_API_KEY.",
-                      "invalid_request_error", "invalid_api_key")
-    return None
+    return _error(401, "Incorrect API key provided: give the deployment's QUANTSELECT_SERVE_API_KEY.",
+                  "invalid_request_error", "invalid_api_key")
 
 
-class _KeyGate:
-    """Every route but /healthz (for probes) asks for the key, before anything of the request is read
-    (an invalid body from a client without the key is a 401, not a 400)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket") and _API_KEY is not None:
-            path, root = scope["path"], scope.get("root_path") or ""
-            if root and path.startswith(root):  # under the application's route prefix
-                path = path[len(root):]
-            if path.rstrip("/") != "/healthz":
-                headers = dict(scope.get("headers") or [])
-                refused = _refusal(headers.get(b"authorization", b"").decode("latin-1"))
-                if refused is not None and scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    return
-                if refused is not None:
-                    await refused(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-api.add_middleware(_KeyGate)
+# Every route but /healthz (for probes) asks for the key, before anything of the request is read.
+api.add_middleware(BearerGate, secret=_api_key, open_paths=frozenset({"/healthz"}), refusal=_key_refusal)
 
 
 @api.exception_handler(ApiError)
@@ -295,10 +270,10 @@ class QuantizedModelServer:
 
             model_path = str(resolve_model("demo", get_settings().models_dir))
         import quantselect.serving.app as this_module  # (this class reaches the replica pickled by value: its
-        # globals are a copy, _KeyGate reads the module's)
+        # globals are a copy, the gate reads the module's)
 
         self.name, self.api_key = name, api_key
-        this_module._API_KEY = api_key  # asked for by _KeyGate, before a request's body is read
+        this_module._API_KEY = api_key  # asked for by the gate, before a request's body is read
         if not use_gpu:  # Ray gives an actor without CPUs one torch thread; a CPU replica decodes with all cores
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         elif not torch.cuda.is_available():

@@ -215,13 +215,14 @@ class Service:
 
         spec = self.build_spec(req)
         shape = None
-        if not model_is_here(spec.model_path) and not req.model_on_cluster:  # a Hub id: its snapshot (cached)
-            spec = replace(spec, model_path=str(from_hub(spec.model_path, weights=False)))
-        here = model_is_here(spec.model_path)
-        found = model_config_here(spec.model_path) if here else None
+        local = spec.model_path  # a Hub id pinned at submit: read from its snapshot (cached; a GGUF file's header)
+        if not model_is_here(local) and not req.model_on_cluster:
+            local = str(from_hub(local, weights=False))
+        here = model_is_here(local)
+        found = model_config_here(local) if here else None
         if found:
             shape = planner.shape_from_config(*found)
-        keys = cache_keys(spec) if spec.use_cache and here else {}
+        keys = cache_keys(replace(spec, model_path=local)) if spec.use_cache and here else {}
         d = spec.dataset
         rows = []
         for c in spec.candidates:

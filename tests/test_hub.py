@@ -149,9 +149,11 @@ def test_a_repository_without_safetensors_gives_its_bin_weights_and_one_without_
     assert res.exit_code != 0 and "Traceback" not in res.output
     [job] = Service().list_jobs()
     assert job.status == "failed" and job.error.endswith(f"{no_weights}: folder has no weights (*.safetensors or *.bin)")
-    # A dry run fetches the config and the tokenizer, not the weights: it checks all it can without them.
+    # A dry run fetches the config and the tokenizer, not the weights: it checks all it can without
+    # them, and names the commit the job would run.
     res = _run("submit", "org/no-weights", str(EXAMPLES / "piqa-300.jsonl"), "--limit", "20", "--dry-run")
-    assert res.exit_code == 0 and f"Model org/no-weights ({no_weights}, 7M parameters)" in res.output, res.output
+    assert res.exit_code == 0 and f"Model org/no-weights (org/no-weights@{no_weights.name}, 7M parameters)" in res.output, \
+        res.output
 
 
 def test_the_planner_reads_only_the_config_of_a_hub_id(tmp_path):
@@ -286,6 +288,68 @@ def test_a_gguf_file_of_a_hub_repository_is_a_model_or_a_candidate(demo_q4_0_ggu
     assert res.exit_code == 2 and res.output.strip() == (
         "Error: acme/SmolLM2-GGUF: the Hub repository has no config.json, so it is not a Hugging Face model; "
         "a repository of GGUF files: name one of them, owner/name/file.gguf")
+
+
+def test_a_hub_gguf_file_is_read_from_its_header_alone_until_the_driver_fetches_it(fake_hub, demo_q4_0_gguf, tmp_path):
+    """`plan`, `submit` and a dry run of a GGUF file on the Hub read its header (config, tokenizer,
+    quantization: the first megabytes) by ranged requests, not the gigabytes of its weights; the
+    job's driver downloads the whole file, the commit read at submit."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from quantselect.service import SubmitRequest
+
+    (tmp_path / "release").mkdir()
+    shutil.copy(demo_q4_0_gguf, tmp_path / "release" / demo_q4_0_gguf.name)
+    (tmp_path / "release" / "broken.gguf").write_bytes(b"<html>not a model</html>")
+    commit = fake_hub.add("far-org/SmolLM2-GGUF", tmp_path / "release")
+    name, size = f"far-org/SmolLM2-GGUF/{demo_q4_0_gguf.name}", demo_q4_0_gguf.stat().st_size
+
+    res = _run("plan", name, "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert "Q4_0 (this file)" in [r["precision"] for r in json.loads(res.output)["precisions"]]
+    header = fake_hub.served[name]
+    assert 0 < header < size / 20, (header, size)  # SmolLM2's header: its 49k-token vocabulary, ~2 MB of 80 MB
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(20)]
+    spec = Service().build_spec(SubmitRequest(model=name, items=items, candidates=["int8", f"q40={name}"]))
+    assert spec.model_path == spec.candidates[-1].config.path == f"{name}@{commit}"
+    assert spec.candidates[-1].config.file_type == "Q4_0"
+    assert fake_hub.served[name] == header  # read once per process
+    assert try_to_load_from_cache("far-org/SmolLM2-GGUF", demo_q4_0_gguf.name, revision=commit) is None
+    # The driver's fetch: the whole file, which later reads use as it is.
+    whole = from_hub(spec.model_path)
+    assert whole.read_bytes() == demo_q4_0_gguf.read_bytes() and fake_hub.served[name] == header + size
+    assert from_hub(name, weights=False) == from_hub(name, config_only=True) == whole
+    # What is not a GGUF file says so in one line, having read a few bytes of it.
+    res = _run("plan", "far-org/SmolLM2-GGUF/broken.gguf")
+    assert res.exit_code == 2 and res.output.strip().endswith(
+        "not a readable GGUF file (it does not start with 'GGUF')"), res.output
+
+
+def test_a_gguf_header_reads_as_gguf_py_reads_the_whole_file(demo_q4_0_gguf):
+    """The header reader (``engines/gguf_header.py``) against the gguf package's own reader: every
+    key-value and every tensor's name, shape, type and size the same."""
+    from gguf import GGUFReader
+
+    from quantselect.engines.gguf_header import read_file_header
+
+    header, whole = read_file_header(demo_q4_0_gguf), GGUFReader(str(demo_q4_0_gguf))
+    theirs = {k: f.contents() for k, f in whole.fields.items() if not k.startswith("GGUF.")}
+    assert header.fields.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert header.fields[key] == pytest.approx(value) if isinstance(value, float) else header.fields[key] == value, key
+    assert [(t.name, t.shape, t.ggml_type, t.n_bytes) for t in header.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes)) for t in whole.tensors]
+    assert header.size <= whole.data_offset
+    # The start of the file alone holds the header; anything shorter says where it ends.
+    start = demo_q4_0_gguf.read_bytes()[:header.size]
+    assert read_file_header(_written(demo_q4_0_gguf.parent / "start.gguf", start)) == header
+    with pytest.raises(InputError, match=r"start\.gguf: not a readable GGUF file \(it ends inside its header, at byte 1000\)"):
+        read_file_header(_written(demo_q4_0_gguf.parent / "start.gguf", start[:1000]))
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_a_file_of_a_hub_dataset_is_a_task_dataset_labels_or_calibration_file(tiny_llama, tmp_path):

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantselect.domain.cache import INCOMPLETE, MODEL, CacheEntry
+from quantselect.engines.gguf_header import read_file_header, read_header
 from quantselect.errors import InputError, Stopped
 
 DEMO = "demo"
@@ -100,7 +101,8 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
     """The local snapshot folder of a Hub id (see ``hub_id``), downloaded into the Hugging Face
     cache unless it is there already (offline, ``HF_HUB_OFFLINE=1``, the cache alone answers); None
     when ``model`` is not a Hub id. ``config_only``: ``config.json`` alone (the fit planner);
-    ``weights=False``: config and tokenizer, no weights (a dry run)."""
+    ``weights=False``: config and tokenizer, no weights (a submission, a dry run). A GGUF file holds
+    all three: without its weights, that is its header alone (``_gguf_header_from_hub``)."""
     found = hub_id(model)
     if found is None:
         return None
@@ -111,8 +113,10 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
 
     with _hub_errors(model, repo, revision, gguf, "model"):
-        if gguf:  # the file itself: its header holds the config, its tensors the weights
+        if gguf and weights and not config_only:  # the file itself: its header holds the config, its tensors the weights
             return Path(hf_hub_download(repo, gguf, revision=revision))
+        if gguf:
+            return _gguf_header_from_hub(repo, gguf, revision)
         if config_only:
             folder = fetch(["config.json"])
         elif not weights:
@@ -126,6 +130,75 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
                          + ("; a repository of GGUF files: name one of them, owner/name/file.gguf"
                             if "gguf" in repo.lower() else ""))
     return folder
+
+
+def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
+    """A GGUF file of the Hub to read its header from (its config, quantization and tokenizer):
+    the file itself when the Hugging Face cache holds it, else a copy of its header alone, fetched
+    by ranged requests (megabytes, not the gigabytes of its weights, which the job's driver
+    downloads). The copy lies in a folder of this process's, shaped like the cache's
+    (``models--owner--name/snapshots/<commit>/<file>``), so that ``hub_identity`` pins it to the
+    commit read; it is the start of a file only, never a model to load."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:  # the cache alone answers
+        return Path(hf_hub_download(repo, file, revision=revision))
+    meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision))
+    commit = meta.commit_hash
+    if not commit or not COMMIT.fullmatch(commit) or not meta.size:  # not the Hub's answer: the whole file
+        return Path(hf_hub_download(repo, file, revision=revision))
+    cached = try_to_load_from_cache(repo, file, revision=commit)
+    if isinstance(cached, str):
+        return Path(cached)
+    copy = _header_copies() / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file
+    if copy.is_file():
+        return copy
+    url, size, got = hf_hub_url(repo, file, revision=commit), meta.size, bytearray()
+
+    def fetch(offset: int, n: int) -> bytes:
+        part = _ranged_get(url, offset, min(n, size - offset)) if offset < size else b""
+        got.extend(part)
+        return part
+
+    header = read_header(fetch, f"{repo}/{file}@{commit}")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(bytes(got[:header.size]))
+    tmp.replace(copy)
+    return copy
+
+
+_HEADER_COPIES: Path | None = None
+
+
+def _header_copies() -> Path:
+    """This process's folder of GGUF header copies, removed when it exits."""
+    global _HEADER_COPIES
+    if _HEADER_COPIES is None:
+        import atexit
+        import tempfile
+
+        _HEADER_COPIES = Path(tempfile.mkdtemp(prefix="quantselect-gguf-headers-"))
+        atexit.register(shutil.rmtree, _HEADER_COPIES, ignore_errors=True)
+    return _HEADER_COPIES
+
+
+def _ranged_get(url: str, offset: int, n: int) -> bytes:
+    """Bytes ``offset`` to ``offset + n`` of a Hub file, by a ranged request (a server that answers
+    with the whole file is read only that far)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+    headers = {"range": f"bytes={offset}-{offset + n - 1}", **build_hf_headers()}
+    out = bytearray()
+    with http_stream_backoff("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+        hf_raise_for_status(r)
+        end = n if r.status_code == 206 else offset + n
+        for chunk in r.iter_bytes():
+            out += chunk
+            if len(out) >= end:
+                break
+    return bytes(out[:n] if r.status_code == 206 else out[offset:offset + n])
 
 
 @contextmanager
@@ -361,42 +434,25 @@ def gguf_file(model: str) -> Path | None:
     return path if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
-def _gguf_reader(path: Path):
-    """gguf-py's reader of ``path`` (numpy only; tensors memory-mapped, not read); a one-line error
-    for what is not a readable GGUF file."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise InputError(f"{path}: reading a GGUF file needs the 'gguf' package (pip install gguf)") from None
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - not a GGUF file, or a truncated one
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
-
-
 def gguf_model_config(path: Path) -> dict:
     """A GGUF file's decoder shape as the ``config.json`` fields the planner reads, from its header
     (llama.cpp's ``{arch}.embedding_length``, ``block_count``, ``attention.head_count``...)."""
-    reader = _gguf_reader(path)
-    fields = reader.fields
+    header = read_file_header(path)
+    fields = header.fields
 
     def get(key: str):
-        f = fields.get(key)
-        if f is None:
-            return None
-        value = f.contents()
+        value = fields.get(key)
         return max(value) if isinstance(value, list) and value else value  # per-layer sizes: the widest
 
     arch = get("general.architecture") or "llama"
-    tensors = {t.name for t in reader.tensors}
+    tensors = {t.name for t in header.tensors}
     tokens = fields.get("tokenizer.ggml.tokens")
     cfg = {"model_type": arch, "hidden_size": get(f"{arch}.embedding_length"),
            "intermediate_size": get(f"{arch}.feed_forward_length"), "num_hidden_layers": get(f"{arch}.block_count"),
            "num_attention_heads": get(f"{arch}.attention.head_count"),
            "num_key_value_heads": get(f"{arch}.attention.head_count_kv"),
            "head_dim": get(f"{arch}.attention.key_length"),
-           "vocab_size": get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
+           "vocab_size": get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
            "max_position_embeddings": get(f"{arch}.context_length"),
            "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors}
     return {k: v for k, v in cfg.items() if v is not None}
@@ -537,22 +593,22 @@ def gguf_quantization(path: Path) -> dict:
 
     from gguf import LlamaFileType
 
-    reader = _gguf_reader(path)
-    fields = reader.fields
-    matrices = [t for t in reader.tensors if len(t.shape) > 1]
-    elements = sum(int(t.n_elements) for t in matrices)
-    stored = sum(int(t.n_bytes) for t in matrices)
-    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    file_type = fields["general.file_type"].contents() if "general.file_type" in fields else None
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    header = read_file_header(path)
+    fields = header.fields
+    matrices = [t for t in header.tensors if len(t.shape) > 1]
+    elements = sum(t.n_elements for t in matrices)
+    stored = sum(t.n_bytes for t in matrices)
+    tensor_bytes = sum(t.n_bytes for t in header.tensors)
+    file_type = fields.get("general.file_type")
+    arch = fields.get("general.architecture")
     tokens = fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else None
+    vocab = len(tokens) if isinstance(tokens, list) else None
     if not elements:
         raise InputError(f"{path}: the GGUF file holds no weight matrices")
     try:
         name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (TypeError, ValueError):
-        name = Counter(t.tensor_type.name for t in matrices).most_common(1)[0][0]
+        name = Counter(t.type_name for t in matrices).most_common(1)[0][0]
     digits = re.search(r"\d+", name)
     return {"file_type": name, "bits": int(digits.group()) if digits else 16,
             "bits_per_weight": round(stored * 8 / elements, 3), "tensor_bytes": tensor_bytes, "architecture": arch,

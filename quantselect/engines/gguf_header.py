@@ -1,0 +1,149 @@
+"""A GGUF file's header, read without its tensors: the key-value metadata (the model's shape, its
+tokenizer, its type) and each tensor's name, shape and type. It is at the start of the file, a few
+megabytes (most of it the tokenizer's vocabulary) before gigabytes of weights, so it can be read
+from a local file or, by ranged requests, from the Hugging Face Hub without downloading the weights.
+
+The layout (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md, versions 2 and 3):
+``GGUF``, version (u32), tensor count (u64), key-value count (u64); each key-value: key (string),
+value type (u32), value; each tensor: name (string), dimension count (u32), dimensions (u64 each,
+fastest first), ggml type (u32), offset (u64). A string is its length (u64) then UTF-8 bytes; an
+array is its element type (u32), length (u64), then the elements. Little-endian, or big-endian
+throughout (a version whose low half is 0 read the other way round).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from quantselect.errors import InputError
+
+VERSIONS = (2, 3)
+# value type -> struct format (STRING = 8 and ARRAY = 9 are read apart)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_FIRST_READ = 1 << 20  # then twice as much each time: a 10 MB header (a 150k-token vocabulary) in 4 reads
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order, fastest-varying dimension first
+    ggml_type: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(self.ggml_type)]
+        return self.n_elements * size // block
+
+    @property
+    def type_name(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.ggml_type).name
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    fields: dict[str, Any]  # key -> value; an array is a list
+    tensors: tuple[TensorInfo, ...]
+    size: int  # bytes from the start of the file to the end of the tensor infos
+
+
+class _Stream:
+    """Sequential reads over ``fetch(offset, n)`` (fewer bytes only at the end of the file),
+    buffered in reads that double in size."""
+
+    def __init__(self, fetch: Callable[[int, int], bytes], where: str) -> None:
+        self._fetch, self.where = fetch, where
+        self._buf = bytearray()
+        self._eof = False
+        self.pos = 0
+        self.order = "<"
+
+    def take(self, n: int) -> memoryview:
+        want = self.pos + n
+        while len(self._buf) < want and not self._eof:
+            ask = max(want - len(self._buf), _FIRST_READ, len(self._buf))
+            got = self._fetch(len(self._buf), ask)
+            self._eof = len(got) < ask
+            self._buf += got
+        if len(self._buf) < want:
+            raise InputError(f"{self.where}: not a readable GGUF file (it ends inside its header, at byte {len(self._buf)})")
+        out = memoryview(self._buf)[self.pos:want]
+        self.pos = want
+        return out
+
+    def scalar(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(self.order + fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        if n > 1 << 30:
+            raise InputError(f"{self.where}: not a readable GGUF file (a string of {n} bytes at byte {self.pos - 8})")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            inner, n = self.scalar("I"), self.scalar("Q")
+            if inner in _SCALARS:  # one read for the whole array
+                fmt = _SCALARS[inner]
+                return list(struct.unpack(f"{self.order}{n}{fmt}", self.take(n * struct.calcsize(fmt))))
+            return [self.value(inner) for _ in range(n)]
+        raise InputError(f"{self.where}: not a readable GGUF file (value type {kind} at byte {self.pos - 4})")
+
+
+def read_header(fetch: Callable[[int, int], bytes], where: str) -> Header:
+    """The header of the GGUF file that ``fetch(offset, n)`` reads (``where`` names it in errors)."""
+    s = _Stream(fetch, where)
+    if bytes(s.take(4)) != b"GGUF":
+        raise InputError(f"{where}: not a readable GGUF file (it does not start with 'GGUF')")
+    version = s.scalar("I")
+    if version & 0xFFFF == 0:  # written big-endian
+        s.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+    if version not in VERSIONS:
+        raise InputError(f"{where}: not a readable GGUF file (version {version}; versions "
+                         f"{' and '.join(map(str, VERSIONS))} are read)")
+    n_tensors, n_fields = s.scalar("Q"), s.scalar("Q")
+    fields: dict[str, Any] = {}
+    for _ in range(n_fields):
+        key = s.string()
+        fields[key] = s.value(s.scalar("I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = s.string()
+        dims = s.scalar("I")
+        shape = tuple(s.scalar("Q") for _ in range(dims))
+        tensors.append(TensorInfo(name, shape, s.scalar("I")))
+        s.scalar("Q")  # its offset in the data section
+    return Header(version, fields, tuple(tensors), s.pos)
+
+
+def read_file_header(path: Path) -> Header:
+    """The header of a local GGUF file (or of the start of one: see ``from_hub``'s header copies)."""
+    try:
+        with open(path, "rb") as fh:
+            def fetch(offset: int, n: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(n)
+
+            return read_header(fetch, str(path))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None

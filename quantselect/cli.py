@@ -291,7 +291,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
     """Evaluate candidates of MODEL (a Hugging Face folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct,
     a .gguf file or `demo`) on DATASET (JSONL, a JSON array, CSV or Parquet: a file here, or one of a
     Hub dataset, hf://datasets/OWNER/NAME[@REVISION]/PATH, as are --labels and --calibration)."""
-    from quantselect.engines.models import hub_id
+    from quantselect.engines.models import hub_id, hub_identity
     from quantselect.service import SubmitRequest, model_is_here
 
     if wait is False and not address:
@@ -316,9 +316,12 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
     job = svc.submit(req)
     _announce(job)
     if address and not model_is_here(job.model_path):
-        click.echo(f"{job.model}: " + ("a Hub id: the job's driver downloads it on the cluster"
-                                       if job.model_path == job.model and hub_id(job.model) else "not on this machine; the job's driver reads and checks it "
-                                   "on the cluster"))
+        if hub_id(job.model):
+            pin = hub_identity(job.model_path)
+            click.echo(f"{job.model}: a Hub id, " + (f"pinned to {pin}" if pin else "not pinned (the Hub cannot be "
+                                                     "reached from here)") + "; the job's driver downloads it on the cluster")
+        else:
+            click.echo(f"{job.model}: not on this machine; the job's driver reads and checks it on the cluster")
     if address:
         sid = svc.submit_remote(job.id, address)
         click.echo(f"Submitted to the Ray cluster at {address} as Ray job {sid}")

@@ -145,7 +145,7 @@ class Service:
             return self._build_spec(req)
 
     def _build_spec(self, req: SubmitRequest) -> JobSpec:
-        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, hub_name, pinned
+        from quantselect.engines.models import check_model, from_hub, has_chat_template, hub_id, hub_name, pin_on_hub, pinned
 
         from quantselect.domain.gpus import gpu
 
@@ -176,7 +176,8 @@ class Service:
         if req.model_on_cluster and (hub_id(req.model) or not model_is_here(req.model)):
             if not hub_id(req.model) and not Path(req.model).is_absolute():
                 raise InputError(f"{req.model}: not found here; a model path read on the cluster must be absolute")
-            model_path = req.model  # checked (a Hub id: downloaded) by the driver, on the cluster (run_job)
+            # checked (a Hub id: downloaded) by the driver, on the cluster (run_job); a Hub id pinned now
+            model_path = pin_on_hub(req.model)
             candidates = resolve_checkpoints(candidates, None)
         else:
             hub = from_hub(req.model, weights=False)  # a Hub id: its config and tokenizer, in the HF cache

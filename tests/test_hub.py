@@ -210,6 +210,48 @@ def test_a_hub_id_submitted_to_a_cluster_is_fetched_by_the_driver(ray_cluster, t
     assert {r.reused_from for r in svc.results(again.id)} == {job.id}
 
 
+def test_a_hub_id_submitted_to_a_cluster_is_pinned_at_submit_without_a_download(fake_hub, tiny_llama, demo_q4_0_gguf,
+                                                                              tmp_path, monkeypatch):
+    """`submit --address` with a Hub id asks the Hub which commit it names now, downloading
+    nothing: the driver fetches that commit however long the job queues, and a name the Hub lacks
+    fails the submission at once, not the job later. Where the Hub cannot be reached from here, the
+    job is submitted unpinned (its driver fetches the revision as it is then)."""
+    from dataclasses import replace
+
+    from huggingface_hub import constants
+
+    from quantselect.service import SubmitRequest
+
+    commit = fake_hub.add("far-org/tiny-llama", tiny_llama)
+    (tmp_path / "release").mkdir()
+    shutil.copy(demo_q4_0_gguf, tmp_path / "release" / demo_q4_0_gguf.name)
+    gguf_commit = fake_hub.add("far-org/SmolLM2-GGUF", tmp_path / "release")
+    gguf = f"far-org/SmolLM2-GGUF/{demo_q4_0_gguf.name}"
+    svc = Service()
+    req = SubmitRequest(model="far-org/tiny-llama", dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=8,
+                        candidates=["int8"], model_on_cluster=True)
+    assert svc.build_spec(req).model_path == f"far-org/tiny-llama@{commit}"
+    assert svc.build_spec(replace(req, model=f"far-org/tiny-llama@{commit}")).model_path == f"far-org/tiny-llama@{commit}"
+    assert svc.build_spec(replace(req, model=gguf)).model_path == f"{gguf}@{gguf_commit}"
+    assert fake_hub.served == {}  # not a byte of any file
+    for name, said in [
+        ("far-org/tiny-lama", "far-org/tiny-lama: not a folder or file here, nor a model on the Hugging Face Hub"),
+        ("far-org/tiny-llama@v9", "far-org/tiny-llama@v9: the Hugging Face Hub has no revision 'v9' of far-org/tiny-llama"),
+        ("far-org/SmolLM2-GGUF/other.gguf", "far-org/SmolLM2-GGUF/other.gguf: far-org/SmolLM2-GGUF on the Hugging Face "
+                                            "Hub has no file other.gguf"),
+        ("far-org/SmolLM2-GGUF", "far-org/SmolLM2-GGUF: the Hub repository has no config.json, so it is not a Hugging "
+                                 "Face model; a repository of GGUF files: name one of them, owner/name/file.gguf"),
+    ]:
+        with pytest.raises(InputError) as e:
+            svc.build_spec(replace(req, model=name))
+        assert str(e.value).startswith(said), str(e.value)
+    assert svc.list_jobs() == []
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    assert svc.build_spec(req).model_path == "far-org/tiny-llama"
+    assert svc.build_spec(replace(req, model=gguf)).model_path == gguf
+
+
 def test_a_download_is_a_process_of_its_own_which_a_cancel_stops(ray_cluster, tiny_llama, fake_hub, tmp_path):
     """The driver downloads a Hub model's weights in a process of its own: a cancel meanwhile ends the
     job at once and stops the download, also where the driver lives on (the API server drives its

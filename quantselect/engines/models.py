@@ -126,10 +126,13 @@ def from_hub(model: str, config_only: bool = False, weights: bool = True) -> Pat
             if not any(folder.glob("*.safetensors")):
                 folder = fetch(HUB_FILES + HUB_BIN_WEIGHTS)
     if not (folder / "config.json").is_file():
-        raise InputError(f"{model}: the Hub repository has no config.json, so it is not a Hugging Face model"
-                         + ("; a repository of GGUF files: name one of them, owner/name/file.gguf"
-                            if "gguf" in repo.lower() else ""))
+        raise InputError(_no_config(model, repo))
     return folder
+
+
+def _no_config(model: str, repo: str) -> str:
+    return (f"{model}: the Hub repository has no config.json, so it is not a Hugging Face model"
+            + ("; a repository of GGUF files: name one of them, owner/name/file.gguf" if "gguf" in repo.lower() else ""))
 
 
 def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
@@ -143,7 +146,12 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
 
     if constants.HF_HUB_OFFLINE:  # the cache alone answers
         return Path(hf_hub_download(repo, file, revision=revision))
-    meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision))
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision))
+    except Exception as e:
+        if not hub_unreachable(e):
+            raise
+        return Path(hf_hub_download(repo, file, revision=revision))  # the cache answers, or says the Hub is out of reach
     commit = meta.commit_hash
     if not commit or not COMMIT.fullmatch(commit) or not meta.size:  # not the Hub's answer: the whole file
         return Path(hf_hub_download(repo, file, revision=revision))
@@ -166,6 +174,45 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     tmp.write_bytes(bytes(got[:header.size]))
     tmp.replace(copy)
     return copy
+
+
+def pin_on_hub(model: str) -> str:
+    """A Hub id pinned to the commit its revision names now (``owner/name@<commit>``), asked of
+    the Hub without downloading anything: for a job whose driver fetches the model elsewhere
+    (`submit --address`), which then fetches that very commit, however long the job waits in the
+    queue. A name the Hub does not have (a typo, a private repository, a revision or file it
+    lacks, a repository without ``config.json``) is a one-line input error at once, not a failed
+    job later. ``model`` as it is when it is pinned already, is no Hub id, or the Hub cannot be
+    reached from here (offline, no network): its driver then fetches the revision as it is then."""
+    from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+
+    found = hub_id(model)
+    if found is None or constants.HF_HUB_OFFLINE:
+        return model
+    repo, revision, gguf = found
+    if revision and COMMIT.fullmatch(revision):
+        return model
+    with _hub_errors(model, repo, revision, gguf, "model"):
+        try:
+            if gguf:
+                commit = get_hf_file_metadata(hf_hub_url(repo, gguf, revision=revision)).commit_hash
+            else:
+                info = HfApi().model_info(repo, revision=revision)
+                commit = info.sha
+                if info.siblings is not None and "config.json" not in {f.rfilename for f in info.siblings}:
+                    raise InputError(_no_config(model, repo))
+        except Exception as e:
+            if hub_unreachable(e):
+                return model
+            raise
+    return f"{repo}{'/' + gguf if gguf else ''}@{commit}" if commit else model
+
+
+def hub_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is a connection to the Hub that failed (the HTTP client's ``TransportError``:
+    refused, timed out, no route), as opposed to an answer."""
+    return any(c.__name__ == "TransportError" and c.__module__.split(".")[0].startswith("httpx")
+               for c in type(e).__mro__)
 
 
 _HEADER_COPIES: Path | None = None
@@ -227,6 +274,10 @@ def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, ki
                          f"(the cache is HF_HUB_CACHE), or give a {instead}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"{name}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
+    except Exception as e:
+        if not hub_unreachable(e):  # (a connection the client lets through, as a ranged read does)
+            raise
+        raise InputError(f"{name}: the Hugging Face Hub cannot be reached: {_first_line(e)}") from None
 
 
 def hub_data_file(name: str | None) -> Path | None:

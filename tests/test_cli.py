@@ -337,8 +337,11 @@ def test_progress_lines_give_the_rate_and_the_time_left(capsys):
     # Nothing moved for two minutes (a long GPTQ quantization, a slow batch): a line that it still runs.
     assert at(206, int8=("evaluating", 310, 1000)) == ["int8       evaluating  310/1000 items, 3m21s in this phase"]
     assert at(300, int8=("evaluating", 310, 1000)) == []
-    assert at(310, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items"]
-    assert at(431, int8=("measuring", 1000, 1000)) == ["int8       measuring   1000/1000 items, 2m01s in this phase"]
+    # Measuring counts its steps, by name: on a GPU the first decode compiles its engine for a while.
+    assert at(310, int8=("measuring", 0, 3)) == ["int8       measuring   prefill (1/3)"]
+    assert at(312, int8=("measuring", 1, 3)) == ["int8       measuring   decode at batch 1 (2/3)"]
+    assert at(433, int8=("measuring", 1, 3)) == ["int8       measuring   decode at batch 1 (2/3), 2m03s in this phase"]
+    assert at(440, int8=("measuring", 2, 3)) == ["int8       measuring   decode at batch 16 (3/3)"]
     # GPTQ and AWQ count their layers while they quantize: the time a layer takes, and what is left.
     assert at(0, gptq=("quantizing", 0, 0)) == ["gptq       quantizing"]
     assert at(10, gptq=("quantizing", 0, 32)) == []

@@ -154,3 +154,21 @@ def test_a_quantizer_transformers_leaves_uncompiled_is_compiled_for_the_gpu_meas
     assert measure.kernels(plain.model) == ""  # torchao's tensors live in plain nn.Linear layers
     speed = measure.throughput(lm.model, lm.tokenizer, new_tokens=4)
     assert speed.engine == "transformers generate (eager) on cpu, kernels Linear4bit" and speed.decode_b1 > 0
+
+
+def test_a_candidate_reports_each_phase_and_each_measuring_step(tiny_llama):
+    """What a candidate's worker reports, in order, as the CLI's progress lines and the REST job show
+    it: quantizing, its items as they are scored, then each step of its speed measurement by number
+    (``MEASURE_STEPS``: a GPU compiles its engine in the first decode), then its end."""
+    from quantselect.domain.candidates import Candidate
+    from quantselect.domain.results import MEASURE_STEPS
+    from quantselect.engines.worker import run_candidate
+
+    seen: list[tuple[str, int, int]] = []
+    result = run_candidate(str(tiny_llama), Candidate("int8", CATALOG["int8"]),
+                           load_dataset(EXAMPLES / "piqa-300.jsonl", limit=8), report=lambda *p: seen.append(p))
+    assert result.status == "succeeded", result.error
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    assert phases == ["quantizing", "evaluating", "measuring", "succeeded"], seen
+    assert [p for p in seen if p[0] == "measuring"] == [("measuring", i, len(MEASURE_STEPS)) for i in range(3)]
+    assert seen[-1] == ("succeeded", 8, 8)

@@ -11,6 +11,9 @@ from quantselect.domain.dataset import TaskDataset
 
 # Job statuses: queued -> running -> succeeded / failed / cancelled
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+# A candidate's "measuring" phase counts these steps (its progress (done, total) is (step, 3)): on a GPU
+# the first decode compiles the static-cache engine, which can take a minute.
+MEASURE_STEPS = ("prefill", "decode at batch 1", "decode at batch 16")
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # Candidate statuses: pending -> running -> succeeded / failed / cancelled

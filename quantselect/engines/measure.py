@@ -14,7 +14,7 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +95,27 @@ def _compile_allowed(model: Any) -> Iterator[str]:
         model.hf_quantizer = quantizer
 
 
-def throughput(model: Any, tokenizer: Any, new_tokens: int = 32) -> Throughput:
+def throughput(model: Any, tokenizer: Any, new_tokens: int = 32, step: Callable[[int], None] = lambda i: None
+               ) -> Throughput:
     """Prefill tokens/s, and decode tokens/s at batch 1 and batch 16, each after a warm-up; on a GPU
     with the compiled static-cache engine, or -- named so, and then never used as a cost -- eager
-    where ``torch.compile`` fails on the model's kernels."""
+    where ``torch.compile`` fails on the model's kernels. ``step(i)`` as step ``i`` of
+    ``MEASURE_STEPS`` begins."""
     device = next(model.parameters()).device
+    step(0)
     prefill = prefill_tokens_per_second(model)
 
-    def decode(n: int = new_tokens, **kw: Any) -> tuple[float, float]:  # batch 1, batch 16
-        return (decode_tokens_per_second(model, tokenizer, n, batch=1, **kw),
-                decode_tokens_per_second(model, tokenizer, n, batch=16, repeats=1, **kw))
+    def decode(n: int = new_tokens, said: Callable[[int], None] = step, **kw: Any) -> tuple[float, float]:
+        said(1)
+        b1 = decode_tokens_per_second(model, tokenizer, n, batch=1, **kw)
+        said(2)
+        return b1, decode_tokens_per_second(model, tokenizer, n, batch=16, repeats=1, **kw)
 
     if device.type != "cuda":
         return Throughput(prefill, *decode(), engine_name(device.type) + kernels(model))
     with _compile_allowed(model) as note:
         if note:  # kernels outside torch (GPTQModel's Triton, bitsandbytes) tune eagerly, not while a CUDA graph records
-            decode(2, static=True, compiled=False)
+            decode(2, lambda i: None, static=True, compiled=False)
         try:
             b1, b16 = decode(static=True)
             engine = engine_name("cuda", note)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
-from quantselect.domain.results import FAILED, SUCCEEDED, CandidateResult, ItemResult
+from quantselect.domain.results import FAILED, MEASURE_STEPS, SUCCEEDED, CandidateResult, ItemResult
 
 Report = Callable[[str, int, int], None]  # phase, done, total
 Emit = Callable[[list[ItemResult]], None]  # per-item results as they are scored
@@ -159,11 +159,11 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
         result.n_items = len(items)
         result.n_truncated = sum(bool(i.truncated) for i in items)
         result.score = sum(float(i.score if i.score is not None else i.correct) for i in items) / len(items)
-        report("measuring", len(items), len(dataset))
         if measure_threads:
             torch.set_num_threads(measure_threads)
         result.peak_memory_bytes = measure.peak_memory_bytes(loaded.device)  # of the evaluation
-        speed = measure.throughput(loaded.model, loaded.tokenizer)
+        speed = measure.throughput(loaded.model, loaded.tokenizer,
+                                   step=lambda i: report("measuring", i, len(MEASURE_STEPS)))
         result.tokens_per_second = speed.decode_b1
         result.decode_tokens_per_second_b16 = speed.decode_b16
         result.prefill_tokens_per_second = speed.prefill_tokens_per_second

@@ -21,7 +21,7 @@ from quantselect.domain.durations import format_duration as _duration
 from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, FAILED, FINISHED,
-    JOB_STATUSES, MEASURE_STEPS, POLICIES, QUEUED, RUNNING, SUCCEEDED,
+    JOB_STATUSES, POLICIES, QUEUED, RUNNING, SUCCEEDED, phase_count,
 )
 from quantselect.errors import InputError, QuantselectError
 
@@ -110,11 +110,7 @@ class Progress:
                 self.began[name] = (phase, done, now)
             quarter = (4 * done // total) if total else 0
             last = self.seen.get(name)
-            # quantizing counts layers (GPTQ, AWQ; nothing for the methods that take seconds), measuring
-            # its steps, the rest items
-            count = f" {done}/{total} {'layers' if phase == 'quantizing' else 'items'}" if total else ""
-            if phase == "measuring" and total == len(MEASURE_STEPS) and 0 <= done < total:
-                count = f" {MEASURE_STEPS[done]} ({done + 1}/{total})"
+            count = f" {phase_count(phase, done, total)}".rstrip()
             if last is None or last[:2] != (phase, quarter) or (done != last[2] and now - last[3] >= self.every):
                 self.seen[name] = (phase, quarter, done, now)
                 self.status(f"{name:<{self.width}} {phase:<11}{count}{self._pace(name, phase, done, total, now)}".rstrip())
@@ -518,7 +514,8 @@ def _status_lines(svc: Any, job: Any) -> dict[str, str]:
             notes.append(f"{stored[r.name]}/{job.n_items} items scored and stored")
         notes += [f"{r.attempts} attempts"] if (r.attempts or 0) > 1 else []
         notes += [f"{r.items_carried} items carried over from an interrupted run"] if r.items_carried else []
-        lines[f"candidate {r.name}"] = (f"  {r.name:<10} {r.status}" + (f" ({', '.join(notes)})" if notes else "")
+        doing = f": {r.phase}" if r.status == RUNNING and r.phase else ""
+        lines[f"candidate {r.name}"] = (f"  {r.name:<10} {r.status}{doing}" + (f" ({', '.join(notes)})" if notes else "")
                                         + (f": {r.error}" if r.error else ""))
     if job.base_url:
         lines["deployment"] = f"  deployed {job.deployed_candidate} at {job.base_url}"

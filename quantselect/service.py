@@ -38,6 +38,7 @@ from quantselect.domain.results import (
     cancelled_alone,
     end_notice,
     metadata_address,
+    phase_text,
     validate_confidence,
     validate_policy,
     validate_notify,
@@ -55,6 +56,7 @@ INTERRUPTED = "interrupted (SIGINT, Ctrl-C)"  # the error of a job whose driver 
 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
+PHASE_WRITE_SECONDS = 5.0  # how often a candidate's moving count (items, layers) is written for `status`
 DOCTOR_LOW_DISK = 20 * 2**30  # free space below which `doctor` warns: a 7B sweep writes several artifacts
 
 
@@ -414,12 +416,23 @@ class Service:
             if events.on_outcome:
                 events.on_outcome(result)
         started: set[str] = set()
+        written: dict[str, tuple[str, float]] = {}  # name -> the phase text stored, when
 
         def progress(snapshot: dict[str, tuple[str, int, int]]) -> None:
-            for name, (phase, _, _) in snapshot.items():
-                if name not in started and phase not in (SUCCEEDED, FAILED):
+            now, phases = time.monotonic(), {}
+            for name, (phase, done, total) in snapshot.items():
+                if phase in (SUCCEEDED, FAILED):
+                    continue
+                if name not in started:
                     started.add(name)
                     self.repo.mark_candidate_running(job_id, name, datetime.now(timezone.utc))
+                text, (last, at) = phase_text(phase, done, total), written.get(name, ("", 0.0))
+                # a new phase or step at once; a count that moves within a phase, every few seconds
+                if text != last and (text.split(" ")[0] != last.split(" ")[0] or phase == "measuring"
+                                     or now - at >= PHASE_WRITE_SECONDS):
+                    phases[name] = text
+            if phases and self.repo.set_phases(job_id, phases):
+                written.update((name, (text, now)) for name, text in phases.items())
             if events.on_progress:
                 events.on_progress(snapshot)
 
@@ -780,6 +793,7 @@ class Service:
                 "device": r.device,
                 "throughput_engine": r.throughput_engine, "node_id": r.node_id, "gpu_ids": r.gpu_ids,
                 "attempts": r.attempts, "reused_from": r.reused_from, "items_carried": r.items_carried,
+                "phase": r.phase if r.status == RUNNING else None,
                 "started_at": r.started_at.isoformat() if r.started_at else None,
                 "finished_at": r.finished_at.isoformat() if r.finished_at else None,
             })

@@ -69,7 +69,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
     upgrade(db_url, "0001")  # step by step, as an existing installation upgrades
     assert current_revision(db_url) == "0001"
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0010"
+    assert current_revision(db_url) == head_revision() == "0011"
     engine = make_engine(db_url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
@@ -77,7 +77,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
             command.downgrade(_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0010"
+        assert current_revision(engine) == "0011"
     finally:
         engine.dispose()
 
@@ -164,6 +164,24 @@ def test_item_counts_show_a_running_candidates_streamed_items(repo):
     repo.save_items(other.id, "int8", [ItemResult(0, True, "x", None, None)])
     assert repo.item_counts(job.id) == {"baseline": 0, "bf16": 3, "int8": 2}
     assert repo.item_counts(other.id)["int8"] == 1
+
+
+def test_a_running_candidates_phase_is_shown_until_it_ends(repo):
+    """What `status` and the REST job show of a candidate another process runs: its phase, written
+    by the driver; only while the candidate runs, and gone once it ends, however it ends."""
+    job = repo.create_job(make_spec())
+    now = datetime.now(timezone.utc)
+    for name in ("baseline", "bf16", "int8"):
+        repo.mark_candidate_running(job.id, name, now)
+    assert repo.set_phases(job.id, {"baseline": "measuring decode at batch 1 (2/3)", "bf16": "quantizing 3/32 layers",
+                                    "int8": "evaluating 10/40 items"})
+    assert {r.name: r.phase for r in repo.get_results(job.id)} == {
+        "baseline": "measuring decode at batch 1 (2/3)", "bf16": "quantizing 3/32 layers", "int8": "evaluating 10/40 items"}
+    repo.save_outcome(job.id, outcome("bf16"))
+    repo.set_phases(job.id, {"bf16": "evaluating 40/40 items"})  # a snapshot older than its outcome
+    assert repo.finish_job(job.id, "failed") == "failed"  # the rest were stopped with it
+    assert {r.name: (r.status, r.phase) for r in repo.get_results(job.id)} == {
+        "baseline": ("cancelled", None), "bf16": ("succeeded", None), "int8": ("cancelled", None)}
 
 
 def test_a_cancel_asked_for_as_the_last_candidate_finishes_ends_the_job_cancelled(repo):
@@ -348,7 +366,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(site / "quantselect" / "_migrations"), "0010"]
+    assert out == [str(site / "quantselect" / "_migrations"), "0011"]
 
 
 def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo):

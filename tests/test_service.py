@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,9 @@ from tests.fixtures.hooks import Hook
 def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster, tiny_llama, monkeypatch):
     """A real failure: int4 with group size 256 cannot quantize a model whose hidden size is 128.
     Progress is handed over even while nothing changes (here at every poll), so that the CLI can
-    say that a long quantization still runs."""
+    say that a long quantization still runs; each running candidate's phase is in the database,
+    which `status` shows of a job that runs elsewhere."""
+    from quantselect.cli import _status_lines
     from quantselect.orchestration import sweep
 
     monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
@@ -28,10 +31,22 @@ def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster,
     job = svc.repo.create_job(spec)
     seen: list[str] = []
     snapshots: list[dict] = []
-    done = svc.run_job(job.id, Events(on_outcome=lambda r: seen.append(r.name), on_progress=snapshots.append))
+    shown: set[str] = set()
+
+    def progress(snapshot: dict) -> None:
+        snapshots.append(snapshot)
+        shown.update(line for key, line in _status_lines(svc, svc.get_job(job.id)).items() if key != "job")
+
+    done = svc.run_job(job.id, Events(on_outcome=lambda r: seen.append(r.name), on_progress=progress))
     assert done.status == "succeeded"
     assert sorted(seen) == ["baseline", "int4", "int8"]
     assert any(a == b for a, b in zip(snapshots, snapshots[1:]))  # unchanged, handed over all the same
+    # (what a poll catches depends on timing: measuring takes seconds, 6 items of a tiny model not)
+    doing = [line.split(": ", 1)[1] for line in shown if " running: " in line]
+    assert any(d.startswith("measuring ") for d in doing), sorted(shown)
+    assert all(re.match(r"(quantizing( \d+/\d+ layers)?|evaluating \d+/6 items|measuring (prefill|decode at batch "
+                        r"(1|16)) \([123]/3\))( \(|$)", d) for d in doing), doing
+    assert {r.phase for r in svc.results(job.id)} == {None}  # once they end
     results = {r.name: r for r in svc.results(job.id)}
     assert results["int4"].status == "failed" and "group size 256 does not divide" in results["int4"].error
     assert results["int8"].status == "succeeded" and results["baseline"].status == "succeeded"

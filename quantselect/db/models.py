@@ -102,6 +102,7 @@ class CandidateRow(Base):
     attempts: Mapped[int | None] = mapped_column(Integer)  # worker processes it took
     reused_from: Mapped[str | None] = mapped_column(String(32))  # the job whose stored result this is
     items_carried: Mapped[int | None] = mapped_column(Integer)  # items an earlier attempt scored, kept
+    phase: Mapped[str | None] = mapped_column(String(200))  # what it is doing while it runs (0011)
     # hash of model, dataset, candidate config, calibration and evaluation settings: equal keys, equal results
     cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -32,7 +32,7 @@ _MEASUREMENTS = (
     "status", "error", "score", "n_items", "weight_bytes", "peak_memory_bytes", "quantize_seconds",
     "eval_seconds", "tokens_per_second", "throughput_engine", "device", "node_id", "n_truncated", "early_stop",
     "prefill_tokens_per_second", "decode_tokens_per_second_b16", "disk_bytes", "artifact_path", "artifact_reused",
-    "attempts", "reused_from", "items_carried",
+    "attempts", "reused_from", "items_carried", "phase",
 )
 DEFAULT_RETRY_SECONDS = 120.0  # how long a write waits for an unreachable database before giving up
 
@@ -366,13 +366,13 @@ class Repository:
                 self._cancel_unfinished(s, job_id)
             elif status == FAILED:  # their workers were stopped with the sweep; those never started stay pending
                 s.execute(update(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.status == RUNNING)
-                          .values(status=CANCELLED, error="stopped: the job failed", finished_at=utcnow()))
+                          .values(status=CANCELLED, error="stopped: the job failed", finished_at=utcnow(), phase=None))
             return status
 
     @staticmethod
     def _cancel_unfinished(s: Session, job_id: str) -> None:
         s.execute(update(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.status.in_((PENDING, RUNNING)))
-                  .values(status=CANCELLED, error="cancelled", finished_at=utcnow()))
+                  .values(status=CANCELLED, error="cancelled", finished_at=utcnow(), phase=None))
 
     # ---- candidates
     @_retrying
@@ -386,6 +386,19 @@ class Repository:
                 return
             c.status, c.error, c.started_at, c.finished_at = RUNNING, None, _naive_utc(started_at), None
             c.node_id, c.gpu_ids = node_id, [str(g) for g in gpu_ids or []]
+
+    def set_phases(self, job_id: str, phases: dict[str, str]) -> bool:
+        """What each of these running candidates is doing now (``phase_text``), for `status` and the
+        REST job; a candidate that ended meanwhile keeps none. Best effort: False when the database
+        did not answer (the next change writes it), never a reason to hold the sweep up."""
+        try:
+            with self._write.begin() as s:
+                for name, text in phases.items():
+                    s.execute(update(CandidateRow).where(CandidateRow.job_id == job_id, CandidateRow.name == name,
+                                                         CandidateRow.status == RUNNING).values(phase=text[:200]))
+            return True
+        except (OperationalError, DBAPIError):
+            return False
 
     @_retrying
     def save_outcome(self, job_id: str, result: CandidateResult) -> None:

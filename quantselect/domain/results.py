@@ -14,6 +14,21 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 # A candidate's "measuring" phase counts these steps (its progress (done, total) is (step, 3)): on a GPU
 # the first decode compiles the static-cache engine, which can take a minute.
 MEASURE_STEPS = ("prefill", "decode at batch 1", "decode at batch 16")
+
+
+def phase_count(phase: str, done: int, total: int) -> str:
+    """How far a candidate is in its phase: GPTQ / AWQ count layers while they quantize (the other
+    methods take seconds and count nothing), measuring names its step, the rest count items."""
+    if not total:
+        return ""
+    if phase == "measuring" and total == len(MEASURE_STEPS) and 0 <= done < total:
+        return f"{MEASURE_STEPS[done]} ({done + 1}/{total})"
+    return f"{done}/{total} {'layers' if phase == 'quantizing' else 'items'}"
+
+
+def phase_text(phase: str, done: int, total: int) -> str:
+    """``evaluating 120/600 items``, ``measuring decode at batch 1 (2/3)``, ``quantizing``."""
+    return f"{phase} {phase_count(phase, done, total)}".rstrip()
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # Candidate statuses: pending -> running -> succeeded / failed / cancelled
@@ -265,6 +280,7 @@ class CandidateResult:
     attempts: int | None = None  # worker processes it took (a killed worker is retried, bounded)
     reused_from: str | None = None  # the job whose stored result this is (same model, data, config, settings)
     items_carried: int | None = None  # per-item results an earlier attempt had stored, not scored again
+    phase: str | None = None  # while it runs, what it is doing: `quantizing 8/32 layers` (``phase_text``)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     items: list[ItemResult] = field(default_factory=list)

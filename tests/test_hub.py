@@ -389,6 +389,37 @@ def test_a_gguf_header_reads_as_gguf_py_reads_the_whole_file(demo_q4_0_gguf):
         read_file_header(_written(demo_q4_0_gguf.parent / "start.gguf", start[:1000]))
 
 
+def test_a_corrupt_gguf_header_is_one_line_and_read_no_further_than_the_file(tmp_path):
+    """A length past the end of the file fails before anything more is fetched (over the Hub, a
+    corrupt count would otherwise download the rest of the file); a tensor type the installed gguf
+    package does not know says to upgrade it."""
+    import struct
+
+    from quantselect.engines.gguf_header import read_file_header, read_header
+
+    def gguf(kvs: bytes, n_kv: int, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+        return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tensors
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    huge = gguf(string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**60), 1) + b"\0" * 100
+    asked: list[int] = []
+
+    def fetch(offset: int, n: int) -> bytes:
+        asked.append(n)
+        return huge[offset:offset + n]
+
+    with pytest.raises(InputError, match=r"^far: not a readable GGUF file \(it ends inside its header, at byte 169\)$"):
+        read_header(fetch, "far", len(huge))
+    assert sum(asked) <= len(huge)
+    odd = gguf(string("general.architecture") + struct.pack("<I", 8) + string("llama"), 1,
+               string("blk.0.attn_q.weight") + struct.pack("<IQQIQ", 2, 64, 64, 200, 0), 1)
+    with pytest.raises(InputError, match=r"odd\.gguf: tensor blk\.0\.attn_q\.weight has GGML type 200, which the "
+                                         r"installed gguf package \(.+\) does not know; upgrade it"):
+        read_file_header(_written(tmp_path / "odd.gguf", odd))
+
+
 def _written(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -13,6 +13,7 @@ throughout (a version whose low half is 0 read the other way round).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,8 @@ class _Stream:
     """Sequential reads over ``fetch(offset, n)`` (fewer bytes only at the end of the file),
     buffered in reads that double in size."""
 
-    def __init__(self, fetch: Callable[[int, int], bytes], where: str) -> None:
-        self._fetch, self.where = fetch, where
+    def __init__(self, fetch: Callable[[int, int], bytes], where: str, size: int | None) -> None:
+        self._fetch, self.where, self.size = fetch, where, size
         self._buf = bytearray()
         self._eof = False
         self.pos = 0
@@ -75,8 +76,12 @@ class _Stream:
 
     def take(self, n: int) -> memoryview:
         want = self.pos + n
+        if self.size is not None and want > self.size:  # a corrupt length: fail before fetching the rest
+            raise InputError(f"{self.where}: not a readable GGUF file (it ends inside its header, at byte {self.size})")
         while len(self._buf) < want and not self._eof:
             ask = max(want - len(self._buf), _FIRST_READ, len(self._buf))
+            if self.size is not None:
+                ask = min(ask, self.size - len(self._buf))
             got = self._fetch(len(self._buf), ask)
             self._eof = len(got) < ask
             self._buf += got
@@ -110,9 +115,12 @@ class _Stream:
         raise InputError(f"{self.where}: not a readable GGUF file (value type {kind} at byte {self.pos - 4})")
 
 
-def read_header(fetch: Callable[[int, int], bytes], where: str) -> Header:
-    """The header of the GGUF file that ``fetch(offset, n)`` reads (``where`` names it in errors)."""
-    s = _Stream(fetch, where)
+def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None = None) -> Header:
+    """The header of the GGUF file of ``size`` bytes that ``fetch(offset, n)`` reads (``where``
+    names it in errors)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    s = _Stream(fetch, where, size)
     if bytes(s.take(4)) != b"GGUF":
         raise InputError(f"{where}: not a readable GGUF file (it does not start with 'GGUF')")
     version = s.scalar("I")
@@ -131,7 +139,15 @@ def read_header(fetch: Callable[[int, int], bytes], where: str) -> Header:
         name = s.string()
         dims = s.scalar("I")
         shape = tuple(s.scalar("Q") for _ in range(dims))
-        tensors.append(TensorInfo(name, shape, s.scalar("I")))
+        kind = s.scalar("I")
+        try:
+            GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            from importlib.metadata import version as installed
+
+            raise InputError(f"{where}: tensor {name} has GGML type {kind}, which the installed gguf package "
+                             f"({installed('gguf')}) does not know; upgrade it (pip install -U gguf)") from None
+        tensors.append(TensorInfo(name, shape, kind))
         s.scalar("Q")  # its offset in the data section
     return Header(version, fields, tuple(tensors), s.pos)
 
@@ -144,6 +160,6 @@ def read_file_header(path: Path) -> Header:
                 fh.seek(offset)
                 return fh.read(n)
 
-            return read_header(fetch, str(path))
+            return read_header(fetch, str(path), os.fstat(fh.fileno()).st_size)
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None

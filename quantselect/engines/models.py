@@ -151,7 +151,8 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     except Exception as e:
         if not hub_unreachable(e):
             raise
-        return Path(hf_hub_download(repo, file, revision=revision))  # the cache answers, or says the Hub is out of reach
+        # the cache answers, or says the Hub is out of reach (never the whole file on a second try)
+        return Path(hf_hub_download(repo, file, revision=revision, local_files_only=True))
     commit = meta.commit_hash
     if not commit or not COMMIT.fullmatch(commit) or not meta.size:  # not the Hub's answer: the whole file
         return Path(hf_hub_download(repo, file, revision=revision))
@@ -168,7 +169,7 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
         got.extend(part)
         return part
 
-    header = read_header(fetch, f"{repo}/{file}@{commit}")
+    header = read_header(fetch, f"{repo}/{file}@{commit}", size)
     copy.parent.mkdir(parents=True, exist_ok=True)
     tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(bytes(got[:header.size]))
@@ -201,6 +202,8 @@ def pin_on_hub(model: str) -> str:
                 commit = info.sha
                 if info.siblings is not None and "config.json" not in {f.rfilename for f in info.siblings}:
                     raise InputError(_no_config(model, repo))
+                # a gated repository lists its files to anyone: its config answers only with access
+                get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=commit or revision))
         except Exception as e:
             if hub_unreachable(e):
                 return model
@@ -238,7 +241,10 @@ def _ranged_get(url: str, offset: int, n: int) -> bytes:
 
     headers = {"range": f"bytes={offset}-{offset + n - 1}", **build_hf_headers()}
     out = bytearray()
-    with http_stream_backoff("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+    # no retries inside: a retry would yield a second response into this block (a RuntimeError);
+    # a connection that fails midway is the caller's one-line error (_hub_errors)
+    with http_stream_backoff("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                             retry_on_exceptions=()) as r:
         hf_raise_for_status(r)
         end = n if r.status_code == 206 else offset + n
         for chunk in r.iter_bytes():

@@ -11,6 +11,19 @@ from quantselect.domain.dataset import TaskDataset
 
 # Job statuses: queued -> running -> succeeded / failed / cancelled
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# Candidate statuses: pending -> running -> succeeded / failed / cancelled
+PENDING = "pending"
+# The error of a candidate cancelled on its own (`cancel JOB --candidate NAME`) while the job runs on:
+# a resumed job leaves it cancelled, where one cancelled with its job runs again.
+CANCELLED_ALONE = "cancelled on its own, by request"
+
+
+def cancelled_alone(status: str, error: str | None) -> bool:
+    return status == CANCELLED and error == CANCELLED_ALONE
+
+
 # A candidate's "measuring" phase counts these steps (its progress (done, total) is (step, 3)): on a GPU
 # the first decode compiles the static-cache engine, which can take a minute.
 MEASURE_STEPS = ("prefill", "decode at batch 1", "decode at batch 16")
@@ -29,17 +42,7 @@ def phase_count(phase: str, done: int, total: int) -> str:
 def phase_text(phase: str, done: int, total: int) -> str:
     """``evaluating 120/600 items``, ``measuring decode at batch 1 (2/3)``, ``quantizing``."""
     return f"{phase} {phase_count(phase, done, total)}".rstrip()
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-# Candidate statuses: pending -> running -> succeeded / failed / cancelled
-PENDING = "pending"
-# The error of a candidate cancelled on its own (`cancel JOB --candidate NAME`) while the job runs on:
-# a resumed job leaves it cancelled, where one cancelled with its job runs again.
-CANCELLED_ALONE = "cancelled on its own, by request"
 
-
-def cancelled_alone(status: str, error: str | None) -> bool:
-    return status == CANCELLED and error == CANCELLED_ALONE
 
 DEFAULT_THRESHOLD = 0.98
 DEFAULT_CONFIDENCE = 0.95

@@ -162,14 +162,14 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     copy = _header_copies() / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file
     if copy.is_file():
         return copy
-    url, size, got = hf_hub_url(repo, file, revision=commit), meta.size, bytearray()
+    url, got = hf_hub_url(repo, file, revision=commit), bytearray()
 
-    def fetch(offset: int, n: int) -> bytes:
-        part = _ranged_get(url, offset, min(n, size - offset)) if offset < size else b""
+    def fetch(offset: int, n: int) -> bytes:  # never past the end: read_header knows the size
+        part = _ranged_get(url, offset, n)
         got.extend(part)
         return part
 
-    header = read_header(fetch, f"{repo}/{file}@{commit}", size)
+    header = read_header(fetch, f"{repo}/{file}@{commit}", meta.size)
     copy.parent.mkdir(parents=True, exist_ok=True)
     tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(bytes(got[:header.size]))

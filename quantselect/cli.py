@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -355,21 +356,49 @@ def _wait_remote(svc: Any, job_id: str, address: str, sid: str) -> None:
                                f"`quantselect status {job_id}` says where the job stands")
 
 
+_COUNT = re.compile(r"(\d+)/(\d+)")
+
+
+class _Changes:
+    """Which changed lines of `status` --follow prints, as the local progress does: a new status or
+    phase at once, a count (items, layers, steps) at each quarter, and otherwise at most one line a
+    minute per line that keeps moving (a running candidate's phase is stored every few seconds:
+    eight of them would print a line or two a second)."""
+
+    def __init__(self, lines: dict[str, str], every: float = 60.0) -> None:
+        self.every = every
+        self.printed = {key: (line, 0.0) for key, line in lines.items()}
+
+    def printed_lines(self) -> list[str]:
+        return [line for line, _ in self.printed.values()]
+
+    def worth_printing(self, lines: dict[str, str], now: float) -> list[str]:
+        out = []
+        for key, line in lines.items():
+            last, at = self.printed.get(key, (None, 0.0))
+            if line != last and (last is None or _coarse(line) != _coarse(last) or now - at >= self.every):
+                self.printed[key] = (line, now)
+                out.append(line)
+        return out
+
+
+def _coarse(line: str) -> str:
+    """The line with each count ``done/total`` as its quarter."""
+    return _COUNT.sub(lambda m: f"q{4 * int(m[1]) // int(m[2])}" if int(m[2]) else m[0], line)
+
+
 def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
     """What `status` shows, then a line per change until the job is settled, then its results (an
     error, exit non-zero, unless it succeeded): `status --follow`."""
     job = svc.get_job(job_id)
-    lines = _status_lines(svc, job)
-    click.echo("\n".join(lines.values()))
+    changes = _Changes(_status_lines(svc, job))
+    click.echo("\n".join(changes.printed_lines()))
     start = time.monotonic()
     while not _settled(svc, job):
         time.sleep(every)
         job = svc.get_job(job_id)
-        now = _status_lines(svc, job)
-        for key, line in now.items():
-            if lines.get(key) != line:
-                click.echo(f"[{time.monotonic() - start:7.1f}s] {line.strip()}")
-        lines = now
+        for line in changes.worth_printing(_status_lines(svc, job), time.monotonic()):
+            click.echo(f"[{time.monotonic() - start:7.1f}s] {line.strip()}")
     if job.status == SUCCEEDED and not svc.driver_silent_for(job):
         _print_results(svc, job_id)
     elif job.status == SUCCEEDED:

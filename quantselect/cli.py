@@ -319,7 +319,7 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
         if hub_id(job.model):
             pin = hub_identity(job.model_path)
             click.echo(f"{job.model}: a Hub id, " + (f"pinned to {pin}" if pin else "not pinned (offline, or the Hub "
-                                                     "could not be reached from here)") + "; the job's driver downloads it on the cluster")
+                                                     "could not be reached from here or was down)") + "; the job's driver downloads it on the cluster")
         else:
             click.echo(f"{job.model}: not on this machine; the job's driver reads and checks it on the cluster")
     if address:

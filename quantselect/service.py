@@ -1179,7 +1179,7 @@ class Service:
         import json
 
         from quantselect.domain import planner
-        from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization, hub_name
+        from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization, hub_name, shown
 
         model = hub_name(model)
         if readable is not None:
@@ -1187,7 +1187,7 @@ class Service:
         path = from_hub(model, config_only=True) or Path(model).expanduser()
         gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
         if gguf is not None:
-            cfg, where = gguf_model_config(gguf), str(gguf)
+            cfg, where = gguf_model_config(gguf), shown(gguf)
         else:
             config = path / "config.json" if path.is_dir() else path
             if not config.is_file():
@@ -1486,7 +1486,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     whose header is its config) and recorded pinned to the commit read, ``owner/name@commit``: the
     job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
-    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, hub_name, pinned
+    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, hub_name, pinned, shown
 
     out = []
     for c in candidates:
@@ -1501,7 +1501,8 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
         hub = pinned(c.config.path, path) if hub_id(c.config.path) else None
         if path.is_file() and path.suffix.lower() == ".gguf":
             q = gguf_quantization(path)
-            _check_same_model(c.name, path, {**gguf_model_config(path), "vocab_size": q["vocab_size"]}, model_path)
+            _check_same_model(c.name, shown(path), {**gguf_model_config(path), "vocab_size": q["vocab_size"]},
+                              model_path)
             out.append(Candidate(c.name, replace(c.config, path=hub or os.path.abspath(path), method=GGUF, bits=q["bits"],
                                                  group_size=0, file_type=q["file_type"],
                                                  bits_per_weight=q["bits_per_weight"])))
@@ -1521,7 +1522,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     return out
 
 
-def _check_same_model(name: str, path: Path, theirs: dict[str, Any], model_path: str | None) -> None:
+def _check_same_model(name: str, path: Path | str, theirs: dict[str, Any], model_path: str | None) -> None:
     """A checkpoint of another model is refused: another vocabulary, or another shape -- depth, width,
     MLP width, key/value heads (the 8B and 70B of a family share a vocabulary; Llama-2-7B and
     Mistral-7B share vocabulary size, depth and width). The model's side is read from its config.json,

@@ -246,6 +246,9 @@ def test_a_hub_id_submitted_to_a_cluster_is_pinned_at_submit_without_a_download(
             svc.build_spec(replace(req, model=name))
         assert str(e.value).startswith(said), str(e.value)
     assert svc.list_jobs() == []
+    fake_hub.down(503)  # the Hub answers that it cannot answer now: as if out of reach
+    assert svc.build_spec(req).model_path == "far-org/tiny-llama"
+    fake_hub.down(None)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
     assert svc.build_spec(req).model_path == "far-org/tiny-llama"
@@ -365,6 +368,55 @@ def test_a_hub_gguf_file_is_read_from_its_header_alone_until_the_driver_fetches_
     res = _run("plan", "far-org/SmolLM2-GGUF/broken.gguf")
     assert res.exit_code == 2 and res.output.strip().endswith(
         "not a readable GGUF file (it does not start with 'GGUF')"), res.output
+
+
+def test_a_hub_gguf_header_copy_is_named_by_its_hub_name_kept_while_used_and_the_cache_stands_in_for_a_hub_down(
+        fake_hub, demo_q4_0_gguf, tmp_path, monkeypatch):
+    """A header copy's temporary path never reaches a message: the file is named as the user named
+    it, pinned. A copy not used for ten minutes is removed when another is made (a long-lived API
+    server names many files). A Hub that answers 5xx is not the end: a file the Hugging Face cache
+    holds is read there, as ``hf_hub_download`` does; one it lacks is the Hub's error, in one line."""
+    import os
+    import time
+
+    import gguf
+    import numpy as np
+
+    from quantselect.engines import models
+
+    (tmp_path / "release").mkdir()
+    shutil.copy(demo_q4_0_gguf, tmp_path / "release" / demo_q4_0_gguf.name)
+    writer = gguf.GGUFWriter(tmp_path / "release" / "partial.gguf", "llama")  # no heads
+    writer.add_embedding_length(64)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    commit = fake_hub.add("own-org/SmolLM2-GGUF", tmp_path / "release")  # one no earlier test put in the cache
+    name, partial = f"own-org/SmolLM2-GGUF/{demo_q4_0_gguf.name}", "own-org/SmolLM2-GGUF/partial.gguf"
+
+    res = _run("plan", partial)
+    assert res.exit_code == 2 and res.output == (
+        f"Error: {partial}@{commit}: field 'num_attention_heads' is missing or not a positive integer\n"), res.output
+    copy = from_hub(partial, weights=False)
+    assert models.shown(copy) == f"{partial}@{commit}" and models.shown(demo_q4_0_gguf) == str(demo_q4_0_gguf)
+    # An idle copy goes when another is made; a used one stays.
+    idle = time.time() - models.HEADER_COPY_IDLE_SECONDS - 1
+    os.utime(copy, (idle, idle))
+    header = from_hub(name, weights=False)
+    assert not copy.exists() and header.is_file()
+    os.utime(header, (idle, idle))
+    assert from_hub(name, weights=False) == header and header.stat().st_mtime > idle  # used again: kept
+    assert from_hub(partial, weights=False) == copy and header.is_file()  # fetched again
+    # The Hub down: the whole file in the cache is read there, a file not in it is the Hub's error.
+    whole = from_hub(name)  # downloaded as `hf download` does: the cache knows which commit main is
+    fake_hub.down(503)
+    assert from_hub(name, weights=False) == whole
+    res = _run("plan", partial)
+    assert res.exit_code == 2 and res.output.startswith(
+        f"Error: {partial}: downloading it from the Hugging Face Hub failed: Server error '503 Service Unavailable'"), res.output
+    assert len(res.output.splitlines()) == 1, res.output
 
 
 def test_a_gguf_header_reads_as_gguf_py_reads_the_whole_file(demo_q4_0_gguf):

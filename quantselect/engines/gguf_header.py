@@ -152,14 +152,16 @@ def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None
     return Header(version, fields, tuple(tensors), s.pos)
 
 
-def read_file_header(path: Path) -> Header:
-    """The header of a local GGUF file (or of the start of one: see ``from_hub``'s header copies)."""
+def read_file_header(path: Path, where: str | None = None) -> Header:
+    """The header of a local GGUF file (or of the start of one: see ``from_hub``'s header copies),
+    named ``where`` in errors (its path by default)."""
+    where = where or str(path)
     try:
         with open(path, "rb") as fh:
             def fetch(offset: int, n: int) -> bytes:
                 fh.seek(offset)
                 return fh.read(n)
 
-            return read_header(fetch, str(path), os.fstat(fh.fileno()).st_size)
+            return read_header(fetch, where, os.fstat(fh.fileno()).st_size)
     except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+        raise InputError(f"{where}: cannot read it ({e.strerror or e})") from None

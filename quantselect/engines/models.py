@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -142,17 +143,22 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     downloads). The copy lies in a folder of this process's, shaped like the cache's
     (``models--owner--name/snapshots/<commit>/<file>``), so that ``hub_identity`` pins it to the
     commit read; it is the start of a file only, never a model to load."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE:  # the cache alone answers
         return Path(hf_hub_download(repo, file, revision=revision))
     try:
         meta = get_hf_file_metadata(hf_hub_url(repo, file, revision=revision))
     except Exception as e:
-        if not hub_unreachable(e):
+        if not (hub_unreachable(e) or _hub_failed(e)):
             raise
-        # the cache answers, or says the Hub is out of reach (never the whole file on a second try)
-        return Path(hf_hub_download(repo, file, revision=revision, local_files_only=True))
+        # the cache answers (never the whole file on a second try), or the Hub's error stands
+        try:
+            return Path(hf_hub_download(repo, file, revision=revision, local_files_only=True))
+        except errors.LocalEntryNotFoundError:
+            if hub_unreachable(e):
+                raise  # says the Hub is out of reach
+            raise e from None
     commit = meta.commit_hash
     if not commit or not COMMIT.fullmatch(commit) or not meta.size:  # not the Hub's answer: the whole file
         return Path(hf_hub_download(repo, file, revision=revision))
@@ -160,8 +166,11 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     if isinstance(cached, str):
         return Path(cached)
     copy = _header_copies() / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file
-    if copy.is_file():
+    try:
+        os.utime(copy)  # used now: kept (_forget_idle_header_copies)
         return copy
+    except FileNotFoundError:
+        _forget_idle_header_copies()
     url, got = hf_hub_url(repo, file, revision=commit), bytearray()
 
     def fetch(offset: int, n: int) -> bytes:  # never past the end: read_header knows the size
@@ -205,10 +214,28 @@ def pin_on_hub(model: str) -> str:
                 # a gated repository lists its files to anyone: its config answers only with access
                 get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=commit or revision))
         except Exception as e:
-            if hub_unreachable(e):
+            if hub_unreachable(e) or _hub_down(e):
                 return model
             raise
     return f"{repo}{'/' + gguf if gguf else ''}@{commit}" if commit else model
+
+
+def _hub_failed(e: BaseException) -> bool:
+    """Whether ``e`` is an error the Hub answered that a cached copy may stand in for, as
+    ``hf_hub_download`` takes it (the Hub down, 5xx; a token missing): anything but a revision or
+    file the repository lacks."""
+    from huggingface_hub import errors
+
+    return isinstance(e, errors.HfHubHTTPError) and not isinstance(
+        e, (errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError))
+
+
+def _hub_down(e: BaseException) -> bool:
+    """Whether ``e`` is the Hub answering that it cannot answer now (5xx)."""
+    from huggingface_hub import errors
+
+    response = getattr(e, "response", None)
+    return isinstance(e, errors.HfHubHTTPError) and getattr(response, "status_code", 0) >= 500
 
 
 def hub_unreachable(e: BaseException) -> bool:
@@ -221,6 +248,15 @@ def hub_unreachable(e: BaseException) -> bool:
 _HEADER_COPIES: Path | None = None
 
 
+def shown(path: Path | str) -> str:
+    """How messages name a file: a GGUF header copy by the Hub file it is the start of
+    (``owner/name/file.gguf@commit``: its temporary path means nothing to a user), any other by its
+    path."""
+    if _HEADER_COPIES is not None and Path(path).is_relative_to(_HEADER_COPIES):
+        return hub_identity(str(path)) or str(path)
+    return str(path)
+
+
 def _header_copies() -> Path:
     """This process's folder of GGUF header copies, removed when it exits."""
     global _HEADER_COPIES
@@ -231,6 +267,22 @@ def _header_copies() -> Path:
         _HEADER_COPIES = Path(tempfile.mkdtemp(prefix="quantselect-gguf-headers-"))
         atexit.register(shutil.rmtree, _HEADER_COPIES, ignore_errors=True)
     return _HEADER_COPIES
+
+
+HEADER_COPY_IDLE_SECONDS = 600
+
+
+def _forget_idle_header_copies() -> None:
+    """Remove the header copies not used for ``HEADER_COPY_IDLE_SECONDS``: a long-lived API server
+    names many GGUF files over its life, and would otherwise keep megabytes of each; a request reads
+    its copy within seconds of getting it (one not there is fetched again)."""
+    idle = time.time() - HEADER_COPY_IDLE_SECONDS
+    for path in _header_copies().glob("models--*/snapshots/*/**/*"):
+        try:
+            if path.is_file() and not path.name.startswith(".") and path.stat().st_mtime < idle:
+                path.unlink()
+        except OSError:
+            pass  # another thread's
 
 
 def _ranged_get(url: str, offset: int, n: int) -> bytes:
@@ -475,7 +527,7 @@ def model_config_here(model: str) -> tuple[dict, str] | None:
     folder's ``config.json``, or a GGUF file's header (``gguf_model_config``); None when unreadable."""
     gguf = gguf_file(model)
     if gguf is not None:
-        return gguf_model_config(gguf), str(gguf)
+        return gguf_model_config(gguf), shown(gguf)
     path = Path(model).expanduser()
     try:
         return json.loads((path / "config.json").read_text()), str(path / "config.json")
@@ -494,7 +546,7 @@ def gguf_file(model: str) -> Path | None:
 def gguf_model_config(path: Path) -> dict:
     """A GGUF file's decoder shape as the ``config.json`` fields the planner reads, from its header
     (llama.cpp's ``{arch}.embedding_length``, ``block_count``, ``attention.head_count``...)."""
-    header = read_file_header(path)
+    header = read_file_header(path, shown(path))
     fields = header.fields
 
     def get(key: str):
@@ -650,7 +702,7 @@ def gguf_quantization(path: Path) -> dict:
 
     from gguf import LlamaFileType
 
-    header = read_file_header(path)
+    header = read_file_header(path, shown(path))
     fields = header.fields
     matrices = [t for t in header.tensors if len(t.shape) > 1]
     elements = sum(t.n_elements for t in matrices)
@@ -661,7 +713,7 @@ def gguf_quantization(path: Path) -> dict:
     tokens = fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if isinstance(tokens, list) else None
     if not elements:
-        raise InputError(f"{path}: the GGUF file holds no weight matrices")
+        raise InputError(f"{shown(path)}: the GGUF file holds no weight matrices")
     try:
         name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (TypeError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def _streamed(tok, ids, stop=None, max_tokens=None):
     for t in ids:
         if seq.push(t):
             break
-    items = list(seq.drain())
+    items = list(seq.results())  # (it ends: the last item has a reason)
     assert all("\ufffd" not in delta for delta, reason, _ in items if reason is None)  # no half characters
     return "".join(delta for delta, _, _ in items), items[-1][1]
 
@@ -211,6 +212,25 @@ def test_errors_are_openai_shaped(tiny_url):
         assert e.value.body["code"] == "invalid_prompt"
     r = client.completions.create(model="tiny-int8", prompt="a " * 505, max_tokens=100, temperature=0)
     assert r.usage.prompt_tokens == 506 and r.usage.completion_tokens <= 6
+    # what no sampling can take: one line each, a 400 (never a 500, nor the batch's other answers failing)
+    for body, says in [({"seed": 2**64}, "seed: Input should be less than or equal to"),
+                       ({"stop": ["x"] * 17}, "stop: Value error, give at most 16 stop strings"),
+                       ({"prompt": ["a"] * 65}, "prompt: Value error, 65 prompts: give at most 64 in one request")]:
+        r = httpx.post(tiny_url + "/completions", json={"model": "tiny-int8", "prompt": "Hi", **body}, timeout=60)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    r = httpx.post(tiny_url + "/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]})
+    assert r.status_code == 400 and "a text part needs its text as a string" in r.json()["error"]["message"], r.text
+    # what OpenAI takes: null for a default, a temperature too low to divide by (greedy), an empty stop
+    greedy = client.completions.create(model="tiny-int8", prompt="Once upon a time", max_tokens=8, temperature=0)
+    r = httpx.post(tiny_url + "/completions", timeout=60, json={
+        "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1e-40, "top_p": None, "stop": "", "n": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.choices[0].text, r.text
+    # a chat answer is not cut at 16 tokens (the legacy completions default): it runs to its end or the context
+    msgs = [{"role": "user", "content": "Tell me a long story."}]
+    r = client.chat.completions.create(model="tiny-int8", messages=msgs, temperature=0, max_tokens=None)
+    assert r.usage.completion_tokens > 16 and (r.choices[0].finish_reason == "stop"
+                                               or r.usage.prompt_tokens + r.usage.completion_tokens == 512), r.usage
 
 
 def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_llama, serve_port, monkeypatch, capsys):
@@ -347,12 +367,18 @@ def test_serving_imports_no_torch_and_no_db():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_llama, serve_port):
+def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_llama, serve_port, tmp_path):
     """The engine a GPU replica uses by default (a static KV cache, one request at a time; compiled
-    there), here eager on CPU: the same greedy text as the dynamic engine, streamed or not."""
+    there), here eager on CPU: the same greedy text as the dynamic engine, streamed or not. A client
+    that leaves a stream half-way frees it for the next request. (Its model's chat template refuses a
+    system message, as Gemma's does: a 400 that says so.)"""
     from quantselect.serving.deploy import deploy, undeploy
 
-    url = deploy("tiny-static", str(tiny_llama), CATALOG["int8"].to_dict(), port=serve_port, engine="static")
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "tiny"))
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}assistant:")
+    url = deploy("tiny-static", str(model), CATALOG["int8"].to_dict(), port=serve_port, engine="static")
     try:
         assert httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()["decoding"] == "static KV cache, one request at a time"
         static, dynamic = _client(url), _client(tiny_url)
@@ -364,5 +390,18 @@ def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_lla
                                            temperature=0, stream=True)
         first = dynamic.completions.create(model="tiny-int8", prompt="Once upon a time", max_tokens=16, temperature=0)
         assert "".join(c.choices[0].text for c in chunks) == first.choices[0].text
+        with httpx.stream("POST", url + "/completions", timeout=60,
+                          json={"prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+            next(r.iter_lines())  # then gone, the cache held: the next request waited for a garbage collection
+        again = static.completions.create(model="tiny-static", prompt="Once upon a time", max_tokens=16, temperature=0)
+        assert again.choices[0].text == first.choices[0].text
+        with pytest.raises(openai.BadRequestError) as e:
+            static.chat.completions.create(model="tiny-static", messages=[
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        assert e.value.body["message"] == ("This model's chat template refuses these messages: System role not "
+                                           "supported") and e.value.body["code"] == "invalid_messages"
+        r = static.chat.completions.create(model="tiny-static", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4)
+        assert r.choices[0].message.content
     finally:
         undeploy("tiny-static")

@@ -14,12 +14,12 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from quantselect.bearer import NO, BearerGate
@@ -74,36 +74,71 @@ async def _invalid_body(request: Request, e: RequestValidationError) -> JSONResp
     return _error(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request")
 
 
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # OpenAI takes 4; a stop string holds back as much streamed text
+MAX_PROMPTS = 64  # prompts of one completions request, all decoded together
+GREEDY_BELOW = 1e-5  # a temperature this low samples as greedy decoding (lower overflows the logits)
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
     model: Optional[str] = None
-    max_tokens: int = Field(16, ge=1, le=4096)
+    max_tokens: Optional[int] = Field(None, ge=1)  # bounded by the context the prompt leaves
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI takes ``null`` for a field as its default (clients send ``"temperature": null``)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in ("temperature", "top_p", "n", "stream")}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: Union[str, list[str], None]) -> list[str]:
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # "" would stop at once
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"give at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+        return stops
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]] = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompt)} prompts: give at most {MAX_PROMPTS} in one request")
+        return prompt
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict[str, Any]], None] = ""
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        if isinstance(content, list) and any(p.get("type") == "text" and not isinstance(p.get("text"), str) for p in content):
+            raise ValueError("a text part needs its text as a string")
+        return content
+
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p["text"] for p in self.content if p.get("type") == "text")
         return self.content or ""
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, le=4096)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
 
 
 def _sse(obj: Any) -> str:
@@ -122,7 +157,7 @@ class _Sequence:
 
         self.tok, self.eos, self.ids, self.max_tokens = tok, eos, ids, max_tokens
         self.temperature, self.top_p = req.temperature, req.top_p
-        self.stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        self.stops = req.stop or []  # (validated: a list, no empty string)
         self.hold = max((len(s) for s in self.stops), default=1) - 1  # held back: could start a stop
         self.gen = torch.Generator(device=device).manual_seed(req.seed) if req.seed is not None else None
         self.out: list[int] = []
@@ -135,7 +170,7 @@ class _Sequence:
     def sample(self, logits: Any) -> int:
         import torch
 
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:
             return int(logits.argmax())
         probs, idx = torch.sort(torch.softmax(logits / self.temperature, -1), descending=True)
         probs[(torch.cumsum(probs, -1) - probs) >= self.top_p] = 0
@@ -181,14 +216,17 @@ class _Sequence:
         self.items.put(error)
         self.finished = True
 
-    def drain(self) -> Iterator[tuple[str, Optional[str], int]]:
-        while not self.items.empty():
-            yield self.items.get()
+    def cancel(self) -> None:
+        """Its client is gone: the engine drops it at its next step, and a reader waiting ends."""
+        self.cancelled = True
+        self.items.put(None)
 
     def results(self) -> Iterator[tuple[str, Optional[str], int]]:
-        """The items as the batch produces them."""
+        """The items as the engine produces them."""
         while True:
             item = self.items.get()
+            if item is None:
+                return
             if isinstance(item, Exception):
                 raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", "server_error", None)
             yield item
@@ -248,7 +286,11 @@ class _Batch:
                 logits, fed = self.decoder.step([s.out[-1] for s in self.rows]), self.rows
         self.peak = max(self.peak, len(self.rows))
         for i, seq in enumerate(fed):
-            seq.push(seq.sample(logits[i]))
+            try:
+                seq.push(seq.sample(logits[i]))
+            except Exception as e:  # noqa: BLE001 -- that answer fails, not the others of the batch
+                log.exception("sampling an answer failed")
+                seq.fail(e)
         keep = [i for i, s in enumerate(self.rows) if not (s.finished or s.cancelled)]
         self.decoder.keep(keep)
         self.rows = [self.rows[i] for i in keep]
@@ -316,33 +358,40 @@ class QuantizedModelServer:
     def _tokens(self, prompt: str, special: bool = True) -> list[int]:
         return self.tok(prompt, add_special_tokens=special)["input_ids"]
 
-    def _start(self, ids: list[int], req: _Sampling, max_tokens: int) -> "_Sequence":
+    def _start(self, ids: list[int], req: _Sampling, max_tokens: Optional[int]) -> "_Sequence":
         """Start generating an answer to ``ids``; its ``stream`` yields (text delta, finish reason or
         None, completion tokens so far), the last item with a reason. The batch takes it at once, the
-        static cache (one request at a time) when the stream is first read."""
+        static cache (one request at a time) once the requests before it are done."""
+        if max_tokens is None:  # as much as the engine holds: the static cache's room when the prompt leaves some
+            room = self.static.max_len if self.static is not None and len(ids) < self.static.max_len else self.context
+            max_tokens = room - len(ids)
         max_tokens = min(max_tokens, self.context - len(ids))  # _respond has checked the prompt fits
         seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
-            seq.stream = self._static(seq)
+            threading.Thread(target=self._static, args=(seq,), name="quantselect-static", daemon=True).start()
         else:
             self.batch.submit(seq)
-            seq.stream = seq.results()
+        seq.stream = seq.results()
         return seq
 
-    def _static(self, seq: "_Sequence") -> Iterator[tuple[str, Optional[str], int]]:
+    def _static(self, seq: "_Sequence") -> None:
+        """Decode ``seq`` on the static cache, which holds one request at a time, until it finishes or
+        its client is gone (the cache is never held by an answer nobody reads)."""
         import torch
 
-        with self.static_lock:
-            logits = None
-            while True:
-                with self.lock, torch.inference_mode():
-                    logits = self.static.step(seq.out[-1]) if logits is not None else self.static.prefill(seq.ids)
-                    done = seq.push(seq.sample(logits))
-                yield from seq.drain()
-                if done:
-                    return
+        try:
+            with self.static_lock:
+                logits = None
+                while not seq.cancelled:
+                    with self.lock, torch.inference_mode():
+                        logits = self.static.step(seq.out[-1]) if logits is not None else self.static.prefill(seq.ids)
+                        if seq.push(seq.sample(logits)):
+                            return
+        except Exception as e:  # noqa: BLE001 -- that answer fails, the replica stays up
+            log.exception("decoding on the static cache failed")
+            seq.fail(e)
 
-    def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: int):
+    def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int]):
         for p in ids:  # before a stream starts: an error there could not be a 400 any more
             if not p:
                 raise ApiError(400, "The prompt is empty: give at least one token.", "invalid_request_error", "invalid_prompt")
@@ -362,7 +411,13 @@ class QuantizedModelServer:
         n_prompt = sum(len(p) for p in ids)
         return {**head, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
-    def _stream(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: int, head: dict) -> Iterator[str]:
+    async def _stream(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int],
+                      head: dict) -> AsyncIterator[str]:
+        """The answers as server-sent events. An async generator: a client that disconnects cancels it
+        at once (Serve cancels the request), and ``finally`` takes its answers off the engines (a
+        sync one would wait for a garbage collection to be closed)."""
+        from starlette.concurrency import run_in_threadpool
+
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         used = 0
         answers = [self._start(p, req, max_tokens) for p in ids]
@@ -370,15 +425,16 @@ class QuantizedModelServer:
             for i, answer in enumerate(answers):
                 if chat:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                for delta, reason, n in answer.stream:
+                while (item := await run_in_threadpool(next, answer.stream, None)) is not None:
+                    delta, reason, n = item
                     if delta or reason:
                         body = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
                         yield _sse({**head, "choices": [{"index": i, **body, "finish_reason": reason}]})
                     if reason:
                         used += n
-        finally:  # a client gone: its answers leave the batch
+        finally:  # a client gone: its answers leave the batch or the static cache
             for answer in answers:
-                answer.cancelled = True
+                answer.cancel()
         if (req.stream_options or {}).get("include_usage"):
             n_prompt = sum(len(p) for p in ids)
             yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}})
@@ -400,19 +456,25 @@ class QuantizedModelServer:
     def completions(self, req: CompletionRequest):
         self._check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        return self._respond(req, [self._tokens(p) for p in prompts], False, req.max_tokens)
+        return self._respond(req, [self._tokens(p) for p in prompts], False, 16 if req.max_tokens is None else req.max_tokens)
 
     @api.post("/v1/chat/completions")
     def chat_completions(self, req: ChatRequest):
         self._check_model(req)
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         if getattr(self.tok, "chat_template", None):
-            prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            from jinja2 import TemplateError
+
+            try:
+                prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except (TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported", roles not alternating
+                raise ApiError(400, f"This model's chat template refuses these messages: {e}", "invalid_request_error",
+                               "invalid_messages") from None
             ids = self._tokens(prompt, special=False)  # the template already holds the special tokens
         else:
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
             ids = self._tokens(prompt)
-        return self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)
+        return self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)  # None: the room left
 
 
 def check_engine(engine: Optional[str]) -> None:

@@ -115,3 +115,55 @@ def test_candidate_parameters_are_validated_with_the_field_named():
             parse_candidate(bad)
     names = [c.name for c in resolve_candidates(["int4", "int4:group_size=64", "int4:group_size=32"])]
     assert names == [BASELINE, "int4", "int4:group_size=64"]
+
+
+# Mistral-Large-2407's shape: 123B parameters; bf16 needs ~229 GiB, more than 8 L4s hold.
+MISTRAL_LARGE = {"model_type": "mistral", "hidden_size": 12288, "intermediate_size": 28672, "num_hidden_layers": 88,
+                 "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768,
+                 "tie_word_embeddings": False}
+
+
+def test_a_candidate_that_fits_on_no_8_target_gpus_is_not_recommended_and_the_message_says_why():
+    s, l4 = planner.shape_from_config(MISTRAL_LARGE), cost.gpu("L4")
+    bf16 = cost.serving_cost(CATALOG[BASELINE], s, l4, 0.5)
+    int4 = cost.serving_cost(CATALOG["int4"], s, l4, 0.5)
+    assert not bf16.runs_on_target and bf16.note == "does not fit on 8x L4 at batch 16" and bf16.weight_bytes
+    assert int4.runs_on_target and int4.usd_per_1m_tokens is not None
+    results = [CandidateResult(BASELINE, CATALOG[BASELINE].to_dict(), SUCCEEDED, score=0.8),
+               CandidateResult("int4", CATALOG["int4"].to_dict(), SUCCEEDED, score=0.6)]
+    rec = recommend(results, 0.98, {BASELINE: bf16, "int4": int4}, target_gpu=l4.name)
+    assert rec.chosen is None
+    assert "cannot run on the target: does not fit on 8x L4" in rec.verdict(BASELINE).reason
+    assert rec.message == ("no candidate that can run on L4 meets the threshold 0.980 under the point policy; "
+                           "those that meet it cannot run there (baseline: does not fit on 8x L4 at batch 16)")
+    alone = recommend(results[:1], 0.98, {BASELINE: bf16}, target_gpu=l4.name)
+    assert alone.chosen is None
+    assert alone.message == "no candidate can run on L4: baseline: does not fit on 8x L4 at batch 16"
+
+
+def test_a_decode_step_reads_the_output_head_but_not_the_input_embedding_table():
+    """A step gathers a few rows of an untied input embedding: tied or not, the bytes read per step
+    are the same (the output head's table), while the untied model needs more memory."""
+    from dataclasses import replace
+
+    h100, untied = cost.gpu("H100"), shape("llama-3.1-8b")
+    tied = replace(untied, tied=True)
+    a = cost.serving_cost(CATALOG[BASELINE], untied, h100, 2.5, batch=1)
+    b = cost.serving_cost(CATALOG[BASELINE], tied, h100, 2.5, batch=1)
+    assert a.weight_bytes - b.weight_bytes == untied.vocab * untied.hidden * 2
+    assert a.throughput.tokens_per_second == pytest.approx(b.throughput.tokens_per_second)
+    step = (a.weight_bytes - untied.vocab * untied.hidden * 2
+            + cost.SERVING_CONTEXT * 2 * untied.layers * untied.kv_heads * untied.head_dim * 2)
+    assert a.throughput.tokens_per_second == pytest.approx(3.35e12 * cost.BANDWIDTH_EFFICIENCY / step)
+
+
+@pytest.mark.parametrize("device, name", [
+    ("cuda:NVIDIA H100 80GB HBM3", "H100-80GB"), ("cuda:NVIDIA A100 80GB PCIe", "A100-80GB"),
+    ("cuda:NVIDIA A100-SXM4-80GB", "A100-80GB"), ("cuda:NVIDIA L40S", "L40S"), ("cuda:NVIDIA L4", "L4"),
+    ("cuda:NVIDIA A10G", "A10G"), ("cuda:NVIDIA GeForce RTX 4090", "RTX-4090"),
+    ("cuda:NVIDIA L40", None), ("cuda:NVIDIA A10", None), ("cuda:NVIDIA RTX A6000", None),
+    ("cuda:NVIDIA H100 PCIe", None), ("cuda:NVIDIA A100-SXM4-40GB", None),
+])
+def test_device_names_match_the_table_by_whole_words(device, name):
+    spec = cost.gpu_of_device(device)
+    assert (spec.name if spec else None) == name

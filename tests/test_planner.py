@@ -120,3 +120,25 @@ def test_a_gguf_file_is_planned_and_checked_from_its_header(demo_model_dir, demo
     items = [{"prompt": f"q{i}", "reference": "a"} for i in range(40)]
     with pytest.raises(InputError, match="group size 128 does not divide the model's hidden size 576"):
         Service().build_spec(SubmitRequest(model=str(demo_q4_0_gguf), items=items, candidates=["int4-gptq"]))
+
+
+# google/gemma-2-9b's config.json: it omits tie_word_embeddings, which Gemma ties by default.
+GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "head_dim": 256,
+             "hidden_act": "gelu_pytorch_tanh", "hidden_size": 3584, "intermediate_size": 14336,
+             "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 16,
+             "num_hidden_layers": 42, "num_key_value_heads": 8, "query_pre_attn_scalar": 256,
+             "sliding_window": 4096, "vocab_size": 256000}
+
+
+def test_tied_embeddings_default_by_model_type_and_come_from_the_wrapper_config():
+    gemma = shape_from_config(GEMMA2_9B)
+    assert gemma.tied and gemma.params == pytest.approx(9.24e9, rel=0.005)  # published: 9.24B
+    assert not shape_from_config({**GEMMA2_9B, "tie_word_embeddings": False}).tied  # an explicit value wins
+    assert not shape_from_config({**GEMMA2_9B, "model_type": "llama"}).tied  # Llama, Mistral, Qwen: untied
+    # A multimodal wrapper: the outer config holds the flag (the top-level model owns the output head).
+    text = {**GEMMA2_9B, "model_type": "gemma3_text"}
+    assert shape_from_config({"model_type": "gemma3", "text_config": text}).tied
+    llama = {**GEMMA2_9B, "model_type": "llama"}
+    assert shape_from_config({"model_type": "llava", "tie_word_embeddings": True, "text_config": llama}).tied
+    assert not shape_from_config({"model_type": "gemma3", "tie_word_embeddings": False, "text_config": text}).tied
+    assert shape_from_config({"model_type": "llava", "text_config": {**llama, "tie_word_embeddings": True}}).tied

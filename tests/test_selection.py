@@ -3,6 +3,8 @@ categories, early-stopped candidates and the too-few-items warning."""
 
 from __future__ import annotations
 
+import pytest
+
 from quantselect.domain.candidates import BASELINE
 from quantselect.domain.results import SUCCEEDED, CandidateResult, ItemResult
 from quantselect.domain.selection import recommend
@@ -30,11 +32,11 @@ def test_paired_evidence_for_every_candidate():
     rec = run([cand(BASELINE, BASE, 100), cand("int8", same, 200), cand("int2", broken, 400)])
     assert rec.chosen == "int8"
     v = rec.verdict("int8")
-    assert v.relative_score == 1.0 and v.ci_low == v.ci_high == 1.0 and v.verdict == "pass"
+    assert v.relative_score == 1.0 and 0.98 <= v.ci_low < 1.0 < v.ci_high and v.verdict == "pass"
     assert v.mcnemar_p == 1.0 and v.n_items == 200
     b = rec.verdict("int2")
     assert b.verdict == "fail" and b.ci_high < 0.98 and b.mcnemar_p < 0.001 and not b.passed
-    assert rec.to_dict()["candidates"][1]["ci_low"] == 1.0
+    assert rec.to_dict()["candidates"][1]["ci_low"] == v.ci_low
 
 
 def test_policies_differ_on_an_inconclusive_candidate():
@@ -74,6 +76,24 @@ def test_early_stopped_candidate_keeps_its_settled_verdict():
     assert "early-stopping test" in v.reason
 
 
+def test_a_settled_verdict_answers_only_the_question_it_settled():
+    """`recommend --threshold` asks again: a fail settled at 0.98 holds at 0.99, not at 0.6, where
+    the candidate is compared on the items it saw (and a pass settled at 0.9 not at 0.99)."""
+    lost = list(BASE[:100])
+    for i in range(0, 80, 10):  # 8 of the baseline's 100 right answers lost: relative 0.92
+        lost[i] = 0
+    settled = {"n": 100, "stopped_early": True, "threshold": 0.98, "confidence": 0.95}
+    fail = cand("int4", lost, 500, early_stop={**settled, "decision": "fail"})
+    assert run([cand(BASELINE, BASE, 100), fail], threshold=0.99).verdict("int4").verdict == "fail"
+    assert run([cand(BASELINE, BASE, 100), fail], threshold=0.98, confidence=0.99).verdict("int4").verdict != "fail"
+    v = run([cand(BASELINE, BASE, 100), fail], threshold=0.6).verdict("int4")
+    assert v.passed and v.verdict == "pass" and v.relative_score == pytest.approx(0.92), v
+    passed = cand("int4", lost, 500, early_stop={**settled, "threshold": 0.85, "decision": "pass"})
+    assert run([cand(BASELINE, BASE, 100), passed], threshold=0.8).verdict("int4").passed
+    v = run([cand(BASELINE, BASE, 100), passed], threshold=0.99).verdict("int4")
+    assert not v.passed and v.verdict == "fail" and "early-stopping" not in v.reason, v
+
+
 def test_too_few_items_say_how_many_would_be_needed():
     base = [1] * 16 + [0] * 4
     c = [1] * 15 + [0] * 5
@@ -100,11 +120,50 @@ def test_costs_within_measurement_noise_tie_and_memory_decides():
     # int8 measured 3 % slower than the baseline (noise on a CPU) but needs 40 % of its memory.
     rec = run([cand(BASELINE, BASE, 100, mem=500), cand("int8", list(BASE), 97, mem=200)])
     assert rec.chosen == "int8"
-    assert "within 5%" in rec.verdict(BASELINE).reason
-    assert "needs more memory: 500 B vs 200 B measured" in rec.verdict(BASELINE).reason
+    assert rec.verdict(BASELINE).reason.endswith(
+        "is the cheapest ($5.556 per 1M tokens) but needs more memory than int8, which costs within 5% of it: "
+        "500 B vs 200 B measured")
+    assert rec.verdict("int8").reason.startswith(
+        "meets the threshold at $5.727 per 1M tokens, within 5% of the cheapest")
     # the same memory: the cost decides, and the reason says so instead of "more memory"
     rec = run([cand(BASELINE, BASE, 100, mem=500), cand("int8", list(BASE), 98, mem=200), cand("w8a8", list(BASE), 99, mem=200)])
-    assert rec.chosen == "w8a8" and "the same memory, at $" in rec.verdict("int8").reason
+    assert rec.chosen == "w8a8" and "the same memory as w8a8, at $" in rec.verdict("int8").reason
     # A real cost difference still wins over memory.
     rec = run([cand(BASELINE, BASE, 100, mem=500), cand("int8", list(BASE), 80, mem=200)])
     assert rec.chosen == BASELINE
+
+
+def test_the_cost_window_is_measured_from_the_cheapest_and_every_reason_is_true():
+    """baseline $1.00 / 16 GiB, int8 $1.04 / 8 GiB, int4 $1.08 / 4 GiB: int8 is within 5 % of the
+    cheapest and needs less memory than the baseline; int4 is more than 5 % above the cheapest."""
+    from quantselect.domain.cost import ServingCost
+
+    gib = 1024**3
+    cands = [cand(BASELINE, BASE, 100), cand("int8", list(BASE), 100), cand("int4", list(BASE), 100)]
+    costs = {BASELINE: ServingCost(1.00, None, weight_bytes=16 * gib),
+             "int8": ServingCost(1.04, None, weight_bytes=8 * gib), "int4": ServingCost(1.08, None, weight_bytes=4 * gib)}
+    rec = recommend([r for r, _ in cands], 0.98, costs, items={r.name: its for r, its in cands})
+    assert rec.chosen == "int8"
+    assert rec.verdict("int8").reason == ("meets the threshold at $1.04 per 1M tokens, within 5% of the cheapest "
+                                          "($1 for baseline), with the least memory of those: 8.0 GiB vs 16.0 GiB "
+                                          "of weights on the target for baseline")
+    assert rec.verdict("int4").reason == ("meets the threshold but costs $1.08 per 1M tokens, more than 5% above the "
+                                          "cheapest ($1 for baseline)")
+    assert rec.verdict(BASELINE).reason == ("meets the threshold and is the cheapest ($1 per 1M tokens) but needs more "
+                                            "memory than int8, which costs within 5% of it: 16.0 GiB vs 8.0 GiB of "
+                                            "weights on the target")
+    assert rec.message.startswith("deploy int8: meets the threshold at $1.04")
+
+
+def test_the_too_few_items_warning_gives_each_candidates_own_count():
+    base = [1] * 16 + [0] * 4
+    c = [1] * 15 + [0] * 5
+    r, items = cand("int4", c[:12], 300, early_stop={"n": 12, "stopped_early": True})
+    rec = run([cand(BASELINE, base, 100), cand("int8", c, 200), (r, items)], threshold=0.9)
+    short = [rec.verdict(n) for n in ("int8", "int4")]
+    assert rec.chosen == "int4" and short[0].verdict == "inconclusive"  # the winner and an undecided one
+    assert [v.n_items for v in short] == [20, 12] and all(v.underpowered for v in short)
+    warning = next(w for w in rec.warnings if "too few" in w)
+    assert warning.startswith("the items are too few to detect")
+    assert warning.endswith(f"items needed: int8 ~{short[0].items_needed} (has 20), int4 ~{short[1].items_needed} "
+                            "(has 12)")

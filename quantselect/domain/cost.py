@@ -8,8 +8,9 @@ Throughput on the target, when no measurement on that GPU type exists, is *estim
 so everywhere it is shown) from a roofline:
 
 - a decode step at batch ``b`` reads every weight once (the candidate's bytes per weight, scales
-  included) plus the KV cache of ``b`` sequences of ``SERVING_CONTEXT`` tokens (16-bit, or 8-bit for
-  ``kv_cache=fp8``), and computes
+  included; the output head in 16-bit) -- except an untied input embedding table, of which a step
+  gathers only ``b`` rows (it still counts for the memory fit) -- plus the KV cache of ``b`` sequences
+  of ``SERVING_CONTEXT`` tokens (16-bit, or 8-bit for ``kv_cache=fp8``), and computes
   ``2 x parameters x b`` FLOPs (plus attention over the context) in the candidate's compute format
   (bf16 for weight-only schemes, int8 for W8A8, fp8 for fp8);
 - its time is the larger of bytes / bandwidth and FLOPs / peak compute, each scaled by an
@@ -53,7 +54,8 @@ class Throughput:
 def estimate_decode(weight_bytes: float, params: int, kv_bytes_per_token: float, attention_flops_per_token: float,
                     target: GpuSpec, compute: str, batch: int, gpus: int = 1,
                     context: int = SERVING_CONTEXT) -> Throughput:
-    """Roofline decode throughput of ``batch`` sequences on ``gpus`` target GPUs."""
+    """Roofline decode throughput of ``batch`` sequences on ``gpus`` target GPUs; ``weight_bytes``:
+    the weights a decode step reads (not an untied input embedding table: see ``step_weight_bytes``)."""
     bytes_per_step = weight_bytes + batch * context * kv_bytes_per_token
     flops_per_step = batch * (2.0 * params + attention_flops_per_token * context)
     t_memory = bytes_per_step / (target.bandwidth_tbs * 1e12 * BANDWIDTH_EFFICIENCY * gpus)
@@ -89,6 +91,12 @@ def _kv_bytes_per_token(shape: Shape, config: CandidateConfig) -> float:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * config.kv_bytes()  # K and V
 
 
+def step_weight_bytes(weight_bytes: float, shape: Shape) -> float:
+    """The weight bytes one decode step reads: all of them but an untied input embedding table, of
+    which it gathers only the batch's rows (the output head, or a tied table, is read whole)."""
+    return weight_bytes if shape.tied else weight_bytes - shape.vocab * shape.hidden * 2
+
+
 def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, usd_per_hour: float,
                  measured: Throughput | None = None, batch: int = COST_BATCH,
                  context: int = SERVING_CONTEXT) -> ServingCost:
@@ -105,10 +113,12 @@ def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, 
     kv = _kv_bytes_per_token(shape, config)
     n = gpus_needed(weights + batch * context * kv, target.memory_gib * 1024**3)
     if n is None:
-        return ServingCost(None, None, f"does not fit on 8x {target.name} at batch {batch}", weight_bytes=weights)
+        return ServingCost(None, None, f"does not fit on 8x {target.name} at batch {batch}", False,
+                           weight_bytes=weights)
     attention = 4.0 * shape.layers * shape.heads * shape.head_dim
     compute_params = shape.linear_params + shape.vocab * shape.hidden
-    tp = estimate_decode(weights, compute_params, kv, attention, target, config.compute, batch, n, context)
+    tp = estimate_decode(step_weight_bytes(weights, shape), compute_params, kv, attention, target, config.compute,
+                         batch, n, context)
     return ServingCost(cost_per_1m_tokens(usd_per_hour, tp), tp, weight_bytes=weights)
 
 

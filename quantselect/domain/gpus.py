@@ -60,15 +60,28 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _contains(words: list[str], part: list[str]) -> bool:
+    n = len(part)
+    return any(words[i:i + n] == part for i in range(len(words) - n + 1))
+
+
 def gpu_of_device(device: str | None) -> GpuSpec | None:
-    """The table entry a measured device ("cuda:NVIDIA H100 80GB HBM3") is, if any."""
+    """The table entry a measured device ("cuda:NVIDIA H100 80GB HBM3") is, if any: a table name
+    (or alias) must occur in it as whole words ("L4" is not "L40", "A10G" not "A100", "RTX-4090" is
+    not "RTX A6000"); of several matches, the longest name wins."""
     if not device or not device.startswith("cuda"):
         return None
-    text = _norm(device)
+    words = _words(device)
+    best: tuple[int, GpuSpec] | None = None
     for spec in GPUS.values():
-        names = (spec.name.split("-")[0], *spec.aliases)
-        if any(_norm(n) in text for n in names):
-            if spec.name.endswith("80GB") and "80gb" not in text:
-                continue  # a 40 GB A100 / a PCIe H100 variant is not the table's GPU
-            return spec
-    return None
+        if spec.name.endswith("80GB") and "80gb" not in words:
+            continue  # a 40 GB A100 / a PCIe H100 variant is not the table's GPU
+        for name in (spec.name, spec.name.removesuffix("-80GB"), *spec.aliases):
+            part = _words(name)
+            if part and _contains(words, part) and (best is None or len(name) > best[0]):
+                best = (len(name), spec)
+    return best[1] if best else None

@@ -75,8 +75,26 @@ class Shape:
         return self.linear_params + self.other_params
 
 
+def tied_by_default(model_type: str | None) -> bool:
+    """transformers' default for ``tie_word_embeddings`` when a config.json omits it: True for the
+    Gemma family (gemma, gemma2, gemma3, gemma3_text, gemma3n, ...: every transformers 5 config class
+    named *gemma* defaults to tied), False for Llama, Mistral, Qwen2 and Qwen3."""
+    return "gemma" in (model_type or "")
+
+
+def _tied(outer: dict[str, Any], text: dict[str, Any]) -> bool:
+    """Whether the output head shares the input embedding: the outer config's flag (the top-level
+    model of a multimodal wrapper owns the head), else the language model's own (older checkpoints
+    saved it there), else transformers' default for the language model's type."""
+    for c in (outer, text):
+        if c.get("tie_word_embeddings") is not None:
+            return bool(c["tie_word_embeddings"])
+    return tied_by_default(text.get("model_type") or outer.get("model_type"))
+
+
 def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     """Read the decoder's shape from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Gemma...)."""
+    outer = cfg
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's config inside
 
     def need(*names: str) -> int:
@@ -92,7 +110,7 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     return Shape(
         hidden=hidden, intermediate=need("intermediate_size", "n_inner"), layers=need("num_hidden_layers", "n_layer"),
         heads=heads, kv_heads=int(kv), head_dim=int(head_dim), vocab=need("vocab_size"),
-        tied=bool(cfg.get("tie_word_embeddings", False)),
+        tied=_tied(outer, cfg),
         max_context=cfg.get("max_position_embeddings"),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ("qwen2",))),
     )

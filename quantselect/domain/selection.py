@@ -12,7 +12,10 @@ the threshold), fail (all below), or inconclusive. The policy decides who qualif
   says so);
 - ``lower-bound``: the lower confidence bound meets it (only a pass verdict qualifies).
 
-A candidate whose verdict an early-stopping test settled keeps that verdict.
+A candidate whose verdict an early-stopping test settled keeps that verdict where it answers the
+question asked: a pass for the threshold it was settled at or a lower one, a fail for it or a higher
+one, at its confidence or a lower one; asked anything else (`recommend --threshold`), the candidate
+is compared on the items it saw.
 """
 
 from __future__ import annotations
@@ -150,6 +153,22 @@ def _paired(base: dict[int, ItemResult], items: Sequence[ItemResult]) -> tuple[l
     return b, c, cats
 
 
+def _settled(early: dict, threshold: float, confidence: float) -> str | None:
+    """An early-stopping test's decision, where it answers this question too: it settled PASS at
+    its threshold (FAIL), so it holds for any lower (higher) one, at its confidence or a lower one.
+    Asked of another threshold or a higher confidence (`recommend --threshold`), it says nothing,
+    and the candidate is compared on the items it saw."""
+    decision, t, c = early.get("decision"), early.get("threshold"), early.get("confidence")
+    if decision not in (PASS, FAIL):
+        return None
+    if t is None or c is None:  # (stored without them: as it was settled)
+        return decision
+    if confidence > c + 1e-12:
+        return None
+    holds = threshold <= t + 1e-12 if decision == PASS else threshold >= t - 1e-12
+    return decision if holds else None
+
+
 def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, ItemResult],
               items: Sequence[ItemResult], threshold: float, confidence: float, policy: str) -> _Evidence:
     if not base_items or not items:  # no per-item results stored: the plain ratio, no interval
@@ -161,7 +180,9 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
     if not b:
         return _Evidence()
     comp = compare(b, c, threshold, confidence)
-    decision = (r.early_stop or {}).get("decision") if not r.is_baseline else None
+    if r.is_baseline:  # the reference itself: 1 by definition, not an estimate
+        comp = replace(comp, ci_low=1.0, ci_high=1.0, verdict=PASS)
+    decision = None if r.is_baseline else _settled(r.early_stop or {}, threshold, confidence)
     passed = (decision == PASS) if decision else _qualifies(comp.relative, comp.ci_low, threshold, policy)
     categories: list[CategoryVerdict] = []
     names = sorted({k for k in cats if k is not None})
@@ -170,6 +191,8 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
             cb = [x for x, k in zip(b, cats) if k == name]
             cc = [x for x, k in zip(c, cats) if k == name]
             cat = compare(cb, cc, threshold, confidence, resamples=CATEGORY_RESAMPLES)
+            if r.is_baseline:
+                cat = replace(cat, ci_low=1.0, ci_high=1.0, verdict=PASS)
             categories.append(CategoryVerdict(name, cat.n, cat.relative, cat.ci_low, cat.ci_high, cat.verdict,
                                               _qualifies(cat.relative, cat.ci_low, threshold, policy)))
     return _Evidence(comp.relative, passed, comp, decision, comp.n, tuple(categories))
@@ -213,8 +236,9 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
 
     eligible = [r for r in results if evidence[r.name].passed and runs_on_target(r)]
     chosen = _cheapest(eligible, key)
+    cheapest = min(eligible, key=key) if eligible else None  # the cost window is measured from it
     base_score = base.score if base_ok and base else None
-    verdicts = [replace(_verdict(r, evidence[r.name], chosen, cost, memory, base_score, threshold, policy,
+    verdicts = [replace(_verdict(r, evidence[r.name], chosen, cheapest, cost, memory, base_score, threshold, policy,
                                  costs.get(r.name)), perplexity=perplexity(items.get(r.name, [])))
                 for r in results]
     warnings = _warnings(verdicts, chosen, threshold, confidence, policy)
@@ -227,7 +251,16 @@ def recommend(results: list[CandidateResult], threshold: float, costs: Mapping[s
     elif base_score == 0:
         message = "no recommendation: the baseline scores 0 on this task, so there is nothing to keep"
     else:
-        message = f"no candidate meets the threshold {threshold:.3f} under the {policy} policy"
+        blocked = [r for r in results if evidence[r.name].passed and not runs_on_target(r)]
+        why = "; ".join(f"{r.name}: {costs[r.name].note}" for r in blocked)
+        where = target_gpu or "the target"
+        if not blocked:
+            message = f"no candidate meets the threshold {threshold:.3f} under the {policy} policy"
+        elif not any(runs_on_target(r) for r in results):
+            message = f"no candidate can run on {where}: {why}"
+        else:
+            message = (f"no candidate that can run on {where} meets the threshold {threshold:.3f} under the {policy} "
+                       f"policy; those that meet it cannot run there ({why})")
     return Recommendation(threshold=threshold, chosen=chosen.name if chosen else None, baseline_score=base_score,
                           verdicts=tuple(verdicts), message=message, confidence=confidence, policy=policy,
                           warnings=tuple(warnings), per_category=per_category, target_gpu=target_gpu)
@@ -241,17 +274,38 @@ def perplexity(items: Sequence[ItemResult]) -> float | None:
     return math.exp(sum(p["nll"] for p in rows) / tokens) if rows and len(rows) == len(items) and tokens else None
 
 
-def _tie_reason(chosen: str, c: float | None, cc: float | None, m: float | None, mc: float | None,
-                serving: ServingCost | None) -> str:
-    """Why a candidate that costs about the same as the chosen one lost: its memory, with the figures
-    (of weights on the target GPU where costed there), or, with the same memory, its cost."""
-    same = f"meets the threshold and costs about the same as {chosen} (within {COST_TIE:.0%})"
+def _where(serving: ServingCost | None) -> str:
+    return " of weights on the target" if serving is not None and serving.weight_bytes else " measured"
+
+
+def _tie_reason(chosen: str, c: float | None, cc: float | None, best: float | None, m: float | None,
+                mc: float | None, serving: ServingCost | None) -> str:
+    """Why a candidate whose cost is within COST_TIE of the cheapest (``best``) lost to the chosen one
+    (also within it): its memory, with the figures (of weights on the target GPU where costed there),
+    or, with the same memory, its cost."""
+    rival = chosen
+    if c is None or best is None:
+        same = "meets the threshold (no cost to compare)"
+    elif c <= best:
+        same = f"meets the threshold and is the cheapest (${c:.4g} per 1M tokens)"
+        rival = f"{chosen}, which costs within {COST_TIE:.0%} of it"
+    else:
+        same = f"meets the threshold and costs within {COST_TIE:.0%} of the cheapest (${best:.4g} per 1M tokens)"
     if m is not None and mc is not None and m > mc:
-        where = " of weights on the target" if serving is not None and serving.weight_bytes else " measured"
-        return f"{same} but needs more memory: {fmt_bytes(m)} vs {fmt_bytes(mc)}{where}"
+        return f"{same} but needs more memory than {rival}: {fmt_bytes(m)} vs {fmt_bytes(mc)}{_where(serving)}"
     if c is not None and cc is not None and c > cc:
-        return f"{same} and the same memory, at ${c:.4g} vs ${cc:.4g} per 1M tokens"
-    return f"{same} and the same memory: either will do"
+        return f"{same} and the same memory as {chosen}, at ${c:.4g} vs ${cc:.4g} per 1M tokens"
+    return f"{same} and the same memory as {chosen}: either will do"
+
+
+def _winner_reason(c: float | None, best: float | None, cheapest: str, m: float | None, mb: float | None,
+                   serving: ServingCost | None) -> str:
+    """Why the chosen candidate won: the lowest cost, or (within COST_TIE of the cheapest) the least memory."""
+    if c is None or best is None or c <= best:
+        return "cheapest candidate that meets the threshold"
+    memory = f": {fmt_bytes(m)} vs {fmt_bytes(mb)}{_where(serving)} for {cheapest}" if m is not None and mb else ""
+    return (f"meets the threshold at ${c:.4g} per 1M tokens, within {COST_TIE:.0%} of the cheapest "
+            f"(${best:.4g} for {cheapest}), with the least memory of those{memory}")
 
 
 def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | None:
@@ -263,8 +317,9 @@ def _cheapest(candidates: list[CandidateResult], key: Any) -> CandidateResult | 
     return min(tied, key=lambda r: (key(r)[1], key(r)[0]))
 
 
-def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cost: Any, memory: Any,
-             base_score: float | None, threshold: float, policy: str, serving: ServingCost | None) -> Verdict:
+def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, cheapest: CandidateResult | None,
+             cost: Any, memory: Any, base_score: float | None, threshold: float, policy: str,
+             serving: ServingCost | None) -> Verdict:
     c = cost(r)
     comp = ev.comparison
     stopped = bool((r.early_stop or {}).get("stopped_early"))
@@ -276,8 +331,9 @@ def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, 
         reason = "the baseline scores 0 on this task: no relative quality to compare"
     elif not ev.passed:
         if ev.decision == FAIL:
+            settled_at = (r.early_stop or {}).get("threshold", threshold)
             reason = (f"quality {ev.relative:.3f} of the baseline; an early-stopping test settled it below the "
-                      f"threshold {threshold:.3f} after {ev.n} items")
+                      f"threshold {settled_at:.3f} after {ev.n} items")
         elif policy == "lower-bound" and comp is not None and ev.relative >= threshold:
             reason = (f"quality {ev.relative:.3f} of the baseline, but the lower bound {comp.ci_low:.3f} of its "
                       f"{comp.confidence:.0%} interval is below the threshold {threshold:.3f}")
@@ -286,14 +342,22 @@ def _verdict(r: CandidateResult, ev: _Evidence, chosen: CandidateResult | None, 
     elif serving is not None and not serving.runs_on_target:
         reason = f"meets the threshold but cannot run on the target: {serving.note}"
     elif chosen is not None and r.name == chosen.name:
-        reason = "cheapest candidate that meets the threshold"
+        assert cheapest is not None
+        reason = _winner_reason(c, cost(cheapest), cheapest.name, memory(r), memory(cheapest), serving)
     else:
-        assert chosen is not None
-        cc = cost(chosen)
-        if c is not None and cc is not None and c > cc * (1 + COST_TIE):
-            reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
+        assert chosen is not None and cheapest is not None
+        cc, best = cost(chosen), cost(cheapest)
+        if c is None and best is not None:
+            why = f": {serving.note}" if serving is not None and serving.note else ""
+            reason = f"meets the threshold but has no cost to compare{why}"
+        elif c is not None and best is not None and c > best * (1 + COST_TIE):
+            if cheapest.name == chosen.name:
+                reason = f"meets the threshold but costs ${c:.4g} vs ${cc:.4g} per 1M tokens for {chosen.name}"
+            else:
+                reason = (f"meets the threshold but costs ${c:.4g} per 1M tokens, more than {COST_TIE:.0%} above "
+                          f"the cheapest (${best:.4g} for {cheapest.name})")
         else:
-            reason = _tie_reason(chosen.name, c, cc, memory(r), memory(chosen), serving)
+            reason = _tie_reason(chosen.name, c, cc, best, memory(r), memory(chosen), serving)
     return Verdict(
         name=r.name, status=r.status, score=r.score, relative_score=ev.relative, passed=ev.passed,
         cost_per_1m_tokens_usd=c, reason=reason, n_items=ev.n,
@@ -325,8 +389,10 @@ def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold
              if v.name != BASELINE and v.underpowered and v.items_needed
              and (v is chosen_v or v.verdict == INCONCLUSIVE)]
     if short:
-        needed = ", ".join(f"{v.name} ~{v.items_needed}" for v in short)
-        out.append(f"{short[0].n_items} items are too few to detect a quality drop of {1 - threshold:.1%} with 80 % "
+        same_n = len({v.n_items for v in short}) == 1  # else each candidate's own count
+        needed = ", ".join(f"{v.name} ~{v.items_needed}" + ("" if same_n else f" (has {v.n_items})") for v in short)
+        many = f"{short[0].n_items} items are" if same_n else "the items are"
+        out.append(f"{many} too few to detect a quality drop of {1 - threshold:.1%} with 80 % "
                    f"power at {confidence:.0%} confidence; items needed: {needed}")
     return out
 

@@ -242,10 +242,14 @@ def compare(
       ``resamples`` times, draw n item indices with replacement, the same indices for both models,
       and take the ratio of the two means; the interval is the (alpha/2, 1 - alpha/2) quantiles of
       those ratios (linear interpolation). Resamples whose baseline mean is 0 have no ratio and are
-      skipped. Deterministic for a given ``seed``: up to 1 M index draws (n * resamples) use
-      ``random.Random(seed)``; larger bootstraps use numpy's PCG64 generator seeded with ``seed``
-      (pure Python would take seconds). When every item has identical scores under both models the
-      interval is the degenerate [1, 1].
+      skipped. The resampled items include two pseudo-items, one the baseline gets right and the
+      candidate wrong and one the other way round (as Agresti & Min's interval for matched
+      proportions adds pseudo-counts): without them, a candidate that disagrees with the baseline on
+      none of a few items gets the degenerate interval [1, 1] and passes any threshold -- one item
+      would do -- and one that loses, say, 5 % of the baseline's right answers passes 0.98 on 60
+      items one time in ten. Deterministic for a given ``seed``: up to 1 M index draws
+      (n * resamples) use ``random.Random(seed)``; larger bootstraps use numpy's PCG64 generator
+      seeded with ``seed`` (pure Python would take seconds).
     * ``verdict``: PASS when ``ci_low >= threshold``, FAIL when ``ci_high < threshold``, otherwise
       INCONCLUSIVE. Valid for one look at a sample size fixed in advance -- use ``SequentialTest`` to
       stop early.
@@ -278,7 +282,8 @@ def compare(
     verdict = INCONCLUSIVE
     if mean_b > 0:
         relative = mean_c / mean_b
-        sums_b, sums_c = _bootstrap_sums(b, c, resamples, seed)
+        # one disagreement each way: no disagreement seen is not read as none possible
+        sums_b, sums_c = _bootstrap_sums([*b, 1.0, 0.0], [*c, 0.0, 1.0], resamples, seed)
         ratios = sorted(sc / sb for sb, sc in zip(sums_b, sums_c) if sb > 0)
         if ratios:
             ci_low, ci_high = _quantile(ratios, alpha / 2), _quantile(ratios, 1 - alpha / 2)
@@ -296,7 +301,7 @@ def compare(
         ci_low=ci_low,
         ci_high=ci_high,
         confidence=confidence,
-        method=f"paired bootstrap ({resamples} resamples, percentile)",
+        method=f"paired bootstrap ({resamples} resamples, percentile, a disagreement added each way)",
         mcnemar_p=mcnemar_p,
         discordant=discordant,
         verdict=verdict,

@@ -365,9 +365,9 @@ class _Changes:
     minute per line that keeps moving (a running candidate's phase is stored every few seconds:
     eight of them would print a line or two a second)."""
 
-    def __init__(self, lines: dict[str, str], every: float = 60.0) -> None:
+    def __init__(self, lines: dict[str, str], now: float, every: float = 60.0) -> None:
         self.every = every
-        self.printed = {key: (line, 0.0) for key, line in lines.items()}
+        self.printed = {key: (line, now) for key, line in lines.items()}
 
     def printed_lines(self) -> list[str]:
         return [line for line, _ in self.printed.values()]
@@ -375,7 +375,7 @@ class _Changes:
     def worth_printing(self, lines: dict[str, str], now: float) -> list[str]:
         out = []
         for key, line in lines.items():
-            last, at = self.printed.get(key, (None, 0.0))
+            last, at = self.printed.get(key, (None, now))
             if line != last and (last is None or _coarse(line) != _coarse(last) or now - at >= self.every):
                 self.printed[key] = (line, now)
                 out.append(line)
@@ -391,7 +391,7 @@ def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
     """What `status` shows, then a line per change until the job is settled, then its results (an
     error, exit non-zero, unless it succeeded): `status --follow`."""
     job = svc.get_job(job_id)
-    changes = _Changes(_status_lines(svc, job))
+    changes = _Changes(_status_lines(svc, job), time.monotonic())
     click.echo("\n".join(changes.printed_lines()))
     start = time.monotonic()
     while not _settled(svc, job):

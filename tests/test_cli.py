@@ -484,23 +484,23 @@ def test_status_follow_prints_a_moving_count_at_each_quarter_or_once_a_minute():
     phase at once, a count at each quarter, and otherwise one line a minute per candidate."""
     from quantselect.cli import _Changes
 
-    changes = _Changes({"job": "Job j: running", "candidate a": "  a running: evaluating 0/600 items"})
+    changes = _Changes({"job": "Job j: running", "candidate a": "  a running: evaluating 0/600 items"}, 1000.0)
     seen = []
     for t, done in enumerate(range(0, 600, 10), start=1):  # 10 items a second
         seen += [(t, line) for line in changes.worth_printing(
-            {"job": "Job j: running", "candidate a": f"  a running: evaluating {done}/600 items"}, float(t))]
+            {"job": "Job j: running", "candidate a": f"  a running: evaluating {done}/600 items"}, 1000.0 + t)]
     assert seen == [(16, "  a running: evaluating 150/600 items"), (31, "  a running: evaluating 300/600 items"),
                     (46, "  a running: evaluating 450/600 items")]
-    slow = [changes.worth_printing({"candidate a": f"  a running: evaluating {452 + i}/600 items"}, 46.0 + i)
+    slow = [changes.worth_printing({"candidate a": f"  a running: evaluating {452 + i}/600 items"}, 1046.0 + i)
             for i in range(1, 100)]
     assert [i + 1 for i, lines in enumerate(slow) if lines] == [60], slow  # a minute after the last one
-    assert changes.worth_printing({"candidate a": "  a running: measuring prefill (1/3)"}, 146.0) == [
+    assert changes.worth_printing({"candidate a": "  a running: measuring prefill (1/3)"}, 1146.0) == [
         "  a running: measuring prefill (1/3)"]
-    assert changes.worth_printing({"candidate a": "  a running: measuring decode at batch 1 (2/3)"}, 147.0) == [
+    assert changes.worth_printing({"candidate a": "  a running: measuring decode at batch 1 (2/3)"}, 1147.0) == [
         "  a running: measuring decode at batch 1 (2/3)"]
-    assert changes.worth_printing({"candidate a": "  a succeeded", "deployment": "  deployed a at x"}, 148.0) == [
+    assert changes.worth_printing({"candidate a": "  a succeeded", "deployment": "  deployed a at x"}, 1148.0) == [
         "  a succeeded", "  deployed a at x"]
-    assert changes.worth_printing({"candidate a": "  a succeeded", "deployment": "  deployed a at x"}, 149.0) == []
+    assert changes.worth_printing({"candidate a": "  a succeeded", "deployment": "  deployed a at x"}, 1149.0) == []
 
 
 def test_status_follow_ends_on_a_failed_job_or_a_driver_that_is_gone(tiny_llama, monkeypatch):

@@ -67,6 +67,25 @@ def test_category_failure_is_warned_and_recommended_per_category():
     assert rec.per_category == {"chat": "int4", "math": BASELINE}
 
 
+def test_a_category_too_small_to_show_a_pass_is_not_called_a_failure():
+    """Under the lower-bound policy a candidate identical to the baseline may not be shown to meet
+    the threshold in a small category: the warning says so, not that it fails there; the
+    baseline, the reference itself, is [1, 1] and passes any threshold up to 1."""
+    cats = ["math"] * 40 + ["chat"] * 560
+    base = ([1] * 32 + [0] * 8) + ([1] * 448 + [0] * 112)
+    rec = run([cand(BASELINE, base, 100, cats), cand("int8", list(base), 300, cats)], threshold=0.985,
+              policy="lower-bound")
+    assert rec.chosen == "int8" and rec.per_category == {"chat": "int8", "math": BASELINE}, rec.per_category
+    (w,) = [w for w in rec.warnings if w.startswith("int8 passes overall")]
+    assert w.startswith("int8 passes overall, but the lower bound of its interval is below the threshold in "
+                        "category 'math' (lower bound 0."), w
+    assert "fails" not in w
+    b = rec.verdict(BASELINE)
+    assert (b.ci_low, b.ci_high, b.verdict) == (1.0, 1.0, "pass")
+    over = run([cand(BASELINE, base, 100), cand("int8", list(base), 300)], threshold=1.1).verdict(BASELINE)
+    assert (over.verdict, over.passed) == ("fail", False)
+
+
 def test_early_stopped_candidate_keeps_its_settled_verdict():
     short = [1 if i % 2 else 0 for i in range(40)]
     r, items = cand("int2", short, 500, early_stop={"decision": "fail", "n": 40, "stopped_early": True})

@@ -75,11 +75,15 @@ class Shape:
         return self.linear_params + self.other_params
 
 
+# model types whose transformers 5 config class ties the embeddings unless told otherwise (besides
+# every *gemma* one); Llama, Mistral, Qwen2 and Qwen3 do not
+TIED_BY_DEFAULT = frozenset({"smollm3", "cohere", "cohere2", "starcoder2", "falcon", "opt", "bloom", "gpt2",
+                             "ernie4_5", "lfm2", "minicpm3"})
+
+
 def tied_by_default(model_type: str | None) -> bool:
-    """transformers' default for ``tie_word_embeddings`` when a config.json omits it: True for the
-    Gemma family (gemma, gemma2, gemma3, gemma3_text, gemma3n, ...: every transformers 5 config class
-    named *gemma* defaults to tied), False for Llama, Mistral, Qwen2 and Qwen3."""
-    return "gemma" in (model_type or "")
+    """transformers' default for ``tie_word_embeddings`` when a config.json omits it."""
+    return "gemma" in (model_type or "") or model_type in TIED_BY_DEFAULT
 
 
 def _tied(outer: dict[str, Any], text: dict[str, Any]) -> bool:

@@ -181,7 +181,7 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
         return _Evidence()
     comp = compare(b, c, threshold, confidence)
     if r.is_baseline:  # the reference itself: 1 by definition, not an estimate
-        comp = replace(comp, ci_low=1.0, ci_high=1.0, verdict=PASS)
+        comp = replace(comp, ci_low=1.0, ci_high=1.0, verdict=PASS if threshold <= 1 + 1e-12 else FAIL)
     decision = None if r.is_baseline else _settled(r.early_stop or {}, threshold, confidence)
     passed = (decision == PASS) if decision else _qualifies(comp.relative, comp.ci_low, threshold, policy)
     categories: list[CategoryVerdict] = []
@@ -192,7 +192,7 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
             cc = [x for x, k in zip(c, cats) if k == name]
             cat = compare(cb, cc, threshold, confidence, resamples=CATEGORY_RESAMPLES)
             if r.is_baseline:
-                cat = replace(cat, ci_low=1.0, ci_high=1.0, verdict=PASS)
+                cat = replace(cat, ci_low=1.0, ci_high=1.0, verdict=PASS if threshold <= 1 + 1e-12 else FAIL)
             categories.append(CategoryVerdict(name, cat.n, cat.relative, cat.ci_low, cat.ci_high, cat.verdict,
                                               _qualifies(cat.relative, cat.ci_low, threshold, policy)))
     return _Evidence(comp.relative, passed, comp, decision, comp.n, tuple(categories))
@@ -373,7 +373,16 @@ def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold
               policy: str) -> list[str]:
     out = []
     for v in verdicts:
-        failing = [c for c in v.categories if c.passed is False]
+        # below the threshold in a category, or (lower-bound policy) only not shown to meet it there
+        failing = [c for c in v.categories if c.passed is False
+                   and (c.relative_score is None or c.relative_score < threshold - 1e-12)]
+        unsure = [c for c in v.categories if c.passed is False and c not in failing]
+        if v.passed and unsure:
+            names = ", ".join(f"{c.category!r} (lower bound {c.ci_low:.3f})" if c.ci_low is not None
+                              else repr(c.category) for c in unsure)
+            out.append(f"{v.name} passes overall, but the lower bound of its interval is below the threshold in "
+                       f"categor{'y' if len(unsure) == 1 else 'ies'} {names}: too few items there to show it "
+                       "meets it")
         if v.passed and failing:
             worst = min(failing, key=lambda c: c.relative_score if c.relative_score is not None else 0.0)
             names = ", ".join(f"{c.category!r} ({c.relative_score:.3f})" if c.relative_score is not None

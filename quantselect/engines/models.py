@@ -166,11 +166,12 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     if isinstance(cached, str):
         return Path(cached)
     copy = _header_copies() / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file
-    try:
-        os.utime(copy)  # used now: kept (_forget_idle_header_copies)
-        return copy
-    except FileNotFoundError:
-        _forget_idle_header_copies()
+    with _HEADER_COPIES_LOCK:  # touched and returned, or the idle ones removed, never in between
+        try:
+            os.utime(copy)  # used now: kept (_forget_idle_header_copies)
+            return copy
+        except FileNotFoundError:
+            _forget_idle_header_copies()
     url, got = hf_hub_url(repo, file, revision=commit), bytearray()
 
     def fetch(offset: int, n: int) -> bytes:  # never past the end: read_header knows the size
@@ -270,6 +271,7 @@ def _header_copies() -> Path:
 
 
 HEADER_COPY_IDLE_SECONDS = 600
+_HEADER_COPIES_LOCK = threading.Lock()
 
 
 def _forget_idle_header_copies() -> None:
@@ -282,7 +284,7 @@ def _forget_idle_header_copies() -> None:
             if path.is_file() and not path.name.startswith(".") and path.stat().st_mtime < idle:
                 path.unlink()
         except OSError:
-            pass  # another thread's
+            pass  # gone already
 
 
 def _ranged_get(url: str, offset: int, n: int) -> bytes:

@@ -146,6 +146,9 @@ def _sse(obj: Any) -> str:
 
 
 MAX_ROWS = 16  # sequences a replica decodes at once: the serving batch the cost figures assume
+# An answer without max_tokens on a replica with a static cache is bounded by the cache (prompt plus
+# answer: 8,192 tokens) when that leaves it this many; else by the model's context, on the batch.
+STATIC_DEFAULT_ROOM = 2048
 
 
 class _Sequence:
@@ -362,9 +365,9 @@ class QuantizedModelServer:
         """Start generating an answer to ``ids``; its ``stream`` yields (text delta, finish reason or
         None, completion tokens so far), the last item with a reason. The batch takes it at once, the
         static cache (one request at a time) once the requests before it are done."""
-        if max_tokens is None:  # as much as the engine holds: the static cache's room when the prompt leaves some
-            room = self.static.max_len if self.static is not None and len(ids) < self.static.max_len else self.context
-            max_tokens = room - len(ids)
+        if max_tokens is None:  # the room the context leaves; on the static cache, its own when that is ample
+            static_room = self.static.max_len - len(ids) if self.static is not None else 0
+            max_tokens = static_room if static_room >= STATIC_DEFAULT_ROOM else self.context - len(ids)
         max_tokens = min(max_tokens, self.context - len(ids))  # _respond has checked the prompt fits
         seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
@@ -402,12 +405,17 @@ class QuantizedModelServer:
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": self.name}
         if req.stream:
             return StreamingResponse(self._stream(req, ids, chat, max_tokens, head), media_type="text/event-stream")
-        choices, used = [], 0
-        for i, answer in enumerate([self._start(p, req, max_tokens) for p in ids]):  # all prompts batched
-            parts = list(answer.stream)
-            text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
-            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
-            choices.append({"index": i, **body, "finish_reason": reason})
+        choices, used, answers = [], 0, []
+        try:
+            answers += [self._start(p, req, max_tokens) for p in ids]  # all prompts batched
+            for i, answer in enumerate(answers):
+                parts = list(answer.stream)
+                text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
+                body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+                choices.append({"index": i, **body, "finish_reason": reason})
+        finally:  # one that failed: the others decode for nobody
+            for answer in answers:
+                answer.cancel()
         n_prompt = sum(len(p) for p in ids)
         return {**head, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
@@ -419,9 +427,9 @@ class QuantizedModelServer:
         from starlette.concurrency import run_in_threadpool
 
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        used = 0
-        answers = [self._start(p, req, max_tokens) for p in ids]
+        used, answers = 0, []
         try:
+            answers += [self._start(p, req, max_tokens) for p in ids]
             for i, answer in enumerate(answers):
                 if chat:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})

@@ -367,6 +367,22 @@ def test_serving_imports_no_torch_and_no_db():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+def test_the_static_cache_runs_in_one_thread_of_its_own():
+    """Its warm-up and every request run in one long-lived thread: torch's CUDA graph trees are per
+    thread, so the graphs captured at warm-up replay only there (a thread per request captured them
+    again each time)."""
+    import threading
+
+    from quantselect.serving.app import _StaticWorker
+
+    worker = _StaticWorker(None, threading.Lock())
+    names = {worker.call(lambda: (threading.current_thread().name, threading.get_ident())) for _ in range(3)}
+    assert len(names) == 1 and next(iter(names))[0] == "quantselect-static", names
+    with pytest.raises(ZeroDivisionError):
+        worker.call(lambda: 1 / 0)
+    assert worker.call(lambda: threading.get_ident()) == next(iter(names))[1]  # the thread outlived the error
+
+
 def test_the_static_cache_engine_answers_like_the_dynamic_one(tiny_url, tiny_llama, serve_port, tmp_path):
     """The engine a GPU replica uses by default (a static KV cache, one request at a time; compiled
     there), here eager on CPU: the same greedy text as the dynamic engine, streamed or not. A client

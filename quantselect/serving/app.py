@@ -299,6 +299,57 @@ class _Batch:
         self.rows = [self.rows[i] for i in keep]
 
 
+class _StaticWorker:
+    """The static cache's one thread: requests decode there one at a time, in the order they came,
+    each until it finishes or its client is gone (the cache is never held by an answer nobody reads).
+    One long-lived thread, because torch's CUDA graph trees are per thread: the graphs the warm-up
+    (run here too, ``call``) captured replay in this thread only; a thread per request would capture
+    them again for every request."""
+
+    def __init__(self, decoder: Any, lock: threading.Lock) -> None:
+        self.decoder, self.lock = decoder, lock
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="quantselect-static", daemon=True).start()
+
+    def submit(self, seq: _Sequence) -> None:
+        self.waiting.put(seq)
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn`` in this thread, and wait for it."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting.put((fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _run(self) -> None:
+        while True:
+            job = self.waiting.get()
+            if isinstance(job, tuple):
+                fn, done = job
+                try:
+                    done.put((True, fn()))
+                except BaseException as e:  # noqa: BLE001 -- the caller's to raise
+                    done.put((False, e))
+            else:
+                self._decode(job)
+
+    def _decode(self, seq: _Sequence) -> None:
+        import torch
+
+        try:
+            logits = None
+            while not seq.cancelled:
+                with self.lock, torch.inference_mode():
+                    logits = self.decoder.step(seq.out[-1]) if logits is not None else self.decoder.prefill(seq.ids)
+                    if seq.push(seq.sample(logits)):
+                        return
+        except Exception as e:  # noqa: BLE001 -- that answer fails, the replica stays up
+            log.exception("decoding on the static cache failed")
+            seq.fail(e)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * MAX_ROWS)
 @serve.ingress(api)
 class QuantizedModelServer:
@@ -342,13 +393,13 @@ class QuantizedModelServer:
         engine = engine or ("static" if self.loaded.device == "cuda" and not spread else "dynamic")
         self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
             if engine == "static" else None
-        self.static_lock = threading.Lock()  # held for a whole request that decodes with the static cache
+        self.static_worker = _StaticWorker(self.static, self.lock) if self.static is not None else None
         self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS)
         self.threads = torch.get_num_threads()
         self.context = int(getattr(self.loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.engine = f"{engine} KV cache"
         if self.static is not None and self.static.compiled:
-            self.static.warm_up()
+            self.static_worker.call(self.static.warm_up)  # in the thread that decodes: its CUDA graphs
             self.engine += ", compiled step"
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
@@ -371,28 +422,11 @@ class QuantizedModelServer:
         max_tokens = min(max_tokens, self.context - len(ids))  # _respond has checked the prompt fits
         seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
-            threading.Thread(target=self._static, args=(seq,), name="quantselect-static", daemon=True).start()
+            self.static_worker.submit(seq)
         else:
             self.batch.submit(seq)
         seq.stream = seq.results()
         return seq
-
-    def _static(self, seq: "_Sequence") -> None:
-        """Decode ``seq`` on the static cache, which holds one request at a time, until it finishes or
-        its client is gone (the cache is never held by an answer nobody reads)."""
-        import torch
-
-        try:
-            with self.static_lock:
-                logits = None
-                while not seq.cancelled:
-                    with self.lock, torch.inference_mode():
-                        logits = self.static.step(seq.out[-1]) if logits is not None else self.static.prefill(seq.ids)
-                        if seq.push(seq.sample(logits)):
-                            return
-        except Exception as e:  # noqa: BLE001 -- that answer fails, the replica stays up
-            log.exception("decoding on the static cache failed")
-            seq.fail(e)
 
     def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int]):
         for p in ids:  # before a stream starts: an error there could not be a 400 any more

@@ -53,7 +53,7 @@ def windowed(tok, ids: list[int]) -> tuple[float, str]:
     for t in ids:
         seq.push(t)
     elapsed = time.perf_counter() - start
-    return elapsed, "".join(delta for delta, _, _ in seq.drain())
+    return elapsed, "".join(delta for delta, _, _ in seq.results())  # (ends: the limit is its length)
 
 
 def main() -> None:

@@ -169,6 +169,11 @@ def _settled(early: dict, threshold: float, confidence: float) -> str | None:
     return decision if holds else None
 
 
+def _reference(comp: PairedComparison, threshold: float) -> PairedComparison:
+    """The baseline against itself: 1 by definition, not an estimate."""
+    return replace(comp, ci_low=1.0, ci_high=1.0, verdict=PASS if threshold <= 1 + 1e-12 else FAIL)
+
+
 def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, ItemResult],
               items: Sequence[ItemResult], threshold: float, confidence: float, policy: str) -> _Evidence:
     if not base_items or not items:  # no per-item results stored: the plain ratio, no interval
@@ -180,8 +185,7 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
     if not b:
         return _Evidence()
     comp = compare(b, c, threshold, confidence)
-    if r.is_baseline:  # the reference itself: 1 by definition, not an estimate
-        comp = replace(comp, ci_low=1.0, ci_high=1.0, verdict=PASS if threshold <= 1 + 1e-12 else FAIL)
+    comp = _reference(comp, threshold) if r.is_baseline else comp
     decision = None if r.is_baseline else _settled(r.early_stop or {}, threshold, confidence)
     passed = (decision == PASS) if decision else _qualifies(comp.relative, comp.ci_low, threshold, policy)
     categories: list[CategoryVerdict] = []
@@ -191,8 +195,7 @@ def _evidence(r: CandidateResult, base: CandidateResult, base_items: dict[int, I
             cb = [x for x, k in zip(b, cats) if k == name]
             cc = [x for x, k in zip(c, cats) if k == name]
             cat = compare(cb, cc, threshold, confidence, resamples=CATEGORY_RESAMPLES)
-            if r.is_baseline:
-                cat = replace(cat, ci_low=1.0, ci_high=1.0, verdict=PASS if threshold <= 1 + 1e-12 else FAIL)
+            cat = _reference(cat, threshold) if r.is_baseline else cat
             categories.append(CategoryVerdict(name, cat.n, cat.relative, cat.ci_low, cat.ci_high, cat.verdict,
                                               _qualifies(cat.relative, cat.ci_low, threshold, policy)))
     return _Evidence(comp.relative, passed, comp, decision, comp.n, tuple(categories))

@@ -168,7 +168,6 @@ class _Sequence:
         self.prefix = self.read = 0  # incremental detokenization: see _decoded
         self.items: queue.SimpleQueue = queue.SimpleQueue()
         self.finished = self.cancelled = False
-        self.stream: Iterator[tuple[str, Optional[str], int]] = iter(())
 
     def sample(self, logits: Any) -> int:
         import torch
@@ -413,7 +412,7 @@ class QuantizedModelServer:
         return self.tok(prompt, add_special_tokens=special)["input_ids"]
 
     def _start(self, ids: list[int], req: _Sampling, max_tokens: Optional[int]) -> "_Sequence":
-        """Start generating an answer to ``ids``; its ``stream`` yields (text delta, finish reason or
+        """Start generating an answer to ``ids``; its ``results()`` yield (text delta, finish reason or
         None, completion tokens so far), the last item with a reason. The batch takes it at once, the
         static cache (one request at a time) once the requests before it are done."""
         if max_tokens is None:  # the room the context leaves; on the static cache, its own when that is ample
@@ -425,7 +424,6 @@ class QuantizedModelServer:
             self.static_worker.submit(seq)
         else:
             self.batch.submit(seq)
-        seq.stream = seq.results()
         return seq
 
     def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int]):
@@ -443,7 +441,7 @@ class QuantizedModelServer:
         try:
             answers += [self._start(p, req, max_tokens) for p in ids]  # all prompts batched
             for i, answer in enumerate(answers):
-                parts = list(answer.stream)
+                parts = list(answer.results())
                 text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
                 body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
                 choices.append({"index": i, **body, "finish_reason": reason})
@@ -467,7 +465,8 @@ class QuantizedModelServer:
             for i, answer in enumerate(answers):
                 if chat:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                while (item := await run_in_threadpool(next, answer.stream, None)) is not None:
+                items = answer.results()
+                while (item := await run_in_threadpool(next, items, None)) is not None:
                     delta, reason, n = item
                     if delta or reason:
                         body = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}

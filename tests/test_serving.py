@@ -128,6 +128,16 @@ def test_concurrent_requests_are_decoded_together(smol_url):
         time.sleep(0.2)
     else:
         raise AssertionError("the abandoned answer is still decoding")
+    # so does an answer not streamed whose client gave up waiting (here a 2 s timeout)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(smol_url + "/completions", timeout=httpx.Timeout(60, read=2),
+                   json={"prompt": "Count: 1, 2, 3,", "max_tokens": 4000, "temperature": 0})
+    for _ in range(100):
+        if httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the answer its client gave up on is still decoding")
     assert ask(questions[0]) == alone[0]
 
 

@@ -7,6 +7,7 @@ imported only inside the replica (``load_candidate``); importing this module doe
 
 # No `from __future__ import annotations`: serve.ingress rebuilds the route signatures and FastAPI must
 # see the request models as classes, not strings (else the body becomes a required query parameter).
+import asyncio
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -167,6 +168,7 @@ class _Sequence:
         self.text, self.sent = "", 0
         self.prefix = self.read = 0  # incremental detokenization: see _decoded
         self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake: Optional[Callable[[], None]] = None  # set by aresults: tells its coroutine an item is there
         self.finished = self.cancelled = False
 
     def sample(self, logits: Any) -> int:
@@ -209,28 +211,60 @@ class _Sequence:
         self.prefix, self.read = self.read, len(self.out)
         return new[len(old):]
 
+    def _put(self, item: Any) -> None:
+        self.items.put(item)
+        if (wake := self.wake) is not None:
+            wake()
+
     def _emit(self, delta: str, reason: Optional[str]) -> bool:
-        self.items.put((delta, reason, len(self.out)))
+        self._put((delta, reason, len(self.out)))
         self.finished = reason is not None
         return self.finished
 
     def fail(self, error: Exception) -> None:
-        self.items.put(error)
+        self._put(error)
         self.finished = True
 
     def cancel(self) -> None:
         """Its client is gone: the engine drops it at its next step, and a reader waiting ends."""
         self.cancelled = True
-        self.items.put(None)
+        self._put(None)
+
+    @staticmethod
+    def _item(item: Any) -> Optional[tuple[str, Optional[str], int]]:
+        if isinstance(item, Exception):
+            raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", "server_error", None)
+        return item
 
     def results(self) -> Iterator[tuple[str, Optional[str], int]]:
         """The items as the engine produces them."""
+        while (item := self._item(self.items.get())) is not None:
+            yield item
+            if item[1] is not None:
+                return
+
+    async def aresults(self) -> AsyncIterator[tuple[str, Optional[str], int]]:
+        """``results()`` for a route: it waits without holding a thread, so that the route's
+        cancellation (its client gone, streamed or not) ends the wait at once, and its ``finally``
+        takes the answer off the engine."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:  # (in the engine's thread)
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
+
+        self.wake = wake
         while True:
-            item = self.items.get()
+            try:
+                item = self._item(self.items.get_nowait())
+            except queue.Empty:
+                await ready.wait()
+                ready.clear()
+                continue
             if item is None:
                 return
-            if isinstance(item, Exception):
-                raise ApiError(500, f"generation failed: {type(item).__name__}: {item}", "server_error", None)
             yield item
             if item[1] is not None:
                 return
@@ -426,7 +460,7 @@ class QuantizedModelServer:
             self.batch.submit(seq)
         return seq
 
-    def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int]):
+    async def _respond(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int]):
         for p in ids:  # before a stream starts: an error there could not be a 400 any more
             if not p:
                 raise ApiError(400, "The prompt is empty: give at least one token.", "invalid_request_error", "invalid_prompt")
@@ -441,11 +475,11 @@ class QuantizedModelServer:
         try:
             answers += [self._start(p, req, max_tokens) for p in ids]  # all prompts batched
             for i, answer in enumerate(answers):
-                parts = list(answer.results())
+                parts = [item async for item in answer.aresults()]
                 text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
                 body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
                 choices.append({"index": i, **body, "finish_reason": reason})
-        finally:  # one that failed: the others decode for nobody
+        finally:  # its client gone (Serve cancels the route), or one that failed: the others decode for nobody
             for answer in answers:
                 answer.cancel()
         n_prompt = sum(len(p) for p in ids)
@@ -456,8 +490,6 @@ class QuantizedModelServer:
         """The answers as server-sent events. An async generator: a client that disconnects cancels it
         at once (Serve cancels the request), and ``finally`` takes its answers off the engines (a
         sync one would wait for a garbage collection to be closed)."""
-        from starlette.concurrency import run_in_threadpool
-
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         used, answers = 0, []
         try:
@@ -465,9 +497,7 @@ class QuantizedModelServer:
             for i, answer in enumerate(answers):
                 if chat:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                items = answer.results()
-                while (item := await run_in_threadpool(next, items, None)) is not None:
-                    delta, reason, n = item
+                async for delta, reason, n in answer.aresults():
                     if delta or reason:
                         body = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
                         yield _sse({**head, "choices": [{"index": i, **body, "finish_reason": reason}]})
@@ -493,15 +523,26 @@ class QuantizedModelServer:
         card = {"id": self.name, "object": "model", "created": 0, "owned_by": "quantselect", "engine": self.loaded.engine}
         return {"object": "list", "data": [card]}
 
+    # The generation routes are coroutines: Serve cancels one whose client has gone, which a route run
+    # in a thread would not notice. The tokenizer runs in a thread (a long prompt would hold the loop).
     @api.post("/v1/completions")
-    def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest):
+        from starlette.concurrency import run_in_threadpool
+
         self._check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        return self._respond(req, [self._tokens(p) for p in prompts], False, 16 if req.max_tokens is None else req.max_tokens)
+        ids = await run_in_threadpool(lambda: [self._tokens(p) for p in prompts])
+        return await self._respond(req, ids, False, 16 if req.max_tokens is None else req.max_tokens)
 
     @api.post("/v1/chat/completions")
-    def chat_completions(self, req: ChatRequest):
+    async def chat_completions(self, req: ChatRequest):
+        from starlette.concurrency import run_in_threadpool
+
         self._check_model(req)
+        ids = await run_in_threadpool(self._chat_ids, req)
+        return await self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)  # None: the room left
+
+    def _chat_ids(self, req: ChatRequest) -> list[int]:
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         if getattr(self.tok, "chat_template", None):
             from jinja2 import TemplateError
@@ -511,11 +552,9 @@ class QuantizedModelServer:
             except (TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported", roles not alternating
                 raise ApiError(400, f"This model's chat template refuses these messages: {e}", "invalid_request_error",
                                "invalid_messages") from None
-            ids = self._tokens(prompt, special=False)  # the template already holds the special tokens
-        else:
-            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
-            ids = self._tokens(prompt)
-        return self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)  # None: the room left
+            return self._tokens(prompt, special=False)  # the template already holds the special tokens
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
+        return self._tokens(prompt)
 
 
 def check_engine(engine: Optional[str]) -> None:

@@ -111,7 +111,16 @@ class Events:
 
 
 def _deployment_name(job_id: str, candidate: str) -> str:
-    return f"{candidate}-{job_id[:6]}"
+    """A job's candidate's Serve name: the candidate's own where it is one (a-z, 0-9, '-'), else a
+    slug of it with a hash of the whole (``int8:kv_cache=fp8``, a label with '.', '_' or capitals),
+    so that two candidates never share one."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", candidate.lower()).strip("-")
+    if slug != candidate:
+        slug = f"{slug[:40]}-{hashlib.sha256(candidate.encode()).hexdigest()[:6]}".lstrip("-")
+    return f"{slug}-{job_id[:6]}"
 
 
 class Service:
@@ -165,8 +174,8 @@ class Service:
         if req.readable is not None:
             only_under(req.readable, req.dataset, req.mapping and req.mapping.labels_file, req.calibration,
                        models=[req.model, *(hub_name(c.config.path) for c in candidates if isinstance(c.config, Prequantized))])
-        if req.candidate_timeout is not None and not req.candidate_timeout > 0:
-            raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0")
+        if req.candidate_timeout is not None and not 0 < req.candidate_timeout < float("inf"):
+            raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0 (in seconds)")
         if req.limit is not None and req.limit < 1:
             raise InputError(f"limit {req.limit} must be at least 1")
         if req.sample is not None and (req.sample < 1 or req.limit is not None):

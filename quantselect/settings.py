@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ class Settings:
 
 def get_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    home = Path(env.get("QUANTSELECT_HOME") or Path.home() / ".quantselect").expanduser()
-    db_url = env.get("QUANTSELECT_DB_URL") or f"sqlite:///{home / 'quantselect.db'}"
+    # absolute: a relative one would be another database and other artifacts in each working directory
+    # (and the artifact paths stored, read by Serve replicas and drivers elsewhere, would not resolve)
+    home = _folder(env, "QUANTSELECT_HOME") or Path.home() / ".quantselect"
+    db_url = _db_url(env) or f"sqlite:///{home / 'quantselect.db'}"
     timeout = env.get("QUANTSELECT_CANDIDATE_TIMEOUT")
     return Settings(
         home=home,
@@ -64,7 +67,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         serve_host=env.get("QUANTSELECT_SERVE_HOST") or "127.0.0.1",
         serve_port=_number(env, "QUANTSELECT_SERVE_PORT", 8000, int, 1, 65535),
         local_ray_port=_number(env, "QUANTSELECT_LOCAL_RAY_PORT", 6379, int, 1, 65535),
-        artifacts_override=Path(env["QUANTSELECT_ARTIFACTS_DIR"]).expanduser() if env.get("QUANTSELECT_ARTIFACTS_DIR") else None,
+        artifacts_override=_folder(env, "QUANTSELECT_ARTIFACTS_DIR"),
         gpu_memory=env.get("QUANTSELECT_GPU_MEMORY") or None,
         db_retry_seconds=_number(env, "QUANTSELECT_DB_RETRY_SECONDS", 120.0, float, 0),
         max_retries=_number(env, "QUANTSELECT_MAX_RETRIES", 1, int, 0),
@@ -80,6 +83,22 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 MIN_TOKEN_CHARS = 16
+
+
+def _folder(env: Mapping[str, str], name: str) -> Path | None:
+    raw = (env.get(name) or "").strip()
+    return Path(raw).expanduser().absolute() if raw else None
+
+
+def _db_url(env: Mapping[str, str]) -> str | None:
+    """QUANTSELECT_DB_URL; an '@' left in its password is refused (the driver would take the rest for
+    the host, and print it), without showing the URL."""
+    url = (env.get("QUANTSELECT_DB_URL") or "").strip()
+    where = re.match(r"[\w+.-]+://([^/?#]*)", url)
+    if where and where[1].count("@") > 1:
+        raise InputError("QUANTSELECT_DB_URL: its user or password holds an '@': percent-encode it as %40 "
+                         "(postgresql://user:p%40ss@host/db)")
+    return url or None
 
 
 def is_loopback(host: str) -> bool:
@@ -132,6 +151,9 @@ def _token(env: Mapping[str, str], name: str) -> str | None:
     if raw and (len(raw) < MIN_TOKEN_CHARS or any(c.isspace() for c in raw)):
         raise InputError(f"{name}: give a token of at least {MIN_TOKEN_CHARS} characters and no spaces "
                          "(`openssl rand -hex 32` makes one)")
+    if raw and not (raw.isascii() and raw.isprintable()):  # an HTTP header carries ASCII: none would match
+        raise InputError(f"{name}: give a token of ASCII letters, digits and punctuation (`openssl rand -hex 32` "
+                         "makes one)")
     return raw or None
 
 
@@ -146,6 +168,6 @@ def _number(env: Mapping[str, str], name: str, default: T | None, kind: Callable
         value = kind(raw.strip())
     except ValueError:
         raise InputError(f"{name}={raw!r}: give {what}" + (f" (default {default})" if default is not None else "")) from None
-    if value < low or (high is not None and value > high):
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
         raise InputError(f"{name}={raw!r}: give {what} " + (f"from {low} to {high}" if high is not None else f"of at least {low}"))
     return value

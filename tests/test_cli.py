@@ -282,6 +282,14 @@ def test_submit_deploy_that_cannot_deploy_shows_the_results_then_says_why(ray_cl
         "--candidate NAME` serves one)"), res.output
     shown = run("status", job_id).output
     assert shown.startswith(f"Job {job_id}: succeeded\n") and "  not deployed: job " in shown, shown
+    # so does the driver a cluster runs (`submit --address`: `run-job`), whose exit status --wait reports
+    from quantselect.service import Service
+
+    svc = Service()
+    again = svc.repo.create_job(svc.repo.get_job_spec(job_id)).id
+    res = CliRunner().invoke(cli, ["run-job", again])
+    assert res.exit_code == 1 and res.output.rstrip().splitlines()[-1].startswith(
+        f"Error: job {again} succeeded but was not deployed: no recommendation"), res.output
 
 
 def test_dry_run_says_what_would_run_and_submits_nothing(tiny_llama):
@@ -521,3 +529,36 @@ def test_status_follow_ends_on_a_failed_job_or_a_driver_that_is_gone(tiny_llama,
     assert re.search(r"its driver \(elsewhere:4242\) has not been heard from for \d+s: it is gone", res.output), res.output
     assert res.output.splitlines()[-1] == (f"Error: job {gone.id}: its driver is gone; "
                                             f"`quantselect resume {gone.id}` continues it"), res.output
+
+
+def test_stop_strings_keep_their_characters_and_a_bad_escape_is_an_input_error(tiny_llama):
+    from quantselect.cli import _unescape
+
+    assert _unescape("Réponse :\\n") == "Réponse :\n" and _unescape("答案\\t") == "答案\t"  # (was mojibake)
+    res = run("submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--stop", "a\\", "--dry-run")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip() == ("Error: --stop 'a\\\\': \\ at end of string; write a backslash as \\\\ "
+                                  "(escapes: \\n, \\t, \\\\)"), res.output
+
+
+def test_settings_that_would_mislead_are_refused_or_made_absolute(tmp_path, monkeypatch):
+    """A relative QUANTSELECT_HOME is made absolute (else each working directory had its own database);
+    a number that is not finite, an '@' left in the database password, a non-ASCII token: one line each,
+    naming the variable (and not showing the password)."""
+    from quantselect.errors import InputError
+    from quantselect.settings import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    s = get_settings({"QUANTSELECT_HOME": "qs", "QUANTSELECT_ARTIFACTS_DIR": " arts "})
+    assert s.home == tmp_path / "qs" and s.db_url == f"sqlite:///{tmp_path / 'qs' / 'quantselect.db'}"
+    assert s.artifacts_dir == tmp_path / "arts"
+    for name in ("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "QUANTSELECT_DB_RETRY_SECONDS"):
+        for value in ("nan", "inf"):
+            with pytest.raises(InputError, match=f"^{name}='{value}': give a number"):
+                get_settings({name: value})
+    with pytest.raises(InputError, match=r"^QUANTSELECT_DB_URL: its user or password holds an '@'") as e:
+        get_settings({"QUANTSELECT_DB_URL": "postgresql://alice:hunter@2024pass@db:5432/qs"})
+    assert "2024pass" not in str(e.value)
+    assert get_settings({"QUANTSELECT_DB_URL": "postgresql://alice:p%40ss@db/qs"}).db_url.endswith("@db/qs")
+    with pytest.raises(InputError, match="^QUANTSELECT_API_TOKEN: give a token of ASCII"):
+        get_settings({"QUANTSELECT_API_TOKEN": "clé-secrète-de-vingt-caractères"})

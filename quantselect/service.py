@@ -881,9 +881,14 @@ class Service:
         app = _deployment_name(job_id, name)
         before = job.deployed_candidate and _deployment_name(job_id, job.deployed_candidate)
         # on as many GPUs as it was evaluated on: a candidate too large for one was given several
-        url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host, port=self.settings.serve_port,
-                     use_gpu=use_gpu, gpus=max(1, len(chosen.gpu_ids)), engine=engine,
-                     api_key=self.settings.serve_api_key, replaces=before or None)
+        try:
+            url = deploy(app, str(model_dir), chosen.config, host=self.settings.serve_host, port=self.settings.serve_port,
+                         use_gpu=use_gpu, gpus=max(1, len(chosen.gpu_ids)), engine=engine,
+                         api_key=self.settings.serve_api_key, replaces=before or None)
+        except QuantselectError:
+            if before == app and app not in list_deployments():  # the one served, replaced by one that failed
+                self.repo.set_deployment(job_id, None, None)
+            raise
         self.repo.set_deployment(job_id, name, url)
         if before and before != app and before in list_deployments():
             undeploy(before)

@@ -318,6 +318,19 @@ def test_failed_replica_is_cleaned_up_with_its_reason(serve_port, tmp_path):
     assert "broken" not in list_deployments()
 
 
+def test_a_replica_the_cluster_cannot_place_fails_the_deployment(tiny_llama, serve_port):
+    """Three GPUs on a cluster of two: serve.run would wait for ever (as a second candidate of a job on
+    the one GPU the first holds); the deployment fails, saying what it needs, and nothing is left."""
+    from quantselect.errors import QuantselectError
+    from quantselect.serving.deploy import deploy, list_deployments
+
+    with pytest.raises(QuantselectError, match=r"^deployment 'too-big' failed: the cluster could not place its "
+                                               r"replica within 1 s \(it needs .*GPU.*3.*; free: .*\)$"):
+        deploy("too-big", str(tiny_llama), CATALOG["int8"].to_dict(), port=serve_port, use_gpu=True, gpus=3,
+               place_timeout_s=1)
+    assert "too-big" not in list_deployments()
+
+
 def test_a_candidate_its_job_ran_on_two_gpus_is_deployed_on_two(tiny_llama, serve_port, monkeypatch):
     """Service.deploy gives the replica as many GPUs as the candidate's job ran it on (a model too
     large for one). Here the two GPUs are Ray's logical ones and torch has no CUDA, so the replica

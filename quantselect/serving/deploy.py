@@ -73,6 +73,32 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise QuantselectError(f"{url} did not become healthy within {timeout_s:.0f} s ({last})")
 
 
+def _wait_running(app: str, place_timeout_s: float) -> None:
+    """Wait until Serve says ``app`` runs, as ``serve.run`` does, but give up on one whose replica the
+    cluster has not placed within ``place_timeout_s`` (Serve says so after 30 s; ``serve.run`` waits
+    forever: e.g. a second candidate of a job on the one GPU the first holds). Loading a large model
+    takes as long as it takes."""
+    from ray.serve.schema import ApplicationStatus
+
+    start = time.monotonic()
+    while True:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(status.message)
+        waiting = [d.message for d in (status.deployments.values() if status else ()) if "to be scheduled" in d.message]
+        if waiting and time.monotonic() - start > place_timeout_s:
+            needs = re.search(r"Resources required for each replica: (.*?), total resources available: (.*?)\. ", waiting[0])
+            raise _NotPlaced(f"the cluster could not place its replica within {place_timeout_s:.0f} s" + (
+                f" (it needs {needs[1]}; free: {needs[2]})" if needs else ""))
+        time.sleep(0.5)
+
+
+class _NotPlaced(QuantselectError):
+    pass
+
+
 def _asks_for_a_key(healthz: str) -> bool | None:
     """Whether the running deployment behind ``healthz`` asks its clients for an API key; None when
     it does not say (busy, restarting, broken)."""
@@ -98,12 +124,14 @@ def _failure_reason(app: str) -> str:
 
 def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1", port: int = 8000,
            use_gpu: bool = False, gpus: int = 1, engine: str | None = None, api_key: str | None = None,
-           replaces: str | None = None, timeout_s: float = 600) -> str:
+           replaces: str | None = None, timeout_s: float = 600, place_timeout_s: float = 600) -> str:
     """Serve ``model_path`` quantized as ``config`` (a ``CandidateConfig.to_dict()``) under ``name``
     (with ``use_gpu``, on ``gpus`` GPUs), its /v1 routes asking for ``api_key`` if given; replaces a
     deployment of the same name. ``replaces``: the deployment the caller stops once this one answers
     (another candidate of the same job). Without ``api_key``, replacing a deployment that asks its
-    clients for a key is refused: it would serve them open. Returns the OpenAI base URL."""
+    clients for a key is refused: it would serve them open. A replica the cluster cannot place within
+    ``place_timeout_s``, or that does not answer within ``timeout_s`` once running, fails the deployment
+    and is removed. Returns the OpenAI base URL."""
     check_name(name)
     _require_ray()
     app = build_app(name, str(model_path), config, use_gpu=use_gpu, engine=engine, api_key=api_key,
@@ -122,12 +150,16 @@ def deploy(name: str, model_path: str, config: dict, *, host: str = "127.0.0.1",
                     "QUANTSELECT_SERVE_API_KEY: set it (to the key or a new one) to replace it, or undeploy it first "
                     "to serve it open")
     try:
-        serve.run(app, name=APP_PREFIX + name, route_prefix=f"/models/{name}", blocking=False)
-    except RuntimeError as e:  # the replica failed to start (bad path, quantization error, ...)
-        reason = _failure_reason(APP_PREFIX + name) or str(e)
+        serve._run(app, _blocking=False, name=APP_PREFIX + name, route_prefix=f"/models/{name}")
+        _wait_running(APP_PREFIX + name, place_timeout_s)
+        _wait_healthy(f"http://{local}:{port}/models/{name}/healthz", timeout_s)
+    except (RuntimeError, QuantselectError) as e:  # the replica failed to start (bad path, quantization error,
+        # no room, ...): nothing is left running that nobody knows of
+        reason = str(e) if isinstance(e, QuantselectError) else (_failure_reason(APP_PREFIX + name) or str(e))
+        if isinstance(e, _NotPlaced) and replaces:
+            reason += f"; {replaces}, still served, may hold what it needs: undeploy it first"
         serve.delete(APP_PREFIX + name)
         raise QuantselectError(f"deployment {name!r} failed: {reason}") from e
-    _wait_healthy(f"http://{local}:{port}/models/{name}/healthz", timeout_s)
     return f"http://{host}:{port}/models/{name}/v1"
 
 

@@ -404,3 +404,27 @@ def test_ctrl_c_in_a_local_run_cancels_the_job_which_resume_continues(ray_cluste
     res = CliRunner().invoke(cli, ["resume", job_id])
     assert res.exit_code == 0, res.output
     _assert_once(svc, job_id, 40, {"baseline", "int8"})
+
+
+def test_a_model_whose_log_probabilities_are_nan_fails_alone_before_streaming_them(tiny_llama, tmp_path):
+    """A model that computes NaN (fp16 overflow, a broken kernel or checkpoint: here a tiny Llama whose
+    final norm is NaN) fails its candidate with one line naming the item; no NaN reaches the driver,
+    where PostgreSQL's JSON columns would refuse it and fail the whole job's write."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantselect.domain.candidates import CATALOG, Candidate
+    from quantselect.domain.dataset import load_dataset
+    from quantselect.engines.worker import run_candidate
+
+    broken = tmp_path / "nan-llama"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(str(broken))
+    AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(str(broken))
+    streamed: list = []
+    result = run_candidate(str(broken), Candidate("baseline", CATALOG["baseline"]),
+                           load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4), on_items=streamed.extend, stream_chunk=2)
+    assert (result.status, result.error) == ("failed", "the model produced non-finite log-probabilities on item 0")
+    assert streamed == [] and result.items == []

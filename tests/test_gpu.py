@@ -132,3 +132,25 @@ def test_the_batched_engine_decodes_each_row_like_the_dynamic_cache_on_the_gpu(t
             for o, row in zip(outs, logits):
                 o.append(int(row.argmax()))
     assert outs[0][:12] == alone[0] and outs[1] == alone[1]
+
+
+def test_rays_type_of_this_gpu_finds_its_results_and_never_overstates_its_memory():
+    """The type Ray gives this node's GPU names the device results are stored with as whole words
+    (so that a cached result measured here is reused here, and only on this GPU), and the memory
+    packing assumes for it is not more than the GPU has (Ray's "A100" may be the 40 GB card)."""
+    import re
+
+    import torch
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    from quantselect.domain.gpus import accelerator_memory_gib
+    from quantselect.orchestration.cluster import device_patterns
+
+    kind = NvidiaGPUAcceleratorManager.get_current_node_accelerator_type()
+    device = f"cuda:{torch.cuda.get_device_name()}"
+    patterns = device_patterns([{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, f"accelerator_type:{kind}": 1.0}}])
+    like = [re.fullmatch(re.escape(p).replace("%", ".*").replace("_", "."), device, re.IGNORECASE) for p in patterns]
+    assert any(like), (kind, device, patterns)
+    gib = accelerator_memory_gib(kind)
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert gib is None or gib * 2**30 <= 1.05 * total, (kind, gib, total)  # the table's figure, give or take

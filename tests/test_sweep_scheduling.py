@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from quantselect.cli import cli
 from quantselect.domain import planner
 from quantselect.domain.candidates import resolve_candidates
-from quantselect.orchestration.sweep import concurrent_slots
+from quantselect.orchestration.sweep import ProgressBoard, concurrent_slots, plan_placement
 from quantselect.service import Service, SubmitRequest
 from tests.fixtures.common import EXAMPLES, REPO
 
@@ -206,3 +207,131 @@ def test_a_stored_result_measured_on_other_hardware_is_not_reused(ray_cluster, t
     hit = svc.repo.find_cached(svc.repo.cache_keys(third.id)["int8"], exclude_job=third.id, devices=["cuda:%H100%"])
     assert hit is not None and hit[0] == first.id
     assert svc.repo.find_cached(svc.repo.cache_keys(third.id)["int8"], exclude_job=third.id, devices=["cuda:%A100%"]) is None
+
+
+def _node(cpus: float, gpus: float = 0, kind: str | None = None, alive: bool = True) -> dict:
+    """A node as ``ray.nodes()`` describes it."""
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **({f"accelerator_type:{kind}": 1.0} if kind else {})}
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_a_cpu_candidate_asks_for_no_more_cpus_than_one_node_has():
+    """Two nodes of 4 CPUs: the last candidate left asks for 4, not the cluster's 8 -- a task runs on
+    one node, and one that asks for more than any node has waits forever."""
+    from quantselect.orchestration.cluster import largest_node_cpus
+
+    nodes = [_node(4), _node(4), _node(16, alive=False)]
+    assert largest_node_cpus(nodes) == 4
+    assert plan_placement(1, 0, 8, largest_node_cpus(nodes)) == plan_placement(1, 0, 4)
+    assert plan_placement(1, 0, 8, 4).num_cpus == 4 and plan_placement(2, 0, 8, 4).num_cpus == 4
+    assert plan_placement(8, 0, 8, 4).num_cpus == 1 and plan_placement(8, 0, 8, 4).slots == 8
+    assert plan_placement(1, 0, 8).num_cpus == 8  # one node of 8
+
+
+def test_the_gpu_memory_of_an_a100_is_the_40_gb_cards_unless_a_node_says_80():
+    """Ray calls both A100s "A100": candidates are packed for the 40 GB card (packed for 80 GB they run
+    a 40 GB card out of memory), unless the node's type names its size (``A100-80G``)."""
+    from quantselect.domain.gpus import accelerator_memory_gib
+    from quantselect.orchestration.cluster import gpu_memory_bytes
+    from quantselect.settings import get_settings
+
+    assert accelerator_memory_gib("A100") == 39.4 and accelerator_memory_gib("A100-40G") == 39.4
+    assert accelerator_memory_gib("A100-80G") == 79.2 and accelerator_memory_gib("H100") == 79.6
+    assert accelerator_memory_gib("L4") == 22.0 and accelerator_memory_gib("L40S") == 44.5
+    assert accelerator_memory_gib("L40") is None and accelerator_memory_gib("RTX-PRO-6000") is None
+    settings = get_settings()
+    assert gpu_memory_bytes(settings, [_node(8), _node(8, 1, "A100")]) == 39.4 * GIB
+    both = _node(8, 1, "A100")
+    both["Resources"]["accelerator_type:A100-80G"] = 1.0  # the label Ray's docs suggest adding
+    assert gpu_memory_bytes(settings, [both]) == 79.2 * GIB
+    assert gpu_memory_bytes(settings, [both, _node(8, 1, "L4")]) == 22.0 * GIB  # the smallest GPU
+    assert gpu_memory_bytes(settings, [both, _node(8, 1, "L40")]) is None  # unknown: a whole GPU each
+    assert gpu_memory_bytes(settings, [_node(8, 2)]) is None  # logical GPUs
+
+
+def test_a_cached_result_is_reused_only_from_the_gpu_the_clusters_gpu_nodes_have():
+    """The patterns come from the nodes with GPUs (a CPU-only head runs no candidate, so it adds no
+    "cpu"), and name the type as whole words: on an L4 cluster a result measured on an L40S is not
+    reused, one measured on an L4 is (real SQLite)."""
+    from tests.test_db import make_spec, outcome
+
+    from quantselect.db import Repository
+    from quantselect.orchestration.cluster import device_patterns
+    from quantselect.settings import get_settings
+
+    l4_cluster = [_node(8), _node(8, 1, "L4"), _node(8, 1, "L4")]
+    assert "cpu" not in device_patterns(l4_cluster)
+    assert device_patterns([_node(4), _node(4)]) == ["cpu"] == device_patterns([_node(4, 2)])  # CPUs; logical GPUs
+    repo = Repository.open(get_settings())
+    try:
+        jobs = [repo.create_job(make_spec(), cache_keys={"int8": "K"}) for _ in range(3)]
+
+        def stored(job, device: str) -> None:
+            repo.save_outcome(job.id, replace(outcome("int8"), device=device))
+
+        def hit(nodes) -> str | None:
+            found = repo.find_cached("K", exclude_job=jobs[2].id, devices=device_patterns(nodes))
+            return found and found[1].device
+
+        stored(jobs[0], "cuda:NVIDIA L40S")
+        assert hit(l4_cluster) is None
+        assert hit([_node(8, 1, "L40S")]) == "cuda:NVIDIA L40S"
+        stored(jobs[1], "cpu")
+        assert hit(l4_cluster) is None  # the head's CPUs run nothing here
+        stored(jobs[1], "cuda:NVIDIA L4")
+        assert hit(l4_cluster) == "cuda:NVIDIA L4"
+        stored(jobs[0], "cuda:NVIDIA A100-SXM4-80GB")
+        assert hit([_node(8, 1, "A100")]) == hit([_node(8, 1, "A100-80G")]) == "cuda:NVIDIA A100-SXM4-80GB"
+        assert hit([_node(8, 1, "A10G")]) is None
+        # Devices as torch names them, and the types Ray's own code derives from the same names: each
+        # type finds the results of its own GPU and of no other.
+        from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+        names = ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA L4", "NVIDIA L40S", "NVIDIA L40",
+                 "NVIDIA A10G", "NVIDIA GeForce RTX 4090", "NVIDIA RTX PRO 6000 Blackwell Server Edition", "Tesla T4"]
+        kinds = [NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(n) for n in names]
+        for i, name in enumerate(names):
+            job = repo.create_job(make_spec(), cache_keys={"int8": f"K{i}"})
+            repo.save_outcome(job.id, replace(outcome("int8"), device=f"cuda:{name}"))
+        found = {(kind, name) for kind in kinds for i, name in enumerate(names)
+                 if repo.find_cached(f"K{i}", exclude_job=jobs[2].id, devices=device_patterns([_node(8, 1, kind)]))}
+        assert found == set(zip(kinds, names)), sorted(found)
+    finally:
+        repo.close()
+
+
+def test_a_closed_candidate_is_not_reported_running_nor_its_late_items_handed_over():
+    """Once the driver has a candidate's outcome (finished, timed out, dropped, its worker dead), the
+    progress board forgets it for good: what its dying worker still sends is not shown as running
+    ("int4 evaluating 128/500" for the rest of the job) nor stored after its outcome."""
+    from quantselect.domain.results import ItemResult
+
+    board = ProgressBoard()
+    board.update("int4", "evaluating", 128, 500)
+    board.add_items("int4", [ItemResult(0, True, 1)])
+    board.update("int8", "quantizing", 0, 0)
+    board.forget("int4")
+    board.update("int4", "evaluating", 160, 500)  # sent before its worker was killed
+    board.add_items("int4", [ItemResult(1, True, 1)])
+    snapshot, fresh, _ = board.drain()
+    assert snapshot == {"int8": ("quantizing", 0, 0)} and fresh == {}
+    assert board.start("int4")[1] == []
+
+
+def test_candidates_dropped_before_a_failed_baseline_stay_cancelled(ray_cluster, tmp_path):
+    """The baseline runs first (early stopping) and fails: the others fail "not run", except one the
+    user cancelled on its own meanwhile, which stays cancelled (real Ray, a model that is not there)."""
+    from quantselect.domain.dataset import load_dataset
+    from quantselect.domain.results import CANCELLED_ALONE
+    from quantselect.engines.worker import EarlyStop
+    from quantselect.orchestration.sweep import SweepHooks, run_sweep
+
+    seen = []
+    hooks = SweepHooks(on_outcome=seen.append, dropped=lambda: {"int4"})
+    results = run_sweep(str(tmp_path / "no-model"), resolve_candidates(["int8", "int4"]),
+                        load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4), hooks, early_stop=EarlyStop(0.9, 0.9))
+    outcome = {r.name: (r.status, r.error) for r in results}
+    assert outcome["baseline"][0] == "failed"
+    assert outcome["int8"] == ("failed", "not run: the baseline failed")
+    assert outcome["int4"] == ("cancelled", CANCELLED_ALONE)
+    assert [r.name for r in seen] == ["baseline", "int8", "int4"]

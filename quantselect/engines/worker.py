@@ -7,6 +7,7 @@ a failure becomes a failed outcome with a one-line error, so one candidate canno
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable
 from quantselect.domain.candidates import Candidate
 from quantselect.domain.dataset import TaskDataset
 from quantselect.domain.results import FAILED, MEASURE_STEPS, SUCCEEDED, CandidateResult, ItemResult
+from quantselect.errors import QuantselectError
 
 Report = Callable[[str, int, int], None]  # phase, done, total
 Emit = Callable[[list[ItemResult]], None]  # per-item results as they are scored
@@ -40,8 +42,15 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class NonFinite(QuantselectError):
+    """The model's log-probabilities (or an item's score) are NaN or infinite: fp16 overflow, a broken
+    kernel or checkpoint. Its verdicts would be noise, and NaN cannot be stored in a JSON column."""
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, NonFinite):
+        return text
     if "out of memory" in text.lower() or isinstance(e, MemoryError):
         return f"out of memory: {text[:300]}"
     return f"{type(e).__name__}: {text[:500]}"
@@ -89,6 +98,10 @@ def _evaluate(evaluate: Any, loaded: Any, dataset: TaskDataset, share: BaselineS
     if indices is not None:
         for item in items:
             item.index = indices[item.index]
+    for item in items:  # checked before the items are streamed: a NaN would fail the driver's write
+        values = [*(item.choice_logprobs or ()), item.score]
+        if not all(math.isfinite(v) for v in values if v is not None):
+            raise NonFinite(f"the model produced non-finite log-probabilities on item {item.index}")
     return items
 
 

@@ -132,11 +132,23 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
+def alive_nodes(nodes: list[dict] | None = None) -> list[dict]:
+    """The live nodes of ``ray.nodes()`` (or of the list given, in its shape)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return [n for n in nodes if n.get("Alive")]
+
+
 def gpus_per_node() -> list[int]:
     """Whole GPUs of each live node."""
-    import ray
+    return [int(n["Resources"].get("GPU", 0)) for n in alive_nodes()]
 
-    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+def largest_node_cpus(nodes: list[dict] | None = None) -> float:
+    """The CPUs of the largest live node: the most one task can be given (it runs on one node)."""
+    return max((float(n["Resources"].get("CPU", 0)) for n in alive_nodes(nodes)), default=0.0)
 
 
 def accelerator_types(resources: dict[str, float]) -> list[str]:
@@ -144,29 +156,39 @@ def accelerator_types(resources: dict[str, float]) -> list[str]:
     return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
 
 
-def device_patterns() -> list[str]:
-    """What the cluster's nodes measure on, as SQL LIKE patterns of a result's ``device``: ``cuda:%H100%``
-    for a node whose GPUs Ray recognised (``accelerator_type:H100``), ``cpu`` for a node without
-    (logical GPUs included: a worker there runs on the CPU)."""
-    import ray
+def _whole_word_patterns(kind: str) -> list[str]:
+    """LIKE patterns of a ``cuda:`` device whose name holds the Ray type as whole words: "L4" matches
+    "cuda:NVIDIA L4", never "cuda:NVIDIA L40S"; a size suffix is dropped ("A100-80G": the device says
+    "A100-SXM4-80GB"); LIKE's one-character wildcard joins the words ("RTX-PRO-6000": "RTX PRO 6000")."""
+    core = re.sub(r"-\d+GB?$", "", kind, flags=re.IGNORECASE).replace("-", "_")
+    return [f"{before}{core}{after}" for before in ("cuda:", "cuda:% ") for after in ("", " %", "-%")]
 
+
+def device_patterns(nodes: list[dict] | None = None) -> list[str]:
+    """What the cluster's candidates measure on, as SQL LIKE patterns (any case) of a result's
+    ``device``. Where the cluster has GPUs only its GPU nodes count (a candidate asks for a GPU: a
+    CPU-only head runs none): one whose GPUs Ray recognised (``accelerator_type:L4``) gives patterns of
+    that type as whole words; one without (logical GPUs: a worker there runs on the CPU) gives ``cpu``,
+    as does every node of a cluster without GPUs."""
+    alive = alive_nodes(nodes)
     patterns: set[str] = set()
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
+    for node in [n for n in alive if n["Resources"].get("GPU", 0) > 0] or alive:
         kinds = accelerator_types(node["Resources"])
-        patterns.update(f"cuda:%{k.split('-')[0]}%" for k in kinds) if kinds else patterns.add("cpu")
+        for kind in kinds:
+            patterns.update(_whole_word_patterns(kind))
+        if not kinds:
+            patterns.add("cpu")
     return sorted(patterns)
 
 
-def gpu_memory_bytes(settings: Settings) -> float | None:
+def gpu_memory_bytes(settings: Settings, nodes: list[dict] | None = None) -> float | None:
     """The memory of one GPU of the cluster: QUANTSELECT_GPU_MEMORY when set, else the smallest of the
-    GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows; None when unknown
-    (then every candidate gets a whole GPU: packing without knowing the memory could run out of it)."""
-    import ray
-
+    GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows -- for a type sold in
+    several sizes (Ray calls a 40 GB and an 80 GB A100 both "A100") its smallest, unless a node's type
+    names the size (``A100-80G``); None when unknown (then every candidate gets a whole GPU: packing
+    without knowing the memory could run out of it)."""
     from quantselect.domain import planner
-    from quantselect.domain.gpus import GPUS
+    from quantselect.domain.gpus import accelerator_memory_gib
 
     if settings.gpu_memory:
         try:
@@ -174,10 +196,12 @@ def gpu_memory_bytes(settings: Settings) -> float | None:
         except Exception as e:  # noqa: BLE001 - a config error, said in one line
             raise QuantselectError(f"QUANTSELECT_GPU_MEMORY: {e}") from None
     sizes = []
-    for kind in accelerator_types(ray.cluster_resources()):
-        kind = kind.lower().replace("-", "")
-        spec = next((g for g in GPUS.values() if g.name.split("-")[0].lower().replace("-", "") == kind), None)
-        if spec is None:
+    for node in alive_nodes(nodes):
+        kinds = accelerator_types(node["Resources"])
+        if not kinds:
+            continue
+        gib = accelerator_memory_gib(max(kinds, key=len))  # "A100-80G" over the "A100" beside it
+        if gib is None:
             return None
-        sizes.append(spec.memory_gib * planner.GIB)
+        sizes.append(gib * planner.GIB)
     return min(sizes) if sizes else None

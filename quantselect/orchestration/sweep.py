@@ -34,14 +34,16 @@ class Placement:
     slots: int  # how many candidates can run at once
 
 
-def plan_placement(n_candidates: int, gpus: float, cpus: float) -> Placement:
+def plan_placement(n_candidates: int, gpus: float, cpus: float, node_cpus: float | None = None) -> Placement:
     """One GPU per candidate when the cluster has GPUs (and no CPU, so GPUs bound the parallelism);
-    otherwise the CPUs are split between as many candidates as can run at once."""
+    otherwise the CPUs are split between as many candidates as can run at once, each asking for no
+    more than the largest node has (``node_cpus``): a task runs on one node, and one that asks for the
+    CPUs of two is never scheduled."""
     if gpus >= 1:
         return Placement(num_cpus=0, num_gpus=1, threads=1, slots=int(gpus))
     cpus = max(1, int(cpus))
     parallel = max(1, min(n_candidates, cpus))
-    threads = max(1, cpus // parallel)
+    threads = max(1, min(cpus // parallel, int(node_cpus or cpus)))
     return Placement(num_cpus=threads, num_gpus=0, threads=threads, slots=parallel)
 
 
@@ -66,45 +68,55 @@ def concurrent_slots(requests: list[Request], gpus_per_node: list[int]) -> int:
     return max(1, placed)
 
 
-def _progress_board():
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class ProgressBoard:
+    """Progress, attempts and the per-item results each candidate has streamed so far (a Ray actor,
+    see ``_progress_board``). A candidate the driver has closed (its outcome handed over: finished,
+    stopped, dropped) is forgotten for good: a report or items its dying worker still sends are
+    ignored, so it is neither shown as running nor has items stored after its outcome."""
 
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class ProgressBoard:
-        """Progress, attempts and the per-item results each candidate has streamed so far. It lives
-        on the driver's node: a worker node that leaves takes none of it along."""
+    def __init__(self) -> None:
+        self.state: ProgressSnapshot = {}
+        self.attempts: dict[str, int] = {}
+        self.items: dict[str, dict[int, ItemResult]] = {}
+        self.fresh: dict[str, list[ItemResult]] = {}
+        self.closed: set[str] = set()
 
-        def __init__(self) -> None:
-            self.state: ProgressSnapshot = {}
-            self.attempts: dict[str, int] = {}
-            self.items: dict[str, dict[int, ItemResult]] = {}
-            self.fresh: dict[str, list[ItemResult]] = {}
-
-        def update(self, name: str, phase: str, done: int, total: int) -> None:
+    def update(self, name: str, phase: str, done: int, total: int) -> None:
+        if name not in self.closed:
             self.state[name] = (phase, done, total)
 
-        def start(self, name: str) -> tuple[int, list[ItemResult]]:
-            """A worker begins (again): its attempt number and the items already scored."""
-            self.attempts[name] = self.attempts.get(name, 0) + 1
-            return self.attempts[name], list(self.items.get(name, {}).values())
+    def start(self, name: str) -> tuple[int, list[ItemResult]]:
+        """A worker begins (again): its attempt number and the items already scored."""
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        return self.attempts[name], list(self.items.get(name, {}).values())
 
-        def seed(self, name: str, items: list[ItemResult]) -> None:
+    def seed(self, name: str, items: list[ItemResult]) -> None:
+        if name not in self.closed:
             self.items.setdefault(name, {}).update({i.index: i for i in items})
 
-        def add_items(self, name: str, items: list[ItemResult]) -> None:
+    def add_items(self, name: str, items: list[ItemResult]) -> None:
+        if name not in self.closed:
             self.seed(name, items)
             self.fresh.setdefault(name, []).extend(items)
 
-        def drain(self) -> tuple[ProgressSnapshot, dict[str, list[ItemResult]], dict[str, int]]:
-            fresh, self.fresh = self.fresh, {}
-            return dict(self.state), fresh, dict(self.attempts)
+    def drain(self) -> tuple[ProgressSnapshot, dict[str, list[ItemResult]], dict[str, int]]:
+        fresh, self.fresh = self.fresh, {}
+        return dict(self.state), fresh, dict(self.attempts)
 
-        def forget(self, name: str) -> None:
-            self.items.pop(name, None)
+    def forget(self, name: str) -> None:
+        self.closed.add(name)
+        for held in (self.state, self.items, self.fresh):
+            held.pop(name, None)
+
+
+def _progress_board():
+    """The job's ``ProgressBoard``, on the driver's node: a worker node that leaves takes none of it along."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    board = ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard)
+    return board.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def _candidate_task(model_path: str, candidate: Candidate, dataset: TaskDataset, board, threads: int,
@@ -198,13 +210,13 @@ def run_sweep(
     import ray
 
     from quantselect.engines.worker import BaselineShare
-    from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus
+    from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
 
     finished = list(finished or [])
     done_names = {r.name for r in finished}
     todo = [c for c in candidates if c.name not in done_names]
     # Every candidate's throughput is measured with the threads it gets when all run side by side.
-    measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus()).threads
+    measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus(), largest_node_cpus()).threads
     todo.sort(key=lambda c: (not c.is_baseline, not c.config.calibrated, -((requests or {}).get(c.name) or _ONE).whole_gpus))
     extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir,
              "stream_chunk": stream_chunk, "models_dir": models_dir}
@@ -229,7 +241,11 @@ def run_sweep(
         if hooks.stopped or base is None:
             return finished + outcomes
         if base.status != SUCCEEDED:
+            dropped = set(hooks.dropped())
             for cand in rest:  # nothing to compare with: say so rather than run them
+                if cand.name in dropped:  # cancelled on its own meanwhile: it stays so
+                    outcomes.append(run._stopped(cand, CANCELLED, CANCELLED_ALONE))
+                    continue
                 result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
                                          error="not run: the baseline failed", finished_at=datetime.now(timezone.utc))
                 outcomes.append(result)
@@ -290,12 +306,12 @@ class _Runner:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus, gpus_per_node
+        from quantselect.orchestration.cluster import cluster_cpus, cluster_gpus, gpus_per_node, largest_node_cpus
 
         if not candidates:
             return []
         gpus = cluster_gpus()
-        base = plan_placement(len(candidates), gpus, cluster_cpus())
+        base = plan_placement(len(candidates), gpus, cluster_cpus(), largest_node_cpus())
         task = ray.remote(
             max_calls=1,  # a fresh process per candidate: its own peak memory, nothing leaked
             max_retries=self.max_retries,  # retried when the worker process or its node dies

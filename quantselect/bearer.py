@@ -11,12 +11,14 @@ NO, WRONG = "no", "wrong"
 
 
 def refused(authorization: str, secret: str) -> str | None:
-    """``NO`` or ``WRONG`` when the ``Authorization`` header does not carry ``secret`` as its bearer
-    token (compared in constant time); None when it does."""
+    """``NO`` or ``WRONG`` when the ``Authorization`` header (its bytes decoded as latin-1, as the gate
+    reads them) does not carry ``secret`` as its bearer token, compared in constant time as bytes:
+    the header's own against the secret's UTF-8 (what curl sends of a UTF-8 command line); None when it does."""
     scheme, _, sent = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not sent.strip():
+    sent = sent.strip(" \t")  # HTTP's own blanks only: str.strip() would eat a UTF-8 byte such as 0xa0
+    if scheme.lower() != "bearer" or not sent:
         return NO
-    return None if hmac.compare_digest(sent.strip().encode(), secret.encode()) else WRONG
+    return None if hmac.compare_digest(sent.encode("latin-1"), secret.encode()) else WRONG
 
 
 class BearerGate:

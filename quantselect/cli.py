@@ -411,6 +411,9 @@ def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
         raise QuantselectError(f"job {job_id} succeeded but was not deployed: its driver is gone")
     elif job.status == RUNNING:
         raise QuantselectError(f"job {job_id}: its driver is gone; `quantselect resume {job_id}` continues it")
+    elif svc.queued_by_a_server_gone(job):
+        raise QuantselectError(f"job {job_id}: queued by an API server that stopped before starting it; the next "
+                               f"`quantselect api` on this database runs it, or `quantselect resume {job_id}` here")
     else:
         raise QuantselectError(f"job {job_id} {job.status}" + (f": {job.error}" if job.error else ""))
 
@@ -521,8 +524,9 @@ def status(job_id: str, follow: bool, every: float) -> None:
 
 def _settled(svc: Any, job: Any) -> bool:
     """Nothing more will happen unless somebody acts: the job ended (and its deployment, if it asked
-    for one), or its driver is gone."""
-    return (job.status in FINISHED and not job.stage) or svc.driver_silent_for(job) is not None
+    for one), or its driver is gone, or the API server that queued it."""
+    return (job.status in FINISHED and not job.stage) or svc.driver_silent_for(job) is not None \
+        or svc.queued_by_a_server_gone(job)
 
 
 def _status_lines(svc: Any, job: Any) -> dict[str, str]:

@@ -300,6 +300,10 @@ def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_th
     assert CliRunner().invoke(cli, ["status", second]).output.startswith(
         f"Job {second}: queued by the API server {svc.driver_id}, which stopped before starting it; the next "
         "`quantselect api` on this database runs it")
+    follow = CliRunner().invoke(cli, ["status", second, "--follow"])  # it returns (it waited for ever)
+    assert follow.exit_code == 1 and follow.output.rstrip().splitlines()[-1] == (
+        f"Error: job {second}: queued by an API server that stopped before starting it; the next `quantselect api` "
+        f"on this database runs it, or `quantselect resume {second}` here"), follow.output
     deadline = time.monotonic() + 60
     while ray_cluster.available_resources().get("GPU") != 2:  # the first job's workers are gone
         assert time.monotonic() < deadline, ray_cluster.available_resources()
@@ -307,6 +311,118 @@ def test_stopping_the_server_cancels_the_job_it_runs_and_the_next_server_runs_th
     with TestClient(create_app(svc, connect_ray=False)) as client:  # the server again (a restart, a new release)
         assert wait_for(client, second)["status"] == "succeeded"
     assert svc.get_job(first).status == "cancelled"  # an interrupted job waits for its user's `resume`
+
+
+class HeldHook:
+    """A webhook that answers no POST until ``released`` is set: a job posting its end to it holds its
+    driver thread, the API server's one slot (QUANTSELECT_API_MAX_JOBS=1), meanwhile."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.arrived, self.released = threading.Event(), threading.Event()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                hook.arrived.set()
+                hook.released.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def finished_but_cancelled(svc, notify: str | None = None) -> str:
+    """A cancelled job whose every candidate had succeeded: resuming it runs nothing on Ray."""
+    from quantselect.domain.results import CandidateResult, ItemResult
+    from quantselect.service import SubmitRequest
+
+    job = svc.repo.create_job(svc.build_spec(SubmitRequest(model="demo", items=piqa_items(4), candidates=["int8"],
+                                                           notify=notify)))
+    for name in job.candidate_names:
+        svc.repo.save_outcome(job.id, CandidateResult(name=name, config={}, status="succeeded", score=1.0, n_items=4,
+                                                      weight_bytes=2**20, items=[ItemResult(i, True, 0) for i in range(4)]))
+    svc.repo.finish_job(job.id, "cancelled", error="cancelled")
+    return job.id
+
+
+def test_a_job_resumed_in_the_server_runs_once_a_cancel_while_it_waits_stands_and_shutdown_ends_them_all(
+        demo_model_dir, monkeypatch):
+    """A resume of a job this server runs or has queued is a 409 (before, each one started another
+    driver of the same job). A job resumed here, waiting for a slot, that is cancelled meanwhile
+    ends cancelled (before, its driver's claim cleared the cancel and it ran). At shutdown, a queued
+    job cancelled and deleted meanwhile does not stop the others from ending as they should."""
+    import threading
+
+    from quantselect.api.app import SERVER_STOPPED, create_app
+    from quantselect.service import Service
+
+    monkeypatch.setenv("QUANTSELECT_API_MAX_JOBS", "1")
+    svc = Service()
+    hook = HeldHook()
+    blocker, waiting = finished_but_cancelled(svc, hook.url), finished_but_cancelled(svc)
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        assert client.post(f"/api/v1/jobs/{blocker}/resume").status_code == 202
+        assert hook.arrived.wait(120), "the first job never ended"  # its driver thread holds the one slot
+        assert client.post(f"/api/v1/jobs/{waiting}/resume").status_code == 202  # claimed; waits for the slot
+        for job_id, state in ((waiting, "queued"), (blocker, "running")):
+            res = client.post(f"/api/v1/jobs/{job_id}/resume")
+            assert res.status_code == 409 and res.json() == {"detail": f"job {job_id} is already {state} in this API server"}
+        assert client.delete(f"/api/v1/jobs/{waiting}").status_code == 202
+        hook.released.set()
+        deadline = time.monotonic() + 120
+        while svc.get_job(waiting).status == "running":
+            assert time.monotonic() < deadline, "the cancelled job never ended"
+            time.sleep(0.2)
+        job = svc.get_job(waiting)
+        assert (job.status, job.error) == ("cancelled", "cancelled by request")
+        assert {r.status for r in svc.results(waiting)} == {"succeeded"}  # its results stay; `resume` continues it
+
+    hook = HeldHook()
+    blocker, resumed = finished_but_cancelled(svc, hook.url), finished_but_cancelled(svc)
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        assert client.post(f"/api/v1/jobs/{blocker}/resume").status_code == 202
+        assert hook.arrived.wait(120), "the first job never ended"
+        gone = client.post("/api/v1/jobs", json={"model": "demo", "items": piqa_items(4), "candidates": ["int8"]}).json()["id"]
+        assert client.delete(f"/api/v1/jobs/{gone}").json()["status"] == "cancelled"
+        assert client.delete(f"/api/v1/jobs/{gone}/record").json() == {"deleted": gone}
+        assert client.post(f"/api/v1/jobs/{resumed}/resume").status_code == 202
+        threading.Timer(3, hook.released.set).start()  # once the shutdown has begun
+    job = svc.get_job(resumed)  # waiting for a slot as the server stopped (after the deleted one)
+    assert (job.status, job.error) == ("cancelled", f"{SERVER_STOPPED}; `quantselect resume {resumed}` continues it")
+
+
+def test_out_of_range_numbers_are_422_not_500(monkeypatch):
+    """Integers in a query beyond what the database and the planner hold (before: a 500), and an
+    infinite price in a body (1e999 reads as inf)."""
+    from quantselect.api.app import MAX_QUERY_INT, create_app
+
+    huge = "1" + "0" * 400
+    with TestClient(create_app(connect_ray=False)) as client:
+        for path, params, name in (("/api/v1/jobs", {"limit": 10**20}, "limit"),
+                                   ("/api/v1/plan", {"model": "demo", "context": huge}, "context"),
+                                   ("/api/v1/plan", {"model": "demo", "batch": 10**20}, "batch"),
+                                   ("/api/v1/jobs/x/compare", {"candidate": "int8", "limit": 10**20}, "limit")):
+            res = client.get(path, params=params)
+            assert res.status_code == 422 and res.json()["detail"] == (
+                f"query.{name}: Input should be less than or equal to {MAX_QUERY_INT}"), res.text
+        assert client.get("/api/v1/jobs", params={"limit": MAX_QUERY_INT}).json() == []
+        res = client.get("/api/v1/plan", params={"model": "demo", "context": MAX_QUERY_INT, "batch": MAX_QUERY_INT})
+        assert res.status_code == 200, res.text
+        body = '{"model": "demo", "items": %s, "gpu_hour_usd": 1e999}' % json.dumps(piqa_items(4))
+        res = client.post("/api/v1/jobs", content=body, headers={"content-type": "application/json"})
+        assert res.status_code == 422 and res.json() == {
+            "detail": "gpu-hour price inf must be a positive, finite number of US dollars"}, res.text
+        assert client.get("/api/v1/jobs").json() == []
 
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -357,6 +473,23 @@ def test_with_a_token_every_api_request_must_carry_it(monkeypatch):
     assert res.exit_code == 2 and res.output == (
         "Error: QUANTSELECT_API_TOKEN: give a token of at least 16 characters and no spaces (`openssl rand -hex 32` "
         "makes one)\n")
+
+
+def test_a_token_is_compared_as_the_bytes_the_client_sends():
+    """Header bytes reach the gate decoded as latin-1: a secret beyond ASCII (set in code; the
+    variable takes ASCII only) was compared as that text's UTF-8 and never matched."""
+    from dataclasses import replace
+
+    from quantselect.api.app import create_app
+    from quantselect.service import Service
+    from quantselect.settings import get_settings
+
+    token = "clé-0123456789-ключ-voilà"  # its last byte, 0xa0, is a blank to str.strip()
+    with TestClient(create_app(Service(replace(get_settings(), api_token=token)), connect_ray=False)) as client:
+        sent = b"Bearer " + token.encode()  # as curl sends it from a UTF-8 terminal
+        assert client.get("/api/v1/jobs", headers={"Authorization": sent}).status_code == 200
+        assert client.get("/api/v1/jobs", headers={"Authorization": sent[:-1]}).status_code == 401
+        assert client.get("/api/v1/jobs", headers={"Authorization": b"Bearer " + token.encode("utf-16")}).status_code == 401
 
 
 def test_the_api_command_serves_http_asking_for_its_token_and_warns_when_open_to_the_network(ray_cluster, tmp_path):

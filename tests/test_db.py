@@ -82,6 +82,33 @@ def test_migrations_apply_from_scratch_and_down(db_url):
         engine.dispose()
 
 
+def test_upgrading_an_old_database_keeps_its_candidates_and_item_results(db_url):
+    """SQLite batch migrations rebuild tables by DROP TABLE: with foreign keys on, that cascaded."""
+    upgrade(db_url, "0001")
+    engine = make_engine(db_url)
+    t0 = datetime(2025, 1, 1)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, status, model, model_path, dataset_source, dataset_kind, metric, n_items, "
+                "dataset, threshold, gpu_hour_usd, deploy, created_at, updated_at) VALUES ('j1', 'succeeded', 'm', "
+                "'/m', 't.jsonl', 'multiple_choice', 'accuracy', 1, '[]', 0.9, 3.0, :no, :t0, :t0)"), {"no": False, "t0": t0})
+            conn.execute(text("INSERT INTO candidates (id, job_id, position, name, config, status, gpu_ids) "
+                              "VALUES (1, 'j1', 0, 'baseline', '{}', 'succeeded', '[]')"))
+            conn.execute(text("INSERT INTO item_results (candidate_id, item_index, correct, prediction) "
+                              "VALUES (1, 0, :yes, '0')"), {"yes": True})
+        upgrade(engine)
+        with engine.connect() as conn:
+            counts = [conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
+                      for t in ("jobs", "candidates", "item_results")]
+            if conn.dialect.name == "sqlite":  # the pooled connection has its foreign keys back
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+    assert current_revision(db_url) == head_revision()
+    assert counts == [1, 1, 1]
+
+
 def test_autogenerate_finds_no_drift(db_url):
     upgrade(db_url)
     engine = make_engine(db_url)
@@ -152,6 +179,21 @@ def test_save_outcome_is_idempotent(repo):
     repo.save_outcome(job.id, failed)
     assert count(repo, "item_results") == 0
     assert repo.get_results(job.id)[1].error == "OOM"
+
+
+def test_non_finite_floats_in_json_columns_are_stored_as_null(repo):
+    """PostgreSQL's json refuses NaN/Infinity: one candidate's NaN logprob failed the whole job's write."""
+    job = repo.create_job(make_spec())
+    nan, inf = float("nan"), float("inf")
+    result = outcome("bf16", n=2)
+    result.items = [ItemResult(0, True, 0, [nan, -inf, -0.5], "c"), ItemResult(1, False, 1, [-1.0, -2.0], None)]
+    result.early_stop = {"p": nan, "bounds": [inf, 0.25]}
+    repo.save_outcome(job.id, result)
+    repo.save_items(job.id, "int8", [ItemResult(0, True, 0, [inf, -1.0])])
+    items = repo.get_item_results(job.id)
+    assert [i.choice_logprobs for i in items["bf16"]] == [[None, None, -0.5], [-1.0, -2.0]]
+    assert items["int8"][0].choice_logprobs == [None, -1.0]
+    assert repo.get_results(job.id)[1].early_stop == {"p": None, "bounds": [None, 0.25]}
 
 
 def test_item_counts_show_a_running_candidates_streamed_items(repo):
@@ -235,6 +277,25 @@ def test_a_cancel_with_a_reason_ends_the_job_with_it_and_shows_no_error_meanwhil
     assert (gone.status, gone.error) == ("cancelled", reason)
     repo.finish_job(silent.id, "cancelled", error="cancelled by request")  # its driver, still ending it
     assert repo.get_job(silent.id).error == reason
+
+
+def test_a_cancel_of_a_job_claimed_and_waiting_for_its_driver_stands(repo):
+    """An API server claims a job it resumes, then runs it when a slot frees, claiming it again: a
+    cancel asked for in between (its driver alive: only asked) ends the job then, with its reason.
+    Before, that second claim cleared it and the job ran. A later resume by the user still runs it."""
+    from quantselect.errors import ConflictError
+
+    job = repo.create_job(make_spec())
+    repo.claim_job(job.id, driver="server:1", stale_after=60, resume=True)
+    repo.save_outcome(job.id, outcome("bf16"))
+    assert repo.request_cancel(job.id, stale_after=60, reason="no longer needed").status == "running"
+    with pytest.raises(ConflictError, match=f"job {job.id} was cancelled before it ran again"):
+        repo.claim_job(job.id, driver="server:1", stale_after=60, resume=True)
+    done = repo.get_job(job.id)
+    assert (done.status, done.error) == ("cancelled", "no longer needed")
+    assert {r.name: r.status for r in repo.get_results(job.id)} == {
+        "baseline": "cancelled", "bf16": "succeeded", "int8": "cancelled"}
+    assert repo.claim_job(job.id, driver="server:1", stale_after=60, resume=True).status == "running"
 
 
 def test_jobs_an_api_server_queued_are_held_while_it_lives_and_taken_up_when_it_is_gone(repo):

@@ -22,11 +22,13 @@ from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, RUNNING,
 )
-from quantselect.errors import QuantselectError
+from quantselect.errors import ConflictError, NotFoundError, QuantselectError
 from quantselect.service import Service, SubmitRequest
 
 log = logging.getLogger(__name__)
 SERVER_STOPPED = "interrupted: the API server that ran it stopped"
+# Integers a query takes, at most: beyond, SQLite's INTEGER and the planner's floats overflow (a 500)
+MAX_QUERY_INT = 2**31 - 1
 
 
 def _stopped(job_id: str) -> str:
@@ -94,6 +96,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     # Jobs run side by side on the cluster (each its own driver thread); more wait, queued.
     executor = ThreadPoolExecutor(max_workers=svc.settings.api_max_jobs, thread_name_prefix="quantselect-job")
     active: dict[str, bool] = {}  # the jobs this server runs or has queued -> whether their driver thread started
+    queue_lock = threading.RLock()  # a job enters ``active`` once: two drivers of one job would share its row
     stopping = threading.Event()
 
     @asynccontextmanager
@@ -149,11 +152,19 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         executor.shutdown(wait=True, cancel_futures=True)
         svc.release_queued([job_id for job_id in ours if job_id not in running])
         for job_id in ours:  # resumed here and still waiting for a slot: never started again
-            if svc.get_job(job_id).status == RUNNING:
-                svc.repo.finish_job(job_id, CANCELLED, error=_stopped(job_id))
+            try:
+                if svc.get_job(job_id).status == RUNNING:
+                    svc.repo.finish_job(job_id, CANCELLED, error=_stopped(job_id))
+            except NotFoundError:  # cancelled while it waited, then its record deleted
+                pass
+            except Exception as e:  # the others still end as they should
+                log.warning("job %s: %s", job_id, e)
 
     def _queue(job_id: str, resume: bool = False) -> None:
-        active[job_id] = False
+        with queue_lock:
+            if job_id in active:  # queued or running here already
+                return
+            active[job_id] = False
         svc.hold_waiting([job_id])  # held from now: no other server takes it up
         executor.submit(_run, job_id, resume)
 
@@ -235,7 +246,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return svc.preview(_request(body))
 
     @v1.get("/api/v1/jobs")
-    def list_jobs(limit: int | None = Query(None, ge=1, description="Only the N newest."),
+    def list_jobs(limit: int | None = Query(None, ge=1, le=MAX_QUERY_INT, description="Only the N newest."),
                   status: list[str] = Query([], description="Only jobs in these statuses.")) -> list[dict[str, Any]]:
         """Jobs, newest first."""
         return [j.to_dict() for j in svc.list_jobs(limit, status)]
@@ -258,8 +269,12 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
     @v1.post("/api/v1/jobs/{job_id}/resume", status_code=202)
     def resume_job(job_id: str) -> dict[str, Any]:
         """Continue a job whose driver died (or that failed or was cancelled), in this server."""
-        job = svc.claim(job_id, resume=True)  # 409 now, not later, if a live driver runs it
-        _queue(job_id, True)
+        with queue_lock:  # a second resume (or one of a job this server runs) would start a second driver
+            if job_id in active:
+                raise ConflictError(f"job {job_id} is already {'running' if active[job_id] else 'queued'} in this "
+                                    "API server")
+            job = svc.claim(job_id, resume=True)  # 409 now, not later, if a live driver runs it
+            _queue(job_id, True)
         return job.to_dict()
 
     @v1.get("/api/v1/jobs/{job_id}/results")
@@ -270,7 +285,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return svc.results_table(job_id)[1]
 
     @v1.get("/api/v1/jobs/{job_id}/compare")
-    def get_comparison(job_id: str, candidate: str, against: str = BASELINE, limit: int = 10) -> dict[str, Any]:
+    def get_comparison(job_id: str, candidate: str, against: str = BASELINE,
+                       limit: int = Query(10, le=MAX_QUERY_INT)) -> dict[str, Any]:
         """The items ``candidate`` scored differently from ``against`` (the baseline), worst drops
         first, with each prompt, what was expected and what each one answered."""
         return svc.compare(job_id, candidate, against, limit).to_dict()
@@ -315,7 +331,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     @v1.get("/api/v1/plan")
     def plan(model: str, gpu: str | None = None, gpu_memory: str | None = None,
-             context: int | None = Query(None, ge=1), batch: int = Query(1, ge=1),
+             context: int | None = Query(None, ge=1, le=MAX_QUERY_INT), batch: int = Query(1, ge=1, le=MAX_QUERY_INT),
              kv_cache: Literal["bf16", "fp16", "fp8"] = "bf16") -> dict[str, Any]:
         """Will ``model`` fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
         config.json alone (a folder or .gguf file the server can read, or a Hub id), as `quantselect plan`."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 
@@ -21,16 +23,35 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    """JSON columns' serializer: NaN and ±inf become null. json.dumps writes them as NaN/Infinity,
+    which PostgreSQL's json refuses, so one NaN logprob would fail the whole write (and its job)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:  # rare: sanitise only then
+        return json.dumps(_finite(value), allow_nan=False)
+
+
 def make_engine(url: str, connect_timeout: int | None = None) -> Engine:
     """``connect_timeout``: seconds a PostgreSQL connection may take (a probe); None: the driver's own."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True,
+        return create_engine(url, pool_pre_ping=True, json_serializer=_json,
                              connect_args={"connect_timeout": connect_timeout} if connect_timeout else {})
     if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    engine = create_engine(url, json_serializer=_json)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
@@ -89,16 +110,37 @@ def _current(conn: Connection) -> set[str]:
 @contextmanager
 def _locked(engine: Engine) -> Iterator[Connection]:
     """One transaction that no other process's schema check can interleave with."""
-    with writer(engine).begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
-        yield conn
+    with writer(engine).connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # Batch migrations rebuild a SQLite table (copy, DROP, rename): with foreign keys on, the
+            # DROP of jobs/candidates cascades and deletes every candidate and item result. The pragma
+            # is a no-op inside a transaction, so it goes to the DBAPI connection before BEGIN;
+            # _upgrade checks the keys before commit instead.
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+                yield conn
+        finally:
+            if sqlite:
+                try:
+                    conn.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
+                except Exception:  # noqa: BLE001 - never hand the pool a connection without them
+                    conn.invalidate()
 
 
 def _upgrade(conn: Connection, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(_config(conn), revision)
+    if conn.dialect.name == "sqlite":
+        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:  # raising rolls the whole upgrade back
+            tables = ", ".join(sorted({row[0] for row in broken}))
+            raise SchemaError(f"upgrading the schema would leave {len(broken)} row(s) of {tables} pointing at "
+                              "rows that do not exist; the database was left as it was")
 
 
 def upgrade(url: str | Engine, revision: str = "head") -> None:

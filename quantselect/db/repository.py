@@ -216,7 +216,8 @@ class Repository:
     def claim_job(self, job_id: str, driver: str, stale_after: float, resume: bool = False) -> Job:
         """Make ``driver`` the one process running the job. Refused while another driver's heartbeat
         is fresher than ``stale_after`` seconds and for a succeeded job; a failed or cancelled job only
-        when resuming."""
+        when resuming. A job this driver claimed already (an API server's resume, waiting for a slot)
+        whose cancel was asked for meanwhile ends cancelled here, refused."""
         with self._write.begin() as s:
             row = self._job_row(s, job_id, _names(), lock=True)
             if row.status == SUCCEEDED or (row.status in FINISHED and not resume):
@@ -226,15 +227,22 @@ class Repository:
                 raise ConflictError(f"job {job_id} is being cancelled")
             now = self._clock(s)
             fresh = row.heartbeat_at is not None and now - row.heartbeat_at < timedelta(seconds=stale_after)
+            cancelled = row.cancel_requested and row.status == RUNNING and row.driver == driver and fresh
+            if cancelled:  # claimed by this live driver already (resumed, waiting for a slot), so request_cancel
+                # left the cancel to it: the cancel stands (before, this claim cleared it and the job ran anyway)
+                row.status, row.error, row.updated_at = CANCELLED, row.cancel_reason or "cancelled by request", utcnow()
+                self._cancel_unfinished(s, job_id)
             if row.status == QUEUED and fresh and row.driver != driver:
                 raise ConflictError(f"job {job_id} is queued in the API server {row.driver}, which starts it when one "
                                     "of its QUANTSELECT_API_MAX_JOBS slots frees; cancel it first to run it elsewhere")
             if row.status == RUNNING and fresh and row.driver != driver:
                 raise ConflictError(f"job {job_id} is running in {row.driver} (heartbeat {row.heartbeat_at:%H:%M:%S} UTC); "
                                     "cancel it first, or wait until that driver is gone")
-            row.status, row.error, row.driver, row.cancel_requested, row.cancel_reason = RUNNING, None, driver, False, None
-            row.heartbeat_at, row.updated_at = now, utcnow()
-            return _job(row)
+            if not cancelled:
+                row.status, row.error, row.driver, row.cancel_requested, row.cancel_reason = RUNNING, None, driver, False, None
+                row.heartbeat_at, row.updated_at = now, utcnow()
+                return _job(row)
+        raise ConflictError(f"job {job_id} was cancelled before it ran again")  # once that is committed
 
     def hold_waiting(self, job_ids: list[str], server: str) -> None:
         """The API server ``server`` (host:pid) holds the jobs it has queued but not started yet (and

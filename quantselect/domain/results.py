@@ -185,8 +185,8 @@ def end_notice(job: "Job") -> str:
 def validate_price(p: float) -> float:
     from quantselect.errors import InputError
 
-    if not (p > 0):
-        raise InputError(f"gpu-hour price {p} must be a positive number of US dollars")
+    if not (0 < p < float("inf")):  # NaN fails too; 1e999 in a JSON body is inf
+        raise InputError(f"gpu-hour price {p} must be a positive, finite number of US dollars")
     return float(p)
 
 

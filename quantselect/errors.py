@@ -40,6 +40,11 @@ class ConflictError(QuantselectError):
     http_status = 409
 
 
+class CancelledWhileWaiting(ConflictError):
+    """A job claimed by its driver (resumed in an API server, waiting for a slot) was cancelled
+    meanwhile: the claim ended it cancelled instead of running it."""
+
+
 class SchemaError(QuantselectError):
     """The database schema is newer or older than this code and cannot be migrated automatically."""
 

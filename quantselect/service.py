@@ -46,7 +46,7 @@ from quantselect.domain.results import (
     validate_threshold,
 )
 from quantselect.domain.selection import Recommendation, recommend
-from quantselect.errors import ConflictError, ForbiddenError, InputError, QuantselectError
+from quantselect.errors import CancelledWhileWaiting, ConflictError, ForbiddenError, InputError, QuantselectError
 from quantselect.settings import Settings, get_settings, is_loopback
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,11 @@ class Service:
         was cancelled): succeeded candidates are kept, per-item results already stored are not
         scored again; refused while another driver's heartbeat is fresh."""
         events = self._staged(job_id, events or Events())
-        self.claim(job_id, resume)
+        try:
+            self.claim(job_id, resume)
+        except CancelledWhileWaiting:  # the claim ended it: said as any end is
+            self._announce_end(job_id)
+            raise
         try:
             return self._drive(job_id, events)
         finally:
@@ -519,8 +523,10 @@ class Service:
         from quantselect.engines.models import check_model, fetch_apart, hub_id
 
         fetched, failed = {}, []
+        settled = {r.name for r in self.repo.get_results(job_id)
+                   if r.status == SUCCEEDED or cancelled_alone(r.status, r.error)}  # (kept by a resume)
         for c in spec.candidates:
-            if not (isinstance(c.config, Prequantized) and hub_id(c.config.path)):
+            if not (isinstance(c.config, Prequantized) and hub_id(c.config.path)) or c.name in settled:
                 continue
             if events.on_status:
                 events.on_status(f"fetching checkpoint {c.name} ({c.config.path}) from the Hugging Face Hub on "

@@ -368,8 +368,8 @@ def test_a_job_resumed_in_the_server_runs_once_a_cancel_while_it_waits_stands_an
 
     monkeypatch.setenv("QUANTSELECT_API_MAX_JOBS", "1")
     svc = Service()
-    hook = HeldHook()
-    blocker, waiting = finished_but_cancelled(svc, hook.url), finished_but_cancelled(svc)
+    hook, note = HeldHook(), Hook()
+    blocker, waiting = finished_but_cancelled(svc, hook.url), finished_but_cancelled(svc, note.url)
     with TestClient(create_app(svc, connect_ray=False)) as client:
         assert client.post(f"/api/v1/jobs/{blocker}/resume").status_code == 202
         assert hook.arrived.wait(120), "the first job never ended"  # its driver thread holds the one slot
@@ -386,6 +386,9 @@ def test_a_job_resumed_in_the_server_runs_once_a_cancel_while_it_waits_stands_an
         job = svc.get_job(waiting)
         assert (job.status, job.error) == ("cancelled", "cancelled by request")
         assert {r.status for r in svc.results(waiting)} == {"succeeded"}  # its results stay; `resume` continues it
+        note.close()  # and its webhook says how it ended, as for any end
+        assert [(p["job"]["status"], p["text"].endswith(" cancelled: cancelled by request")) for p in note.posted] == [
+            ("cancelled", True)], note.posted
 
     hook = HeldHook()
     blocker, resumed = finished_but_cancelled(svc, hook.url), finished_but_cancelled(svc)

@@ -22,7 +22,7 @@ from quantselect.domain.results import (
     CANCELLED, CANCELLED_ALONE, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration,
     CandidateResult, ItemResult, Job, JobSpec, cancelled_alone,
 )
-from quantselect.errors import ConflictError, NotFoundError
+from quantselect.errors import CancelledWhileWaiting, ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     from quantselect.settings import Settings
@@ -242,7 +242,7 @@ class Repository:
                 row.status, row.error, row.driver, row.cancel_requested, row.cancel_reason = RUNNING, None, driver, False, None
                 row.heartbeat_at, row.updated_at = now, utcnow()
                 return _job(row)
-        raise ConflictError(f"job {job_id} was cancelled before it ran again")  # once that is committed
+        raise CancelledWhileWaiting(f"job {job_id} was cancelled before it ran again")  # once that is committed
 
     def hold_waiting(self, job_ids: list[str], server: str) -> None:
         """The API server ``server`` (host:pid) holds the jobs it has queued but not started yet (and

@@ -211,3 +211,94 @@ def test_a_jobs_end_in_one_line_for_a_chat_channel():
         "quantselect job abc (llama on tasks.jsonl) succeeded: no candidate keeps 98% of the baseline's quality; "
         "served at http://h:8000/models/x/v1")
     assert end_notice(replace(job, status="cancelled", error="cancelled by request")).endswith(") cancelled: cancelled by request")
+
+
+def test_csv_multiline_cells_crlf_and_line_numbers(tmp_path):
+    """A quoted cell keeps its line breaks (CRLF too); errors name the line the row starts on."""
+    p = tmp_path / "d.csv"
+    p.write_bytes(b'prompt,reference\r\n"Line one\r\nline two",x\r\n\r\nb,c\r\n"multi\nline",\r\n')
+    with pytest.raises(InputError, match=r"d.csv:6: field 'reference' must be a non-empty string"):
+        load_dataset(p)
+    ds = load_dataset(p, limit=2)
+    assert [(i.prompt, i.reference) for i in ds.items] == [("Line one\r\nline two", "x"), ("b", "c")]
+
+
+def test_csv_rows_must_have_the_headers_fields(tmp_path):
+    """An unquoted comma would shift every later column; a short row would leave a column unset."""
+    p = tmp_path / "d.csv"
+    p.write_text('prompt,reference\nWhat is 1,5?,1.5\n')
+    with pytest.raises(InputError, match=r"d.csv:2: 3 fields where the header has 2; quote cells that contain commas"):
+        load_dataset(p)
+    p.write_text('prompt,choices,answer\nSky is,"[""blue"", ""green""]"\n')
+    with pytest.raises(InputError, match=r"d.csv:2: 2 fields where the header has 3; no 'answer'"):
+        load_dataset(p)
+
+
+def test_a_byte_order_mark_is_ignored(tmp_path):
+    """Excel's "CSV UTF-8" and some editors start the file with a BOM."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.csv").write_bytes(bom + b"prompt,reference\nSky is,blue\n")
+    (tmp_path / "d.jsonl").write_bytes(bom + b'{"prompt": "Sky is", "reference": "blue"}\n')
+    (tmp_path / "d.json").write_bytes(bom + b'[{"prompt": "Sky is", "reference": "blue"}]')
+    for name in ("d.csv", "d.jsonl", "d.json"):
+        assert load_dataset(tmp_path / name).items[0].reference == "blue"
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"prompt": "a", "reference": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(InputError, match=r"b.jsonl:2: not valid UTF-8"):
+        load_dataset(tmp_path / "b.jsonl")
+    from quantselect.domain.dataset import load_calibration_file
+
+    (tmp_path / "c.txt").write_bytes(bom + "Hello there\n".encode())
+    assert load_calibration_file(tmp_path / "c.txt") == ["Hello there"]
+
+
+def test_jsonl_lines_split_only_at_newlines(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal raw inside a JSON string; str.splitlines splits at them."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a\u2028b\u0085c", "reference": "x\u2029y"}\r\n{"prompt": "d", "reference": "e"}\n',
+                 encoding="utf-8")
+    ds = load_dataset(p)
+    assert [(i.prompt, i.reference) for i in ds.items] == [("a\u2028b\u0085c", "x\u2029y"), ("d", "e")]
+    from quantselect.domain.dataset import load_calibration_file
+
+    (tmp_path / "c.txt").write_text("one\u2028still one\ntwo\n", encoding="utf-8")
+    assert load_calibration_file(tmp_path / "c.txt") == ["one\u2028still one", "two"]
+
+
+def test_map_prompt_keeps_non_ascii_and_rejects_a_stray_backslash():
+    assert FieldMapping.parse(["prompt=Frage: {q}\\nAntwort (é, 中文):"]).prompt == "Frage: {q}\nAntwort (é, 中文):"
+    with pytest.raises(InputError, match=r"--map 'prompt=\{q\}\\\\': \\ at end of string; write a backslash as"):
+        FieldMapping.parse(["prompt={q}\\"])
+
+
+@pytest.mark.parametrize("template", ["{q} }", "{}", "{0}", "{q.x}", "{q:d}"])
+def test_a_broken_prompt_template_names_file_line_and_template(tmp_path, template):
+    p = write(tmp_path, "d.jsonl", ['{"q": "a", "reference": "x"}'])
+    with pytest.raises(InputError) as e:
+        load_dataset(p, FieldMapping.parse([f"prompt={template}"]))
+    assert f"d.jsonl:1: prompt template {template!r} cannot be filled" in str(e.value)
+
+
+@pytest.mark.parametrize("answer", ["--1", "²", "1.0"])
+def test_a_non_integer_answer_string_is_an_input_error(answer):
+    with pytest.raises(InputError, match=r"items\[0\]: field 'answer' must be the integer index"):
+        parse_records([{"prompt": "a", "choices": ["x", "y"], "answer": answer}])
+    assert parse_records([{"prompt": "a", "choices": ["x", "y"], "answer": " 1 "}]).items[0].answer == 1
+
+
+@pytest.mark.parametrize("text, number", [
+    ("-3", "-3"), (" -3", "-3"), ("####-5", "-5"), ("#### -5", "-5"), ("x = .5", "0.5"), ("-.25", "-0.25"),
+    ("5-3", "3"), ("a-3", "3"), ("f(2)-1", "1"), ("#### 1,234", "1234"), ("costs 0.5.", "0.5"),
+])
+def test_final_number_signs_and_leading_point(text, number):
+    from decimal import Decimal
+
+    from quantselect.domain.dataset import final_number
+
+    assert final_number(text) == Decimal(number)
+
+
+def test_final_number_match_keeps_a_leading_minus():
+    from quantselect.domain.dataset import final_number_match
+
+    assert final_number_match("The answer is -3", "-3") and not final_number_match("3", "-3")
+    assert not final_number_match("5", "####-5") and final_number_match("#### -5", "####-5")

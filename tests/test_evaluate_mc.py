@@ -4,6 +4,8 @@ models: acc vs acc_norm, tokens cut at the context/continuation boundary, the sh
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from quantselect.domain.candidates import CATALOG
@@ -160,13 +162,16 @@ def test_the_vocabulary_projection_in_blocks_equals_one_log_softmax(monkeypatch)
     head = torch.nn.Linear(16, 1000, bias=True)
     hidden, targets = torch.randn(37, 16), torch.randint(0, 1000, (37,))
     monkeypatch.setitem(ev.HEAD_BLOCK, "cpu", (8, 128))  # blocks that split rows and vocabulary unevenly
-    for softcap in (None, 3.0):
+    for softcap, scaling in ((None, None), (3.0, None), (None, 4.0)):
         logits = head(hidden)
+        if scaling:
+            logits = logits / scaling
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         expected = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=softcap, logits_scaling=scaling))
         with torch.inference_mode():
-            got = ev._target_logprobs(hidden, head, targets, softcap, torch.device("cpu"))
+            got = ev._target_logprobs(hidden, head, targets, ev.final_logits(model), torch.device("cpu"))
         assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -192,3 +197,75 @@ def test_a_context_too_long_for_the_model_is_cut_from_the_left(tiny_llama):
         c = c[-(limit + 1 - len(k)):]  # lm-eval: (context + continuation)[-(max_length + 1):][:-1]
         assert len(c) + len(k) - 1 == limit
         assert result.choice_logprobs[j] == pytest.approx(alone(lm.model, lm.tokenizer, c, k), abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gemma", "mistral"])
+def test_items_longer_than_a_sliding_window_score_as_the_model_scores_them(tiny_tokenizer_dir, tmp_path, family):
+    """Rows longer than the sliding window go one per choice through our unpadded attention: the
+    sliding layers (Gemma 3's local ones, every Mistral layer) must still see only the window."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if family == "gemma":  # one local (sliding) layer, one global
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16,
+                                                   layer_types=["sliding_attention", "full_attention"]))
+    else:
+        model = MistralForCausalLM(MistralConfig(**common))
+    torch.manual_seed(0)
+    for p in model.parameters():  # large enough weights that attention is far from uniform
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    lm = load_candidate(str(tmp_path), CATALOG["baseline"], "cpu")
+    assert ev._unpadded_supported(lm.model)
+    items = [Item("The quick brown fox jumps over the lazy dog, and then it runs far away. Answer:",
+                  ("the fox ran off into the woods", "the dog"), 0),
+             Item("Pick:", ("yes", "no"), 1)]
+    rows = ev._rows(lm.tokenizer, items, ev._max_length(lm.model), ev._pack_length(lm.model))
+    assert max(len(r) for r in rows) > 2 * 8  # longer than the window
+    assert ev._batch_prefix([r for r in rows if r.item == 0]) > 8  # the first item's choices share a long prefix
+    for unpadded, subset in ((True, items), (True, items[:1]), (False, items)):
+        if not unpadded:
+            lm.model.config._attn_implementation = "eager"  # the padded rows, the model's own mask
+        results = ev.score_multiple_choice(lm.model, lm.tokenizer, subset)
+        for item, result in zip(subset, results):
+            for j, choice in enumerate(item.choices):
+                c, k = ev._encode_pair(lm.tokenizer, item.prompt, " " + choice)
+                assert result.choice_logprobs[j] == pytest.approx(alone(lm.model, lm.tokenizer, c, k), abs=1e-3), \
+                    (family, unpadded, len(subset), j)
+
+
+def scaled_head_model(family: str, tokenizer_dir, out):
+    """A tiny random model whose forward scales the head's logits: Granite divides them by
+    ``logits_scaling``, Cohere multiplies them by ``logit_scale``."""
+    import torch
+    from transformers import AutoTokenizer, CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    if family == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+    else:
+        model = CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    for p in model.parameters():  # logits far from uniform, so a scale shows
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return load_candidate(str(out), CATALOG["baseline"], "cpu")
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_a_scaled_head_scores_as_the_models_own_logits(tiny_tokenizer_dir, tmp_path, family):
+    lm = scaled_head_model(family, tiny_tokenizer_dir, tmp_path)
+    items = [Item("Question: which is heavier?\nAnswer:", ("a brick of lead", "a feather"), 0)]
+    [result] = ev.score_multiple_choice(lm.model, lm.tokenizer, items)
+    for j, choice in enumerate(items[0].choices):
+        c, k = ev._encode_pair(lm.tokenizer, items[0].prompt, " " + choice)
+        assert result.choice_logprobs[j] == pytest.approx(alone(lm.model, lm.tokenizer, c, k), abs=1e-3), family

@@ -227,3 +227,47 @@ def test_a_text_corpus_is_scored_on_its_own_tokens_with_perplexity(base, int8):
         lf.build_reference(base.model, base.tokenizer, parse_records([{"text": "Hi"}]))
     with pytest.raises(InputError, match="max-new-tokens 0 scores only the text given"):
         parse_records([{"text": t} for t in TEXTS], metric="baseline_match")
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_the_reference_holds_the_models_own_log_probabilities(tiny_tokenizer_dir, tmp_path, family):
+    """Granite's and Cohere's forward scale the head's logits; the reference must see them scaled."""
+    import torch
+
+    from tests.test_evaluate_mc import scaled_head_model
+
+    lm = scaled_head_model(family, tiny_tokenizer_dir, tmp_path)
+    ds = parse_records([{"text": "The quick brown fox jumps over the lazy dog."}])
+    [ref] = lf.build_reference(lm.model, lm.tokenizer, ds).items
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor(ref.tokens[None], dtype=torch.long)).logits[0, :-1].float()
+    want = torch.log_softmax(logits, dim=-1)
+    top = want.topk(ref.top_ids.shape[1], dim=-1).values
+    assert torch.allclose(torch.from_numpy(ref.top_logprobs), top, atol=1e-4), family
+    following = torch.from_numpy(ref.tokens[1:].astype("int64"))
+    assert torch.allclose(torch.from_numpy(ref.token_logprobs), want.gather(1, following[:, None])[:, 0], atol=1e-4)
+
+
+def test_a_candidate_with_nan_logits_scores_zero_and_stores_no_nan(tiny_llama):
+    """An overflowing candidate (fp16 inf, NaN logits) is as far from the baseline as can be; NaN or
+    inf in the item's prediction would be stored as JSON that PostgreSQL rejects."""
+    import json
+
+    import torch
+
+    from quantselect.domain.selection import perplexity
+
+    base = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu")
+    broken = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu")
+    with torch.no_grad():
+        broken.model.base_model.norm.weight.fill_(float("nan"))
+    ds = parse_records([{"text": t} for t in TEXTS], metric="kl_similarity")
+    ref = lf.build_reference(base.model, base.tokenizer, ds)
+    for metric in ("kl_similarity", "top1_agreement"):
+        results = ev.evaluate(broken.model, broken.tokenizer, replace(ds, metric=metric), reference=ref)
+        assert [r.score for r in results] == [0.0] * len(TEXTS), metric
+        for r in results:
+            json.dumps(r.prediction, allow_nan=False)
+            assert r.prediction["kl_similarity"] == 0.0 and r.prediction["mean_kl"] is None
+            assert r.prediction["perplexity"] is None and "nll" not in r.prediction
+        assert perplexity(results) is None

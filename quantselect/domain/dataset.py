@@ -51,6 +51,7 @@ Every error names the file, the line and the field, so the user knows what to fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import string
@@ -207,9 +208,9 @@ def _check_metric(kind: str, metric: str) -> None:
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
-# A number: thousands groups "1,234", decimals "0.5" (a trailing full stop is not part of it), an
-# optional minus sign -- not a hyphen right after a letter, digit or bracket: "5-3" is 5 and 3.
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A number: thousands groups "1,234", decimals "0.5" and ".5" (a trailing full stop is not part of
+# it), an optional minus sign -- not a hyphen right after a letter, digit or bracket: "5-3" is 5 and 3.
+_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def normalize_text(s: str, articles: bool = True) -> str:
@@ -263,7 +264,8 @@ def _numbers(text: str) -> list[str]:
     out = []
     for m in _NUMBER.finditer(text):
         number, before = m.group(), text[m.start() - 1: m.start()]
-        if number.startswith("-") and (before.isalnum() or before in ")]"):
+        # before is "" at the start of the text (or right after "####"), where a minus is a sign
+        if number.startswith("-") and before and (before.isalnum() or before in ")]"):
             number = number[1:]  # a hyphen or a subtraction, not a sign
         out.append(number)
     return out
@@ -327,8 +329,15 @@ class FieldMapping:
                 )
             if key == "choices":
                 values[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif key == "prompt":
+                # \n, \t in a shell argument become the characters; other text (é, 中) stays as typed
+                try:
+                    values[key] = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"--map {pair!r}: {e.reason}; write a backslash as \\\\ (escapes: \\n, "
+                                     "\\t, \\\\)") from None
             else:
-                values[key] = value.encode().decode("unicode_escape") if key == "prompt" else value
+                values[key] = value
         return cls(labels_file=labels_file, **values)
 
     @property
@@ -355,6 +364,9 @@ class FieldMapping:
                 out["prompt"] = prompt.format(**record)
             except KeyError as e:
                 raise InputError(f"{where}: field {e.args[0]!r} used in the prompt template is missing") from None
+            except (IndexError, ValueError, AttributeError, TypeError) as e:  # "{}", "{q} }", "{q.x}", "{q:d}"
+                raise InputError(f"{where}: prompt template {prompt!r} cannot be filled ({e}); name fields as "
+                                 "{field} and write a literal brace as {{ or }}") from None
         else:
             out["prompt"] = _field(record, prompt, where)
         if self.choices:
@@ -417,26 +429,49 @@ def parse_records(
                      max_new_tokens=max_new_tokens, stop=stop, chat_template=chat_template)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, without the byte-order mark that Excel's "CSV UTF-8" and some editors write."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not valid UTF-8 text") from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines at LF (or CRLF) only: str.splitlines also splits at U+2028, U+0085 and the like, which
+    JSON allows raw inside a string."""
+    return [ln.removesuffix("\r") for ln in text.split("\n")]
+
+
 def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
     if path.suffix.lower() == ".parquet":
         return _read_parquet(path, limit)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 text") from None
+    text = _read_text(path)
     out: list[tuple[str, dict[str, Any]]] = []
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for n, row in enumerate(reader, start=2):
-            rec: dict[str, Any] = dict(row)
+        # newline="": a quoted cell keeps its line breaks; a row may span lines, so it is named by
+        # the line it starts on
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header = next(rows, [])
+        end = rows.line_num
+        for row in rows:
+            start, end = end + 1, rows.line_num
+            if not row:  # a blank line
+                continue
+            if len(row) != len(header):
+                fix = ("quote cells that contain commas" if len(row) > len(header)
+                       else f"no {', '.join(repr(h) for h in header[len(row):])}")
+                raise InputError(f"{path}:{start}: {len(row)} fields where the header has {len(header)}; {fix}")
+            rec: dict[str, Any] = dict(zip(header, row))
             for name in ("choices", "messages", "conversations"):  # lists in a CSV cell are JSON
                 if isinstance(rec.get(name), str) and rec[name].startswith("["):
                     try:
                         rec[name] = json.loads(rec[name])
                     except json.JSONDecodeError:
-                        raise InputError(f"{path}:{n}: field {name!r} is not a JSON list") from None
-            out.append((f"{path}:{n}", rec))
+                        raise InputError(f"{path}:{start}: field {name!r} is not a JSON list") from None
+            out.append((f"{path}:{start}", rec))
             if limit and len(out) >= limit:
                 break
         return out
@@ -450,7 +485,7 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
                 raise InputError(f"{path}[{n}]: expected a JSON object, got {type(rec).__name__}")
             out.append((f"{path}[{n}]", rec))
         return out
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -486,7 +521,7 @@ def _read_labels(path: Path, n: int) -> list[int]:
     if not path.is_file():
         raise InputError(f"{path}: labels file not found")
     labels = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -575,7 +610,7 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
             if not isinstance(c, str) or not c.strip():
                 raise InputError(f"{where}: field 'choices' has an empty or non-string choice")
         answer = rec.get("answer")
-        if isinstance(answer, str) and answer.strip().lstrip("-").isdigit():
+        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):  # not "--1" or "²"
             answer = int(answer)
         if not isinstance(answer, int) or isinstance(answer, bool):
             raise InputError(f"{where}: field 'answer' must be the integer index of the right choice")
@@ -673,12 +708,7 @@ def load_calibration_file(path: str | Path) -> list[str | list[dict[str, str]]]:
     if not path.is_file():
         raise InputError(f"{path}: calibration file not found")
     if path.suffix.lower() == ".txt":
-        try:
-            lines = path.read_bytes().decode("utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            raise InputError(f"{path}:{line}: not valid UTF-8 text") from None
-        texts: list[Any] = [ln.strip() for ln in lines if ln.strip()]
+        texts: list[Any] = [ln.strip() for ln in _lines(_read_text(path)) if ln.strip()]
     else:
         records = _read_records(path, None)
         if records and all(isinstance(r.get("text"), str) for _, r in records):

@@ -216,7 +216,8 @@ def _max_length(model: Any) -> int:
 
 def _pack_length(model: Any) -> int:
     """Longest packed row: packing needs an attention that takes an arbitrary 4D mask, and the
-    mask we build knows no sliding window."""
+    packed mask of padded rows knows no sliding window (rows of one choice may be longer: the padded
+    path gives them the model's own mask, the unpadded attention adds the window itself)."""
     if inner(getattr(model.config, "_attn_implementation", "sdpa")) not in ("sdpa", "eager"):
         return 0
     window = getattr(model.config, "sliding_window", None)
@@ -338,6 +339,26 @@ class _Layout:
     width: int
     prefix: int = 0  # tokens at the start of the sequence that every row sees first
     calls: int = 0
+    pos: Any = None  # the (rows x width) grid's position ids; the prefix's are 0..prefix-1
+    windowed: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+
+    def window_masks(self, window: int) -> tuple[Any, Any]:
+        """The masks of a sliding-window layer (Gemma 3's local layers, Mistral's, Qwen2's with
+        ``use_sliding_window``), for the rows and for the prefix: as ``mask`` and causal, less every
+        key ``window`` or more positions behind its query, as the model's own mask (transformers passes
+        the layer's window to the attention function; SDPA itself ignores it). Built once a forward."""
+        if window not in self.windowed:
+            import torch
+
+            lowest = torch.finfo(self.mask.dtype).min
+            first = torch.arange(self.prefix, device=self.pos.device)
+            keys = torch.cat([first.expand(self.rows, -1), self.pos], dim=1)
+            far = self.pos[:, :, None] - keys[:, None, :] >= window
+            distance = first[:, None] - first[None, :]
+            prefix = torch.zeros((self.prefix, self.prefix), dtype=self.mask.dtype, device=self.pos.device)
+            prefix.masked_fill_((distance < 0) | (distance >= window), lowest)
+            self.windowed[window] = self.mask.masked_fill(far[:, None], lowest), prefix[None, None]
+        return self.windowed[window]
 
 
 _LAYOUT: "ContextVar[_Layout | None]" = ContextVar("quantselect_unpadded_layout", default=None)
@@ -366,11 +387,14 @@ def _unpadded_attention(module: Any, query: Any, key: Any, value: Any, attention
     if n:
         keys = torch.cat([key[:, :, :n].expand(layout.rows, -1, -1, -1), keys], dim=2)
         values = torch.cat([value[:, :, :n].expand(layout.rows, -1, -1, -1), values], dim=2)
-    out, _ = sdpa_attention_forward(module, pad(query), keys, values, layout.mask, **kwargs)
+    mask, prefix_mask = layout.mask, None
+    if kwargs.get("sliding_window"):
+        mask, prefix_mask = layout.window_masks(int(kwargs["sliding_window"]))
+    out, _ = sdpa_attention_forward(module, pad(query), keys, values, mask, **kwargs)
     out = out.reshape(layout.rows * layout.width, *out.shape[2:])[layout.keep]
     if n:
-        first, _ = sdpa_attention_forward(module, query[:, :, :n], key[:, :, :n], value[:, :, :n], None,
-                                          **{**kwargs, "is_causal": True})
+        first, _ = sdpa_attention_forward(module, query[:, :, :n], key[:, :, :n], value[:, :, :n], prefix_mask,
+                                          **{**kwargs, "is_causal": prefix_mask is None})
         out = torch.cat([first[0], out])
     return out[None], None
 
@@ -398,7 +422,7 @@ def _forward_unpadded(model: Any, ids: Any, pos: Any, mask: Any, lengths: list[i
     keep = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).flatten().nonzero()[:, 0]
     if n:  # every row may see every prefix token
         mask = torch.cat([mask.new_zeros((n_rows, 1, width, n)), mask], dim=-1)
-    layout = _Layout(keep.to(device), mask.to(device), n_rows, width, prefix=n)
+    layout = _Layout(keep.to(device), mask.to(device), n_rows, width, prefix=n, pos=pos.to(device))
     token, config = _LAYOUT.set(layout), model.config
     own = config._attn_implementation
     config._attn_implementation = UNPADDED
@@ -425,22 +449,44 @@ def _batch_prefix(batch: Sequence[_Row]) -> int:
     return min(_common_prefix([r.shared for r in batch]), min(len(r.context) for r in batch) - 1)
 
 
-def _target_logprobs(hidden: Any, head: Any, targets: Any, softcap: float | None, device: Any) -> Any:
-    """log p(target) at each position of ``hidden`` (positions x hidden): the vocabulary projection
-    and its log-sum-exp in blocks (``HEAD_BLOCK``) where the head is a plain linear layer, else at once
-    (a quantized head's weight cannot be sliced)."""
+def final_logits(model: Any) -> Callable[[Any], Any]:
+    """The fp32 logits from the output head's, finished as the model's own forward finishes them (we
+    run ``base_model`` and the head ourselves): Granite's ``/ logits_scaling`` (MiniCPM3 divides the
+    hidden states before its bias-free head: the same; HyperCLOVAX multiplies), Cohere's
+    ``* logit_scale``, then Gemma 2/3's ``final_logit_softcapping``."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        s = float(config.logits_scaling)
+        scale = s if str(getattr(config, "model_type", "")).startswith("hyperclovax") else 1 / s
+    if isinstance(getattr(config, "logit_scale", None), (int, float)):
+        scale *= float(config.logit_scale)
+    softcap = getattr(config, "final_logit_softcapping", None)
+
+    def finish(logits: Any) -> Any:
+        logits = logits.float()
+        if scale != 1.0:
+            logits = logits * scale
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    return finish
+
+
+def _target_logprobs(hidden: Any, head: Any, targets: Any, finish: Callable[[Any], Any], device: Any) -> Any:
+    """log p(target) at each position of ``hidden`` (positions x hidden), the head's logits finished
+    by ``finish`` (``final_logits``): the vocabulary projection and its log-sum-exp in blocks
+    (``HEAD_BLOCK``) where the head is a plain linear layer, else at once (a quantized head's weight
+    cannot be sliced)."""
     import torch
 
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     plain = (type(head) is torch.nn.Linear and type(weight) is torch.nn.Parameter
              and weight.dtype.is_floating_point)
 
-    def capped(logits: Any) -> Any:
-        logits = logits.float()
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
-
     if not plain:
-        logits = capped(head(hidden))
+        logits = finish(head(hidden))
         return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     n_pos, n_vocab = HEAD_BLOCK.get(device.type, HEAD_BLOCK["cpu"])
     out = []
@@ -449,7 +495,7 @@ def _target_logprobs(hidden: Any, head: Any, targets: Any, softcap: float | None
         target_logit = torch.zeros(len(h), dtype=torch.float32, device=h.device)
         lse = []
         for v in range(0, weight.shape[0], n_vocab):
-            logits = capped(torch.nn.functional.linear(h, weight[v: v + n_vocab],
+            logits = finish(torch.nn.functional.linear(h, weight[v: v + n_vocab],
                                                        None if bias is None else bias[v: v + n_vocab]))
             lse.append(torch.logsumexp(logits, dim=-1))
             inside = ((t >= v) & (t < v + logits.shape[1])).nonzero()[:, 0]
@@ -470,7 +516,7 @@ def _score_rows(model: Any, items: Sequence[Item], rows: list[_Row], progress: P
     # packed rows and one-choice rows go apart (their masks differ).
     rows = sorted(rows, key=lambda r: -len(r) if unpadded else (len(r.tails) == 1, -len(r)))
     budget = _tokens_per_batch(model, device)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    finish = final_logits(model)
     head = model.get_output_embeddings()
     logprobs = [[0.0] * len(item.choices or ()) for item in items]
     rows_left = [0] * len(items)
@@ -499,7 +545,7 @@ def _score_rows(model: Any, items: Sequence[Item], rows: list[_Row], progress: P
                 hidden = model.base_model(input_ids=ids.to(device), position_ids=pos.to(device),
                                           attention_mask=mask.to(device)).last_hidden_state
                 scored = hidden[r, c]
-            lp = _target_logprobs(scored, head, torch.tensor(targets, device=device), softcap, device)
+            lp = _target_logprobs(scored, head, torch.tensor(targets, device=device), finish, device)
             sums = torch.zeros(len(groups), dtype=torch.float64)
             sums.index_add_(0, torch.tensor(owners), lp.double().cpu())
             for members, value in zip(groups, sums.tolist()):

@@ -35,7 +35,9 @@ is generated: the scored positions are the text's own, which is llama.cpp's KL-d
 the user's documents. Every item's ``prediction`` holds its ``mean_kl``, ``top1_agreement`` and
 ``kl_similarity``, its ``nll`` (summed over the scored positions, nats), ``n_tokens`` and
 ``perplexity`` (the baseline's from the log-probabilities of the next tokens kept in the
-reference), and, for ``baseline_match``, the candidate's ``output``, whatever the metric.
+reference), and, for ``baseline_match``, the candidate's ``output``, whatever the metric. A candidate
+whose logits are NaN (an overflow) scores 0, with ``mean_kl`` and ``perplexity`` None and no ``nll``
+(JSON has no NaN or infinity).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def _teacher_forced(model: Any, sequences: Sequence[np.ndarray],
 
     device = next(model.parameters()).device
     body, head = model.base_model, model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    finish = ev.final_logits(model)  # Granite's, Cohere's scale, Gemma's soft-capping
     budget = ev._tokens_per_batch(model, device)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     done, start = 0, 0
@@ -214,9 +216,7 @@ def _teacher_forced(model: Any, sequences: Sequence[np.ndarray],
             r, c = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
             owners_np, positions_np = np.asarray(owners), np.asarray(positions)
             for s in range(0, len(rows), HEAD_CHUNK):
-                logits = head(hidden[r[s: s + HEAD_CHUNK], c[s: s + HEAD_CHUNK]]).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = finish(head(hidden[r[s: s + HEAD_CHUNK], c[s: s + HEAD_CHUNK]]))
                 on_chunk(torch.log_softmax(logits, dim=-1), owners_np[s: s + HEAD_CHUNK],
                          positions_np[s: s + HEAD_CHUNK])
             done += len(batch)
@@ -281,6 +281,9 @@ def _perplexity(nll: float, n_tokens: int) -> dict[str, Any]:
     """Per item: the summed negative log-likelihood of the tokens scored (nats), their count, and the
     perplexity exp(nll / n) -- of the text itself for a text item, else of the prompt and the
     baseline's continuation."""
+    if not np.isfinite(nll):  # NaN logits: no perplexity, and no NaN in the stored JSON (PostgreSQL rejects
+        # it); without "nll" the candidate's perplexity over its items is None too (selection.perplexity)
+        return {"n_tokens": n_tokens, "perplexity": None}
     return {"nll": nll, "n_tokens": n_tokens, "perplexity": float(np.exp(nll / n_tokens))}
 
 
@@ -306,7 +309,9 @@ def position_scores(logprobs: Any, base_ids: Any, base_logprobs: Any) -> tuple[A
     base_lp_of_top = torch.where(base_ids == top[:, None], base, torch.full_like(base, -torch.inf)).amax(-1)
     agree = (top == base_ids[:, 0]) | (base_lp_of_top >= base[:, 0] - TIE_NATS) \
         | (cand[:, 0] >= top_lp.double() - TIE_NATS)
-    return kl.clamp_min(0), agree
+    # A NaN row (an overflowing candidate; argmax picks the NaN) agrees with nothing and is infinitely
+    # far: its item's kl_similarity is 0, not NaN.
+    return torch.nan_to_num(kl, nan=torch.inf, posinf=torch.inf).clamp_min(0), agree & ~top_lp.isnan()
 
 
 def score_against_reference(model: Any, tokenizer: Any, dataset: TaskDataset, reference: Reference,
@@ -341,8 +346,8 @@ def score_against_reference(model: Any, tokenizer: Any, dataset: TaskDataset, re
     for n, (item, ref) in enumerate(zip(dataset.items, reference.items)):
         mean_kl = float(kl_sum[n] / ref.n_positions)
         top1 = float(agree_sum[n] / ref.n_positions)
-        prediction: dict[str, Any] = {"mean_kl": mean_kl, "top1_agreement": top1,
-                                      "kl_similarity": float(np.exp(-mean_kl)),
+        prediction: dict[str, Any] = {"mean_kl": mean_kl if np.isfinite(mean_kl) else None,  # JSON has no inf
+                                      "top1_agreement": top1, "kl_similarity": float(np.exp(-mean_kl)),
                                       **_perplexity(float(nll_sum[n]), ref.n_positions)}
         if matching:
             assert outputs is not None

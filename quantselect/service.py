@@ -533,7 +533,7 @@ class Service:
                                  f"{socket.gethostname()}")
             try:
                 path = fetch_apart(c.config.path, stop)
-                check_model(str(path))  # a folder without weights, say
+                check_model(str(path), quantized=True)  # a folder without weights, say
             except InputError as e:
                 where = f"{c.config.path}: " if not str(e).startswith(c.config.path) else ""
                 result = CandidateResult(name=c.name, config=c.config.to_dict(), status=FAILED,

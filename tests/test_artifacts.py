@@ -50,6 +50,27 @@ def test_another_config_or_calibration_gets_another_key(tiny_llama):
     assert a == artifacts.key(tiny_llama, CATALOG["int4"], None, "cpu")
 
 
+def test_an_edited_chat_template_or_generation_config_makes_a_new_artifact(tiny_llama, tmp_path):
+    """The artifact saves the tokenizer, chat template and generation config, and scoring and serving
+    it read them from there: after the user edits the model's, the old artifact must not be reused."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    root = str(tmp_path / "artifacts")
+    first = load_candidate(str(model), CATALOG["int8"], "cpu", artifacts_dir=root)
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (model / "chat_template.jinja").write_text(template)
+    edited = load_candidate(str(model), CATALOG["int8"], "cpu", artifacts_dir=root)
+    assert not edited.reused and edited.artifact_path != first.artifact_path
+    assert edited.tokenizer.chat_template == template
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.3, "do_sample": True}))
+    again = load_candidate(str(model), CATALOG["int8"], "cpu", artifacts_dir=root)
+    assert not again.reused and again.model.generation_config.temperature == 0.3
+    assert load_candidate(str(model), CATALOG["int8"], "cpu", artifacts_dir=root).reused  # nothing edited since
+
+
 def test_an_artifact_that_reloads_with_missing_weights_fails_loudly(tiny_llama, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

@@ -89,6 +89,22 @@ def test_a_measurement_on_the_target_replaces_the_estimate_but_eager_and_cpu_nev
     assert q4_0.usd_per_1m_tokens < est.usd_per_1m_tokens < int4.usd_per_1m_tokens
 
 
+def test_a_throughput_measured_over_several_gpus_is_priced_for_all_of_them():
+    """A candidate too large for one GPU ran with its layers split over the placement group's GPUs:
+    its tokens per second cost that many GPU-hours."""
+    h100 = cost.gpu("H100")
+    engine = "transformers generate, static cache compiled (torch.compile) on cuda"
+    base = dict(name="bf16", config=CATALOG["bf16"].to_dict(), status=SUCCEEDED, decode_tokens_per_second_b16=900.0,
+                device="cuda:NVIDIA H100 80GB HBM3", throughput_engine=engine)
+    one = cost.measured_on(CandidateResult(**base, gpu_ids=["0"]), h100)
+    two = cost.measured_on(CandidateResult(**base, gpu_ids=["0", "1"]), h100)
+    assert one.gpus == 1 and cost.measured_on(CandidateResult(**base), h100).gpus == 1  # a local run: one device
+    assert two.gpus == 2 and "layers split over 2 GPUs" in two.basis
+    assert cost.cost_per_1m_tokens(2.5, two) == pytest.approx(2 * cost.cost_per_1m_tokens(2.5, one))
+    sc = cost.serving_cost(CATALOG["bf16"], shape("llama-3.1-70b"), h100, 2.5, two)
+    assert sc.usd_per_1m_tokens == pytest.approx(2 * 2.5 / (900.0 * 3600) * 1e6)
+
+
 def test_gpu_names_and_device_strings():
     assert cost.gpu("rtx 4090").name == "RTX-4090" and cost.gpu(None).name == "H100-80GB"
     with pytest.raises(InputError, match="unknown target GPU 'B300'"):
@@ -110,7 +126,9 @@ def test_candidate_parameters_are_validated_with_the_field_named():
                      ("int4:bits=4", "unknown parameter 'bits'"),
                      ("int8:group_size=32", "parameters of int8: kv_cache"),
                      ("nf4:double_quant=maybe", "not a valid bool"),
-                     ("int4:group_size", "must be key=value")]:
+                     ("int4:group_size", "must be key=value"),
+                     ("bf16:dtype=float32", "dtype 'float32' must be bfloat16 or float16"),  # was priced as 2 bytes
+                     ("bf16:dtype=bf16", "dtype 'bf16' must be bfloat16 or float16")]:  # failed in the worker
         with pytest.raises(InputError, match=msg):
             parse_candidate(bad)
     names = [c.name for c in resolve_candidates(["int4", "int4:group_size=64", "int4:group_size=32"])]

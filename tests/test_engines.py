@@ -68,6 +68,23 @@ def test_quantized_weights_are_smaller(demo_model_dir):
     assert sizes["int8"] < sizes["bf16"] and sizes["int4"] < sizes["bf16"]
 
 
+def test_nf4_weight_bytes_count_its_quantization_state(tiny_llama):
+    """bitsandbytes keeps each 4-bit layer's absmax (one per block of 64) and codebooks beside the
+    packed weight, not as parameters: they are counted as bitsandbytes saves them."""
+    import torch
+
+    base = load_candidate(str(tiny_llama), CATALOG["baseline"], "cpu").model
+    nf4 = load_candidate(str(tiny_llama), CATALOG["nf4"], "cpu").model
+    states = [p.quant_state for p in nf4.parameters() if getattr(p, "quant_state", None) is not None]
+    linear = sum(m.weight.numel() for n, m in base.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    assert states and sum(q.shape.numel() for q in states) == linear
+    saved = sum(t.numel() * t.element_size() for q in states for k, t in q.as_dict(packed=True).items()
+                if isinstance(t, torch.Tensor) and not k.startswith("quant_state."))  # not its JSON blob
+    offsets = sum(q.offset.numel() * q.offset.element_size() for q in states)  # kept in that blob when saved
+    assert weight_bytes(nf4) == weight_bytes(base) - linear * 4 + linear // 2 + saved + offsets
+
+
 def test_quality_path_on_the_bundled_model(demo_model_dir):
     """SmolLM2 answers PIQA well above chance; int8 weight-only keeps nearly all its answers."""
     items = load_dataset(EXAMPLES / "piqa-300.jsonl", limit=40)

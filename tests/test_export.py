@@ -111,3 +111,17 @@ def test_export_refuses_what_it_cannot_write_in_one_line(finished_job, svc, tmp_
     assert CliRunner().invoke(cli, ["cache", "prune", artifact.rsplit("/", 1)[-1]]).exit_code == 0
     res = export(job_id, str(tmp_path / "x"), "--candidate", "int8")
     assert res.exit_code == 2 and "--no-cache" in res.output and not (tmp_path / "x").exists()
+
+
+def test_a_converted_export_of_an_fp8_kv_cache_candidate_holds_the_weights_only(tiny_llama, tmp_path):
+    """bf16:kv_cache=fp8 is exported as bf16 weights: the emulated cache's mark on the loaded config
+    must not reach config.json, or the folder, used as a model, would round every candidate's cache."""
+    from quantselect.domain.candidates import parse_candidate
+    from quantselect.engines import artifacts, kvcache
+
+    out = tmp_path / "bf16-fp8kv"
+    artifacts.export_converted(tiny_llama, parse_candidate("bf16:kv_cache=fp8").config, out, {"README.md": "x"})
+    config = json.loads((out / "config.json").read_text())
+    assert kvcache.ATTR not in config and not str(config.get("_attn_implementation") or "").startswith(kvcache.PREFIX)
+    assert config["dtype"] == "bfloat16" and (out / "README.md").read_text() == "x"
+    assert not (out / artifacts.MARKER).exists()

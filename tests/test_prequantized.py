@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +17,7 @@ from quantselect.domain.candidates import CATALOG, Prequantized, checkpoint_quan
 from quantselect.engines import artifacts
 from quantselect.engines.quantize import load_candidate
 from quantselect.render import preview_text
+from quantselect.domain.results import CANCELLED_ALONE
 from quantselect.errors import InputError
 from quantselect.service import Service, SubmitRequest
 from tests.fixtures.common import EXAMPLES, put_in_hub_cache
@@ -77,6 +79,60 @@ def test_label_equals_path_is_a_checkpoint_and_its_quantization_comes_from_its_c
     awq = Prequantized("/x", "awq", 4, 128)
     assert awq.bytes_per_weight() == CATALOG["int4-awq"].bytes_per_weight() and awq.compute == "bf16"
     assert Prequantized("/x", "fp8", 8, 0).compute == "fp8" and Prequantized("/x").bytes_per_weight() == 2.0
+
+
+def test_a_torchao_checkpoint_is_read_by_its_config_type():
+    """What transformers' TorchAoConfig writes into config.json: int4 was read as 8-bit, fp8 as
+    computed in bf16 (and offered on hardware without fp8)."""
+    import torch
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                      Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                      IntxWeightOnlyConfig, PerRow)
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from transformers import TorchAoConfig
+
+    from quantselect.domain.candidates import TORCHAO_FP8
+    from quantselect.engines.quantize import availability
+
+    def read(config):  # as config.json holds it
+        return checkpoint_quantization({"quantization_config": json.loads(TorchAoConfig(quant_type=config).to_json_string())})
+
+    assert read(Int4WeightOnlyConfig(group_size=64)) == ("torchao", 4, 64)
+    assert read(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))) == ("torchao", 4, 32)
+    assert read(IntxWeightOnlyConfig(weight_dtype=torch.int3, granularity=PerAxis(0))) == ("torchao", 3, 0)
+    assert read(Int8WeightOnlyConfig()) == read(Int8DynamicActivationInt8WeightConfig()) == ("torchao", 8, 0)
+    assert read(Float8WeightOnlyConfig()) == ("torchao", 8, 0)  # fp8 weights, computed in bf16
+    assert read(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())) == (TORCHAO_FP8, 8, 0)
+    fp8 = Prequantized("/x", TORCHAO_FP8, 8, 0)
+    assert fp8.compute == "fp8" and "compute capability >= 8.9" in availability(fp8)  # no such GPU here
+    int4 = Prequantized("/x", "torchao", 4, 64)
+    assert int4.bytes_per_weight() == pytest.approx(0.5 + 4 / 64) and int4.compute == "bf16"
+    with pytest.raises(InputError, match="torchao checkpoint of 'int4_weight_only': its bits per weight are unknown"):
+        checkpoint_quantization({"quantization_config": {"quant_method": "torchao", "quant_type": "int4_weight_only"}})
+
+
+def test_an_already_quantized_model_is_refused_as_the_jobs_model_and_taken_as_a_candidate(tiny_llama, tmp_path):
+    """Given as the job's model, a quantized folder (a quantselect artifact, or an exported torchao
+    folder) would make every candidate that same quantized model; it is refused, saying how to
+    evaluate it. As a candidate it is what `LABEL=PATH` is for; a GGUF file, dequantized on load,
+    stays a model."""
+    from quantselect.engines.models import check_model, demo_gguf_path
+
+    saved = load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(tmp_path / "artifacts"))
+    exported = tmp_path / "int8-export"
+    shutil.copytree(saved.artifact_path, exported)
+    (exported / artifacts.MARKER).unlink()
+    items = [{"prompt": f"q{i}", "reference": "a"} for i in range(4)]
+    for folder in (saved.artifact_path, str(exported)):
+        with pytest.raises(InputError, match=re.escape(f"{folder}: already quantized (torchao); give the original "
+                                                       f"model, and evaluate this one as a candidate LABEL={folder}")):
+            Service().build_spec(SubmitRequest(model=folder, items=items))
+        assert check_model(folder, quantized=True) == str(Path(folder).resolve())  # a checkpoint candidate
+    [_, cand] = Service().build_spec(SubmitRequest(model=str(tiny_llama), items=items,
+                                                   candidates=[f"mine={exported}"])).candidates
+    assert (cand.config.method, cand.config.bits) == ("torchao", 8)
+    assert check_model(str(demo_gguf_path())) == str(demo_gguf_path())  # a quantized GGUF: dequantized, a model
+    assert check_model(str(tiny_llama)) == str(tiny_llama.resolve())
 
 
 def test_submit_reads_the_checkpoint_and_refuses_what_cannot_be_one(tiny_llama, gptq_release, tmp_path):
@@ -156,6 +212,10 @@ def test_a_checkpoint_named_by_its_hub_id_is_read_on_its_config_at_submit_and_fe
     assert svc.repo.get_job_spec(first.id).candidates[2].config.path == hub.path  # no snapshot recorded
     shown = CliRunner().invoke(cli, ["status", first.id]).output
     assert "not fetched on the driver's machine" in shown, shown
+    dropped = svc.submit(req)  # one cancelled on its own before its driver starts: not fetched, left cancelled
+    svc.cancel_candidate(dropped.id, "hub")
+    assert svc.run_job(dropped.id).status == "succeeded"
+    assert {r.name: (r.status, r.error) for r in svc.results(dropped.id)}["hub"] == ("cancelled", CANCELLED_ALONE)
     put_in_hub_cache(release, "acme/gptq-later")  # the rest of the commit, fetched on the driver's machine
     job = svc.submit(req)
     assert svc.repo.cache_keys(job.id) == svc.repo.cache_keys(first.id)

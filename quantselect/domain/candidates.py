@@ -97,6 +97,11 @@ class HalfPrecision(CandidateConfig):
     dtype: str = "bfloat16"  # or "float16"
     description: ClassVar[str] = "weights and activations in 16-bit floating point"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in ("bfloat16", "float16"):  # torch's names: the worker loads getattr(torch, dtype)
+            raise InputError(f"half precision dtype {self.dtype!r} must be bfloat16 or float16")
+
 
 @dataclass(frozen=True)
 class Int8WeightOnly(CandidateConfig):
@@ -236,7 +241,9 @@ class Prequantized(CandidateConfig):
 
     type_name: ClassVar[str] = "prequantized"
     path: str = ""
-    method: str = "none"  # quantization_config.quant_method, "none" for a plain 16/32-bit checkpoint
+    # quantization_config.quant_method, "none" for a plain 16/32-bit checkpoint; TORCHAO_FP8 for
+    # torchao's fp8-activation configs (computed in fp8: needs a GPU that has it)
+    method: str = "none"
     bits: int = 16
     group_size: int = 0  # 0: per channel, or not grouped
     file_type: str = ""  # a GGUF file's type (Q4_K_M, Q8_0, ...); "" for a Hugging Face folder
@@ -265,19 +272,22 @@ class Prequantized(CandidateConfig):
         return _grouped_bytes(self.bits, self.group_size) if self.group_size else self.bits / 8 + 2 / 4096
 
 
-FP8_METHODS = ("fp8", "fbgemm_fp8")
+TORCHAO_FP8 = "torchao_fp8"
+FP8_METHODS = ("fp8", "fbgemm_fp8", TORCHAO_FP8)
 GGUF = "gguf"
 
 
 def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
     """(method, bits, group size) of a checkpoint from its ``config.json``: its
-    ``quantization_config`` (GPTQ/AWQ ``bits``/``group_size``, bitsandbytes 4/8-bit, fp8), or a plain
-    checkpoint's dtype."""
+    ``quantization_config`` (GPTQ/AWQ ``bits``/``group_size``, bitsandbytes 4/8-bit, fp8, torchao's
+    config type), or a plain checkpoint's dtype."""
     q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
     if not q:
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         return "none", 32 if "32" in dtype else 16, 0
     method = str(q.get("quant_method", "unknown")).lower()
+    if method == "torchao":
+        return _torchao_quantization(q)
     group = int(q.get("group_size") or q.get("q_group_size") or 0)
     if method == "bitsandbytes":
         return method, 4 if q.get("load_in_4bit") else 8, 64 if q.get("load_in_4bit") else 0
@@ -289,6 +299,37 @@ def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
         weights = next(iter(groups.values()), {}).get("weights") or {}
         bits, group = weights.get("num_bits"), int(weights.get("group_size") or 0)
     return method, int(bits or 8), max(group, 0)
+
+
+def _torchao_quantization(q: dict[str, Any]) -> tuple[str, int, int]:
+    """A torchao checkpoint's (method, bits, group size), from its serialized config
+    (``quant_type: {"default": {"_type": "Int4WeightOnlyConfig", "_data": {...}}}``, as transformers'
+    ``TorchAoConfig`` writes it). A config type not known here is refused: guessing its bits would
+    price it wrongly."""
+    qt = q.get("quant_type")
+    default = qt.get("default") if isinstance(qt, dict) else None
+    kind = str(default.get("_type", "")) if isinstance(default, dict) else ""
+    data = (default.get("_data") if isinstance(default, dict) else None) or {}
+
+    def inner(value: Any) -> Any:  # a serialized torch/torchao object: {"_type", "_data"}
+        return value.get("_data") if isinstance(value, dict) else value
+
+    granularity = data.get("granularity")
+    if isinstance(granularity, dict) and granularity.get("_type") == "PerGroup":
+        group = int((inner(granularity) or {}).get("group_size") or 0)
+    else:
+        group = int(data.get("group_size") or 0)  # PerRow / PerAxis: per channel
+    if kind == "Int4WeightOnlyConfig":
+        return "torchao", 4, group or 128  # torchao's default group size
+    if kind.startswith("Float8"):  # fp8 weights; with fp8 activations, computed in fp8
+        return (TORCHAO_FP8 if "Activation" in kind else "torchao"), 8, 0
+    if kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):
+        return "torchao", 8, group
+    bits = re.fullmatch(r"u?int([1-8])", str(inner(data.get("weight_dtype")) or ""))
+    if bits and "Intx" in kind:  # IntxWeightOnlyConfig, Int8DynamicActivationIntxWeightConfig
+        return "torchao", int(bits.group(1)), group
+    raise InputError(f"torchao checkpoint of {kind or qt!r}: its bits per weight are unknown to quantselect "
+                     "(known: Int4WeightOnlyConfig, IntxWeightOnlyConfig, Int8*, Float8*)")
 
 
 CONFIG_TYPES: dict[str, type[CandidateConfig]] = {

@@ -129,7 +129,9 @@ def measured_on(result: Any, target: GpuSpec) -> Throughput | None:
     """A candidate's batch-``COST_BATCH`` decode throughput when it was measured on the target GPU
     type with a serving engine, with the GPU to itself; eager ``generate()`` is never trusted for a
     cost (it ranks quantized models wrongly on a GPU), nor a GPU shared with packed candidates, nor a
-    GGUF file's dense stand-in, nor a candidate whose fp8 KV cache was emulated."""
+    GGUF file's dense stand-in, nor a candidate whose fp8 KV cache was emulated. A candidate too
+    large for one GPU was measured with its layers split over the GPUs its worker held
+    (``gpu_ids``): that throughput is priced for all of them."""
     spec = gpu_of_device(getattr(result, "device", None))
     tps = getattr(result, "decode_tokens_per_second_b16", None)
     engine = getattr(result, "throughput_engine", None) or ""
@@ -140,4 +142,7 @@ def measured_on(result: Any, target: GpuSpec) -> Throughput | None:
         return None  # its KV cache was rounded in 16 bits, not stored in 8: not that cache's speed
     if spec is None or spec.name != target.name or not tps or "eager" in engine or SHARED_GPU in engine:
         return None
-    return Throughput(float(tps), COST_BATCH, 1, "measured", f"{engine} on {result.device}")
+    n = max(1, len(getattr(result, "gpu_ids", None) or []))
+    # device_map="auto" runs the layers one GPU after another, not tensor parallel: say what was measured
+    split = f", layers split over {n} GPUs (device_map=auto)" if n > 1 else ""
+    return Throughput(float(tps), COST_BATCH, n, "measured", f"{engine} on {result.device}{split}")

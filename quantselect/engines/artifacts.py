@@ -5,9 +5,10 @@ An artifact is a folder ``<artifacts_dir>/<key>/`` holding what ``save_pretraine
 ``quantselect.json``: the candidate config, how long quantizing took, the engine, and a *probe* --
 the log-probabilities the in-memory quantized model gave on a fixed input.
 
-The key hashes the base model (its ``config.json`` and the names, sizes and modification times of
-its weight files), the candidate config, the calibration samples (GPTQ/AWQ) and the device kind:
-the same key means the same quantized model, so a later job loads it instead of quantizing again.
+The key hashes the base model (its ``config.json``, its tokenizer, chat template and generation
+config -- saved into the artifact and loaded back from it -- and the names, sizes and modification
+times of its weight files), the candidate config, the calibration samples (GPTQ/AWQ) and the device
+kind: the same key means the same quantized model, so a later job loads it instead of quantizing again.
 
 Trust, but verify: transformers 5 fills weights it cannot map with random values and only prints a
 table. Every artifact is reloaded right after saving and its probe compared with the in-memory
@@ -50,9 +51,18 @@ def is_artifact(path: str | Path) -> bool:
 def _model_fingerprint(model_path: str | Path) -> dict[str, Any]:
     folder = Path(model_path)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    # The artifact carries its own copy of these, which scoring and serving it use: an edited chat
+    # template must make a new artifact, not reuse one with the old template.
+    names = TOKENIZER_FILES | {"generation_config.json"}
+    text = sorted([p for p in folder.iterdir() if p.name in names and p.is_file()]
+                  + [p for p in folder.glob("additional_chat_templates/*") if p.is_file()])
+    tokenizer = hashlib.sha256()
+    for p in text:
+        tokenizer.update(f"{p.relative_to(folder)}\x00".encode() + p.read_bytes() + b"\x00")
     return {
         "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
         "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "tokenizer": tokenizer.hexdigest(),
     }
 
 
@@ -271,8 +281,12 @@ def export_file(source: str | Path, dest: Path, files: dict[str, str]) -> None:
 
 def export_converted(model_path: str | Path, config: Any, dest: Path, files: dict[str, str]) -> None:
     """Save a candidate that has no artifact of its own (bf16, fp16: the base model in another
-    dtype) to ``dest``: converted on this machine's CPU, saved, reloaded and checked like an artifact."""
+    dtype) to ``dest``: converted on this machine's CPU, saved, reloaded and checked like an artifact.
+    Its weights only: an emulated KV cache (``kv_cache=fp8``) marks the loaded model's config, and
+    that mark saved would make the folder, used as a model later, round every candidate's cache."""
     from quantselect.engines.quantize import load_candidate
+
+    config = config.weights_only()
 
     def fill(tmp: Path) -> None:
         _saved(tmp, lambda: load_candidate(str(model_path), config, "cpu"), "cpu", {"config": config.to_dict()})

@@ -25,16 +25,18 @@ def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         import torch
 
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):  # every GPU the worker holds (a model split over several)
+            torch.cuda.reset_peak_memory_stats(i)
 
 
 def peak_memory_bytes(device: str) -> int:
-    """CUDA peak allocated on a GPU; the process's peak resident set size on CPU (each candidate
-    runs in a fresh worker process, so this is the candidate's own peak)."""
+    """CUDA peak allocated, summed over the GPUs the worker sees (a candidate too large for one is
+    split over all of them: ``device_map="auto"``); the process's peak resident set size on CPU
+    (each candidate runs in a fresh worker process, so this is the candidate's own peak)."""
     if device == "cuda":
         import torch
 
-        return int(torch.cuda.max_memory_allocated())
+        return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -412,9 +412,12 @@ def _demo_path_or_none() -> Path | None:
         return None
 
 
-def check_model(model: str, weights: bool = True) -> str:
+def check_model(model: str, weights: bool = True, quantized: bool = False) -> str:
     """Validate what the user named, cheaply (no torch): returns the canonical spelling.
-    ``weights=False``: a folder need not hold its weights yet (a dry run of a Hub id)."""
+    ``weights=False``: a folder need not hold its weights yet (a dry run of a Hub id).
+    ``quantized``: a checkpoint candidate, which may be quantized; a job's model may not (every
+    candidate would be that quantized model: artifacts load as they are, transformers keeps a
+    checkpoint's own quantization). A GGUF file is dequantized on load: it is a model."""
     if model == DEMO:
         demo_gguf_path()
         return DEMO
@@ -431,6 +434,15 @@ def check_model(model: str, weights: bool = True) -> str:
     if weights and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise InputError(f"{model}: folder has no weights (*.safetensors or *.bin)")
     check_architecture(path / "config.json")
+    if not quantized:
+        from quantselect.engines.artifacts import MARKER
+
+        cfg = json.loads((path / "config.json").read_text())  # a dict with a model_type: checked above
+        q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+        if q or (path / MARKER).is_file():
+            method = q.get("quant_method") if isinstance(q, dict) else None
+            raise InputError(f"{model}: already quantized ({method or 'a quantselect artifact'}); give the original "
+                             f"model, and evaluate this one as a candidate LABEL={model}")
     return str(path.resolve())
 
 

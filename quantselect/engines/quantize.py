@@ -26,6 +26,7 @@ from quantselect.domain.candidates import (
     LowBitWeightOnly,
     Nf4,
     Prequantized,
+    TORCHAO_FP8,
 )
 from quantselect.errors import InputError
 
@@ -322,7 +323,7 @@ HANDLERS[Nf4] = Handler(_reference_dtype, _needs_bitsandbytes, hf_config=_nf4,
 # A checkpoint quantized elsewhere needs the library of its method to load (fp8: a GPU that has it).
 PREQUANTIZED_NEEDS: dict[str, Callable[[], str | None]] = {
     "gptq": _needs_gptqmodel, "awq": _needs_gptqmodel, "bitsandbytes": _needs_bitsandbytes,
-    "torchao": _needs_torchao, "fp8": _fp8_available, "fbgemm_fp8": _fp8_available,
+    "torchao": _needs_torchao, "fp8": _fp8_available, "fbgemm_fp8": _fp8_available, TORCHAO_FP8: _fp8_available,
 }
 HANDLERS[Prequantized] = Handler(_reference_dtype, lambda: None)  # loaded as it is (load_candidate)
 
@@ -499,7 +500,8 @@ def _quantize(model_path: str, config: CandidateConfig, device: str, handler: Ha
 
 def weight_bytes(model: Any) -> int:
     """Bytes the weights occupy in memory, counting the inner tensors of quantized tensor
-    subclasses (int data, scales, zero points) and each shared tensor once."""
+    subclasses (int data, scales, zero points), bitsandbytes' 4-bit quantization state, and each
+    shared tensor once."""
     import torch
 
     seen: set[int] = set()
@@ -516,9 +518,17 @@ def weight_bytes(model: Any) -> int:
         seen.add(ptr)
         return t.numel() * t.element_size()
 
+    def quant_state(state: Any) -> int:  # bitsandbytes 4-bit: absmax per block, its code (+ the nested ones)
+        if state is None:
+            return 0
+        tensors = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+        return sum(size(t) for t in tensors) + quant_state(getattr(state, "state2", None))
+
     total = 0
     for p in list(model.parameters()) + list(model.buffers()):
-        total += size(p)
+        total += size(p) + quant_state(getattr(p, "quant_state", None))
+        scales = getattr(p, "SCB", None)  # bitsandbytes 8-bit: a scale per row
+        total += size(scales) if isinstance(scales, torch.Tensor) else 0
     for m in model.modules():  # fbgemm dynamic-quantized Linear keeps packed weights, not parameters
         if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
             w = m.weight()

@@ -91,7 +91,7 @@ def test_a_torchao_checkpoint_is_read_by_its_config_type():
     from torchao.quantization.granularity import PerAxis, PerGroup
     from transformers import TorchAoConfig
 
-    from quantselect.domain.candidates import TORCHAO_FP8
+    from quantselect.domain.candidates import COMPRESSED_FP8, TORCHAO_FP8
     from quantselect.engines.quantize import availability
 
     def read(config):  # as config.json holds it
@@ -107,6 +107,18 @@ def test_a_torchao_checkpoint_is_read_by_its_config_type():
     assert fp8.compute == "fp8" and "compute capability >= 8.9" in availability(fp8)  # no such GPU here
     int4 = Prequantized("/x", "torchao", 4, 64)
     assert int4.bytes_per_weight() == pytest.approx(0.5 + 4 / 64) and int4.compute == "bf16"
+    # llm-compressor's FP8 (compressed-tensors, fp8 weights and activations) is computed in fp8 too; its
+    # W8A16 (fp8 weights only) and int W4A16 in bf16
+    fp8_group = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                 "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}
+    ct = {"quant_method": "compressed-tensors", "config_groups": {"group_0": fp8_group}}
+    assert checkpoint_quantization({"quantization_config": ct}) == (COMPRESSED_FP8, 8, 0)
+    assert Prequantized("/x", COMPRESSED_FP8, 8, 0).compute == "fp8"
+    assert availability(Prequantized("/x", COMPRESSED_FP8, 8, 0)).startswith("needs compressed-tensors")  # not here
+    ct["config_groups"]["group_0"] = {"weights": fp8_group["weights"]}
+    assert checkpoint_quantization({"quantization_config": ct}) == ("compressed-tensors", 8, 0)
+    ct["config_groups"]["group_0"] = {"weights": {"num_bits": 4, "type": "int", "group_size": 128}}
+    assert checkpoint_quantization({"quantization_config": ct}) == ("compressed-tensors", 4, 128)
     with pytest.raises(InputError, match="torchao checkpoint of 'int4_weight_only': its bits per weight are unknown"):
         checkpoint_quantization({"quantization_config": {"quant_method": "torchao", "quant_type": "int4_weight_only"}})
 

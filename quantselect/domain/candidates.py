@@ -273,7 +273,8 @@ class Prequantized(CandidateConfig):
 
 
 TORCHAO_FP8 = "torchao_fp8"
-FP8_METHODS = ("fp8", "fbgemm_fp8", TORCHAO_FP8)
+COMPRESSED_FP8 = "compressed-tensors_fp8"  # fp8 weights and activations (llm-compressor's FP8 scheme)
+FP8_METHODS = ("fp8", "fbgemm_fp8", TORCHAO_FP8, COMPRESSED_FP8)
 GGUF = "gguf"
 
 
@@ -295,9 +296,11 @@ def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
         return method, 8, 0
     bits = q.get("bits") or q.get("w_bit") or q.get("weight_bits")
     if bits is None and method == "compressed-tensors":  # its weights' num_bits, first group
-        groups = q.get("config_groups") or {}
-        weights = next(iter(groups.values()), {}).get("weights") or {}
+        first = next(iter((q.get("config_groups") or {}).values()), {})
+        weights, inputs = first.get("weights") or {}, first.get("input_activations") or {}
         bits, group = weights.get("num_bits"), int(weights.get("group_size") or 0)
+        if all(t.get("type") == "float" and t.get("num_bits") == 8 for t in (weights, inputs)):
+            return COMPRESSED_FP8, 8, 0  # llm-compressor's FP8 (W8A8): computed in fp8
     return method, int(bits or 8), max(group, 0)
 
 

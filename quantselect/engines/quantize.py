@@ -27,6 +27,7 @@ from quantselect.domain.candidates import (
     Nf4,
     Prequantized,
     TORCHAO_FP8,
+    COMPRESSED_FP8,
 )
 from quantselect.errors import InputError
 
@@ -181,6 +182,15 @@ def _torchao_handler(factory: Callable[[CandidateConfig, str], Any], available=_
     return Handler(load_dtype, available, hf_config=_torchao(factory), engine=_torchao_engine(factory))
 
 
+def _needs_compressed_tensors() -> str | None:
+    return None if importlib.util.find_spec("compressed_tensors") else \
+        "needs compressed-tensors (llm-compressor's format): pip install compressed-tensors"
+
+
+def _compressed_fp8() -> str | None:
+    return _needs_compressed_tensors() or _fp8_available()
+
+
 def _needs_bitsandbytes() -> str | None:
     return None if importlib.util.find_spec("bitsandbytes") else "needs bitsandbytes: pip install bitsandbytes"
 
@@ -324,6 +334,7 @@ HANDLERS[Nf4] = Handler(_reference_dtype, _needs_bitsandbytes, hf_config=_nf4,
 PREQUANTIZED_NEEDS: dict[str, Callable[[], str | None]] = {
     "gptq": _needs_gptqmodel, "awq": _needs_gptqmodel, "bitsandbytes": _needs_bitsandbytes,
     "torchao": _needs_torchao, "fp8": _fp8_available, "fbgemm_fp8": _fp8_available, TORCHAO_FP8: _fp8_available,
+    "compressed-tensors": _needs_compressed_tensors, COMPRESSED_FP8: _compressed_fp8,
 }
 HANDLERS[Prequantized] = Handler(_reference_dtype, lambda: None)  # loaded as it is (load_candidate)
 

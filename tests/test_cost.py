@@ -105,6 +105,28 @@ def test_a_throughput_measured_over_several_gpus_is_priced_for_all_of_them():
     assert sc.usd_per_1m_tokens == pytest.approx(2 * 2.5 / (900.0 * 3600) * 1e6)
 
 
+def test_a_ranking_across_measured_and_estimated_costs_says_so():
+    """A measurement (batch 16 of short prompts) and a roofline estimate (a 1,024-token context) are not
+    the same figure: a recommendation that compared both warns, one that compared one kind does not."""
+    h100 = cost.gpu("H100")
+    engine = "transformers generate, static cache compiled (torch.compile) on cuda"
+    results = [CandidateResult(BASELINE, CATALOG[BASELINE].to_dict(), SUCCEEDED, score=0.8),
+               CandidateResult("int8", CATALOG["int8"].to_dict(), SUCCEEDED, score=0.8, decode_tokens_per_second_b16=900.0,
+                               device="cuda:NVIDIA H100 80GB HBM3", throughput_engine=engine),
+               CandidateResult("int4", CATALOG["int4"].to_dict(), SUCCEEDED, score=0.8)]
+    measured = cost.measured_on(results[1], h100)
+
+    def costs(int8_measured):
+        return {r.name: cost.serving_cost(CATALOG[r.name], shape("llama-3.1-8b"), h100, 2.5,
+                                          measured if int8_measured and r.name == "int8" else None) for r in results}
+
+    mixed = recommend(results, 0.9, costs(True), target_gpu=h100.name)
+    assert mixed.verdict("int8").cost_source == "measured" and mixed.verdict("int4").cost_source == "estimated"
+    assert [w for w in mixed.warnings if w.startswith("the costs compared mix measurements (int8: batch 16 of short "
+                                                      "prompts) and roofline estimates (baseline, int4: ")], mixed.warnings
+    assert not [w for w in recommend(results, 0.9, costs(False), target_gpu=h100.name).warnings if "mix" in w]
+
+
 def test_gpu_names_and_device_strings():
     assert cost.gpu("rtx 4090").name == "RTX-4090" and cost.gpu(None).name == "H100-80GB"
     with pytest.raises(InputError, match="unknown target GPU 'B300'"):

@@ -397,6 +397,14 @@ def _warnings(verdicts: list[Verdict], chosen: CandidateResult | None, threshold
         out.append(f"{chosen_v.name}'s verdict is {chosen_v.verdict} at {confidence:.0%} confidence: its interval "
                    f"[{chosen_v.ci_low:.3f}, {chosen_v.ci_high:.3f}] straddles the threshold {threshold:.3f}; "
                    "evaluate more items or use --policy lower-bound for a conservative choice")
+    sources: dict[str, list[str]] = {}
+    for v in verdicts:
+        if v.passed and v.cost_source:
+            sources.setdefault(v.cost_source, []).append(v.name)
+    if chosen_v is not None and len(sources) > 1:  # the cheapest was picked across two kinds of figure
+        out.append(f"the costs compared mix measurements ({', '.join(sources['measured'])}: batch 16 of short "
+                   f"prompts) and roofline estimates ({', '.join(sources['estimated'])}: a 1,024-token context), "
+                   "which can differ by more than the candidates do: read each cost's basis before trusting the ranking")
     short = [v for v in verdicts  # the winner, and every candidate left undecided, when the items are too few
              if v.name != BASELINE and v.underpowered and v.items_needed
              and (v is chosen_v or v.verdict == INCONCLUSIVE)]

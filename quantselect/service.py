@@ -117,9 +117,10 @@ def _deployment_name(job_id: str, candidate: str) -> str:
     import hashlib
     import re
 
+    if re.fullmatch(r"[a-z0-9][a-z0-9-]{0,55}", candidate):  # one Serve takes: as before this function
+        return f"{candidate}-{job_id[:6]}"
     slug = re.sub(r"[^a-z0-9]+", "-", candidate.lower()).strip("-")
-    if slug != candidate:
-        slug = f"{slug[:40]}-{hashlib.sha256(candidate.encode()).hexdigest()[:6]}".lstrip("-")
+    slug = f"{slug[:40]}-{hashlib.sha256(candidate.encode()).hexdigest()[:6]}".lstrip("-")
     return f"{slug}-{job_id[:6]}"
 
 

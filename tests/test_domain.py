@@ -288,6 +288,7 @@ def test_a_non_integer_answer_string_is_an_input_error(answer):
 @pytest.mark.parametrize("text, number", [
     ("-3", "-3"), (" -3", "-3"), ("####-5", "-5"), ("#### -5", "-5"), ("x = .5", "0.5"), ("-.25", "-0.25"),
     ("5-3", "3"), ("a-3", "3"), ("f(2)-1", "1"), ("#### 1,234", "1234"), ("costs 0.5.", "0.5"),
+    ("No.5", "5"), ("pages 1..5", "5"), ("v1.2.3", "3"),  # a point after a word or a point is no decimal's
 ])
 def test_final_number_signs_and_leading_point(text, number):
     from decimal import Decimal

@@ -85,7 +85,8 @@ def test_a_torchao_checkpoint_is_read_by_its_config_type():
     """What transformers' TorchAoConfig writes into config.json: int4 was read as 8-bit, fp8 as
     computed in bf16 (and offered on hardware without fp8)."""
     import torch
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8DynamicActivationInt4WeightConfig,
+                                      Float8WeightOnlyConfig,
                                       Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
                                       IntxWeightOnlyConfig, PerRow)
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -103,6 +104,7 @@ def test_a_torchao_checkpoint_is_read_by_its_config_type():
     assert read(Int8WeightOnlyConfig()) == read(Int8DynamicActivationInt8WeightConfig()) == ("torchao", 8, 0)
     assert read(Float8WeightOnlyConfig()) == ("torchao", 8, 0)  # fp8 weights, computed in bf16
     assert read(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())) == (TORCHAO_FP8, 8, 0)
+    assert read(Float8DynamicActivationInt4WeightConfig()) == (TORCHAO_FP8, 4, 128)  # int4 weights, fp8 activations
     fp8 = Prequantized("/x", TORCHAO_FP8, 8, 0)
     assert fp8.compute == "fp8" and "compute capability >= 8.9" in availability(fp8)  # no such GPU here
     int4 = Prequantized("/x", "torchao", 4, 64)

@@ -369,6 +369,7 @@ def test_every_candidate_name_makes_a_deployment_name():
     made = [_deployment_name("4f1c2a9e", n) for n in names]
     assert all(check_name(m) for m in made) and len(set(made)) == len(made), made
     assert made[0] == "int8-4f1c2a"  # a name Serve takes is kept: deployments made before keep theirs
+    assert _deployment_name("4f1c2a9e", "q4-") == "q4--4f1c2a" and _deployment_name("4f1c2a9e", "a--b") == "a--b-4f1c2a"
 
 
 def test_a_candidate_with_an_fp8_kv_cache_is_deployed(tiny_llama, serve_port, monkeypatch):

@@ -228,19 +228,20 @@ def test_a_cpu_candidate_asks_for_no_more_cpus_than_one_node_has():
     assert plan_placement(1, 0, 8).num_cpus == 8  # one node of 8
 
 
-def test_the_gpu_memory_of_an_a100_is_the_40_gb_cards_unless_a_node_says_80():
-    """Ray calls both A100s "A100": candidates are packed for the 40 GB card (packed for 80 GB they run
-    a 40 GB card out of memory), unless the node's type names its size (``A100-80G``)."""
+def test_the_gpu_memory_of_an_a100_is_unknown_unless_a_node_says_its_size():
+    """Ray calls both A100s "A100": packed for 80 GB, candidates run a 40 GB card out of memory; sized
+    for 40 GB, a model an 80 GB card holds is refused or split. Unknown: a whole GPU each, unless the
+    node's type names its size (``A100-80G``) or QUANTSELECT_GPU_MEMORY says it."""
     from quantselect.domain.gpus import accelerator_memory_gib
     from quantselect.orchestration.cluster import gpu_memory_bytes
     from quantselect.settings import get_settings
 
-    assert accelerator_memory_gib("A100") == 39.4 and accelerator_memory_gib("A100-40G") == 39.4
+    assert accelerator_memory_gib("A100") is None and accelerator_memory_gib("A100-40G") == 39.4
     assert accelerator_memory_gib("A100-80G") == 79.2 and accelerator_memory_gib("H100") == 79.6
     assert accelerator_memory_gib("L4") == 22.0 and accelerator_memory_gib("L40S") == 44.5
     assert accelerator_memory_gib("L40") is None and accelerator_memory_gib("RTX-PRO-6000") is None
     settings = get_settings()
-    assert gpu_memory_bytes(settings, [_node(8), _node(8, 1, "A100")]) == 39.4 * GIB
+    assert gpu_memory_bytes(settings, [_node(8), _node(8, 1, "A100")]) is None
     both = _node(8, 1, "A100")
     both["Resources"]["accelerator_type:A100-80G"] = 1.0  # the label Ray's docs suggest adding
     assert gpu_memory_bytes(settings, [both]) == 79.2 * GIB

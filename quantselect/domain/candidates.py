@@ -324,6 +324,8 @@ def _torchao_quantization(q: dict[str, Any]) -> tuple[str, int, int]:
         group = int(data.get("group_size") or 0)  # PerRow / PerAxis: per channel
     if kind == "Int4WeightOnlyConfig":
         return "torchao", 4, group or 128  # torchao's default group size
+    if kind == "Float8DynamicActivationInt4WeightConfig":  # int4 weights, fp8 activations
+        return TORCHAO_FP8, 4, group or 128
     if kind.startswith("Float8"):  # fp8 weights; with fp8 activations, computed in fp8
         return (TORCHAO_FP8 if "Activation" in kind else "torchao"), 8, 0
     if kind in ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig"):

@@ -210,7 +210,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 # A number: thousands groups "1,234", decimals "0.5" and ".5" (a trailing full stop is not part of
 # it), an optional minus sign -- not a hyphen right after a letter, digit or bracket: "5-3" is 5 and 3.
-_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)")  # ".5"; not "No.5", "1..5"
 
 
 def normalize_text(s: str, articles: bool = True) -> str:

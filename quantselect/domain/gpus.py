@@ -46,9 +46,10 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("RTX-4090", 23.6, 1.008, 165, 330, 330, (8, 9), 0.40, ("4090", "GeForce RTX 4090")),
 )}
 
-# Smaller memory sizes a table GPU also comes in: Ray names a GPU by its model alone ("NVIDIA
-# A100-SXM4-40GB" is "A100", as is the 80 GB card), and GPU shares sized for the larger card would
-# run the smaller one out of memory.
+# Other memory sizes a table GPU also comes in: Ray names a GPU by its model alone ("NVIDIA
+# A100-SXM4-40GB" is "A100", as is the 80 GB card), so its memory is unknown from that name: shares
+# sized for the 80 GB card would run a 40 GB one out of memory, and the 40 GB size would refuse or
+# split what an 80 GB card holds.
 OTHER_SIZES_GIB: dict[str, tuple[float, ...]] = {"A100-80GB": (39.4,)}
 
 
@@ -93,14 +94,14 @@ def gpu_of_device(device: str | None) -> GpuSpec | None:
 
 
 def accelerator_memory_gib(kind: str) -> float | None:
-    """The memory of one GPU of a Ray accelerator type ("A100", "L40S", "A100-80G"), from the table:
-    the smallest size its model comes in unless the type names the size; None for a GPU the table
-    lacks ("L4" is not "L40S": names compare whole)."""
+    """The memory of one GPU of a Ray accelerator type ("L40S", "A100-80G"), from the table; None for a
+    GPU the table lacks ("L4" is not "L40S": names compare whole) and for one sold in several sizes
+    whose type does not name it ("A100": 40 or 80 GB)."""
     sized = re.fullmatch(r"(.+?)-(\d+)GB?", kind.strip(), re.IGNORECASE)
     key = _norm(sized[1] if sized else kind)
     for spec in GPUS.values():
         if key in {_norm(spec.name), _norm(re.sub(r"-\d+GB$", "", spec.name)), *map(_norm, spec.aliases)}:
             sizes = (spec.memory_gib, *OTHER_SIZES_GIB.get(spec.name, ()))
             near = [s for s in sizes if sized and abs(s - float(sized[2])) <= 0.1 * float(sized[2])]
-            return min(near or sizes)
+            return min(near) if near else (sizes[0] if len(sizes) == 1 else None)
     return None

@@ -183,10 +183,10 @@ def device_patterns(nodes: list[dict] | None = None) -> list[str]:
 
 def gpu_memory_bytes(settings: Settings, nodes: list[dict] | None = None) -> float | None:
     """The memory of one GPU of the cluster: QUANTSELECT_GPU_MEMORY when set, else the smallest of the
-    GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows -- for a type sold in
-    several sizes (Ray calls a 40 GB and an 80 GB A100 both "A100") its smallest, unless a node's type
-    names the size (``A100-80G``); None when unknown (then every candidate gets a whole GPU: packing
-    without knowing the memory could run out of it)."""
+    GPU types Ray reports (``accelerator_type:H100``) that the GPU table knows; None when unknown (then
+    every candidate gets a whole GPU: packing without knowing the memory could run out of it), as for a
+    type sold in several sizes (Ray calls a 40 GB and an 80 GB A100 both "A100") unless a node's type
+    names the size (``A100-80G``)."""
     from quantselect.domain import planner
     from quantselect.domain.gpus import accelerator_memory_gib
 

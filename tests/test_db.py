@@ -450,3 +450,16 @@ def test_has_password_finds_it_in_the_userinfo_and_the_query():
     assert has_password("postgresql://quantselect@db.example.com/quantselect?password=s3cret&sslmode=require")
     for url in ("postgresql://quantselect@db.example.com/quantselect", "sqlite:////tmp/q.db", "not a url"):
         assert not has_password(url)
+
+
+def test_a_database_url_that_is_not_one_or_does_not_answer_is_one_line_naming_the_variable():
+    """Not an internal error with a driver's traceback text; the password is never shown."""
+    from quantselect.errors import InputError, QuantselectError
+
+    with pytest.raises(QuantselectError, match=r"^cannot reach the database at postgresql://u:\*\*\*@127\.0\.0\.1:1/x "
+                                               r"\(QUANTSELECT_DB_URL\): connection failed") as e:
+        Repository.open(get_settings({"QUANTSELECT_DB_URL": "postgresql://u:s3cret@127.0.0.1:1/x"}))
+    assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
+    for url in ("postgresql://u@h:54x2/db", "nonsense"):
+        with pytest.raises(InputError, match=r"^QUANTSELECT_DB_URL is not a database URL SQLAlchemy reads"):
+            Repository.open(get_settings({"QUANTSELECT_DB_URL": url}))

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, false, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undefer
 
-from quantselect.db.engine import ensure_schema, make_engine, writer
+from quantselect.db.engine import ensure_schema, make_engine, shown_url, writer
 from quantselect.db.models import CandidateRow, ItemResultRow, JobRow, utcnow
 from quantselect.domain.cache import CandidateUse
 from quantselect.domain.candidates import BASELINE, Candidate
@@ -22,7 +22,7 @@ from quantselect.domain.results import (
     CANCELLED, CANCELLED_ALONE, FAILED, FINISHED, JOB_STATUSES, PENDING, QUEUED, RUNNING, SUCCEEDED, Calibration,
     CandidateResult, ItemResult, Job, JobSpec, cancelled_alone,
 )
-from quantselect.errors import CancelledWhileWaiting, ConflictError, NotFoundError
+from quantselect.errors import CancelledWhileWaiting, ConflictError, InputError, NotFoundError, QuantselectError
 
 if TYPE_CHECKING:
     from quantselect.settings import Settings
@@ -75,8 +75,22 @@ class Repository:
 
     @classmethod
     def open(cls, settings: "Settings") -> "Repository":
-        engine = make_engine(settings.db_url)
-        ensure_schema(engine)
+        """The repository of QUANTSELECT_DB_URL, its schema migrated; a URL that is not one, or a
+        database that does not answer, is a one-line error naming the variable (no password shown)."""
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            engine = make_engine(settings.db_url)
+        except (ArgumentError, ValueError) as e:
+            raise InputError(f"QUANTSELECT_DB_URL is not a database URL SQLAlchemy reads ({e}); e.g. "
+                             "postgresql://user:password@host:5432/db or sqlite:////path/to/file.db") from None
+        try:
+            ensure_schema(engine)
+        except OperationalError as e:
+            engine.dispose()
+            why = " ".join(str(e.orig or e).split())[:300]
+            raise QuantselectError(f"cannot reach the database at {shown_url(settings.db_url)} (QUANTSELECT_DB_URL): "
+                                   f"{why}") from None
         return cls(engine, settings.db_retry_seconds)
 
     def close(self) -> None:

@@ -223,7 +223,7 @@ class Service:
         settings, and per candidate its estimated weights and GPU need, whether this machine can run
         it (and why not), and whether a stored result of the same inputs would be reused."""
         from quantselect.domain import planner
-        from quantselect.engines.models import from_hub, model_config_here
+        from quantselect.engines.models import from_hub, hub_identity, model_config_here
         from quantselect.engines.quantize import availability
 
         spec = self.build_spec(req)
@@ -235,7 +235,9 @@ class Service:
         found = model_config_here(local) if here else None
         if found:
             shape = planner.shape_from_config(*found)
-        keys = cache_keys(replace(spec, model_path=local)) if spec.use_cache and here else {}
+        # as submit computes them: a Hub commit's are known here even when only the cluster reads its files
+        known = here or hub_identity(spec.model_path)
+        keys = cache_keys(replace(spec, model_path=local)) if spec.use_cache and known else {}
         d = spec.dataset
         rows = []
         for c in spec.candidates:
@@ -269,7 +271,9 @@ class Service:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
         from ray.job_submission import JobSubmissionClient
 
-        env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job(job_id).deploy)
+        env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job(job_id).deploy,
+                         folders={"QUANTSELECT_HOME": self.settings.home,
+                                  "QUANTSELECT_ARTIFACTS_DIR": self.settings.artifacts_dir})
         deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
             client = JobSubmissionClient(address)
@@ -308,7 +312,7 @@ class Service:
                 if status.is_terminal():
                     return status.value
                 time.sleep(every)
-        except (ConnectionError, RuntimeError) as e:
+        except (OSError, RuntimeError) as e:  # (requests' ConnectionError is an OSError, not the builtin)
             raise QuantselectError(f"lost the Ray cluster at {address} while following Ray job {submission_id}: "
                                    f"{' '.join(str(e).split())[:300]}") from None
 
@@ -883,6 +887,13 @@ class Service:
         # base passed is the model.
         if isinstance(config, Prequantized):
             artifact = None
+        if artifact is not None:  # used now: a `cache prune --older-than` while the replicas load it keeps it
+            from quantselect.engines.artifacts import MARKER
+
+            try:
+                os.utime(Path(artifact) / MARKER)
+            except OSError:
+                pass  # not ours to write: the replica reads it all the same
         model_dir = artifact or resolve_model_apart(job.model_path, self.settings.models_dir)
         use_gpu = bool(chosen.device and chosen.device.startswith("cuda"))
         app = _deployment_name(job_id, name)
@@ -1393,13 +1404,16 @@ def _webhook_opener() -> Any:
     return urllib.request.build_opener(NoRedirect, CheckedHTTP, CheckedHTTPS)
 
 
-def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool) -> dict[str, str]:
+def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool,
+               folders: Mapping[str, Path] | None = None) -> dict[str, str]:
     """What a driver submitted to a cluster (Ray Jobs API) gets of this process's settings: this
     database and every QUANTSELECT_* variable (artifact storage, GPU memory, retries...), but not the
     REST API's token, which it never needs, nor the deployments' key unless the job deploys: a job's
-    variables are shown to whoever reaches the cluster's dashboard."""
+    variables are shown to whoever reaches the cluster's dashboard. ``folders``: the folder settings
+    as this process resolved them (absolute: a relative one would name another folder there)."""
     kept = {k: v for k, v in environ.items() if k.startswith("QUANTSELECT_") and k not in (
         "QUANTSELECT_RAY_ADDRESS", "QUANTSELECT_API_TOKEN", *(() if deploy else ("QUANTSELECT_SERVE_API_KEY",)))}
+    kept.update({k: str(path) for k, path in (folders or {}).items() if environ.get(k)})
     return {**kept, "QUANTSELECT_DB_URL": db_url}
 
 
@@ -1415,7 +1429,7 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
     for name in here:
         try:
             real = Path(os.path.realpath(Path(name).expanduser()))
-        except (ValueError, OSError):  # a NUL byte, say: nothing this machine holds
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, ~nosuchuser, say: nothing this machine holds
             real = None
         if real is None or not any(real.is_relative_to(f) for f in folders):
             raise ForbiddenError(f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "

@@ -246,6 +246,15 @@ def test_a_hub_id_submitted_to_a_cluster_is_pinned_at_submit_without_a_download(
             svc.build_spec(replace(req, model=name))
         assert str(e.value).startswith(said), str(e.value)
     assert svc.list_jobs() == []
+    # its dry run says a stored result of the same commit would be reused, as the driver then reuses it
+    from quantselect.domain.results import CandidateResult
+
+    assert not any(c["stored_result"] for c in svc.preview(req)["candidates"])
+    job = svc.submit(req)
+    for name in job.candidate_names:
+        svc.repo.save_outcome(job.id, CandidateResult(name=name, config={}, status="succeeded", score=1.0, n_items=8))
+    svc.repo.finish_job(job.id, "succeeded")
+    assert all(c["stored_result"] for c in svc.preview(req)["candidates"])
     fake_hub.down(503)  # the Hub answers that it cannot answer now: as if out of reach
     assert svc.build_spec(req).model_path == "far-org/tiny-llama"
     fake_hub.down(None)

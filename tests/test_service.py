@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -204,6 +205,38 @@ def test_a_driver_sent_to_a_cluster_gets_the_settings_but_not_the_secrets_it_doe
     sent = {"QUANTSELECT_GPU_MEMORY": "80GiB", "QUANTSELECT_DB_URL": "postgresql://db/qs"}
     assert driver_env(here, "postgresql://db/qs", deploy=False) == sent
     assert driver_env(here, "postgresql://db/qs", deploy=True) == {**sent, "QUANTSELECT_SERVE_API_KEY": "k" * 20}
+    # folders as this process resolved them: a relative one would name another folder on the cluster
+    rel = {**here, "QUANTSELECT_ARTIFACTS_DIR": "shared/artifacts"}
+    folders = {"QUANTSELECT_HOME": Path("/home/me/.quantselect"), "QUANTSELECT_ARTIFACTS_DIR": Path("/work/shared/artifacts")}
+    assert driver_env(rel, "postgresql://db/qs", deploy=False, folders=folders) == {
+        **sent, "QUANTSELECT_ARTIFACTS_DIR": "/work/shared/artifacts"}  # (HOME unset here: not sent)
+
+
+def test_names_that_are_neither_here_nor_valid_hub_ids_are_input_errors(tmp_path):
+    """A typo shaped like a Hub id that the Hub client refuses, and a REST path of a user that does not
+    exist: one-line input errors (a 500 / "internal error" before)."""
+    from quantselect.engines.models import from_hub
+    from quantselect.errors import ForbiddenError, InputError
+    from quantselect.service import only_under
+
+    with pytest.raises(InputError, match=r"^runs/llama--ft: not a folder or file here, nor a valid Hugging Face Hub id"):
+        from_hub("runs/llama--ft")
+    with pytest.raises(ForbiddenError):
+        only_under((tmp_path,), "~nosuchuser-quantselect/x.jsonl")
+
+
+def test_an_export_keeps_the_additional_chat_templates(tmp_path):
+    """transformers saves every chat template but the default under additional_chat_templates/ (a tool-use
+    one): the exported tokenizer is the one that was saved."""
+    from quantselect.engines.artifacts import export_folder
+
+    src = tmp_path / "src"
+    (src / "additional_chat_templates").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    export_folder(src, tmp_path / "out", {"README.md": "card"})
+    assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
 
 
 def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog):

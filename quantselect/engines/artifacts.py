@@ -266,6 +266,8 @@ def export_folder(source: str | Path, dest: Path, files: dict[str, str], tokeniz
             if (f.is_file() and f.name != MARKER and not f.name.startswith(".")
                     and not (tokenizer_from and f.name in TOKENIZER_FILES)):
                 shutil.copy2(f, tmp / f.name)
+            elif f.is_dir() and f.name == "additional_chat_templates" and not tokenizer_from:  # the tool-use one...
+                shutil.copytree(f, tmp / f.name)
         if tokenizer_from:
             from transformers import AutoTokenizer
 

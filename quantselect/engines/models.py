@@ -334,6 +334,8 @@ def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, ki
                          f"(the cache is HF_HUB_CACHE), or give a {instead}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise InputError(f"{name}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
+    except errors.HFValidationError as e:  # shaped like an id, not one the Hub takes (a typo: a/b--c)
+        raise InputError(f"{name}: {where}, nor a valid Hugging Face Hub id ({_first_line(e)})") from None
     except Exception as e:
         if not hub_unreachable(e):  # (a connection the client lets through, as a ranged read does)
             raise

@@ -88,3 +88,38 @@ def test_a_batch_decodes_each_row_as_if_it_were_alone(tiny_models, demo_model_di
                 batch.keep(keep)
                 rows = [rows[r] for r in keep]
     assert all(done) and batch.rows == 0
+
+
+def test_a_row_leaves_the_batch_of_a_hybrid_linear_attention_model():
+    """Qwen3-Next, Qwen3.5, Jamba, Falcon-H1...: their cache also holds each row's conv and recurrent
+    states, which a row leaving must take along (``batch_select_indices`` raised for those layers,
+    failing every answer of the batch). Each row goes on as it does alone."""
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from quantselect.engines.decode import BatchDecoder
+
+    cfg = Qwen3NextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                          linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, shared_expert_intermediate_size=32, max_position_embeddings=256,
+                          layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(cfg).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]  # the first left-padded in the batch
+    alone = []
+    with torch.inference_mode():
+        for ids in prompts:
+            d, x, logits = Decoder(model, static=False), None, []
+            x = d.prefill(ids)
+            for _ in range(3):
+                logits.append(x)
+                x = d.step(int(x.argmax()))
+            alone.append(logits)
+        for leaving in (0, 1):
+            batch = BatchDecoder(model)
+            batch.add(prompts)
+            batch.step([int(alone[s][0].argmax()) for s in (0, 1)])
+            stays = 1 - leaving
+            batch.keep([stays])
+            torch.testing.assert_close(batch.step([int(alone[stays][1].argmax())])[0], alone[stays][2], atol=2e-4, rtol=2e-4)

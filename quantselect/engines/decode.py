@@ -186,7 +186,7 @@ class BatchDecoder:
         if rows == list(range(self.rows)):
             return
         index = torch.tensor(rows, device=self.device)
-        self._cache.batch_select_indices(index)
+        self._cache.reorder_cache(index)  # every layer's state: keys and values, a linear-attention layer's conv and recurrent ones
         self._mask, self._pos = self._mask[index], self._pos[index]
         if self.can_add():  # plain layers: the left columns that are padding in every row go
             first = int(self._mask.any(0).int().argmax())

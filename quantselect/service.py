@@ -234,7 +234,10 @@ class Service:
         here = model_is_here(local)
         found = model_config_here(local) if here else None
         if found:
-            shape = planner.shape_from_config(*found)
+            try:
+                shape = planner.shape_from_config(*found)
+            except InputError:  # then no estimates (a whole GPU each), as for a model not here
+                shape = None
         # as submit computes them: a Hub commit's are known here even when only the cluster reads its files
         known = here or hub_identity(spec.model_path)
         keys = cache_keys(replace(spec, model_path=local)) if spec.use_cache and known else {}
@@ -1606,7 +1609,10 @@ def check_candidates_fit(candidates: list[Any], model_path: str) -> None:
     if not found:
         return
     cfg, where = found
-    shape = planner.shape_from_config(cfg, where)
+    try:
+        shape = planner.shape_from_config(cfg, where)
+    except InputError:  # a family the planner cannot read: its loading says what is wrong, if anything
+        return
     for c in candidates:
         planner.check_candidate(c.name, c.config, shape, cfg.get("text_config", cfg).get("model_type"))
 

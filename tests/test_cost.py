@@ -207,3 +207,40 @@ def test_a_decode_step_reads_the_output_head_but_not_the_input_embedding_table()
 def test_device_names_match_the_table_by_whole_words(device, name):
     spec = cost.gpu_of_device(device)
     assert (spec.name if spec else None) == name
+
+
+def test_rtx_4090_int8_peak_is_the_dense_tensor_figure():
+    # Ada whitepaper, GeForce RTX 4090: 660.6 dense INT8 TOPS (1321.2 with sparsity); bf16 165.2, fp8 330.3
+    # (FP32 accumulate, half rate on GeForce)
+    spec = cost.gpu("4090")
+    assert (spec.bf16_tflops, spec.int8_tops, spec.fp8_tflops) == (165, 660, 330)
+
+
+def test_a_mixture_of_experts_reads_the_experts_its_batch_routes_to_and_computes_the_top_k():
+    """Mixtral-8x7B: 46.7B weights in memory (two H100s in bf16); a batch-1 decode step reads 2 of the
+    8 experts of each layer and computes with 12.9B parameters; at batch 16 it reads all of them."""
+    from tests.test_planner import MIXTRAL_8X7B
+
+    s, h100 = planner.shape_from_config(MIXTRAL_8X7B), cost.gpu("H100")
+    expert = 3 * s.hidden * s.expert_intermediate
+    one = cost.serving_cost(CATALOG[BASELINE], s, h100, 2.5, batch=1)
+    assert one.throughput.gpus == 2 and one.weight_bytes == pytest.approx(2 * s.params)
+    step = one.weight_bytes - s.vocab * s.hidden * 2 - 6 * 32 * expert * 2 + cost.SERVING_CONTEXT * 32 * 8 * 128 * 2 * 2
+    assert one.throughput.tokens_per_second == pytest.approx(2 * 3.35e12 * cost.BANDWIDTH_EFFICIENCY / step)
+    sixteen = cost.serving_cost(CATALOG[BASELINE], s, h100, 2.5)
+    step16 = sixteen.weight_bytes - s.vocab * s.hidden * 2 + 16 * cost.SERVING_CONTEXT * 32 * 8 * 128 * 2 * 2
+    assert sixteen.throughput.tokens_per_second == pytest.approx(16 * 2 * 3.35e12 * cost.BANDWIDTH_EFFICIENCY / step16)
+    assert s.active_params == pytest.approx(12.9e9, rel=0.02)
+
+
+def test_the_cost_kv_cache_of_sliding_window_layers_is_their_window():
+    """At a 4,096-token serving context, Gemma-3-27B's 52 sliding layers hold 1,024 tokens each."""
+    from tests.test_planner import GEMMA3_27B
+
+    s, h100 = planner.shape_from_config(GEMMA3_27B), cost.gpu("H100")
+    sc = cost.serving_cost(CATALOG[BASELINE], s, h100, 2.5, batch=1, context=4096)
+    kv = (10 * 4096 + 52 * 1024) * 2 * 16 * 128 * 2  # bytes of one sequence's cache
+    attention = 4.0 * 32 * 128 * (10 * 4096 + 52 * 1024)
+    t_mem = (sc.weight_bytes + kv) / (3.35e12 * cost.BANDWIDTH_EFFICIENCY)  # tied: the whole table is the head
+    t_flops = (2.0 * (s.linear_params + s.vocab * s.hidden) + attention) / (989e12 * cost.COMPUTE_EFFICIENCY)
+    assert sc.throughput.tokens_per_second == pytest.approx(1 / max(t_mem, t_flops))

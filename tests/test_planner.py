@@ -142,3 +142,124 @@ def test_tied_embeddings_default_by_model_type_and_come_from_the_wrapper_config(
     assert shape_from_config({"model_type": "llava", "tie_word_embeddings": True, "text_config": llama}).tied
     assert not shape_from_config({"model_type": "gemma3", "tie_word_embeddings": False, "text_config": text}).tied
     assert shape_from_config({"model_type": "llava", "text_config": {**llama, "tie_word_embeddings": True}}).tied
+
+
+# Published config.json files (the fields the planner reads; the rest left out).
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+                "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+                "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+                "num_local_experts": 8, "sliding_window": None, "tie_word_embeddings": False, "vocab_size": 32000}
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "decoder_sparse_step": 1,
+                 "head_dim": 128, "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960,
+                 "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+                 "moe_intermediate_size": 768, "num_attention_heads": 32, "num_experts": 128,
+                 "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "sliding_window": None,
+                 "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936}
+QWEN15_MOE_A27B = {"architectures": ["Qwen2MoeForCausalLM"], "decoder_sparse_step": 1, "hidden_size": 2048,
+                   "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21,
+                   "model_type": "qwen2_moe", "moe_intermediate_size": 1408, "num_attention_heads": 16,
+                   "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+                   "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+                   "use_sliding_window": False, "vocab_size": 151936}
+# DeepSeek-V2-Lite: one dense layer, then 64 routed + 2 shared experts; its MLA attention is counted as
+# plain multi-head attention (within 0.1B of MLA's projections here).
+DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "first_k_dense_replace": 1, "hidden_size": 2048,
+                    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+                    "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1,
+                    "n_routed_experts": 64, "n_shared_experts": 2, "num_attention_heads": 16,
+                    "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+                    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                    "tie_word_embeddings": False, "v_head_dim": 128, "vocab_size": 102400}
+
+
+@pytest.mark.parametrize("cfg, published, active", [(MIXTRAL_8X7B, 46.7e9, 12.9e9), (QWEN3_30B_A3B, 30.5e9, 3.3e9),
+                                                    (QWEN15_MOE_A27B, 14.3e9, 2.7e9), (DEEPSEEK_V2_LITE, 15.7e9, None)])
+def test_a_mixture_of_experts_counts_every_expert_in_memory_and_the_top_k_as_active(cfg, published, active):
+    s = shape_from_config(cfg)
+    assert s.params == pytest.approx(published, rel=0.02)
+    if active:  # (DeepSeek's published 2.4B active leaves out the input embedding)
+        assert s.active_params == pytest.approx(active, rel=0.05)
+
+
+def test_mixtral_needs_two_h100s_in_bf16_and_a_whole_gpu_per_candidate():
+    from quantselect.domain.candidates import CATALOG, BASELINE
+    from quantselect.domain.planner import candidate_need, gpu_request
+
+    rows = {r.precision: r for r in plan(shape_from_config(MIXTRAL_8X7B), 79.6 * GIB, context=8192, batch=1)}
+    assert rows["bf16"].weight_bytes > 86 * GIB and rows["bf16"].gpus == 2 and rows["int4"].gpus == 1
+    need = candidate_need(shape_from_config(MIXTRAL_8X7B), CATALOG[BASELINE])
+    assert gpu_request(need, 79.6 * GIB, 8).gpus == 2.0  # was a quarter of one H100: out of memory
+
+
+def test_a_group_size_must_divide_the_experts_width():
+    from quantselect.domain.candidates import parse_candidate
+    from quantselect.domain.planner import check_candidate
+
+    c = parse_candidate("int4-gptq:group_size=256")
+    with pytest.raises(InputError, match="does not divide the model's expert intermediate size 1408 "
+                                         r"\(group_size=128 fits\)"):
+        check_candidate(c.name, c.config, shape_from_config(QWEN15_MOE_A27B), "qwen2_moe")
+    check_candidate(c.name, c.config, shape_from_config(QWEN3_30B_A3B), "qwen3_moe")  # experts of 768 = 3 x 256
+
+
+# google/gemma-3-27b-it and gemma-3-4b-it: the language model's config inside a multimodal wrapper
+# leaves out what Gemma3TextConfig defaults (the 4B gives no heads, head dim or vocabulary at all).
+GEMMA3_27B = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+                              "model_type": "gemma3_text", "num_attention_heads": 32, "num_hidden_layers": 62,
+                              "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+                              "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+GEMMA3_4B = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+             "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                             "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                             "sliding_window": 1024}}
+
+
+def test_sliding_window_layers_hold_only_their_window_of_kv_cache():
+    """Gemma-3: 5 of 6 layers attend to the last 1,024 tokens; Gemma-2: every other layer to 4,096;
+    Mistral-7B-v0.1: every layer to 4,096; Qwen2.5 turns its window off (use_sliding_window false)."""
+    per_token_layer = 2 * 16 * 128 * 2  # K and V, 16 KV heads x 128, 16-bit
+    g3 = plan(shape_from_config(GEMMA3_27B), 79.6 * GIB, context=131072, batch=1)[0]
+    assert g3.kv_cache_bytes == (10 * 131072 + 52 * 1024) * per_token_layer  # 10 global layers of 62
+    assert g3.kv_cache_bytes / GIB == pytest.approx(10.4, abs=0.05)
+    g2 = plan(shape_from_config(GEMMA2_9B), 79.6 * GIB, context=8192, batch=2)[0]
+    assert g2.kv_cache_bytes == 2 * 8 * 256 * 2 * (21 * 8192 + 21 * 4096) * 2
+    mistral = plan(shape("mistral-7b-v0.1"), 79.6 * GIB, context=32768, batch=1)[0]
+    assert mistral.kv_cache_bytes == 2 * 32 * 8 * 128 * 4096 * 2
+    qwen = plan(shape("qwen2.5-72b"), 79.6 * GIB, context=32768, batch=1)[0]
+    assert qwen.kv_cache_bytes == 2 * 80 * 8 * 128 * 32768 * 2
+    explicit = {**GEMMA2_9B, "layer_types": ["full_attention"] * 40 + ["sliding_attention"] * 2}
+    assert plan(shape_from_config(explicit), 79.6 * GIB, context=8192, batch=1)[0].kv_cache_bytes == \
+        2 * 8 * 256 * 2 * (40 * 8192 + 2 * 4096)
+
+
+@pytest.mark.parametrize("cfg, published", [
+    (GEMMA3_4B, 3.88e9),  # the language model of the 4.3B (its vision tower is ~0.42B)
+    (GEMMA3_27B, 27.0e9),
+    ({"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12, "n_positions": 1024,
+      "vocab_size": 50257}, 124.4e6),
+    ({"model_type": "opt", "hidden_size": 768, "ffn_dim": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+      "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 768}, 125.2e6),
+    # bigcode/starcoder: multi-query attention (one KV head), a non-gated MLP, tied embeddings
+    ({"model_type": "gpt_bigcode", "multi_query": True, "n_embd": 6144, "n_head": 48, "n_inner": 24576,
+      "n_layer": 40, "n_positions": 8192, "vocab_size": 49152}, 15.5e9),
+    ({"model_type": "starcoder2", "hidden_act": "gelu_pytorch_tanh", "hidden_size": 3072, "intermediate_size": 12288,
+      "num_hidden_layers": 30, "num_attention_heads": 24, "num_key_value_heads": 2, "vocab_size": 49152,
+      "use_bias": True, "sliding_window": 4096}, 3.03e9),
+    ({"model_type": "phi", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
+      "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 51200, "tie_word_embeddings": False}, 2.78e9),
+    ({"model_type": "gpt_neox", "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 44,
+      "num_attention_heads": 64, "vocab_size": 50432, "tie_word_embeddings": False}, 20.55e9),
+])
+def test_fields_a_family_leaves_to_its_defaults_and_non_gated_mlps(cfg, published):
+    assert shape_from_config(cfg).params == pytest.approx(published, rel=0.02)
+
+
+def test_gemma3_text_defaults_and_multi_query_kv_heads():
+    s = shape_from_config(GEMMA3_4B)
+    assert (s.heads, s.kv_heads, s.head_dim, s.vocab, s.tied) == (8, 4, 256, 262208, True)
+    starcoder = shape_from_config({"model_type": "gpt_bigcode", "multi_query": True, "n_embd": 6144, "n_head": 48,
+                                   "n_layer": 40, "vocab_size": 49152})
+    assert starcoder.kv_heads == 1 and starcoder.intermediate == 4 * 6144  # n_inner omitted: 4 x hidden
+    with pytest.raises(InputError, match="'intermediate_size'"):  # no family default to fall back on
+        shape_from_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 10})

@@ -9,10 +9,11 @@ so everywhere it is shown) from a roofline:
 
 - a decode step at batch ``b`` reads every weight once (the candidate's bytes per weight, scales
   included; the output head in 16-bit) -- except an untied input embedding table, of which a step
-  gathers only ``b`` rows (it still counts for the memory fit) -- plus the KV cache of ``b`` sequences
-  of ``SERVING_CONTEXT`` tokens (16-bit, or 8-bit for ``kv_cache=fp8``), and computes
-  ``2 x parameters x b`` FLOPs (plus attention over the context) in the candidate's compute format
-  (bf16 for weight-only schemes, int8 for W8A8, fp8 for fp8);
+  gathers only ``b`` rows, and the experts of a mixture that no token of the batch is routed to (both
+  still count for the memory fit) -- plus the KV cache of ``b`` sequences of ``SERVING_CONTEXT``
+  tokens (16-bit, or 8-bit for ``kv_cache=fp8``; a sliding-window layer's at most its window), and
+  computes ``2 x active parameters x b`` FLOPs (a mixture's top-k experts; plus attention over the
+  context) in the candidate's compute format (bf16 for weight-only schemes, int8 for W8A8, fp8 for fp8);
 - its time is the larger of bytes / bandwidth and FLOPs / peak compute, each scaled by an
   achievable fraction (``BANDWIDTH_EFFICIENCY``: an 8B bf16 model decodes at ~78 % of the H100's
   bandwidth limit, measured; ``COMPUTE_EFFICIENCY``);
@@ -87,14 +88,20 @@ class ServingCost:
                 "weight_bytes": self.weight_bytes, "throughput": self.throughput.to_dict() if self.throughput else None}
 
 
-def _kv_bytes_per_token(shape: Shape, config: CandidateConfig) -> float:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * config.kv_bytes()  # K and V
+def _kv_bytes_per_token(shape: Shape, config: CandidateConfig, context: int) -> float:
+    """K and V bytes per token of context, averaged over a sequence of ``context`` tokens (its
+    sliding-window layers keep at most their window)."""
+    return shape.kv_cache_bytes(context, 1, config.kv_bytes()) / context
 
 
-def step_weight_bytes(weight_bytes: float, shape: Shape) -> float:
+def step_weight_bytes(weight_bytes: float, shape: Shape, batch: int = 1, bytes_per_weight: float = 2.0) -> float:
     """The weight bytes one decode step reads: all of them but an untied input embedding table, of
-    which it gathers only the batch's rows (the output head, or a tied table, is read whole)."""
-    return weight_bytes if shape.tied else weight_bytes - shape.vocab * shape.hidden * 2
+    which it gathers only the batch's rows (the output head, or a tied table, is read whole), and a
+    mixture's experts that no sequence of the batch routes to. At most ``batch x k`` experts of a
+    layer are touched: an upper bound (tokens share experts: ~81 of Qwen3-30B-A3B's 128 at batch 16
+    under uniform routing), so the estimate leans slow; at batch 16 most mixtures read every expert."""
+    unread = (shape.linear_params - shape.linear_params_read(batch)) * bytes_per_weight
+    return weight_bytes - unread - (0 if shape.tied else shape.vocab * shape.hidden * 2)
 
 
 def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, usd_per_hour: float,
@@ -110,15 +117,15 @@ def serving_cost(config: CandidateConfig, shape: Shape | None, target: GpuSpec, 
         return ServingCost(cost_per_1m_tokens(usd_per_hour, measured), measured, weight_bytes=weights)
     if shape is None or weights is None:
         return ServingCost(None, None, "the model's config.json is unknown: no cost estimate")
-    kv = _kv_bytes_per_token(shape, config)
+    kv = _kv_bytes_per_token(shape, config, context)
     n = gpus_needed(weights + batch * context * kv, target.memory_gib * 1024**3)
     if n is None:
         return ServingCost(None, None, f"does not fit on 8x {target.name} at batch {batch}", False,
                            weight_bytes=weights)
-    attention = 4.0 * shape.layers * shape.heads * shape.head_dim
-    compute_params = shape.linear_params + shape.vocab * shape.hidden
-    tp = estimate_decode(step_weight_bytes(weights, shape), compute_params, kv, attention, target, config.compute,
-                         batch, n, context)
+    attention = 4.0 * shape.heads * shape.head_dim * shape.kv_tokens(context) / context  # per token of context
+    compute_params = shape.active_linear_params + shape.vocab * shape.hidden
+    read = step_weight_bytes(weights, shape, batch, config.bytes_per_weight())
+    tp = estimate_decode(read, compute_params, kv, attention, target, config.compute, batch, n, context)
     return ServingCost(cost_per_1m_tokens(usd_per_hour, tp), tp, weight_bytes=weights)
 
 

@@ -35,15 +35,16 @@ class GpuSpec:
         return d
 
 
-# Datasheet figures (dense, no sparsity); prices are indicative on-demand cloud prices per GPU-hour
-# in late 2026 -- override them with the job's --gpu-hour-usd.
+# Datasheet figures (dense, no sparsity; a GeForce card's bf16/fp8 with FP32 accumulate run at half
+# rate, its INT8 does not: the RTX 4090 does 165 / 330 / 660 per the Ada whitepaper); prices are
+# indicative on-demand cloud prices per GPU-hour in late 2026 -- override them with the job's --gpu-hour-usd.
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("H100-80GB", 79.6, 3.35, 989, 1979, 1979, (9, 0), 2.50, ("H100",)),
     GpuSpec("A100-80GB", 79.2, 2.04, 312, 624, None, (8, 0), 1.60, ("A100",)),
     GpuSpec("L40S", 44.5, 0.864, 362, 733, 733, (8, 9), 1.00),
     GpuSpec("L4", 22.0, 0.300, 121, 242, 242, (8, 9), 0.50),
     GpuSpec("A10G", 22.0, 0.600, 70, 140, None, (8, 6), 1.00),
-    GpuSpec("RTX-4090", 23.6, 1.008, 165, 330, 330, (8, 9), 0.40, ("4090", "GeForce RTX 4090")),
+    GpuSpec("RTX-4090", 23.6, 1.008, 165, 660, 330, (8, 9), 0.40, ("4090", "GeForce RTX 4090")),
 )}
 
 # Other memory sizes a table GPU also comes in: Ray names a GPU by its model alone ("NVIDIA

@@ -5,8 +5,11 @@ weights are not on this machine.
 Counted per precision:
 - weights: the decoder's linear layers at the precision's bytes per weight, including its scale /
   zero-point overhead (per channel for 8-bit, per group of 128 for 4-bit, per block of 64 for NF4);
-  embeddings, norms and the output projection stay in 16-bit (as quantselect and GPTQ/AWQ do);
-- KV cache: 2 (K and V) × layers × KV heads × head dim × context × batch × 2 bytes (16-bit cache);
+  a mixture of experts holds every expert; embeddings, norms, routers and the output projection
+  stay in 16-bit (as quantselect and GPTQ/AWQ do);
+- KV cache: 2 (K and V) × KV heads × head dim × batch × 2 bytes (16-bit cache) × the tokens each
+  layer keeps: the context, or at most its window for a sliding-window layer (Mistral-7B-v0.1's
+  every layer, Gemma-2's every other, 5 of 6 of Gemma-3's);
 - runtime headroom: activations, CUDA context and allocator slack, taken as 10 % of the GPU plus
   1 GiB. A model that does not fit one GPU is split by tensor parallelism over a power-of-two
   number of GPUs (1, 2, 4, 8), the weights and KV cache divided evenly.
@@ -43,7 +46,7 @@ HEADROOM_BYTES = 1 * GIB
 @dataclass(frozen=True)
 class Shape:
     hidden: int
-    intermediate: int
+    intermediate: int  # the MLP of a dense layer
     layers: int
     heads: int
     kv_heads: int
@@ -52,33 +55,69 @@ class Shape:
     tied: bool
     max_context: int | None
     attention_bias: bool
+    mlp_matrices: int = 3  # gate, up, down; 2 (up, down) for a non-gated MLP (GPT-2, StarCoder2, Phi-2...)
+    sliding_window: int | None = None
+    sliding_layers: int = 0  # layers whose KV cache keeps only the last ``sliding_window`` tokens
+    # a mixture of experts: ``moe_layers`` layers route each token to ``experts_per_token`` of
+    # ``experts`` MLPs of ``expert_intermediate``, plus shared experts of ``shared_intermediate`` in all
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    moe_layers: int = 0
 
-    @property
-    def linear_params(self) -> int:
-        """Weights of the decoder's linear layers (what quantization shrinks)."""
+    def _linear(self, experts: int) -> int:
         q = self.hidden * self.heads * self.head_dim
         kv = 2 * self.hidden * self.kv_heads * self.head_dim
         o = self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate  # gate, up, down
-        return self.layers * (q + kv + o + mlp)
+        mlp = self.mlp_matrices * self.hidden * self.intermediate
+        moe = self.mlp_matrices * self.hidden * (experts * self.expert_intermediate + self.shared_intermediate)
+        return self.layers * (q + kv + o) + (self.layers - self.moe_layers) * mlp + self.moe_layers * moe
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder's linear layers (what quantization shrinks), every expert counted."""
+        return self._linear(self.experts)
+
+    @property
+    def active_linear_params(self) -> int:
+        """The linear weights one token computes with: its top-k experts only."""
+        return self._linear(self.experts_per_token)
+
+    def linear_params_read(self, batch: int) -> int:
+        """The linear weights a decode step of ``batch`` sequences reads: at most ``batch × k`` experts
+        per layer (an upper bound: tokens of a batch often share experts)."""
+        return self._linear(min(self.experts, batch * self.experts_per_token))
 
     @property
     def other_params(self) -> int:
-        """Embeddings, output projection, norms and biases: kept in 16-bit."""
+        """Embeddings, output projection, norms, biases and routers: kept in 16-bit."""
         emb = self.vocab * self.hidden * (1 if self.tied else 2)
         norms = self.layers * 2 * self.hidden + self.hidden
         bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
-        return emb + norms + bias
+        return emb + norms + bias + self.moe_layers * self.hidden * self.experts
 
     @property
     def params(self) -> int:
         return self.linear_params + self.other_params
 
+    @property
+    def active_params(self) -> int:
+        return self.params - self.linear_params + self.active_linear_params
+
+    def kv_tokens(self, context: int) -> int:
+        """Tokens of one sequence's KV cache, summed over the layers (sliding-window layers keep their window)."""
+        window = min(context, self.sliding_window or context)
+        return (self.layers - self.sliding_layers) * context + self.sliding_layers * window
+
+    def kv_cache_bytes(self, context: int, batch: int, bytes_per_element: int = 2) -> int:
+        return 2 * self.kv_heads * self.head_dim * self.kv_tokens(context) * batch * bytes_per_element  # K and V
+
 
 # model types whose transformers 5 config class ties the embeddings unless told otherwise (besides
 # every *gemma* one); Llama, Mistral, Qwen2 and Qwen3 do not
 TIED_BY_DEFAULT = frozenset({"smollm3", "cohere", "cohere2", "starcoder2", "falcon", "opt", "bloom", "gpt2",
-                             "ernie4_5", "lfm2", "minicpm3"})
+                             "gpt_bigcode", "ernie4_5", "lfm2", "minicpm3"})
 
 
 def tied_by_default(model_type: str | None) -> bool:
@@ -96,27 +135,110 @@ def _tied(outer: dict[str, Any], text: dict[str, Any]) -> bool:
     return tied_by_default(text.get("model_type") or outer.get("model_type"))
 
 
+# transformers' config-class defaults for the shape fields a config.json may leave out (multimodal
+# checkpoints do: gemma-3-4b-it's text_config gives no heads, head dim or vocabulary); read off the
+# config classes of transformers 5, not imported here (the domain layer must not import it)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "sliding_window": 4096,
+                    "max_position_embeddings": 131072},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "sliding_window": 4096,
+                "max_position_embeddings": 131072},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "use_sliding_window": False,
+              "max_position_embeddings": 32768},
+}
+# the language model's type when a wrapper's text_config does not say
+TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "llava": "llama", "llava_next": "llama", "mistral3": "mistral"}
+# families whose MLP is up -> activation -> down (no gate): 2 matrices, not 3
+NON_GATED = frozenset({"gpt2", "gpt_bigcode", "starcoder2", "phi", "gpt_neox", "gpt_neo", "gptj", "codegen", "opt",
+                       "falcon", "bloom", "mpt", "persimmon", "nemotron"})
+# families whose config class defaults the MLP width to 4 x hidden (gpt2's n_inner: null)
+FOUR_X_MLP = frozenset({"gpt2", "gpt_bigcode", "gptj", "gpt_neo", "codegen", "falcon", "bloom"})
+# the default period of full-attention layers among sliding ones (layer i slides unless (i+1) % n == 0)
+SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6, "gemma3": 6, "cohere2": 4, "gpt_oss": 2}
+
+
+def _sliding(cfg: dict[str, Any], layers: int, model_type: str | None) -> tuple[int | None, int]:
+    """(window, layers that use it), as transformers builds ``layer_types``."""
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or window <= 0 or cfg.get("use_sliding_window") is False:
+        return None, 0  # Qwen2/3 carry a window they do not use
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and types:
+        return window, sum(t == "sliding_attention" for t in types[:layers])
+    pattern = (cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern")
+               or SLIDING_PATTERN.get(model_type or ""))
+    if isinstance(pattern, int) and pattern > 0:
+        return window, sum(1 for i in range(layers) if (i + 1) % pattern)
+    if cfg.get("use_sliding_window") and isinstance(cfg.get("max_window_layers"), int):
+        return window, max(0, layers - cfg["max_window_layers"])  # Qwen2/3: the layers from max_window_layers on
+    return window, layers  # Mistral-7B-v0.1, Phi-3, StarCoder2: every layer
+
+
+def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> dict[str, int]:
+    """A mixture of experts' fields of ``Shape`` (none for a dense model): Mixtral (num_local_experts of
+    intermediate_size), Qwen2/3-MoE (num_experts of moe_intermediate_size, a shared expert,
+    decoder_sparse_step, mlp_only_layers), DeepSeek (n_routed_experts + n_shared_experts, the first
+    first_k_dense_replace layers dense)."""
+    experts = next((cfg[n] for n in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(cfg.get(n), int) and cfg[n] > 0), 0)
+    if not experts:
+        return {}
+    width = cfg.get("moe_intermediate_size") or intermediate
+    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
+    first, dense = cfg.get("first_k_dense_replace") or 0, set(cfg.get("mlp_only_layers") or ())
+    step, freq = cfg.get("decoder_sparse_step") or 1, cfg.get("moe_layer_freq") or 1
+    moe = sum(1 for i in range(layers) if i >= first and i not in dense and (i + 1) % step == 0 and i % freq == 0)
+    # without num_experts_per_tok, count every expert as active (the slower, safer estimate)
+    return {"experts": experts, "experts_per_token": min(experts, cfg.get("num_experts_per_tok") or experts),
+            "expert_intermediate": int(width), "shared_intermediate": int(shared), "moe_layers": moe}
+
+
 def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
-    """Read the decoder's shape from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Gemma...)."""
+    """Read the decoder's shape from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Gemma,
+    their mixtures of experts, GPT-2-style models...); fields it omits take its family's defaults."""
     outer = cfg
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's config inside
+    model_type = cfg.get("model_type") or TEXT_MODEL_TYPE.get(outer.get("model_type") or "", outer.get("model_type"))
+    cfg = {**FAMILY_DEFAULTS.get(model_type or "", {}), **cfg}
+
+    def get(*names: str) -> int | None:
+        return next((int(cfg[n]) for n in names if isinstance(cfg.get(n), int) and cfg[n] > 0), None)
 
     def need(*names: str) -> int:
-        for n in names:
-            if isinstance(cfg.get(n), int) and cfg[n] > 0:
-                return int(cfg[n])
-        raise InputError(f"{where}: field {names[0]!r} is missing or not a positive integer")
+        value = get(*names)
+        if value is None:
+            raise InputError(f"{where}: field {names[0]!r} is missing or not a positive integer")
+        return value
 
     hidden = need("hidden_size", "n_embd", "d_model")
-    heads = need("num_attention_heads", "n_head")
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
+    heads = need("num_attention_heads", "n_head", "num_heads")
+    layers = need("num_hidden_layers", "n_layer", "num_layers")
+    if model_type in FOUR_X_MLP:
+        intermediate = get("intermediate_size", "n_inner", "ffn_hidden_size") or 4 * hidden
+    else:
+        intermediate = need("intermediate_size", "n_inner", "ffn_dim")
+    if get("num_key_value_heads"):
+        kv = need("num_key_value_heads")
+    elif cfg.get("new_decoder_architecture") and get("num_kv_heads"):
+        kv = need("num_kv_heads")  # Falcon-40B/180B: grouped KV heads
+    else:
+        kv = 1 if cfg.get("multi_query") else heads  # StarCoder, Falcon-7B: one KV head
+    head_dim = get("head_dim") or hidden // heads
+    window, sliding = _sliding(cfg, layers, model_type)
     return Shape(
-        hidden=hidden, intermediate=need("intermediate_size", "n_inner"), layers=need("num_hidden_layers", "n_layer"),
-        heads=heads, kv_heads=int(kv), head_dim=int(head_dim), vocab=need("vocab_size"),
+        hidden=hidden, intermediate=intermediate, layers=layers,
+        heads=heads, kv_heads=kv, head_dim=head_dim, vocab=need("vocab_size"),
         tied=_tied(outer, cfg),
-        max_context=cfg.get("max_position_embeddings"),
-        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ("qwen2",))),
+        max_context=get("max_position_embeddings", "n_positions"),
+        attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
+        mlp_matrices=2 if model_type in NON_GATED else 3,
+        sliding_window=window, sliding_layers=sliding,
+        **_experts(cfg, layers, intermediate),
     )
 
 
@@ -170,7 +292,7 @@ def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cac
         raise InputError("context and batch must be at least 1")
     if kv_cache not in KV_CACHE_DTYPES:
         raise InputError(f"KV cache dtype {kv_cache!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * KV_CACHE_DTYPES[kv_cache]
+    kv = shape.kv_cache_bytes(context, batch, KV_CACHE_DTYPES[kv_cache])
     rows = []
     for name, (bytes_per_weight, description) in PRECISIONS.items():
         weights = shape.linear_params * bytes_per_weight + shape.other_params * 2
@@ -217,8 +339,11 @@ def check_candidate(name: str, config: Any, shape: Shape, model_type: str | None
     group = getattr(config, "group_size", None)
     if not group:
         return
-    widths = {"hidden size": shape.hidden, "attention width": shape.heads * shape.head_dim,
-              "intermediate size": shape.intermediate}
+    widths = {"hidden size": shape.hidden, "attention width": shape.heads * shape.head_dim}
+    if shape.moe_layers < shape.layers:
+        widths["intermediate size"] = shape.intermediate
+    if shape.experts:
+        widths["expert intermediate size"] = shape.expert_intermediate
     bad = {k: v for k, v in widths.items() if v % group}
     if bad:
         what = ", ".join(f"{k} {v}" for k, v in bad.items())
@@ -256,11 +381,12 @@ class CandidateNeed:
 def candidate_need(shape: Shape, config: Any) -> CandidateNeed:
     per_weight = config.bytes_per_weight()  # the reference (full precision) is bf16 on a GPU: 2 bytes
     weights = shape.linear_params * per_weight + shape.other_params * 2
-    widest = max(shape.hidden, shape.intermediate, shape.heads * shape.head_dim)
-    layer = shape.hidden * shape.intermediate * 4.0  # the largest linear layer, in fp32
+    mlp = max(shape.intermediate, shape.expert_intermediate)
+    widest = max(shape.hidden, mlp, shape.heads * shape.head_dim)
+    layer = shape.hidden * mlp * 4.0  # the largest linear layer, in fp32
     hessian = widest * widest * 4.0 * 2 if getattr(config, "calibrated", False) else 0.0
     per_token = 4 * (8 * shape.hidden + 3 * shape.intermediate) + 8 * shape.vocab
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * 16 * 1024  # batch 16 x 1,024 tokens, 16-bit
+    kv = shape.kv_cache_bytes(1024, 16)  # batch 16 x 1,024 tokens, 16-bit
     return CandidateNeed(weights=weights, quantize=2 * layer + hessian, evaluate=EVAL_TOKENS * per_token + kv)
 
 

@@ -123,3 +123,15 @@ def test_a_row_leaves_the_batch_of_a_hybrid_linear_attention_model():
             stays = 1 - leaving
             batch.keep([stays])
             torch.testing.assert_close(batch.step([int(alone[stays][1].argmax())])[0], alone[stays][2], atol=2e-4, rtol=2e-4)
+
+
+def test_a_multimodal_wrappers_context_is_its_text_configs():
+    """Gemma 3 loads as a ForConditionalGeneration whose config has no max_position_embeddings of its
+    own: the server took no limit (2^30 tokens) and the scorer lm-eval's 2,048."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3Config
+
+    from quantselect.engines.evaluate import _max_length
+
+    assert _max_length(SimpleNamespace(config=Gemma3Config())) == 131072

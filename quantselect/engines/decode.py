@@ -47,7 +47,7 @@ class Decoder:
         self.model = model
         self.static = static
         self.compiled = static and compiled
-        context = int(getattr(model.config, "max_position_embeddings", 0) or STATIC_MAX_LEN)
+        context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or STATIC_MAX_LEN)
         self.max_len = min(max_len or STATIC_MAX_LEN, context)
         self.device = next(model.parameters()).device
         self._cache: Any = None

@@ -207,10 +207,12 @@ def _rows(tokenizer: Any, items: Sequence[Item], max_length: int, pack_length: i
 
 
 def _max_length(model: Any) -> int:
-    """Positions the model takes (lm-eval's rule: the config's limit, else 2048)."""
+    """Positions the model takes (lm-eval's rule: the config's limit, else 2048; a multimodal
+    wrapper's, Gemma 3's, is in its text config)."""
+    config = model.config.get_text_config()
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if getattr(model.config, name, None):
-            return int(getattr(model.config, name))
+        if getattr(config, name, None):
+            return int(getattr(config, name))
     return 2048
 
 

@@ -429,7 +429,8 @@ class QuantizedModelServer:
         self.static_worker = _StaticWorker(self.static, self.lock) if self.static is not None else None
         self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS)
         self.threads = torch.get_num_threads()
-        self.context = int(getattr(self.loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
+        # (a multimodal wrapper, Gemma 3's, keeps it in its text config)
+        self.context = int(getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 30)
         self.engine = f"{engine} KV cache"
         if self.static is not None and self.static.compiled:
             self.static_worker.call(self.static.warm_up)  # in the thread that decodes: its CUDA graphs

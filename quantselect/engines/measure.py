@@ -115,6 +115,11 @@ def throughput(model: Any, tokenizer: Any, new_tokens: int = 32, step: Callable[
 
     if device.type != "cuda":
         return Throughput(prefill, *decode(), engine_name(device.type) + kernels(model))
+    gpus = len({p.device for p in model.parameters()})
+    if gpus > 1:  # layers split over several GPUs: served eager and batched (the compiled static step takes
+        # one device), so measured that way, and named eager: never a cost (the roofline stands in)
+        return Throughput(prefill, *decode(), f"transformers generate (eager), layers split over {gpus} GPUs on cuda"
+                          + kernels(model))
     with _compile_allowed(model) as note:
         if note:  # kernels outside torch (GPTQModel's Triton, bitsandbytes) tune eagerly, not while a CUDA graph records
             decode(2, lambda i: None, static=True, compiled=False)

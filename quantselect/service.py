@@ -799,7 +799,7 @@ class Service:
         for r in results:
             v = rec.verdict(r.name)
             rows.append({
-                "name": r.name, "status": r.status, "score": r.score, "relative_score": v.relative_score,
+                "name": r.name, "config": r.config, "status": r.status, "score": r.score, "relative_score": v.relative_score,
                 "passed": v.passed, "verdict": v.verdict, "ci_low": v.ci_low, "ci_high": v.ci_high,
                 "mcnemar_p": v.mcnemar_p, "items_needed": v.items_needed, "stopped_early": v.stopped_early,
                 "n_truncated": r.n_truncated, "weight_bytes": r.weight_bytes, "peak_memory_bytes": r.peak_memory_bytes,

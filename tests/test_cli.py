@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from quantselect.cli import cli
 from tests.fixtures.common import EXAMPLES, REPO
 
-RESULT_FIELDS = {"name", "status", "score", "relative_score", "passed", "weight_bytes", "peak_memory_bytes",
+RESULT_FIELDS = {"name", "config", "status", "score", "relative_score", "passed", "weight_bytes", "peak_memory_bytes",
                  "quantize_seconds", "tokens_per_second", "cost_per_1m_tokens_usd", "error"}
 
 
@@ -194,6 +194,8 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
     job_id = res.output.split()[1].rstrip(":")
     assert "Recommendation" in res.output and "baseline" in res.output
 
+    from quantselect.domain.candidates import CATALOG, config_from_dict
+
     rows = json.loads(run("results", job_id, "--format", "json").output)
     assert [r["name"] for r in rows] == ["baseline", "int8", "int4", "bf16"]
     for r in rows:
@@ -202,6 +204,7 @@ def test_submit_runs_candidates_in_parallel_one_per_gpu_and_stores_results(ray_c
         assert 0 <= r["score"] <= 1 and r["weight_bytes"] > 0 and r["peak_memory_bytes"] > 0
         assert r["tokens_per_second"] > 0 and r["cost_per_1m_tokens_usd"] > 0
         assert len(r["gpu_ids"]) == 1, "each candidate holds exactly one (logical) GPU"
+        assert config_from_dict(r["config"]) == CATALOG[r["name"]]  # what a Serve config's args.config takes
     base = rows[0]
     assert base["relative_score"] == pytest.approx(1.0)
     sizes = {r["name"]: r["weight_bytes"] for r in rows}
@@ -562,3 +565,14 @@ def test_settings_that_would_mislead_are_refused_or_made_absolute(tmp_path, monk
     assert get_settings({"QUANTSELECT_DB_URL": "postgresql://alice:p%40ss@db/qs"}).db_url.endswith("@db/qs")
     with pytest.raises(InputError, match="^QUANTSELECT_API_TOKEN: give a token of ASCII"):
         get_settings({"QUANTSELECT_API_TOKEN": "clé-secrète-de-vingt-caractères"})
+
+
+def test_a_dashboard_url_as_the_ray_address_is_a_one_line_error():
+    """Ray's Jobs docs set RAY_ADDRESS=http://HEAD:8265; ray.init takes no such address (a ValueError,
+    shown as an internal error)."""
+    from quantselect.errors import QuantselectError
+    from quantselect.orchestration.cluster import connect
+    from quantselect.settings import get_settings
+
+    with pytest.raises(QuantselectError, match=r"^Ray address http://127\.0\.0\.1:8265 is a dashboard URL: give HOST:6379"):
+        connect(get_settings({"QUANTSELECT_RAY_ADDRESS": "http://127.0.0.1:8265"}))

@@ -241,6 +241,7 @@ def test_launcher_environment_reaches_ray_and_the_shared_storage():
     mount = re.search(r"mount -t nfs4 .* (/\S+)\)", " ".join(cfg["setup_commands"])).group(1)
     assert env["QUANTSELECT_ARTIFACTS_DIR"].startswith(mount + "/")
     assert env["QUANTSELECT_HOME"].startswith(mount + "/")
+    assert re.search(rf"export HF_HOME={re.escape(mount)}/", env_cmd), env_cmd
     for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         if "ray start" in c:  # Ray's workers, job drivers and Serve replicas inherit `ray start`'s environment
             assert c.startswith("source ~/quantselect.env"), c
@@ -305,6 +306,8 @@ def check_quantselect_env(spec: dict, *, db: bool) -> None:
         c = template["spec"]["containers"][0]
         env, mount = env_of(c), shared_mount(template, c)
         assert env["QUANTSELECT_ARTIFACTS_DIR"]["value"].startswith(mount + "/"), c["name"]
+        assert env["HF_HOME"]["value"].startswith(mount + "/"), c["name"]  # Hub downloads the workers load
+        assert c.get("imagePullPolicy") == "Always", c["name"]  # a rebuild under the same tag reaches every node
         if db:
             ref = env["QUANTSELECT_DB_URL"]["valueFrom"]["secretKeyRef"]
             assert ref == {"name": "quantselect-db", "key": "url"}

@@ -39,6 +39,10 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
     """
     # Inside a Ray job (submitted with --address) Ray sets RAY_ADDRESS: join that cluster.
     address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):  # the Jobs API's dashboard URL (Ray's docs
+        # set RAY_ADDRESS to it for `ray job submit`): ray.init takes no such address
+        raise QuantselectError(f"Ray address {address} is a dashboard URL: give HOST:6379 or ray://HOST:10001 in "
+                               "QUANTSELECT_RAY_ADDRESS (or RAY_ADDRESS), or submit to it with --address")
     if not address:
         _local_env()
     import ray

@@ -150,9 +150,11 @@ def test_candidate_parameters_are_validated_with_the_field_named():
                      ("nf4:double_quant=maybe", "not a valid bool"),
                      ("int4:group_size", "must be key=value"),
                      ("bf16:dtype=float32", "dtype 'float32' must be bfloat16 or float16"),  # was priced as 2 bytes
-                     ("bf16:dtype=bf16", "dtype 'bf16' must be bfloat16 or float16")]:  # failed in the worker
+                     ("bf16:dtype=int8", "dtype 'int8' must be bfloat16 or float16")]:  # failed in the worker
         with pytest.raises(InputError, match=msg):
             parse_candidate(bad)
+    # the usual spellings are torch's names (bf16 failed in the worker; a job stored with half reads back)
+    assert parse_candidate("bf16:dtype=bf16").config.dtype == "bfloat16" and parse_candidate("fp16:dtype=half").config.dtype == "float16"
     names = [c.name for c in resolve_candidates(["int4", "int4:group_size=64", "int4:group_size=32"])]
     assert names == [BASELINE, "int4", "int4:group_size=64"]
 

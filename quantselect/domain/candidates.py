@@ -99,6 +99,8 @@ class HalfPrecision(CandidateConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        aliases = {"half": "float16", "fp16": "float16", "bf16": "bfloat16"}  # torch's and the usual (a job stored
+        object.__setattr__(self, "dtype", aliases.get(self.dtype, self.dtype))  # with dtype=half reads back)
         if self.dtype not in ("bfloat16", "float16"):  # torch's names: the worker loads getattr(torch, dtype)
             raise InputError(f"half precision dtype {self.dtype!r} must be bfloat16 or float16")
 

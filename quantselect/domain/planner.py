@@ -200,11 +200,14 @@ def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> dict[str, i
 
 def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     """Read the decoder's shape from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/3, Gemma,
-    their mixtures of experts, GPT-2-style models...); fields it omits take its family's defaults."""
+    their mixtures of experts, GPT-2-style models...); fields a multimodal wrapper's ``text_config``
+    omits take its family's defaults (transformers writes a sub-config's differences from them only;
+    a model's own config.json, or a GGUF header, lacking one is refused, naming the field)."""
     outer = cfg
     cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's config inside
     model_type = cfg.get("model_type") or TEXT_MODEL_TYPE.get(outer.get("model_type") or "", outer.get("model_type"))
-    cfg = {**FAMILY_DEFAULTS.get(model_type or "", {}), **cfg}
+    if cfg is not outer:
+        cfg = {**FAMILY_DEFAULTS.get(model_type or "", {}), **cfg}
 
     def get(*names: str) -> int | None:
         return next((int(cfg[n]) for n in names if isinstance(cfg.get(n), int) and cfg[n] > 0), None)

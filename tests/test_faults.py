@@ -130,6 +130,8 @@ def test_a_killed_driver_is_resumed_reusing_finished_candidates_and_stored_items
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert svc.get_job(job_id).status == "running"  # nobody marked it: the process just vanished
+    # (one half-way may have finished between that look and the kill: 40 tiny items go fast)
+    partial = [n for n in partial if next(r.status for r in svc.results(job_id) if r.name == n) != "succeeded"]
     shown = CliRunner().invoke(cli, ["status", job_id]).output  # what was streamed in, as another shell sees it
     for name in partial:
         assert f"{len(svc.item_results(job_id)[name])}/40 items scored and stored" in shown, shown

@@ -343,14 +343,10 @@ def _warn_of_the_password(svc: Any) -> None:
 
 
 def _unescape(text: str) -> str:
-    """`--stop '\\n'` means a newline, as a shell user would type it; other characters are kept as they
-    are (é, 中: the escapes are read from their Latin-1 bytes, the rest escaped first)."""
-    if "\\" not in text:
-        return text
-    try:
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--stop {text!r}: {e.reason}; write a backslash as \\\\ (escapes: \\n, \\t, \\\\)") from None
+    """`--stop '\\n'` means a newline, as a shell user would type it."""
+    from quantselect.domain.dataset import unescape
+
+    return unescape(text, f"--stop {text!r}")
 
 
 def _wait_remote(svc: Any, job_id: str, address: str, sid: str) -> None:

@@ -122,23 +122,21 @@ def test_concurrent_requests_are_decoded_together(smol_url):
                       json={"prompt": "Count: 1, 2, 3,", "max_tokens": 4000, "temperature": 0, "stream": True}) as r:
         next(r.iter_lines())
         assert httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 1
-    for _ in range(100):
-        if httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the abandoned answer is still decoding")
+    _batch_empties(smol_url, "the abandoned answer is still decoding")
     # so does an answer not streamed whose client gave up waiting (here a 2 s timeout)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(smol_url + "/completions", timeout=httpx.Timeout(60, read=2),
                    json={"prompt": "Count: 1, 2, 3,", "max_tokens": 4000, "temperature": 0})
-    for _ in range(100):
-        if httpx.get(smol_url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the answer its client gave up on is still decoding")
+    _batch_empties(smol_url, "the answer its client gave up on is still decoding")
     assert ask(questions[0]) == alone[0]
+
+
+def _batch_empties(url: str, otherwise: str) -> None:
+    for _ in range(100):
+        if httpx.get(url.removesuffix("/v1") + "/healthz", timeout=30).json()["batch"]["rows"] == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(otherwise)
 
 
 def test_stop_sequences_truncate(smol_url):

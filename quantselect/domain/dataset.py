@@ -210,6 +210,17 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 # A number: thousands groups "1,234", decimals "0.5" and ".5" (a trailing full stop is not part of
 # it), an optional minus sign -- not a hyphen right after a letter, digit or bracket: "5-3" is 5 and 3.
+def unescape(text: str, what: str) -> str:
+    """``\\n``, ``\\t`` in a shell argument (``what``, named in the error) become the characters;
+    other text (é, 中) stays as typed: the escapes are read from its Latin-1 bytes, the rest escaped first."""
+    if "\\" not in text:
+        return text
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what}: {e.reason}; write a backslash as \\\\ (escapes: \\n, \\t, \\\\)") from None
+
+
 _NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)")  # ".5"; not "No.5", "1..5"
 
 
@@ -330,12 +341,7 @@ class FieldMapping:
             if key == "choices":
                 values[key] = tuple(v.strip() for v in value.split(",") if v.strip())
             elif key == "prompt":
-                # \n, \t in a shell argument become the characters; other text (é, 中) stays as typed
-                try:
-                    values[key] = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
-                except UnicodeDecodeError as e:
-                    raise InputError(f"--map {pair!r}: {e.reason}; write a backslash as \\\\ (escapes: \\n, "
-                                     "\\t, \\\\)") from None
+                values[key] = unescape(value, f"--map {pair!r}")
             else:
                 values[key] = value
         return cls(labels_file=labels_file, **values)

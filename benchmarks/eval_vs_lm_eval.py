@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PIQA = Path("/work/shared/datasets/piqa")
+# the whole validation split where the shared datasets are beside the checkout, else the 300 items bundled
+PIQA = next((p for p in (ROOT.parent / "shared" / "datasets" / "piqa", ROOT / "examples" / "piqa") if p.is_dir()))
 PROMPT = "Question: {goal}\nAnswer:"
 TASK_YAML = """\
 task: piqa_local
@@ -68,7 +69,7 @@ def parse_args() -> argparse.Namespace:
                         "every round")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of lm-eval and quantselect in turn: a ratio quoted is the median of the rounds' ratios")
-    p.add_argument("--piqa", type=Path, default=PIQA, help="folder with valid.jsonl and valid-labels.lst")
+    p.add_argument("--piqa", type=Path, default=PIQA, help="folder with PIQA validation items (valid*.jsonl) and labels (valid*labels*)")
     p.add_argument("--model", type=Path, default=None, help="local model folder (default: the bundled demo)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_vs_lm_eval.md")
     return p.parse_args()
@@ -83,8 +84,8 @@ def demo_model_dir() -> Path:
 
 def write_task(folder: Path, piqa: Path, n: int) -> None:
     """PIQA with its labels merged in, and lm-eval's piqa task pointed at it."""
-    docs = [json.loads(line) for line in (piqa / "valid.jsonl").read_text().splitlines()[:n]]
-    labels = [int(x) for x in (piqa / "valid-labels.lst").read_text().split()[:n]]
+    docs = [json.loads(line) for line in next(piqa.glob("valid*.jsonl")).read_text().splitlines()[:n]]
+    labels = [int(x) for x in next(piqa.glob("valid*labels*")).read_text().split()[:n]]
     data = folder / "piqa.jsonl"
     data.write_text("".join(json.dumps({**d, "label": y}) + "\n" for d, y in zip(docs, labels)))
     (folder / "piqa_local.yaml").write_text(TASK_YAML.format(data=data))
@@ -126,8 +127,8 @@ def run_quantselect(model, tokenizer, piqa: Path, n: int) -> dict:
     from quantselect.engines import evaluate as ev
 
     start = time.perf_counter()
-    mapping = FieldMapping(prompt=PROMPT, choices=("sol1", "sol2"), labels_file=str(piqa / "valid-labels.lst"))
-    dataset = load_dataset(piqa / "valid.jsonl", mapping, limit=n)
+    mapping = FieldMapping(prompt=PROMPT, choices=("sol1", "sol2"), labels_file=str(next(piqa.glob("valid*labels*"))))
+    dataset = load_dataset(next(piqa.glob("valid*.jsonl")), mapping, limit=n)
     results = ev.evaluate(model, tokenizer, dataset)
     seconds = time.perf_counter() - start
     return {

@@ -161,8 +161,8 @@ QWEN15_MOE_A27B = {"architectures": ["Qwen2MoeForCausalLM"], "decoder_sparse_ste
                    "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
                    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
                    "use_sliding_window": False, "vocab_size": 151936}
-# DeepSeek-V2-Lite: one dense layer, then 64 routed + 2 shared experts; its MLA attention is counted as
-# plain multi-head attention (within 0.1B of MLA's projections here).
+# DeepSeek-V2-Lite: one dense layer, then 64 routed + 2 shared experts; Multi-head Latent Attention
+# without a query compression (q_lora_rank null: one q_proj).
 DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "first_k_dense_replace": 1, "hidden_size": 2048,
                     "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
                     "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1,
@@ -263,3 +263,161 @@ def test_gemma3_text_defaults_and_multi_query_kv_heads():
     assert starcoder.kv_heads == 1 and starcoder.intermediate == 4 * 6144  # n_inner omitted: 4 x hidden
     with pytest.raises(InputError, match="'intermediate_size'"):  # no family default to fall back on
         shape_from_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 10})
+
+
+# deepseek-ai/DeepSeek-V3 and moonshotai/Kimi-K2-Instruct (the DeepseekV3 architecture): Multi-head Latent
+# Attention (kv_lora_rank, qk_rope_head_dim), 256 / 384 routed experts and one shared, dense first layers.
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "first_k_dense_replace": 3, "hidden_size": 7168,
+               "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+               "model_type": "deepseek_v3", "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+               "n_routed_experts": 256, "n_shared_experts": 1, "num_attention_heads": 128, "num_experts_per_tok": 8,
+               "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+               "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "tie_word_embeddings": False,
+               "v_head_dim": 128, "vocab_size": 129280}
+KIMI_K2 = {**DEEPSEEK_V3, "first_k_dense_replace": 1, "max_position_embeddings": 131072, "model_type": "kimi_k2",
+           "n_routed_experts": 384, "num_attention_heads": 64, "num_key_value_heads": 64,
+           "num_nextn_predict_layers": 0, "vocab_size": 163840}
+
+
+def test_multi_head_latent_attention_caches_its_latent_and_counts_its_low_rank_projections():
+    """The cache holds, per token and layer, the kv_lora_rank latent and the rope key all heads share
+    (512 + 64 values), as vLLM and SGLang store it, not K and V of 128 heads; the weights are
+    q_a_proj/q_b_proj (one q_proj without q_lora_rank), kv_a_proj_with_mqa, kv_b_proj and o_proj."""
+    v3 = shape_from_config(DEEPSEEK_V3)
+    # 671B: the model transformers and vLLM load; the Hub's 685B adds the 14B multi-token-prediction
+    # module (num_nextn_predict_layers), which they skip unless asked to speculate with it
+    assert v3.params == pytest.approx(671e9, rel=0.002)
+    assert v3.active_params == pytest.approx(37.5e9, rel=0.01)  # published: 37B activated
+    kimi = shape_from_config(KIMI_K2)
+    assert kimi.params == pytest.approx(1.03e12, rel=0.01) and kimi.active_params == pytest.approx(32.9e9, rel=0.01)
+    assert v3.linear_params - v3.active_linear_params == 58 * 248 * 3 * 7168 * 2048  # routed experts not taken
+    row = plan(v3, 79.6 * GIB, context=131072, batch=1)[0]
+    assert row.kv_cache_bytes == 61 * (512 + 64) * 131072 * 2  # 8.6 GiB, not 2 x 128 heads x 56 per layer
+    lite = plan(shape_from_config(DEEPSEEK_V2_LITE), 79.6 * GIB, context=32768, batch=1)[0]
+    assert lite.kv_cache_bytes == 27 * 576 * 32768 * 2  # 7x less than 16 heads of K and V of 128
+    # Tensor parallelism splits the heads, not the one latent: every GPU holds all of the cache. In
+    # int4, 1/8 of the weights (42 GiB) leaves room for 3 sequences of 128k tokens, not 4.
+    three, four = (plan(v3, 79.6 * GIB, context=131072, batch=b)[3] for b in (3, 4))
+    assert three.precision == "int4" and (three.gpus, four.gpus) == (8, None)
+    assert (four.weight_bytes + four.kv_cache_bytes) / 8 < 79.6 * GIB * 0.9 - GIB  # it would, split 8 ways
+
+
+# meta-llama/Llama-4-Scout-17B-16E and Llama-4-Maverick-17B-128E: multimodal wrappers whose language model
+# uses chunked local attention on 3 layers of 4 (no_rope_layers 1), with one shared expert beside the
+# routed ones; intermediate_size is an expert's width, intermediate_size_mlp a dense layer's.
+LLAMA4_SCOUT = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "tie_word_embeddings": False,
+                "text_config": {"attention_bias": False, "attention_chunk_size": 8192, "head_dim": 128,
+                                "hidden_size": 5120, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+                                "intermediate_size_mlp": 16384, "max_position_embeddings": 262144,
+                                "model_type": "llama4_text", "moe_layers": list(range(48)),
+                                "no_rope_layers": [1, 1, 1, 0] * 12, "num_attention_heads": 40,
+                                "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+                                "num_local_experts": 16, "use_qk_norm": True, "vocab_size": 202048}}
+LLAMA4_MAVERICK = {**LLAMA4_SCOUT, "text_config": {
+    **LLAMA4_SCOUT["text_config"], "interleave_moe_layer_step": 2, "max_position_embeddings": 1048576,
+    "moe_layers": list(range(1, 48, 2)), "num_local_experts": 128, "use_qk_norm": False}}
+
+
+def test_llama4_chunked_attention_layers_keep_one_chunk_and_its_experts_include_a_shared_one():
+    scout, maverick = shape_from_config(LLAMA4_SCOUT), shape_from_config(LLAMA4_MAVERICK)
+    # The language models; their 0.87B vision encoder makes Scout's published 109B (108.6B on the Hub)
+    assert scout.params == pytest.approx(107.77e9, rel=0.001) and maverick.params == pytest.approx(400.7e9, rel=0.002)
+    assert scout.active_params == pytest.approx(17.2e9, rel=0.01)  # published: 17B active
+    assert maverick.active_params == pytest.approx(17.2e9, rel=0.01)  # half its layers dense, twice as wide
+    per_token_layer = 2 * 8 * 128 * 2
+    long = plan(scout, 79.6 * GIB, context=131072, batch=1)[0]
+    assert long.kv_cache_bytes == (12 * 131072 + 36 * 8192) * per_token_layer  # 12 global layers of 48
+    assert plan(scout, 79.6 * GIB, context=4096, batch=1)[0].kv_cache_bytes == 48 * 4096 * per_token_layer
+    # No chunk size: every layer global; no no_rope_layers: Llama4TextConfig's default, a global one in 4.
+    unchunked = {**LLAMA4_SCOUT, "text_config": {**LLAMA4_SCOUT["text_config"], "attention_chunk_size": None}}
+    assert plan(shape_from_config(unchunked), 79.6 * GIB, context=131072, batch=1)[0].kv_cache_bytes == \
+        48 * 131072 * per_token_layer
+    default = {**LLAMA4_SCOUT, "text_config": {**LLAMA4_SCOUT["text_config"], "no_rope_layers": []}}
+    assert shape_from_config(default) == scout
+
+
+def _gguf(path: Path, arch: str, kv: dict[str, object], tensors: tuple[str, ...]) -> Path:
+    """A GGUF file of llama.cpp's metadata keys for ``arch`` and a tiny tensor of each name (the reader
+    looks for output.weight, an untied head, and blk.0.attn_q.bias, attention biases)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        add = getattr(writer, f"add_{key}")
+        add(value)
+    for name in ("token_embd.weight", *tensors):
+        writer.add_tensor(name, np.zeros((1, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    return path
+
+
+# openai/gpt-oss-20b: sliding layers alternate with full ones, attention biases, 32 experts of 2,880
+GPT_OSS_20B = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "head_dim": 64, "hidden_size": 2880,
+               "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+               "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+               "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+               "sliding_window": 128, "tie_word_embeddings": False, "vocab_size": 201088}
+# What llama.cpp's convert_hf_to_gguf.py writes for the configs above (its set_gguf_parameters).
+GGUF_OF = {
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, "qwen3moe", {
+        "block_count": 48, "context_length": 40960, "embedding_length": 2048, "feed_forward_length": 6144,
+        "head_count": 32, "head_count_kv": 4, "key_length": 128, "value_length": 128, "vocab_size": 151936,
+        "expert_count": 128, "expert_used_count": 8, "expert_feed_forward_length": 768}),
+    "mixtral-8x7b": (MIXTRAL_8X7B, "llama", {  # a llama with experts as wide as feed_forward_length
+        "block_count": 32, "context_length": 32768, "embedding_length": 4096, "feed_forward_length": 14336,
+        "head_count": 32, "head_count_kv": 8, "vocab_size": 32000, "expert_count": 8, "expert_used_count": 2}),
+    "qwen1.5-moe-a2.7b": (QWEN15_MOE_A27B, "qwen2moe", {
+        "block_count": 24, "context_length": 8192, "embedding_length": 2048, "feed_forward_length": 5632,
+        "head_count": 16, "head_count_kv": 16, "vocab_size": 151936, "expert_count": 60, "expert_used_count": 4,
+        "expert_feed_forward_length": 1408, "expert_shared_feed_forward_length": 5632}),
+    "deepseek-v2-lite": (DEEPSEEK_V2_LITE, "deepseek2", {  # MLA written as llama.cpp's MQA of 576-wide keys
+        "block_count": 27, "context_length": 163840, "embedding_length": 2048, "feed_forward_length": 10944,
+        "head_count": 16, "head_count_kv": 1, "vocab_size": 102400, "leading_dense_block_count": 1,
+        "kv_lora_rank": 512, "key_length": 576, "value_length": 512, "key_length_mla": 192, "value_length_mla": 128,
+        "rope_dimension_count": 64, "expert_feed_forward_length": 1408, "expert_count": 64,
+        "expert_shared_count": 2, "expert_used_count": 6}),
+    "gemma-2-9b": (GEMMA2_9B, "gemma2", {
+        "block_count": 42, "context_length": 8192, "embedding_length": 3584, "feed_forward_length": 14336,
+        "head_count": 16, "head_count_kv": 8, "key_length": 256, "value_length": 256, "vocab_size": 256000,
+        "sliding_window": 4096}),
+    "gpt-oss-20b": (GPT_OSS_20B, "gpt-oss", {  # llama.cpp knows its layers alternate: no pattern written
+        "block_count": 24, "context_length": 131072, "embedding_length": 2880, "feed_forward_length": 2880,
+        "head_count": 64, "head_count_kv": 8, "key_length": 64, "value_length": 64, "vocab_size": 201088,
+        "expert_count": 32, "expert_used_count": 4, "expert_feed_forward_length": 2880, "sliding_window": 128}),
+}
+
+
+@pytest.mark.parametrize("name", GGUF_OF)
+def test_a_gguf_header_plans_its_experts_latent_attention_and_sliding_window_as_its_config_does(name, tmp_path):
+    """A mixture of experts' GGUF (expert_count, expert_used_count, expert_feed_forward_length, shared
+    experts, leading dense blocks), DeepSeek's MLA ranks and a sliding window are read from the header:
+    the file is planned as its config.json is, not as a dense model."""
+    from quantselect.engines.gguf_header import model_config, read_file_header
+
+    hf, arch, kv = GGUF_OF[name]
+    tensors = ("output.weight", "blk.0.attn_q.bias") if hf.get("attention_bias") or arch == "qwen2moe" else \
+        () if arch == "gemma2" else ("output.weight",)
+    path = _gguf(tmp_path / f"{name}.gguf", arch, kv, tensors)
+    header, config = shape_from_config(model_config(read_file_header(path))), shape_from_config(hf)
+    assert (header.params, header.active_params) == (config.params, config.active_params)
+    for context in (4096, 32768):
+        assert header.kv_cache_bytes(context, 1) == config.kv_cache_bytes(context, 1)
+
+
+def test_a_context_past_any_model_is_refused_and_past_this_model_is_a_note():
+    from quantselect.domain.planner import MAX_CONTEXT, plan_notes
+
+    llama = shape("llama-3.1-8b")  # max_position_embeddings 131072
+    assert plan_notes(llama, 131072) == []
+    assert plan_notes(llama, 262144) == ["context 262,144 is beyond the model's max_position_embeddings (131,072): "
+                                         "it needs its RoPE scaled further (e.g. YaRN), and quality may drop"]
+    [mla] = plan_notes(shape_from_config(DEEPSEEK_V3), 8192)
+    assert mla.startswith("KV cache: Multi-head Latent Attention's compressed latent (512 + 64 values per token and "
+                          "layer), as vLLM and SGLang store it")
+    assert plan(llama, 79.6 * GIB, context=MAX_CONTEXT, batch=1)[0].kv_cache_bytes == 32 * 8 * 128 * 2 * 2 * 2**24
+    with pytest.raises(InputError, match=r"^context 16,777,217 tokens is more than the planner takes \(16,777,216"):
+        plan(llama, 79.6 * GIB, context=MAX_CONTEXT + 1, batch=1)
+    res = CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-8b.json"), "--context", "1000000000"])
+    assert res.exit_code == 2 and "more than the planner takes" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1

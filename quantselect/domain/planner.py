@@ -9,10 +9,13 @@ Counted per precision:
   stay in 16-bit (as quantselect and GPTQ/AWQ do);
 - KV cache: 2 (K and V) × KV heads × head dim × batch × 2 bytes (16-bit cache) × the tokens each
   layer keeps: the context, or at most its window for a sliding-window layer (Mistral-7B-v0.1's
-  every layer, Gemma-2's every other, 5 of 6 of Gemma-3's);
+  every layer, Gemma-2's every other, 5 of 6 of Gemma-3's) or its chunk for a chunked-attention one
+  (3 of 4 of Llama-4's); Multi-head Latent Attention (DeepSeek-V2/V3, Kimi-K2) caches one latent of
+  kv_lora_rank + qk_rope_head_dim values per token and layer instead, as vLLM and SGLang do;
 - runtime headroom: activations, CUDA context and allocator slack, taken as 10 % of the GPU plus
   1 GiB. A model that does not fit one GPU is split by tensor parallelism over a power-of-two
-  number of GPUs (1, 2, 4, 8), the weights and KV cache divided evenly.
+  number of GPUs (1, 2, 4, 8), the weights divided evenly and the KV cache by KV heads (a GPU holds
+  at least one head's: MLA's one latent is whole on every GPU, as vLLM keeps it).
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ class Shape:
     attention_bias: bool
     mlp_matrices: int = 3  # gate, up, down; 2 (up, down) for a non-gated MLP (GPT-2, StarCoder2, Phi-2...)
     sliding_window: int | None = None
-    sliding_layers: int = 0  # layers whose KV cache keeps only the last ``sliding_window`` tokens
+    # layers whose KV cache keeps only the last ``sliding_window`` tokens (or, for Llama-4's chunked
+    # attention, the tokens of the current chunk of that size: as many, at most)
+    sliding_layers: int = 0
     # a mixture of experts: ``moe_layers`` layers route each token to ``experts_per_token`` of
     # ``experts`` MLPs of ``expert_intermediate``, plus shared experts of ``shared_intermediate`` in all
     experts: int = 0
@@ -65,14 +70,28 @@ class Shape:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     moe_layers: int = 0
+    # Multi-head Latent Attention (DeepSeek-V2/V3, Kimi-K2): K and V are expanded (kv_b_proj) from a
+    # latent of ``kv_lora_rank`` plus a rope key of ``qk_rope_head_dim`` all heads share, which is all
+    # the cache holds; ``head_dim`` is then the value head's (o_proj's input per head)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: one q_proj (DeepSeek-V2-Lite), else q_a_proj -> q_b_proj
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+
+    def _attention(self) -> int:
+        o = self.heads * self.head_dim * self.hidden
+        if not self.kv_lora_rank:
+            return self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + o
+        qk = self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+        q = (self.hidden + qk) * self.q_lora_rank if self.q_lora_rank else self.hidden * qk
+        kv_a = self.hidden * (self.kv_lora_rank + self.qk_rope_head_dim)
+        kv_b = self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.head_dim)
+        return q + kv_a + kv_b + o
 
     def _linear(self, experts: int) -> int:
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        o = self.heads * self.head_dim * self.hidden
         mlp = self.mlp_matrices * self.hidden * self.intermediate
         moe = self.mlp_matrices * self.hidden * (experts * self.expert_intermediate + self.shared_intermediate)
-        return self.layers * (q + kv + o) + (self.layers - self.moe_layers) * mlp + self.moe_layers * moe
+        return self.layers * self._attention() + (self.layers - self.moe_layers) * mlp + self.moe_layers * moe
 
     @property
     def linear_params(self) -> int:
@@ -93,7 +112,7 @@ class Shape:
     def other_params(self) -> int:
         """Embeddings, output projection, norms, biases and routers: kept in 16-bit."""
         emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
+        norms = self.layers * (2 * self.hidden + self.q_lora_rank + self.kv_lora_rank) + self.hidden
         bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         return emb + norms + bias + self.moe_layers * self.hidden * self.experts
 
@@ -110,8 +129,18 @@ class Shape:
         window = min(context, self.sliding_window or context)
         return (self.layers - self.sliding_layers) * context + self.sliding_layers * window
 
+    @property
+    def kv_per_token_layer(self) -> int:
+        """Values one token's cache holds in one layer: K and V of every KV head, or MLA's latent."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.kv_lora_rank else 2 * self.kv_heads * self.head_dim
+
+    @property
+    def kv_shards(self) -> int:
+        """What tensor parallelism splits the cache by: the KV heads (one MLA latent)."""
+        return 1 if self.kv_lora_rank else self.kv_heads
+
     def kv_cache_bytes(self, context: int, batch: int, bytes_per_element: int = 2) -> int:
-        return 2 * self.kv_heads * self.head_dim * self.kv_tokens(context) * batch * bytes_per_element  # K and V
+        return self.kv_per_token_layer * self.kv_tokens(context) * batch * bytes_per_element
 
 
 # model types whose transformers 5 config class ties the embeddings unless told otherwise (besides
@@ -160,6 +189,8 @@ NON_GATED = frozenset({"gpt2", "gpt_bigcode", "starcoder2", "phi", "gpt_neox", "
 FOUR_X_MLP = frozenset({"gpt2", "gpt_bigcode", "gptj", "gpt_neo", "codegen", "falcon", "bloom"})
 # the default period of full-attention layers among sliding ones (layer i slides unless (i+1) % n == 0)
 SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6, "gemma3": 6, "cohere2": 4, "gpt_oss": 2}
+# Llama-4's language model (its GGUF architecture is llama4): one shared expert, chunked attention
+LLAMA4 = frozenset({"llama4_text", "llama4"})
 
 
 def _sliding(cfg: dict[str, Any], layers: int, model_type: str | None) -> tuple[int | None, int]:
@@ -179,20 +210,46 @@ def _sliding(cfg: dict[str, Any], layers: int, model_type: str | None) -> tuple[
     return window, layers  # Mistral-7B-v0.1, Phi-3, StarCoder2: every layer
 
 
-def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> dict[str, int]:
+def _chunked(cfg: dict[str, Any], layers: int, model_type: str | None) -> tuple[int | None, int]:
+    """(chunk size, layers that use it) of chunked local attention, as transformers builds Llama-4's
+    ``layer_types``: a layer with RoPE (no_rope_layers 1; by default 3 of every 4) attends within its
+    chunk of attention_chunk_size tokens, so it keeps at most that many."""
+    types, no_rope = cfg.get("layer_types"), cfg.get("no_rope_layers")
+    if isinstance(types, list) and "chunked_attention" in types:
+        n = sum(t == "chunked_attention" for t in types[:layers])
+    elif model_type not in LLAMA4:
+        return None, 0
+    elif isinstance(no_rope, list) and no_rope:
+        n = sum(1 for x in no_rope[:layers] if x)
+    else:
+        interval = cfg.get("no_rope_layer_interval") or 4
+        n = sum(1 for i in range(layers) if (i + 1) % interval)
+    chunk = cfg.get("attention_chunk_size", 8192)  # Llama4TextConfig's default (and llama.cpp's); null: off
+    return (chunk, n) if isinstance(chunk, int) and chunk > 0 else (None, 0)
+
+
+def _experts(cfg: dict[str, Any], layers: int, intermediate: int, model_type: str | None) -> dict[str, int]:
     """A mixture of experts' fields of ``Shape`` (none for a dense model): Mixtral (num_local_experts of
     intermediate_size), Qwen2/3-MoE (num_experts of moe_intermediate_size, a shared expert,
     decoder_sparse_step, mlp_only_layers), DeepSeek (n_routed_experts + n_shared_experts, the first
-    first_k_dense_replace layers dense)."""
+    first_k_dense_replace layers dense), Llama-4 (one shared expert; moe_layers, or every
+    interleave_moe_layer_step-th layer)."""
     experts = next((cfg[n] for n in ("num_local_experts", "num_experts", "n_routed_experts")
                     if isinstance(cfg.get(n), int) and cfg[n] > 0), 0)
     if not experts:
         return {}
     width = cfg.get("moe_intermediate_size") or intermediate
     shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
+    if model_type in LLAMA4:
+        shared = width
     first, dense = cfg.get("first_k_dense_replace") or 0, set(cfg.get("mlp_only_layers") or ())
-    step, freq = cfg.get("decoder_sparse_step") or 1, cfg.get("moe_layer_freq") or 1
-    moe = sum(1 for i in range(layers) if i >= first and i not in dense and (i + 1) % step == 0 and i % freq == 0)
+    step = cfg.get("decoder_sparse_step") or cfg.get("interleave_moe_layer_step") or 1
+    freq, listed = cfg.get("moe_layer_freq") or 1, cfg.get("moe_layers")
+    if isinstance(listed, list) and all(isinstance(i, int) for i in listed):
+        moe = len({i for i in listed if 0 <= i < layers})  # Llama-4 lists them (interleave_moe_layer_step's)
+    else:
+        moe = sum(1 for i in range(layers)
+                  if i >= first and i not in dense and (i + 1) % step == 0 and i % freq == 0)
     # without num_experts_per_tok, count every expert as active (the slower, safer estimate)
     return {"experts": experts, "experts_per_token": min(experts, cfg.get("num_experts_per_tok") or experts),
             "expert_intermediate": int(width), "shared_intermediate": int(shared), "moe_layers": moe}
@@ -232,16 +289,25 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     else:
         kv = 1 if cfg.get("multi_query") else heads  # StarCoder, Falcon-7B: one KV head
     head_dim = get("head_dim") or hidden // heads
+    mla = {}
+    if get("kv_lora_rank"):  # DeepSeek-V2/V3, Kimi-K2; the multi-token-prediction layers
+        # (num_nextn_predict_layers) are left out: transformers and vLLM load them only to speculate
+        mla = {"kv_lora_rank": need("kv_lora_rank"), "q_lora_rank": get("q_lora_rank") or 0,
+               "qk_nope_head_dim": need("qk_nope_head_dim"), "qk_rope_head_dim": need("qk_rope_head_dim")}
+        head_dim = need("v_head_dim")
     window, sliding = _sliding(cfg, layers, model_type)
+    if not sliding:
+        window, sliding = _chunked(cfg, layers, model_type)
     return Shape(
-        hidden=hidden, intermediate=intermediate, layers=layers,
+        # Llama-4: intermediate_size is an expert's width, intermediate_size_mlp a dense layer's
+        hidden=hidden, intermediate=get("intermediate_size_mlp") or intermediate, layers=layers,
         heads=heads, kv_heads=kv, head_dim=head_dim, vocab=need("vocab_size"),
         tied=_tied(outer, cfg),
         max_context=get("max_position_embeddings", "n_positions"),
         attention_bias=bool(cfg.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
         mlp_matrices=2 if model_type in NON_GATED else 3,
         sliding_window=window, sliding_layers=sliding,
-        **_experts(cfg, layers, intermediate),
+        **_experts(cfg, layers, intermediate, model_type), **mla,
     )
 
 
@@ -285,6 +351,10 @@ class PlanRow:
 # Bytes per element of the KV cache: 16-bit by default; fp8 as vLLM's --kv-cache-dtype fp8 and
 # TensorRT-LLM store it (half the memory, for long contexts and large batches).
 KV_CACHE_DTYPES = {"bf16": 2, "fp16": 2, "fp8": 1}
+# The longest context planned: beyond any published model's (Llama-4 Scout's 10M tokens); past it a
+# mistyped --context only prints absurd sizes. Past the model's own maximum is a note, not an error:
+# RoPE scaling (YaRN...) can stretch it.
+MAX_CONTEXT = 1 << 24
 
 
 def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cache: str = "bf16",
@@ -293,19 +363,39 @@ def plan(shape: Shape, gpu_memory_bytes: float, context: int, batch: int, kv_cac
     (bytes, description)), e.g. the GGUF file being planned."""
     if context < 1 or batch < 1:
         raise InputError("context and batch must be at least 1")
+    if context > MAX_CONTEXT:
+        raise InputError(f"context {context:,} tokens is more than the planner takes ({MAX_CONTEXT:,}, longer "
+                         "than any model reads); give a smaller context")
     if kv_cache not in KV_CACHE_DTYPES:
         raise InputError(f"KV cache dtype {kv_cache!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
     kv = shape.kv_cache_bytes(context, batch, KV_CACHE_DTYPES[kv_cache])
     rows = []
-    for name, (bytes_per_weight, description) in PRECISIONS.items():
-        weights = shape.linear_params * bytes_per_weight + shape.other_params * 2
-        total = weights + kv
-        gpus = gpus_needed(total, gpu_memory_bytes)
-        rows.append(PlanRow(name, description, weights, kv, total, gpus, gpus == 1))
-    for name, (weights, description) in (files or {}).items():
-        gpus = gpus_needed(weights + kv, gpu_memory_bytes)
+    sized = [(name, shape.linear_params * bytes_per_weight + shape.other_params * 2, description)
+             for name, (bytes_per_weight, description) in PRECISIONS.items()]
+    for name, weights, description in sized + [(n, w, d) for n, (w, d) in (files or {}).items()]:
+        gpus = _gpus(weights, kv, shape.kv_shards, gpu_memory_bytes)
         rows.append(PlanRow(name, description, weights, kv, weights + kv, gpus, gpus == 1))
     return rows
+
+
+def _gpus(weights: float, kv: float, shards: int, gpu_memory_bytes: float) -> int | None:
+    """GPUs (1, 2, 4 or 8, tensor parallel) each holding 1/n of the weights and its KV heads' share of
+    the cache: ceil(heads / n) of them, as vLLM replicates a head over GPUs when there are fewer."""
+    usable = usable_gpu_memory(gpu_memory_bytes)
+    return next((n for n in (1, 2, 4, 8) if weights / n + kv * -(-shards // n) / shards <= usable), None)
+
+
+def plan_notes(shape: Shape, context: int) -> list[str]:
+    """What a reader of the plan should know about its figures, one line each."""
+    notes = []
+    if shape.max_context and context > shape.max_context:
+        notes.append(f"context {context:,} is beyond the model's max_position_embeddings ({shape.max_context:,}): "
+                     "it needs its RoPE scaled further (e.g. YaRN), and quality may drop")
+    if shape.kv_lora_rank:
+        notes.append(f"KV cache: Multi-head Latent Attention's compressed latent ({shape.kv_lora_rank} + "
+                     f"{shape.qk_rope_head_dim} values per token and layer), as vLLM and SGLang store it; "
+                     "every GPU of a tensor-parallel group holds all of it")
+    return notes
 
 
 def gpus_needed(total_bytes: float, gpu_memory_bytes: float) -> int | None:

@@ -165,3 +165,55 @@ def read_file_header(path: Path, where: str | None = None) -> Header:
             return read_header(fetch, where, os.fstat(fh.fileno()).st_size)
     except OSError as e:
         raise InputError(f"{where}: cannot read it ({e.strerror or e})") from None
+
+
+# llama.cpp's architecture names that differ from transformers' model_type where the planner tells
+# families apart (a non-gated MLP, the period of sliding layers, Llama-4's shared expert)
+MODEL_TYPES = {"gpt-oss": "gpt_oss", "phi2": "phi", "gptneox": "gpt_neox", "starcoder": "gpt_bigcode",
+               "llama4": "llama4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+
+
+def model_config(header: Header) -> dict[str, Any]:
+    """The model's shape as the ``config.json`` fields the planner reads, from llama.cpp's keys
+    (``{arch}.embedding_length``, ``block_count``, ``attention.head_count``..., a mixture's
+    ``expert_count``, DeepSeek's ``attention.kv_lora_rank``, ``attention.sliding_window``)."""
+    fields = header.fields
+
+    def get(key: str) -> Any:
+        value = fields.get(key)
+        return max(value) if isinstance(value, list) and value else value  # per-layer sizes: the widest
+
+    arch = get("general.architecture") or "llama"
+
+    def of(key: str) -> Any:
+        return get(f"{arch}.{key}")
+
+    tensors = {t.name for t in header.tensors}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    cfg = {"model_type": MODEL_TYPES.get(arch, arch), "hidden_size": of("embedding_length"),
+           "intermediate_size": of("feed_forward_length"), "num_hidden_layers": of("block_count"),
+           "num_attention_heads": of("attention.head_count"), "num_key_value_heads": of("attention.head_count_kv"),
+           "head_dim": of("attention.key_length"),
+           "vocab_size": of("vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
+           "max_position_embeddings": of("context_length"),
+           "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors,
+           # a mixture of experts (Mixtral is a llama whose experts are feed_forward_length wide)
+           "num_experts": of("expert_count"), "num_experts_per_tok": of("expert_used_count"),
+           "moe_intermediate_size": of("expert_feed_forward_length"),
+           "shared_expert_intermediate_size": of("expert_shared_feed_forward_length"),
+           "n_shared_experts": of("expert_shared_count"), "first_k_dense_replace": of("leading_dense_block_count"),
+           "interleave_moe_layer_step": of("interleave_moe_layer_step"),
+           "sliding_window": of("attention.sliding_window")}
+    pattern = fields.get(f"{arch}.attention.sliding_window_pattern")  # a period, or a flag per layer
+    if isinstance(pattern, list):
+        cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    elif isinstance(pattern, int):
+        cfg["sliding_window_pattern"] = pattern
+    if of("attention.kv_lora_rank"):  # DeepSeek's MLA: llama.cpp writes the absorbed form's key and value
+        # lengths (latent + rope, latent) with the heads' own as *_mla; files before mid-2025 only the heads'
+        rope = of("rope.dimension_count") or 0
+        key = of("attention.key_length_mla") or of("attention.key_length")
+        cfg.update({"kv_lora_rank": of("attention.kv_lora_rank"), "q_lora_rank": of("attention.q_lora_rank"),
+                    "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope if key else None,
+                    "v_head_dim": of("attention.value_length_mla") or of("attention.value_length")})
+    return {k: v for k, v in cfg.items() if v is not None}

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantselect.domain.cache import INCOMPLETE, MODEL, CacheEntry
-from quantselect.engines.gguf_header import read_file_header, read_header
+from quantselect.engines.gguf_header import model_config, read_file_header, read_header
 from quantselect.errors import InputError, Stopped
 
 DEMO = "demo"
@@ -561,26 +561,8 @@ def gguf_file(model: str) -> Path | None:
 
 def gguf_model_config(path: Path) -> dict:
     """A GGUF file's decoder shape as the ``config.json`` fields the planner reads, from its header
-    (llama.cpp's ``{arch}.embedding_length``, ``block_count``, ``attention.head_count``...)."""
-    header = read_file_header(path, shown(path))
-    fields = header.fields
-
-    def get(key: str):
-        value = fields.get(key)
-        return max(value) if isinstance(value, list) and value else value  # per-layer sizes: the widest
-
-    arch = get("general.architecture") or "llama"
-    tensors = {t.name for t in header.tensors}
-    tokens = fields.get("tokenizer.ggml.tokens")
-    cfg = {"model_type": arch, "hidden_size": get(f"{arch}.embedding_length"),
-           "intermediate_size": get(f"{arch}.feed_forward_length"), "num_hidden_layers": get(f"{arch}.block_count"),
-           "num_attention_heads": get(f"{arch}.attention.head_count"),
-           "num_key_value_heads": get(f"{arch}.attention.head_count_kv"),
-           "head_dim": get(f"{arch}.attention.key_length"),
-           "vocab_size": get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
-           "max_position_embeddings": get(f"{arch}.context_length"),
-           "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors}
-    return {k: v for k, v in cfg.items() if v is not None}
+    (``gguf_header.model_config``)."""
+    return model_config(read_file_header(path, shown(path)))
 
 
 def _fingerprint(path: Path) -> str:

@@ -52,6 +52,7 @@ def test_deploy_returns_openai_base_url(tiny_url, serve_port):
     assert health["threads"] == len(os.sched_getaffinity(0))  # all cores, not the one thread Ray gives the actor
     models = _client(tiny_url).models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [("tiny-int8", "model", "quantselect")]
+    assert _client(tiny_url).models.retrieve("tiny-int8").id == "tiny-int8"
 
 
 def test_completions_tiny_int8(tiny_url):
@@ -209,6 +210,8 @@ def test_errors_are_openai_shaped(tiny_url):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(tiny_url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(tiny_url + "/embeddings", json={"input": "Hi"})  # a route it does not have: OpenAI's shape too
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("Invalid URL (POST "), r.text
     # prompts the model cannot take: a 400 before anything is generated (streamed or not); the rest
     # of the context bounds max_tokens
     for stream in (False, True):
@@ -216,14 +219,15 @@ def test_errors_are_openai_shaped(tiny_url):
             client.completions.create(model="tiny-int8", prompt="a " * 600, max_tokens=4, stream=stream)
         assert e.value.body["code"] == "context_length_exceeded" and "512 tokens" in e.value.body["message"]
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model="tiny-int8", prompt=["Hi", ""], max_tokens=4, stream=stream)
-        assert e.value.body["code"] == "invalid_prompt"
+            client.completions.create(model="tiny-int8", prompt=[[1, 2], [1, 10**9]], max_tokens=4, stream=stream)
+        assert e.value.body["code"] == "invalid_prompt" and "Token id 1000000000 is not in" in e.value.body["message"]
     r = client.completions.create(model="tiny-int8", prompt="a " * 505, max_tokens=100, temperature=0)
     assert r.usage.prompt_tokens == 506 and r.usage.completion_tokens <= 6
     # what no sampling can take: one line each, a 400 (never a 500, nor the batch's other answers failing)
     for body, says in [({"seed": 2**64}, "seed: Input should be less than or equal to"),
                        ({"stop": ["x"] * 17}, "stop: Value error, give at most 16 stop strings"),
-                       ({"prompt": ["a"] * 65}, "prompt: Value error, 65 prompts: give at most 64 in one request")]:
+                       ({"prompt": ["a"] * 65}, "prompt: Value error, 65 prompts: give at most 64 in one request"),
+                       ({"echo": True}, "echo: this server does not echo the prompt; leave it out")]:
         r = httpx.post(tiny_url + "/completions", json={"model": "tiny-int8", "prompt": "Hi", **body}, timeout=60)
         assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
     r = httpx.post(tiny_url + "/chat/completions", timeout=60, json={
@@ -258,7 +262,7 @@ def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_lla
         for body in ({"prompt": ""}, b"{not json"):  # the key is asked for before the body is read
             r = httpx.post(url + "/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
-        r = httpx.post(url + "/completions", json={"prompt": ""}, headers={"Authorization": f"Bearer {key}"})
+        r = httpx.post(url + "/completions", json={"prompt": "Hi", "max_tokens": 0}, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
         for wrong in ("x", key[:-1]):
             with pytest.raises(openai.AuthenticationError) as e:

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantselect.bearer import NO, BearerGate
 from quantselect.domain.candidates import CATALOG, config_from_dict
@@ -36,8 +37,12 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code = status, message, type_, code
 
 
-def _error(status: int, message: str, type_: str, code: str | None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status_code=status)
+def _error_body(message: str, type_: str, code: str | None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def _error(status: int, message: str, type_: str, code: str | None, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(_error_body(message, type_, code), status_code=status, headers=headers)
 
 
 api = FastAPI(title="quantselect OpenAI-compatible server")
@@ -71,21 +76,69 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
-    parts = [f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors()]
-    return _error(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request")
+    json_sent = "json" in request.headers.get("content-type", "")  # else FastAPI does not parse the body as JSON
+
+    def part(err: dict) -> str:
+        if err["type"] == "json_invalid":  # (FastAPI's msg is only "JSON decode error"; its reason is in ctx)
+            return f"body is not valid JSON at character {err['loc'][-1]}: {err.get('ctx', {}).get('error', err['msg'])}"
+        where = ".".join(str(x) for x in err["loc"][1:]) or "body"
+        hint = " (send it as JSON, with Content-Type: application/json)" if where == "body" and not json_sent else ""
+        return f"{where}: {err['msg']}{hint}"
+
+    return _error(400, "invalid request: " + "; ".join(part(err) for err in e.errors()), "invalid_request_error",
+                  "invalid_request")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (a route or method it does not have) in OpenAI's shape, as clients parse it."""
+    where = f"{request.method} {request.url.path}"
+    message = {404: f"Invalid URL ({where}): this server answers GET /v1/models, POST /v1/completions and "
+                    "POST /v1/chat/completions",
+               405: f"Method not allowed ({where})"}.get(e.status_code, f"{where}: {e.detail}")
+    return _error(e.status_code, message, "invalid_request_error", None, e.headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, e: Exception) -> JSONResponse:
+    """A bug of ours (or of a model's files, e.g. a chat template that fails) as OpenAI's 500, not plain
+    text; Starlette raises it again after this answer, so that it is logged."""
+    return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error", None)
 
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # OpenAI takes 4; a stop string holds back as much streamed text
 MAX_PROMPTS = 64  # prompts of one completions request, all decoded together
 GREEDY_BELOW = 1e-5  # a temperature this low samples as greedy decoding (lower overflows the logits)
 
+# Fields of OpenAI's requests that change what comes back, none of which this server does, and the
+# values that ask for nothing (those clients such as LangChain send by default). Anything else is a 400
+# naming the field, rather than a 200 without what was asked for (tool calls, JSON, log probabilities,
+# the prompt echoed) that its client then misreads.
+_NOT_DONE: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: not v, "call tools"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "call tools"),
+    "functions": (lambda v: not v, "call functions"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "call functions"),
+    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"), "constrain answers to JSON"),
+    "logprobs": (lambda v: v is None or v is False, "return log probabilities"),
+    "top_logprobs": (lambda v: v is None or v == 0, "return log probabilities"),
+    "echo": (lambda v: not v, "echo the prompt"),
+    "best_of": (lambda v: v is None or v == 1, "choose the best of several answers"),
+    "suffix": (lambda v: not v, "complete before a suffix"),
+    "logit_bias": (lambda v: not v, "bias tokens"),
+    "presence_penalty": (lambda v: v is None or v == 0, "apply repetition penalties"),
+    "frequency_penalty": (lambda v: v is None or v == 0, "apply repetition penalties"),
+    "modalities": (lambda v: v is None or v == ["text"], "answer in audio"),
+    "audio": (lambda v: v is None, "answer in audio"),
+}
+
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields that change nothing (user, ...)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)  # bounded by the context the prompt leaves
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the top token alone (greedy)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
@@ -100,6 +153,15 @@ class _Sampling(BaseModel):
             return {k: v for k, v in data.items() if v is not None or k not in ("temperature", "top_p", "n", "stream")}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nothing_we_do_not_do(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, (asks_nothing, what) in _NOT_DONE.items():
+                if name in data and not asks_nothing(data[name]):
+                    raise ValueError(f"{name}: this server does not {what}; leave it out")
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: Union[str, list[str], None]) -> list[str]:
@@ -110,14 +172,18 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]] = Field(min_length=1)
+    # A prompt is text or token ids (lm-eval's local-completions sends ids); validated, the list of prompts.
+    prompt: Union[str, list[str], list[int], list[list[int]]]
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, prompt: Union[str, list[str]]) -> Union[str, list[str]]:
-        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS:
-            raise ValueError(f"{len(prompt)} prompts: give at most {MAX_PROMPTS} in one request")
-        return prompt
+    def _prompts(cls, prompt: Any) -> list[Union[str, list[int]]]:
+        if not prompt and isinstance(prompt, list):
+            raise ValueError("give at least one prompt")
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts: give at most {MAX_PROMPTS} in one request")
+        return prompts
 
 
 class ChatMessage(BaseModel):
@@ -127,8 +193,11 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content: Any) -> Any:
-        if isinstance(content, list) and any(p.get("type") == "text" and not isinstance(p.get("text"), str) for p in content):
-            raise ValueError("a text part needs its text as a string")
+        for i, p in enumerate(content if isinstance(content, list) else []):
+            if p.get("type") != "text":  # (an image, audio or a file the model would answer without)
+                raise ValueError(f"part {i} is {p.get('type')!r}: only text parts are supported")
+            if not isinstance(p.get("text"), str):
+                raise ValueError("a text part needs its text as a string")
         return content
 
     def text(self) -> str:
@@ -174,7 +243,7 @@ class _Sequence:
     def sample(self, logits: Any) -> int:
         import torch
 
-        if self.temperature < GREEDY_BELOW:
+        if self.temperature < GREEDY_BELOW or self.top_p <= 0:  # (top_p 0 keeps the top token alone)
             return int(logits.argmax())
         probs, idx = torch.sort(torch.softmax(logits / self.temperature, -1), descending=True)
         probs[(torch.cumsum(probs, -1) - probs) >= self.top_p] = 0
@@ -413,6 +482,10 @@ class QuantizedModelServer:
                                f"{torch.__version__} sees no CUDA device: install a CUDA build of torch on the node")
         self.loaded = load_candidate(model_path, config_from_dict(config), device="cuda" if use_gpu else "cpu")
         self.tok = self.loaded.tokenizer
+        self.vocab = len(self.tok)  # the token ids a prompt may give
+        # An empty prompt is the one token the evaluator gives it (encode_prompts): the model needs one.
+        empty = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        self.empty = [empty] if empty is not None else []
         self.lock = threading.Lock()  # one forward pass at a time per replica
         eos = self.loaded.model.generation_config.eos_token_id
         self.eos = ({self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
@@ -438,13 +511,22 @@ class QuantizedModelServer:
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
-    def _check_model(self, req: _Sampling) -> None:
-        if req.model is not None and req.model != self.name:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.name}`.",
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.name}`.",
                            "invalid_request_error", "model_not_found")
 
     def _tokens(self, prompt: str, special: bool = True) -> list[int]:
         return self.tok(prompt, add_special_tokens=special)["input_ids"]
+
+    def _prompt_ids(self, prompt: Union[str, list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._tokens(prompt) or self.empty
+        bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
+        if bad is not None:  # (an id past the embeddings fails the forward pass, on CUDA the whole replica)
+            raise ApiError(400, f"Token id {bad} is not in this model's vocabulary (0 to {self.vocab - 1}).",
+                           "invalid_request_error", "invalid_prompt")
+        return prompt or self.empty
 
     def _start(self, ids: list[int], req: _Sampling, max_tokens: Optional[int]) -> "_Sequence":
         """Start generating an answer to ``ids``; its ``results()`` yield (text delta, finish reason or
@@ -492,7 +574,7 @@ class QuantizedModelServer:
         at once (Serve cancels the request), and ``finally`` takes its answers off the engines (a
         sync one would wait for a garbage collection to be closed)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        used, answers = 0, []
+        used, answers, error = 0, [], None
         try:
             answers += [self._start(p, req, max_tokens) for p in ids]
             for i, answer in enumerate(answers):
@@ -504,9 +586,18 @@ class QuantizedModelServer:
                         yield _sse({**head, "choices": [{"index": i, **body, "finish_reason": reason}]})
                     if reason:
                         used += n
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: the 200 is sent, the error is the last event
+            error = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                                "server_error")
+            if error is not e:  # (an engine's failure is logged where it happened)
+                log.exception("streaming an answer failed")
         finally:  # a client gone: its answers leave the batch or the static cache
             for answer in answers:
                 answer.cancel()
+        if error is not None:  # as vLLM sends it: the openai client raises APIError with it
+            yield _sse(_error_body(error.message, error.type, error.code))
+            yield "data: [DONE]\n\n"
+            return
         if (req.stream_options or {}).get("include_usage"):
             n_prompt = sum(len(p) for p in ids)
             yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}})
@@ -519,10 +610,17 @@ class QuantizedModelServer:
                 "decoding": self.engine, "batch": {"max_rows": MAX_ROWS, "rows": len(self.batch.rows), "peak_rows": self.batch.peak},
                 "threads": self.threads, "api_key": self.api_key is not None}
 
+    def _card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "quantselect", "engine": self.loaded.engine}
+
     @api.get("/v1/models")
     def models(self) -> dict:
-        card = {"id": self.name, "object": "model", "created": 0, "owned_by": "quantselect", "engine": self.loaded.engine}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [self._card()]}
+
+    @api.get("/v1/models/{model_id}")
+    def retrieve_model(self, model_id: str) -> dict:  # (the openai client's models.retrieve)
+        self._check_model(model_id)
+        return self._card()
 
     # The generation routes are coroutines: Serve cancels one whose client has gone, which a route run
     # in a thread would not notice. The tokenizer runs in a thread (a long prompt would hold the loop).
@@ -530,32 +628,33 @@ class QuantizedModelServer:
     async def completions(self, req: CompletionRequest):
         from starlette.concurrency import run_in_threadpool
 
-        self._check_model(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        ids = await run_in_threadpool(lambda: [self._tokens(p) for p in prompts])
+        self._check_model(req.model)
+        ids = await run_in_threadpool(lambda: [self._prompt_ids(p) for p in req.prompt])
         return await self._respond(req, ids, False, 16 if req.max_tokens is None else req.max_tokens)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest):
         from starlette.concurrency import run_in_threadpool
 
-        self._check_model(req)
+        self._check_model(req.model)
         ids = await run_in_threadpool(self._chat_ids, req)
         return await self._respond(req, [ids], True, req.max_completion_tokens or req.max_tokens)  # None: the room left
 
     def _chat_ids(self, req: ChatRequest) -> list[int]:
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if getattr(self.tok, "chat_template", None):
-            from jinja2 import TemplateError
+        """The messages through the model's chat template, as the evaluator renders them (``developer``,
+        OpenAI's newer name for the system turn, as ``system``; no template: refused, as there)."""
+        if not getattr(self.tok, "chat_template", None):  # (an invented format would answer what was never evaluated)
+            raise ApiError(400, "This model has no chat template (not an instruct model?): send the prompt as text to "
+                                "/v1/completions.", "invalid_request_error", "no_chat_template")
+        from jinja2 import TemplateError
 
-            try:
-                prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            except (TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported", roles not alternating
-                raise ApiError(400, f"This model's chat template refuses these messages: {e}", "invalid_request_error",
-                               "invalid_messages") from None
-            return self._tokens(prompt, special=False)  # the template already holds the special tokens
-        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
-        return self._tokens(prompt)
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except (TemplateError, ValueError, TypeError) as e:  # e.g. "System role not supported", roles not alternating
+            raise ApiError(400, f"This model's chat template refuses these messages: {e}", "invalid_request_error",
+                           "invalid_messages") from None
+        return self._tokens(prompt, special=False)  # the template already holds the special tokens
 
 
 def check_engine(engine: Optional[str]) -> None:

@@ -353,6 +353,7 @@ def _wait_remote(svc: Any, job_id: str, address: str, sid: str) -> None:
     """`--address --wait`: the driver's own output on the cluster as it comes (its progress lines,
     then the results or its error, as a local run prints them), and its exit status."""
     status = svc.follow_remote(address, sid, lambda text: click.echo(text, nl=False))
+    svc.check_remote_driver(svc.get_job(job_id))  # one that never claimed the job fails it, saying why
     if status != "SUCCEEDED":
         raise QuantselectError(f"the driver of job {job_id} on the cluster (Ray job {sid}) ended {status.lower()}; "
                                f"`quantselect status {job_id}` says where the job stands")
@@ -392,14 +393,14 @@ def _coarse(line: str) -> str:
 def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
     """What `status` shows, then a line per change until the job is settled, then its results (an
     error, exit non-zero, unless it succeeded): `status --follow`."""
-    job = svc.get_job(job_id)
-    changes = _Changes(_status_lines(svc, job), time.monotonic())
+    job, note = svc.check_remote_driver(svc.get_job(job_id))
+    changes = _Changes(_status_lines(svc, job, note), time.monotonic())
     click.echo("\n".join(changes.printed_lines()))
     start = time.monotonic()
     while not _settled(svc, job):
         time.sleep(every)
-        job = svc.get_job(job_id)
-        for line in changes.worth_printing(_status_lines(svc, job), time.monotonic()):
+        job, note = svc.check_remote_driver(svc.get_job(job_id))  # a driver on a cluster that died unseen
+        for line in changes.worth_printing(_status_lines(svc, job, note), time.monotonic()):
             click.echo(f"[{time.monotonic() - start:7.1f}s] {line.strip()}")
     if job.status == SUCCEEDED and not svc.driver_silent_for(job):
         _print_results(svc, job_id)
@@ -479,17 +480,22 @@ def cancel(job_id: str, candidates: tuple[str, ...]) -> None:
 @click.option("--status", "statuses", multiple=True, type=click.Choice(JOB_STATUSES),
               help="Only jobs in this status (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the N newest.")
+@click.option("--before", default=None, metavar="JOB",
+              help="Only the jobs after JOB (older, in this order): the next page after one that ended with JOB.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def jobs(statuses: tuple[str, ...], limit: int | None, fmt: str) -> None:
+def jobs(statuses: tuple[str, ...], limit: int | None, before: str | None, fmt: str) -> None:
     """List jobs, newest first."""
     from quantselect.render import table
 
-    all_jobs = _service().list_jobs(limit, statuses)
+    all_jobs = _service().list_jobs(limit, statuses, before)
     if fmt == "json":
         return _echo_json([j.to_dict() for j in all_jobs])
     click.echo(table(["id", "status", "model", "dataset", "items", "metric", "candidates", "recommended", "created"],
                      [[j.id, j.status, j.model, j.dataset_source, j.n_items, j.metric, ",".join(j.candidate_names),
                        _answer(j.recommended), j.created_at.strftime("%Y-%m-%d %H:%M:%S")] for j in all_jobs]))
+    if limit and len(all_jobs) == limit:  # a full page: there may be more
+        status_args = "".join(f" --status {s}" for s in statuses)
+        click.echo(f"More: quantselect jobs --limit {limit}{status_args} --before {all_jobs[-1].id}", err=True)
 
 
 def _answer(recommended: dict[str, Any] | None) -> str:
@@ -515,7 +521,8 @@ def status(job_id: str, follow: bool, every: float) -> None:
     svc = _service()
     if follow:
         return _follow(svc, job_id, every)
-    click.echo("\n".join(_status_lines(svc, svc.get_job(job_id)).values()))
+    job, note = svc.check_remote_driver(svc.get_job(job_id))
+    click.echo("\n".join(_status_lines(svc, job, note).values()))
 
 
 def _settled(svc: Any, job: Any) -> bool:
@@ -525,9 +532,9 @@ def _settled(svc: Any, job: Any) -> bool:
         or svc.queued_by_a_server_gone(job)
 
 
-def _status_lines(svc: Any, job: Any) -> dict[str, str]:
+def _status_lines(svc: Any, job: Any, note: str | None = None) -> dict[str, str]:
     """What `status` prints, keyed (the job, each candidate, its deployment) so that --follow can
-    print what changed."""
+    print what changed; ``note``: why the cluster running its driver could not be asked about it."""
     lines = {}
     silent = svc.driver_silent_for(job)
     if silent is not None and job.status == SUCCEEDED:
@@ -556,6 +563,8 @@ def _status_lines(svc: Any, job: Any) -> dict[str, str]:
         lines["deployment"] = f"  deployed {job.deployed_candidate} at {job.base_url}"
     elif job.deploy_error:
         lines["deployment"] = f"  not deployed: {job.deploy_error}"
+    if note:
+        lines["cluster"] = f"  {note}"
     return lines
 
 
@@ -690,6 +699,8 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
                      [[r["precision"], f"{r['weight_bytes'] / GIB:.1f} GiB", f"{r['kv_cache_bytes'] / GIB:.1f} GiB",
                        f"{r['total_bytes'] / GIB:.1f} GiB", gpus_needed_text(r["gpus"]), r["description"]]
                       for r in out["precisions"]]))
+    for note in out["notes"]:
+        click.echo(f"note: {note}")
 
 
 @cli.command()

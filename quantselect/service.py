@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -57,6 +58,8 @@ INTERRUPTED = "interrupted (SIGINT, Ctrl-C)"  # the error of a job whose driver 
 DEMO_DATASET = "piqa-300.jsonl"
 DEMO_LIMIT = 60
 PHASE_WRITE_SECONDS = 5.0  # how often a candidate's moving count (items, layers) is written for `status`
+RAY_CHECK_SECONDS = 5.0  # how long `status` waits for a cluster's answer about a job's driver there
+MAX_PAGE = 2**31 - 1  # an offset or page size beyond overflows SQLite's INTEGER
 DOCTOR_LOW_DISK = 20 * 2**30  # free space below which `doctor` warns: a 7B sweep writes several artifacts
 
 
@@ -129,6 +132,7 @@ class Service:
         self.settings = settings or get_settings()
         self._repo = None
         self._lock = threading.Lock()
+        self._ray_clients: dict[tuple[str, float], Any] = {}  # (dashboard, timeout) -> Ray Jobs API client
 
     @property
     def repo(self):
@@ -282,11 +286,12 @@ class Service:
             client = JobSubmissionClient(address)
             while True:
                 try:
-                    return client.submit_job(
+                    sid = client.submit_job(
                         entrypoint=f"quantselect run-job {job_id}" + (" --resume" if resume else ""),
                         submission_id=f"quantselect-{job_id}" + (f"-resume-{int(time.time())}" if resume else ""),
                         runtime_env={"env_vars": env},
                     )
+                    break
                 except RuntimeError as e:
                     # A head that has just started has no job agent yet: Ray says to try again.
                     if "try again" not in str(e) or time.monotonic() > deadline:
@@ -296,6 +301,57 @@ class Service:
             if not resume:
                 self.repo.set_job_status(job_id, FAILED, error=f"submission to {address} failed: {e}")
             raise QuantselectError(f"cannot submit to the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
+        # which Ray job drives it: a driver that dies before it claims the job would leave it queued for
+        # ever, as far as the database knows; `status` asks the cluster about it (check_remote_driver)
+        self.repo.set_ray_submission(job_id, address, sid)
+        return sid
+
+    def check_remote_driver(self, job: Job, timeout: float = RAY_CHECK_SECONDS) -> tuple[Job, str | None]:
+        """A job still queued whose driver was submitted to a Ray cluster (`submit --address`): ask the
+        cluster about that Ray job. One that ended (failed, stopped, or unknown to the cluster: its head
+        restarted) without claiming the job fails it, saying why, unless a driver claimed it meanwhile
+        (checked in the update). Returns the job as it stands, and a line to show when the cluster did
+        not answer (the job is left as it is then)."""
+        found = self.repo.ray_submission(job.id) if job.status == QUEUED else None
+        if found is None:
+            return job, None
+        address, sid = found
+        try:
+            client = self._ray_client(address, timeout)
+            try:
+                info = client.get_job_info(sid)
+            except RuntimeError as e:
+                if "status code 404" not in str(e):
+                    raise
+                ended, words = "is unknown to that cluster (did its head restart?)", ""
+            else:
+                if not info.status.is_terminal():
+                    return job, None
+                ended, words = f"ended {info.status.value}", last_words(client.get_job_logs(sid), info.message)
+        except Exception as e:  # noqa: BLE001 - unreachable, timed out, refused: said, never the job's failure
+            why = " ".join(str(e).split())[:200] if isinstance(e, (OSError, RuntimeError)) else _one_line(e)[:200]
+            return job, f"cannot ask the Ray cluster at {address} about the job's driver, Ray job {sid}: {why}"
+        error = (f"its driver, Ray job {sid} on {address}, {ended} before it started the job"
+                 + (f": {words}" if words else "") + f"; `quantselect resume {job.id} --address {address}` runs it again")
+        if self.repo.fail_unclaimed(job.id, sid, error):
+            self._announce_end(job.id)
+        return self.repo.get_job(job.id), None
+
+    def _ray_client(self, address: str, timeout: float) -> Any:
+        """Ray's Jobs API client for ``address``, each request of which gives up after ``timeout``
+        seconds (Ray's own wait as long as the connection does: `status`, or a REST request, would
+        hang on an unreachable cluster). Kept: making one asks the cluster twice."""
+        client = self._ray_clients.get((address, timeout))
+        if client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            class Client(JobSubmissionClient):
+                def _do_request(self, *args: Any, **kwargs: Any) -> Any:  # every request of the SDK (Ray 2.x)
+                    kwargs.setdefault("timeout", timeout)
+                    return super()._do_request(*args, **kwargs)
+
+            client = self._ray_clients[(address, timeout)] = Client(address)
+        return client
 
     def follow_remote(self, address: str, submission_id: str, on_text: Callable[[str], None], every: float = 1.0) -> str:
         """The output of a job's driver on a Ray cluster (its progress lines, then its results or its
@@ -746,16 +802,16 @@ class Service:
         return self.repo.delete_finished_job(job_id)
 
     # ---- read ---------------------------------------------------------------------------
-    def list_jobs(self, limit: int | None = None, statuses: Sequence[str] = ()) -> list[Job]:
-        """Jobs, newest first: the ``limit`` newest, of the given ``statuses`` (all when empty)."""
+    def list_jobs(self, limit: int | None = None, statuses: Sequence[str] = (), before: str | None = None) -> list[Job]:
+        """Jobs, newest first: the ``limit`` newest, of the given ``statuses`` (all when empty);
+        ``before``: those after that job, the next page after one that ended with it."""
         from quantselect.domain.results import JOB_STATUSES
 
-        if limit is not None and limit < 1:
-            raise InputError(f"limit {limit} must be at least 1")
+        _check_page(0, limit)
         unknown = [s for s in statuses if s not in JOB_STATUSES]
         if unknown:
             raise InputError(f"status {unknown[0]!r} is not one of {', '.join(JOB_STATUSES)}")
-        return self.repo.list_jobs(limit, tuple(statuses))
+        return self.repo.list_jobs(limit, tuple(statuses), before)
 
     def get_job(self, job_id: str) -> Job:
         return self.repo.get_job(job_id)
@@ -779,8 +835,10 @@ class Service:
         self.repo.get_job(job_id)
         return self.repo.get_results(job_id)
 
-    def item_results(self, job_id: str) -> dict[str, list[ItemResult]]:
-        return self.repo.get_item_results(job_id)
+    def item_results(self, job_id: str, offset: int = 0, limit: int | None = None) -> dict[str, list[ItemResult]]:
+        """Per candidate its per-item results by item index: all, or a page (``offset``, ``limit``) of each."""
+        _check_page(offset, limit)
+        return self.repo.get_item_results(job_id, offset=offset, limit=limit)
 
     def items_stored(self, job_id: str) -> dict[str, int]:
         """Per candidate, how many per-item results are stored: a running candidate's progress as
@@ -1242,7 +1300,8 @@ class Service:
                                                       f"{q['bits_per_weight']} bits per weight, every tensor counted")}
         rows = planner.plan(shape, memory, ctx, batch, kv_cache, files)
         return {"model": str(model), "params": shape.params, "gpu": gpu_name, "gpu_memory_bytes": memory,
-                "context": ctx, "batch": batch, "kv_cache": kv_cache, "precisions": [r.to_dict() for r in rows]}
+                "context": ctx, "batch": batch, "kv_cache": kv_cache, "precisions": [r.to_dict() for r in rows],
+                "notes": planner.plan_notes(shape, ctx)}
 
     def demo_request(self, deploy: bool = False, limit: int = DEMO_LIMIT) -> SubmitRequest:
         return SubmitRequest(model="demo", dataset=str(examples_dir() / DEMO_DATASET), limit=limit,
@@ -1437,6 +1496,29 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
         if real is None or not any(real.is_relative_to(f) for f in folders):
             raise ForbiddenError(f"{name}: outside the folders this server reads (QUANTSELECT_API_PATHS: "
                                  f"{', '.join(map(str, readable))}); put it there, or name it on the Hugging Face Hub")
+
+
+def _check_page(offset: int, limit: int | None) -> None:
+    if not 0 <= offset <= MAX_PAGE:
+        raise InputError(f"offset {offset} must be from 0 to {MAX_PAGE}")
+    if limit is not None and not 1 <= limit <= MAX_PAGE:
+        raise InputError(f"limit {limit} must be from 1 to {MAX_PAGE}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_LOG_RECORD = re.compile(r"^(\(.*?\) )?\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d\S*\]?\s.*\b(DEBUG|INFO|WARNING)\b")
+_ERROR_LINE = re.compile(r"^(Error: |[\w.]*(Error|Exception)(: |$))")
+
+
+def last_words(logs: str, message: str | None = None) -> str:
+    """The line of a driver's output that says why it ended: its last error line (ours, `Error: ...`,
+    or a traceback's last), else its last line that is not Ray's logging; else the first line of
+    Ray's own ``message`` (a runtime environment that failed to set up writes no output)."""
+    lines = [line.strip() for line in _ANSI.sub("", logs or "").splitlines()]
+    lines = [line for line in lines if line and not _LOG_RECORD.match(line)]
+    errors = [line for line in lines if _ERROR_LINE.match(line)]
+    said = (errors or lines or [(message or "").strip().split("\n")[0]])[-1]
+    return " ".join(said.split())[:300]
 
 
 def _one_line(e: BaseException) -> str:

@@ -68,7 +68,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         serve_port=_number(env, "QUANTSELECT_SERVE_PORT", 8000, int, 1, 65535),
         local_ray_port=_number(env, "QUANTSELECT_LOCAL_RAY_PORT", 6379, int, 1, 65535),
         artifacts_override=_folder(env, "QUANTSELECT_ARTIFACTS_DIR"),
-        gpu_memory=env.get("QUANTSELECT_GPU_MEMORY") or None,
+        gpu_memory=_gpu_memory(env),
         db_retry_seconds=_number(env, "QUANTSELECT_DB_RETRY_SECONDS", 120.0, float, 0),
         max_retries=_number(env, "QUANTSELECT_MAX_RETRIES", 1, int, 0),
         heartbeat_stale_seconds=_number(env, "QUANTSELECT_HEARTBEAT_STALE_SECONDS", 30.0, float, 1),
@@ -83,6 +83,20 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 MIN_TOKEN_CHARS = 16
+
+
+def _gpu_memory(env: Mapping[str, str]) -> str | None:
+    """QUANTSELECT_GPU_MEMORY, checked here: read first by a job's driver, a typo would fail the job
+    after it was stored (and its model fetched)."""
+    from quantselect.domain.planner import parse_memory
+
+    raw = (env.get("QUANTSELECT_GPU_MEMORY") or "").strip()
+    if raw:
+        try:
+            parse_memory(raw)
+        except InputError:
+            raise InputError(f"QUANTSELECT_GPU_MEMORY={raw!r}: expected one GPU's memory, such as 80GiB or 24GB") from None
+    return raw or None
 
 
 def _folder(env: Mapping[str, str], name: str) -> Path | None:

@@ -408,6 +408,7 @@ def test_out_of_range_numbers_are_422_not_500(monkeypatch):
     """Integers in a query beyond what the database and the planner hold (before: a 500), and an
     infinite price in a body (1e999 reads as inf)."""
     from quantselect.api.app import MAX_QUERY_INT, create_app
+    from quantselect.domain.planner import MAX_CONTEXT
 
     huge = "1" + "0" * 400
     with TestClient(create_app(connect_ray=False)) as client:
@@ -419,8 +420,11 @@ def test_out_of_range_numbers_are_422_not_500(monkeypatch):
             assert res.status_code == 422 and res.json()["detail"] == (
                 f"query.{name}: Input should be less than or equal to {MAX_QUERY_INT}"), res.text
         assert client.get("/api/v1/jobs", params={"limit": MAX_QUERY_INT}).json() == []
-        res = client.get("/api/v1/plan", params={"model": "demo", "context": MAX_QUERY_INT, "batch": MAX_QUERY_INT})
+        res = client.get("/api/v1/plan", params={"model": "demo", "context": MAX_CONTEXT, "batch": MAX_QUERY_INT})
         assert res.status_code == 200, res.text
+        assert res.json()["notes"][0].startswith(f"context {MAX_CONTEXT:,} is beyond the model's max_position_embeddings")
+        res = client.get("/api/v1/plan", params={"model": "demo", "context": MAX_QUERY_INT})
+        assert res.status_code == 422 and "more than the planner takes" in res.text, res.text
         body = '{"model": "demo", "items": %s, "gpu_hour_usd": 1e999}' % json.dumps(piqa_items(4))
         res = client.post("/api/v1/jobs", content=body, headers={"content-type": "application/json"})
         assert res.status_code == 422 and res.json() == {
@@ -638,3 +642,69 @@ def test_metrics_for_prometheus(monkeypatch):
     with TestClient(create_app(connect_ray=False)) as client:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_jobs_and_per_item_results_come_in_pages():
+    """GET /api/v1/jobs?limit=N&before=ID: the next page after the job a page ended with, which jobs
+    submitted meanwhile do not shift; ?items=true&offset=&limit=: a page of each candidate's items
+    (GSM8K: 1,319 items x 10 candidates in one answer before). Bounds are a one-line 422."""
+    from quantselect.api.app import MAX_QUERY_INT, create_app
+    from quantselect.domain.results import CandidateResult, ItemResult
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    spec = svc.build_spec(SubmitRequest(model="demo", items=piqa_items(6), candidates=["int8"]))
+    first = svc.repo.create_job(spec).id
+    for name, n in (("baseline", 6), ("int8", 4)):
+        svc.repo.save_outcome(first, CandidateResult(name=name, config={}, status="succeeded", score=0.5, n_items=n,
+                                                     items=[ItemResult(i, i % 2 == 0, 0) for i in range(n)]))
+    for _ in range(4):
+        svc.repo.create_job(spec)
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        every = [j["id"] for j in client.get("/api/v1/jobs").json()]
+        seen, params = [], {"limit": 2}
+        for _ in range(4):
+            res = client.get("/api/v1/jobs", params=params)
+            assert res.status_code == 200, res.text
+            seen += [j["id"] for j in res.json()]
+            params["before"] = seen[-1]
+            svc.repo.create_job(spec)  # submitted while the client pages
+        assert seen == every and len(every) == 5
+        url = f"/api/v1/jobs/{first}/results"
+        res = client.get(url, params={"items": "true", "offset": 2, "limit": 3})
+        assert res.status_code == 200, res.text
+        assert [(r["candidate"], r["index"]) for r in res.json()] == [
+            ("baseline", 2), ("baseline", 3), ("baseline", 4), ("int8", 2), ("int8", 3)]
+        assert len(client.get(url, params={"items": "true"}).json()) == 10
+        assert client.get(url, params={"items": "true", "offset": 6}).json() == []
+        for path, params, detail in (
+                ("/api/v1/jobs", {"before": "nope"},
+                 "before='nope': no such job (deleted meanwhile?); give the id of the last job of the page before"),
+                (url, {"items": "true", "offset": -1}, "query.offset: Input should be greater than or equal to 0"),
+                (url, {"items": "true", "limit": 0}, "query.limit: Input should be greater than or equal to 1"),
+                (url, {"items": "true", "limit": 10**20}, f"query.limit: Input should be less than or equal to {MAX_QUERY_INT}"),
+                (url, {"limit": 10}, "offset and limit page the per-item results: add items=true")):
+            res = client.get(path, params=params)
+            assert res.status_code == 422 and res.json() == {"detail": detail}, (params, res.text)
+
+
+def test_a_job_whose_driver_was_submitted_to_an_unreachable_cluster_is_answered_at_once():
+    """GET /api/v1/jobs/ID of a queued job whose driver was submitted to a Ray cluster asks that
+    cluster about it (tests/test_remote.py); one that does not answer is said in driver_note, without
+    waiting long or failing the job."""
+    from quantselect.api.app import create_app
+    from quantselect.service import Service, SubmitRequest
+    from tests.fixtures.ray_cluster import free_port
+
+    svc = Service()
+    job = svc.repo.create_job(svc.build_spec(SubmitRequest(model="demo", items=piqa_items(4), candidates=["int8"])))
+    local = svc.repo.create_job(svc.build_spec(SubmitRequest(model="demo", items=piqa_items(4), candidates=["int8"])))
+    address = f"http://127.0.0.1:{free_port()}"
+    svc.repo.set_ray_submission(job.id, address, f"quantselect-{job.id}")
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        t0 = time.monotonic()
+        res = client.get(f"/api/v1/jobs/{job.id}")
+        assert time.monotonic() - t0 < 30 and res.status_code == 200, res.text
+        assert res.json()["status"] == "queued"
+        assert res.json()["driver_note"].startswith(f"cannot ask the Ray cluster at {address} about the job's driver")
+        assert client.get(f"/api/v1/jobs/{local.id}").json()["driver_note"] is None

@@ -78,6 +78,16 @@ def test_jobs_lists_the_newest_first_filtered_by_status_and_count(tiny_llama):
     assert ids("--status", "running") == []
     res = run("jobs", "--status", "done")
     assert res.exit_code == 2 and "Invalid value for '--status'" in res.output
+    # the next page: the jobs after the last one shown, however many were submitted meanwhile
+    svc.submit(req)
+    assert ids("--limit", "2", "--before", b.id) == [a.id]
+    assert ids("--status", "queued", "--before", c.id) == [b.id]
+    res = run("jobs", "--limit", "1")
+    assert res.output.splitlines()[-1] == f"More: quantselect jobs --limit 1 --before {ids('--limit', '1')[0]}"
+    assert "More:" not in run("jobs", "--before", b.id).output
+    res = run("jobs", "--before", "nope")
+    assert res.exit_code == 2 and res.output.splitlines() == [
+        "Error: before='nope': no such job (deleted meanwhile?); give the id of the last job of the page before"]
 
 
 def test_status_says_when_a_running_jobs_driver_is_gone(tiny_llama):
@@ -409,6 +419,7 @@ def test_delete_forgets_finished_jobs_and_refuses_a_running_or_served_one(tiny_l
     ("QUANTSELECT_SERVE_PORT", "70000", "give a whole number from 1 to 65535"),
     ("QUANTSELECT_HEARTBEAT_STALE_SECONDS", "soon", "give a number (default 30.0)"),
     ("QUANTSELECT_STREAM_CHUNK", "0", "give a whole number of at least 1"),
+    ("QUANTSELECT_GPU_MEMORY", "80 GB.", "expected one GPU's memory, such as 80GiB or 24GB"),
     ("QUANTSELECT_CANDIDATE_TIMEOUT", "soon", "give a duration such as 90m, 6h, 1h30m or 45s"),
 ])
 def test_a_bad_setting_is_one_line_that_names_it(monkeypatch, name, value, message):
@@ -532,6 +543,27 @@ def test_status_follow_ends_on_a_failed_job_or_a_driver_that_is_gone(tiny_llama,
     assert re.search(r"its driver \(elsewhere:4242\) has not been heard from for \d+s: it is gone", res.output), res.output
     assert res.output.splitlines()[-1] == (f"Error: job {gone.id}: its driver is gone; "
                                             f"`quantselect resume {gone.id}` continues it"), res.output
+
+
+def test_status_of_a_job_whose_cluster_does_not_answer_says_so_and_leaves_it_queued(tiny_llama):
+    """`submit --address` stored the Ray job driving the job; `status` asks that cluster whether the
+    driver still lives (tests/test_remote.py), and when it cannot be reached says so in one line,
+    failing nothing."""
+    from tests.fixtures.ray_cluster import free_port
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), items=[{"prompt": f"q{i}", "reference": "a"}
+                                                                 for i in range(12)], candidates=["int8"]))
+    address = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    svc.repo.set_ray_submission(job.id, address, f"quantselect-{job.id}")
+    res = run("status", job.id)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"Job {job.id}: queued"
+    assert lines[-1].startswith(f"  cannot ask the Ray cluster at {address} about the job's driver, Ray job "
+                                f"quantselect-{job.id}: "), res.output
+    assert svc.get_job(job.id).status == "queued"
 
 
 def test_stop_strings_keep_their_characters_and_a_bad_escape_is_an_input_error(tiny_llama):

@@ -69,7 +69,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
     upgrade(db_url, "0001")  # step by step, as an existing installation upgrades
     assert current_revision(db_url) == "0001"
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0011"
+    assert current_revision(db_url) == head_revision() == "0012"
     engine = make_engine(db_url)
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
@@ -77,7 +77,7 @@ def test_migrations_apply_from_scratch_and_down(db_url):
             command.downgrade(_config(conn), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(engine)
-        assert current_revision(engine) == "0011"
+        assert current_revision(engine) == "0012"
     finally:
         engine.dispose()
 
@@ -322,6 +322,58 @@ def test_jobs_an_api_server_queued_are_held_while_it_lives_and_taken_up_when_it_
     assert repo.claim_job(remote, driver="cluster:7", stale_after=60).status == "running"
 
 
+def test_a_job_whose_ray_driver_ended_is_failed_only_while_nobody_claimed_it(repo):
+    """`submit --address` stores the Ray job driving the job; `status` fails the job when that Ray job
+    ended, but only if the job is still queued under that very submission: a driver that claimed it
+    meanwhile, or a later resume's submission, leaves it as it is."""
+    queued, claimed = (repo.create_job(make_spec()).id for _ in range(2))
+    assert repo.ray_submission(queued) is None
+    for job_id in (queued, claimed):
+        repo.set_ray_submission(job_id, "http://head:8265", f"quantselect-{job_id}")
+    assert repo.ray_submission(queued) == ("http://head:8265", f"quantselect-{queued}")
+    repo.claim_job(claimed, driver="cluster:1", stale_after=60)
+    assert not repo.fail_unclaimed(claimed, f"quantselect-{claimed}", "its driver ended")
+    assert repo.get_job(claimed).status == "running"
+    assert not repo.fail_unclaimed(queued, "quantselect-an-older-one", "its driver ended")
+    assert repo.fail_unclaimed(queued, f"quantselect-{queued}", "its driver ended")
+    job = repo.get_job(queued)
+    assert (job.status, job.error) == ("failed", "its driver ended")
+    assert not repo.fail_unclaimed(queued, f"quantselect-{queued}", "again")  # once
+
+
+def test_jobs_are_paged_by_the_last_one_seen_while_new_ones_arrive(repo):
+    """`before`: the jobs after that one, newest first (created_at, then id): a job submitted while a
+    client pages neither shifts the pages (as an offset would) nor shows up twice; ties in created_at
+    are broken by id; an unknown cursor is a one-line error."""
+    from quantselect.errors import InputError
+
+    ids = [repo.create_job(make_spec()).id for _ in range(5)]
+    with repo._write.begin() as s:  # two created at the same instant, the oldest
+        s.execute(update(JobRow).where(JobRow.id.in_(ids[1:3])).values(created_at=datetime(2020, 1, 1)))
+    order = [j.id for j in repo.list_jobs()]
+    assert set(order) == set(ids) and order[-2:] == sorted(ids[1:3])
+    first = [j.id for j in repo.list_jobs(2)]
+    repo.create_job(make_spec())  # arrives while paging
+    second = [j.id for j in repo.list_jobs(2, before=first[-1])]
+    third = [j.id for j in repo.list_jobs(2, before=second[-1])]
+    assert first + second + third == order
+    assert repo.list_jobs(2, before=order[-1]) == []
+    repo.finish_job(order[2], "failed")
+    assert [j.id for j in repo.list_jobs(None, ("queued",), before=order[0])] == order[1:2] + order[3:]
+    with pytest.raises(InputError, match=r"^before='nope': no such job"):
+        repo.list_jobs(2, before="nope")
+
+
+def test_item_results_are_paged_per_candidate(repo):
+    job = repo.create_job(make_spec())
+    repo.save_outcome(job.id, outcome("bf16", n=5))
+    repo.save_outcome(job.id, outcome("int8", n=3))
+    page = repo.get_item_results(job.id, offset=2, limit=2)
+    assert {n: [i.index for i in items] for n, items in page.items()} == {"baseline": [], "bf16": [2, 3], "int8": [2]}
+    assert [i.index for i in repo.get_item_results(job.id, "bf16", offset=4)["bf16"]] == [4]
+    assert [i.index for i in repo.get_item_results(job.id)["bf16"]] == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.postgres
 def test_heartbeats_are_written_and_judged_by_the_database_clock(postgres_url, monkeypatch):
     """Drivers and API servers on a cluster run on machines whose clocks drift apart. A heartbeat
@@ -427,7 +479,7 @@ def test_wheel_ships_the_migrations(tmp_path):
     probe = f"from quantselect.db.engine import *; upgrade({url!r}); print(migrations_dir(), current_revision({url!r}))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(site / "quantselect" / "_migrations"), "0011"]
+    assert out == [str(site / "quantselect" / "_migrations"), "0012"]
 
 
 def test_candidate_uses_name_artifacts_cache_keys_and_the_served_candidate(repo):

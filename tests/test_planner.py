@@ -74,6 +74,10 @@ def test_cli_table_and_json(tmp_path):
     assert {r["precision"]: r["gpus"] for r in out["precisions"]}["bf16"] == 8
     small = CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-70b.json"), "--gpu-memory", "16GiB"]).output
     assert "does not fit on 8" in small  # bf16 on 8 x 16 GiB
+    long = CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-8b.json"), "--context", "262144"])
+    assert long.exit_code == 0 and long.output.splitlines()[-1].startswith(
+        "note: context 262,144 is beyond the model's max_position_embeddings (131,072)"), long.output
+    assert not [line for line in small.splitlines() if line.startswith("note:")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -81,6 +85,7 @@ def test_cli_table_and_json(tmp_path):
     ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "B200"], "unknown target GPU 'B200'"),
     ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu-memory", "lots"], "expected a size"),
     ([str(CONFIGS / "llama-3.1-8b.json"), "--gpu", "L4", "--gpu-memory", "24GiB"], "not both"),
+    ([str(CONFIGS / "llama-3.1-8b.json"), "--context", "100000000"], "more than the planner takes"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
     res = CliRunner().invoke(cli, ["plan", *args])

@@ -59,6 +59,29 @@ def test_submit_with_address_runs_the_driver_on_the_cluster(head_node, tiny_llam
     assert again.output.rstrip().splitlines()[-1].startswith(f"Error: the driver of job {job_id} on the cluster"), again.output
 
 
+def test_a_driver_that_ends_before_it_claims_the_job_fails_it_saying_why(head_node, tiny_llama, monkeypatch):
+    """A driver that ends on the cluster before it claims its job (a bad environment there, a crash at
+    import, a stopped Ray job, a restarted head) left the job queued for ever, and `status --follow`
+    waiting for ever: `status` asks the cluster about the Ray job stored at submission and fails the
+    job, naming that Ray job, how it ended and the driver's last words."""
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=6,
+                                   candidates=["int8"]))
+    monkeypatch.setenv("QUANTSELECT_MAX_RETRIES", "many")  # the driver gets it on the cluster, and cannot start
+    sid = svc.submit_remote(job.id, head_node)
+    monkeypatch.delenv("QUANTSELECT_MAX_RETRIES")
+    res = CliRunner().invoke(cli, ["status", job.id, "--follow", "--every", "0.5"])
+    assert res.exit_code == 1, res.output
+    assert res.output.splitlines()[-1] == (
+        f"Error: job {job.id} failed: its driver, Ray job {sid} on {head_node}, ended FAILED before it started the "
+        "job: Error: QUANTSELECT_MAX_RETRIES='many': give a whole number (default 1); "
+        f"`quantselect resume {job.id} --address {head_node}` runs it again"), res.output
+    assert svc.get_job(job.id).status == "failed"
+    assert CliRunner().invoke(cli, ["status", job.id]).output.splitlines()[0].startswith(f"Job {job.id}: failed (its driver")
+
+
 def test_a_stale_ray_address_file_does_not_hijack_a_local_run(tmp_path_factory):
     """`ray start` writes <ray temp>/ray_current_cluster and a killed head leaves it behind; a bare
     ray.init() would then try to join that dead cluster. Local runs must start their own."""

@@ -22,13 +22,15 @@ from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
     CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, RUNNING,
 )
-from quantselect.errors import ConflictError, NotFoundError, QuantselectError
+from quantselect.errors import ConflictError, InputError, NotFoundError, QuantselectError
 from quantselect.service import Service, SubmitRequest
 
 log = logging.getLogger(__name__)
 SERVER_STOPPED = "interrupted: the API server that ran it stopped"
 # Integers a query takes, at most: beyond, SQLite's INTEGER and the planner's floats overflow (a 500)
 MAX_QUERY_INT = 2**31 - 1
+# how long GET /api/v1/jobs/ID waits for the answer of the cluster a job's driver was submitted to
+RAY_CHECK_SECONDS = 3.0
 
 
 def _stopped(job_id: str) -> str:
@@ -247,14 +249,22 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
 
     @v1.get("/api/v1/jobs")
     def list_jobs(limit: int | None = Query(None, ge=1, le=MAX_QUERY_INT, description="Only the N newest."),
-                  status: list[str] = Query([], description="Only jobs in these statuses.")) -> list[dict[str, Any]]:
-        """Jobs, newest first."""
-        return [j.to_dict() for j in svc.list_jobs(limit, status)]
+                  status: list[str] = Query([], description="Only jobs in these statuses."),
+                  before: str | None = Query(None, max_length=64, description="Only the jobs after this one: the "
+                                             "next page after one that ended with it (jobs submitted meanwhile "
+                                             "do not shift the pages).")) -> list[dict[str, Any]]:
+        """Jobs, newest first; page with ``limit`` and ``before`` (the id of the last job of a page)."""
+        return [j.to_dict() for j in svc.list_jobs(limit, status, before)]
 
     @v1.get("/api/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
+        """The job and its results. A job still queued whose driver was submitted to a Ray cluster
+        (`submit --address`) that ended before it claimed the job is failed, saying why; ``driver_note``:
+        why that cluster could not be asked (it is asked for at most a few seconds)."""
+        _, note = svc.check_remote_driver(svc.get_job(job_id), timeout=RAY_CHECK_SECONDS)
         job, rows, _ = svc.results_table(job_id)
-        return {**job.to_dict(), "driver_silent_seconds": svc.driver_silent_for(job), "results": rows}
+        return {**job.to_dict(), "driver_silent_seconds": svc.driver_silent_for(job), "driver_note": note,
+                "results": rows}
 
     @v1.delete("/api/v1/jobs/{job_id}", status_code=202)
     def cancel_job(job_id: str) -> dict[str, Any]:
@@ -278,10 +288,19 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
         return job.to_dict()
 
     @v1.get("/api/v1/jobs/{job_id}/results")
-    def get_results(job_id: str, items: bool = False) -> list[dict[str, Any]]:
+    def get_results(job_id: str, items: bool = False,
+                    offset: int = Query(0, ge=0, le=MAX_QUERY_INT, description="With items: skip each candidate's "
+                                        "first N items (by item index)."),
+                    limit: int | None = Query(None, ge=1, le=MAX_QUERY_INT, description="With items: at most N "
+                                              "items of each candidate.")) -> list[dict[str, Any]]:
+        """Per candidate its results; ``items=true``: its per-item results instead, all or a page of each
+        candidate's (``offset``, ``limit``)."""
         if items:
             svc.get_job(job_id)
-            return [{"candidate": n, **i.to_dict()} for n, rows in svc.item_results(job_id).items() for i in rows]
+            return [{"candidate": n, **i.to_dict()} for n, rows in svc.item_results(job_id, offset, limit).items()
+                    for i in rows]
+        if offset or limit is not None:
+            raise InputError("offset and limit page the per-item results: add items=true")
         return svc.results_table(job_id)[1]
 
     @v1.get("/api/v1/jobs/{job_id}/compare")

@@ -53,6 +53,9 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=false())
     cancel_reason: Mapped[str | None] = mapped_column(Text)  # why (None: by request), its error once it ends
     driver: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running the job
+    # the Ray job submitted to drive it (`submit --address`): the cluster's dashboard and its submission id (0012)
+    ray_address: Mapped[str | None] = mapped_column(Text)
+    ray_submission: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # that driver's last sign of life
     error: Mapped[str | None] = mapped_column(Text)
     stage: Mapped[str | None] = mapped_column(Text)  # what its driver is doing now, while it runs

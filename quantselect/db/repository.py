@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from sqlalchemy import Engine, delete, false, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, false, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker, undefer
 
@@ -135,11 +135,21 @@ class Repository:
         with self._read() as s:
             return _job(self._job_row(s, job_id, _names()))
 
-    def list_jobs(self, limit: int | None = None, statuses: tuple[str, ...] = ()) -> list[Job]:
+    def list_jobs(self, limit: int | None = None, statuses: tuple[str, ...] = (),
+                  before: str | None = None) -> list[Job]:
+        """Newest first (created_at, then id). ``before``: only the jobs after that one in this order,
+        the next page after a page that ended with it (a cursor: jobs submitted meanwhile do not shift
+        the pages, as an offset would)."""
         q = select(JobRow).options(_names()).order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)
         if statuses:
             q = q.where(JobRow.status.in_(statuses))
         with self._read() as s:
+            if before is not None:
+                at = s.scalar(select(JobRow.created_at).where(JobRow.id == before))
+                if at is None:
+                    raise InputError(f"before={before!r}: no such job (deleted meanwhile?); give the id of the last "
+                                     "job of the page before")
+                q = q.where(or_(JobRow.created_at < at, and_(JobRow.created_at == at, JobRow.id > before)))
             return [_job(r) for r in s.scalars(q)]
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -179,6 +189,32 @@ class Repository:
         """What the job's driver is doing now; cleared when the job finishes (``finish_job``)."""
         with self._write.begin() as s:
             self._job_row(s, job_id).stage = stage
+
+    @_retrying
+    def set_ray_submission(self, job_id: str, address: str, submission_id: str) -> None:
+        """The Ray job submitted to drive the job (`submit --address`, `resume --address`)."""
+        with self._write.begin() as s:
+            row = self._job_row(s, job_id)
+            row.ray_address, row.ray_submission = address, submission_id
+
+    def ray_submission(self, job_id: str) -> tuple[str, str] | None:
+        """(the cluster's dashboard address, the submission id) of the Ray job last submitted to drive it."""
+        with self._read() as s:
+            found = s.execute(select(JobRow.ray_address, JobRow.ray_submission).where(JobRow.id == job_id)).first()
+            if found is None:
+                raise NotFoundError(f"job {job_id!r} not found")
+            return (found[0], found[1]) if found[1] else None
+
+    @_retrying
+    def fail_unclaimed(self, job_id: str, submission_id: str, error: str) -> bool:
+        """Fail a job whose Ray driver ``submission_id`` ended: only while it is still queued under that
+        submission, checked in the update itself, so that a driver that claimed it (or a later resume's
+        submission) is never failed by it. Whether it was."""
+        with self._write.begin() as s:
+            done = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == QUEUED,
+                                                  JobRow.ray_submission == submission_id)
+                             .values(status=FAILED, error=error, updated_at=utcnow()))
+            return done.rowcount == 1
 
     @_retrying
     def set_deploy_error(self, job_id: str, error: str | None) -> None:
@@ -485,7 +521,10 @@ class Repository:
         with self._read() as s:
             return [_result(c) for c in self._job_row(s, job_id, selectinload(JobRow.candidates)).candidates]
 
-    def get_item_results(self, job_id: str, candidate: str | None = None) -> dict[str, list[ItemResult]]:
+    def get_item_results(self, job_id: str, candidate: str | None = None, offset: int = 0,
+                         limit: int | None = None) -> dict[str, list[ItemResult]]:
+        """Per candidate its stored per-item results by item index; ``offset``, ``limit``: of each
+        candidate's, a page."""
         with self._read() as s:
             if candidate is None:
                 names = [c.name for c in self._job_row(s, job_id, _names()).candidates]
@@ -495,11 +534,16 @@ class Repository:
             q = (
                 select(CandidateRow.name, ItemResultRow)
                 .join(ItemResultRow, ItemResultRow.candidate_id == CandidateRow.id)
-                .where(CandidateRow.job_id == job_id, CandidateRow.name.in_(names))
+                .where(CandidateRow.job_id == job_id)
                 .order_by(CandidateRow.position, ItemResultRow.item_index)
             )
-            for name, r in s.execute(q):
-                out[name].append(_item(r))
+            if not offset and limit is None:
+                for name, r in s.execute(q.where(CandidateRow.name.in_(names))):
+                    out[name].append(_item(r))
+            else:  # one query per candidate: a page of each
+                for name in names:
+                    out[name] = [_item(r) for _, r in s.execute(
+                        q.where(CandidateRow.name == name).offset(offset or None).limit(limit))]
             return out
 
     def item_counts(self, job_id: str) -> dict[str, int]:

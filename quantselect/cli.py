@@ -708,7 +708,8 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
 @click.option("--port", type=int, default=8080, show_default=True)
 def api(host: str, port: int) -> None:
     """Serve the REST API (OpenAPI docs at /docs). With $QUANTSELECT_API_TOKEN set, every /api/v1
-    request must carry it: `Authorization: Bearer TOKEN`."""
+    request must carry it: `Authorization: Bearer TOKEN`; without it, on 127.0.0.1, only requests
+    to 127.0.0.1, localhost or [::1] are answered (no web page reaches it by DNS rebinding)."""
     import uvicorn
 
     from quantselect.api.app import create_app
@@ -723,7 +724,7 @@ def api(host: str, port: int) -> None:
     if svc.settings.api_paths is None and not is_loopback(host):
         click.echo("warning: requests may name any file this server can read as a dataset (and read it back in "
                    "their results); QUANTSELECT_API_PATHS=/data:/models limits them to those folders", err=True)
-    uvicorn.run(create_app(svc), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(svc, listen=host), host=host, port=port, log_level="info")
 
 
 @cli.group()

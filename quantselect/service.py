@@ -40,6 +40,7 @@ from quantselect.domain.results import (
     end_notice,
     metadata_address,
     phase_text,
+    shown_url,
     validate_confidence,
     validate_policy,
     validate_notify,
@@ -1224,7 +1225,8 @@ class Service:
 
     def _access_check(self) -> Check:
         """Who may use what this machine serves: the REST API and the deployments."""
-        api = "set" if self.settings.api_token else "unset (fine on 127.0.0.1, the default)"
+        api = "set" if self.settings.api_token else ("unset (on 127.0.0.1, the default, every user of this machine "
+                                                     "can call it: on a shared machine, set one)")
         key = "set" if self.settings.serve_api_key else "unset"
         paths = ", ".join(map(str, self.settings.api_paths)) if self.settings.api_paths else "unset (any file)"
         hosts = ", ".join(self.settings.notify_hosts) if self.settings.notify_hosts else "unset (any but link-local and metadata)"
@@ -1390,7 +1392,7 @@ def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, t
             last = getattr(e, "reason", None) or e
         if attempt + 1 < attempts:
             time.sleep(2**attempt)
-    log.warning("could not post %s to %s: %s", what, url, last)
+    log.warning("could not post %s to %s: %s", what, shown_url(url), last)
     return False
 
 

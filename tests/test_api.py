@@ -482,6 +482,39 @@ def test_with_a_token_every_api_request_must_carry_it(monkeypatch):
         "makes one)\n")
 
 
+def test_without_a_token_a_server_on_loopback_answers_only_requests_naming_this_machine(monkeypatch):
+    """No QUANTSELECT_API_TOKEN, `quantselect api` on 127.0.0.1 (the default): a request whose Host
+    is not 127.0.0.1, localhost or [::1] is refused (400, one line) before any route runs. A web page
+    the user opens could otherwise re-point its own name to 127.0.0.1 (DNS rebinding) and read the
+    jobs, their items and outputs, submit or delete. With a token, or listening beyond loopback
+    (which warns), any Host is served as before."""
+    import uvicorn
+    from click.testing import CliRunner
+
+    from quantselect.api.app import create_app
+    from quantselect.cli import cli
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))  # the app `api` would serve
+    assert CliRunner().invoke(cli, ["api"]).exit_code == 0
+    client = TestClient(served[0], base_url="http://evil.example:8080")  # no lifespan: Ray is not joined
+    for res in (client.get("/api/v1/jobs"), client.get("/healthz"),
+                client.post("/api/v1/jobs", json={"model": "demo", "items": piqa_items(4)}),
+                client.get("/api/v1/jobs", headers={"Host": "127.0.0.1.evil.example"})):
+        assert res.status_code == 400 and res.json()["detail"].startswith("Host '") and res.json()["detail"].endswith(
+            "is not this machine: with no QUANTSELECT_API_TOKEN, this server answers requests to 127.0.0.1, "
+            "localhost or [::1] only; set a token to serve other names"), res.text
+    for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:80", "[::1]:8080"):
+        assert client.get("/api/v1/jobs", headers={"Host": host}).json() == [], host  # nothing was submitted
+    assert CliRunner().invoke(cli, ["api", "--host", "0.0.0.0"]).exit_code == 0  # warned: any Host
+    assert TestClient(served[1], base_url="http://10.0.0.7:8080").get("/api/v1/jobs").status_code == 200
+    monkeypatch.setenv("QUANTSELECT_API_TOKEN", TOKEN)
+    app = create_app(connect_ray=False, listen="127.0.0.1")
+    res = TestClient(app, base_url="http://quantselect.internal").get(
+        "/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert res.status_code == 200 and res.json() == []
+
+
 def test_a_token_is_compared_as_the_bytes_the_client_sends():
     """Header bytes reach the gate decoded as latin-1: a secret beyond ASCII (set in code; the
     variable takes ASCII only) was compared as that text's UTF-8 and never matched."""
@@ -611,10 +644,36 @@ def test_a_webhook_on_a_host_the_server_does_not_post_to_is_403(monkeypatch):
     with TestClient(create_app(connect_ray=False)) as client:
         for url in ("http://169.254.169.254/latest/meta-data/iam/", "http://127.0.0.1:8265/api/jobs/"):
             res = client.post("/api/v1/jobs", json={**body, "notify": url})
-            assert res.status_code == 403 and res.json()["detail"].startswith(f"notify '{url}': "), res.text
+            shown = url.split("/")[2]  # the URL is a secret: its path is not echoed
+            assert res.status_code == 403 and res.json()["detail"].startswith(f"notify 'http://{shown}/…': "), res.text
         assert client.get("/api/v1/jobs").json() == []
         res = client.post("/api/v1/jobs/preview", json={**body, "notify": "https://chat.internal.example/hooks/x"})
         assert res.status_code == 200, res.text
+
+
+def test_a_jobs_webhook_url_is_shown_without_its_token(tiny_llama):
+    """A webhook URL is a secret (a Slack or Teams hook's path is its token; a URL may carry a user
+    and password): the job as the API, `jobs --json` and the posted job show its scheme, host and
+    port only; the database keeps it whole for the driver that posts."""
+    from click.testing import CliRunner
+
+    from quantselect.api.app import create_app
+    from quantselect.cli import cli
+    from quantselect.service import Service, SubmitRequest
+
+    svc = Service()
+    url = "https://bot:pa55@hooks.slack.com/services/T0001/B0001/s3cr3t?x=tok3n"
+    job = svc.repo.create_job(svc.build_spec(SubmitRequest(model="demo", items=piqa_items(4), candidates=["int8"],
+                                                           notify=url)))
+    svc.repo.finish_job(job.id, "failed", error="it broke")  # not taken up by the server below
+    with TestClient(create_app(svc, connect_ray=False)) as client:
+        answers = [client.get("/api/v1/jobs").text, client.get(f"/api/v1/jobs/{job.id}").text]
+        assert client.get("/api/v1/jobs").json()[0]["notify"] == "https://hooks.slack.com/…"
+    answers.append(CliRunner().invoke(cli, ["jobs", "--format", "json"]).output)
+    answers.append(CliRunner().invoke(cli, ["status", job.id]).output)
+    for text in answers:
+        assert not any(secret in text for secret in ("pa55", "s3cr3t", "tok3n", "T0001")), text
+    assert svc.repo.get_job(job.id).notify == url
 
 
 def test_metrics_for_prometheus(monkeypatch):

@@ -122,6 +122,33 @@ def test_cache_lists_and_prunes_what_a_job_left_keeping_what_is_served_or_in_use
                                                                "int4": "succeeded"}
 
 
+def test_a_prune_removes_only_what_quantselect_wrote_in_a_shared_artifacts_folder(tiny_llama, tmp_path, monkeypatch):
+    """QUANTSELECT_ARTIFACTS_DIR may be a shared mount's root: a folder or file there that is not an
+    artifact, a reference or what a build of ours leaves (``<key>.tmp``, a reference's
+    ``.<name>.npz.<pid>.tmp``) is not listed, and `cache prune --all` leaves it alone."""
+    from quantselect.engines.quantize import load_candidate
+
+    root = tmp_path / "shared"
+    monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("QUANTSELECT_ARTIFACTS_DIR", str(root))
+    made = load_candidate(str(tiny_llama), CATALOG["int8"], "cpu", artifacts_dir=str(root)).artifact_path
+    theirs = [root / "alice" / "thesis.tex", root / "datasets.tmp" / "train.jsonl", root / "int8-old" / "notes",
+              root / "references" / "README.txt", root / "references" / "alice.npz.tmp"]
+    for f in theirs:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("mine")
+    ours = [root / "int8_weight_only-0123456789abcdef.tmp" / "model.safetensors",  # a killed build
+            root / "references" / ".0123abcd.npz.4242.tmp"]  # a killed reference's write
+    for f in ours:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * 100)
+    assert set(listed()) == {os.path.basename(made), "int8_weight_only-0123456789abcdef.tmp", ".0123abcd.npz.4242.tmp"}
+    res = cache("prune", "--all")
+    assert res.exit_code == 0 and "Removed 3 entries" in res.output, res.output
+    assert all(f.read_text() == "mine" for f in theirs) and not any(f.exists() for f in ours)
+    assert not os.path.exists(made) and listed() == {}
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "say what to remove: KEY..., --older-than AGE"),
     (["nope"], "no entry 'nope' in the cache"),

@@ -80,7 +80,8 @@ def test_a_ray_address_is_checked_and_deployments_open_to_the_network_are_warned
     monkeypatch.setenv("QUANTSELECT_SERVE_API_KEY", "k" * 32)
     code, checks = _doctor()
     assert checks["access"] == {"name": "access", "status": "info",
-                                "detail": "QUANTSELECT_API_TOKEN unset (fine on 127.0.0.1, the default); "
+                                "detail": "QUANTSELECT_API_TOKEN unset (on 127.0.0.1, the default, every user of this machine can "
+                                          "call it: on a shared machine, set one); "
                                           "QUANTSELECT_API_PATHS unset (any file); QUANTSELECT_NOTIFY_HOSTS unset (any but "
                                           "link-local and metadata); QUANTSELECT_SERVE_API_KEY set"}
     assert "k" * 32 not in json.dumps(checks)

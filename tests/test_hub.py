@@ -7,6 +7,7 @@ on the snapshot are the real ones."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -464,14 +465,14 @@ def test_a_corrupt_gguf_header_is_one_line_and_read_no_further_than_the_file(tmp
     def string(text: str) -> bytes:
         return struct.pack("<Q", len(text)) + text.encode()
 
-    huge = gguf(string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**60), 1) + b"\0" * 100
+    huge = gguf(string("general.name") + struct.pack("<IQ", 8, 2**60), 1) + b"\0" * 100
     asked: list[int] = []
 
     def fetch(offset: int, n: int) -> bytes:
         asked.append(n)
         return huge[offset:offset + n]
 
-    with pytest.raises(InputError, match=r"^far: not a readable GGUF file \(it ends inside its header, at byte 169\)$"):
+    with pytest.raises(InputError, match=r"^far: not a readable GGUF file \(it ends inside its header, at byte 156\)$"):
         read_header(fetch, "far", len(huge))
     assert sum(asked) <= len(huge)
     odd = gguf(string("general.architecture") + struct.pack("<I", 8) + string("llama"), 1,
@@ -479,6 +480,50 @@ def test_a_corrupt_gguf_header_is_one_line_and_read_no_further_than_the_file(tmp
     with pytest.raises(InputError, match=r"odd\.gguf: tensor blk\.0\.attn_q\.weight has GGML type 200, which the "
                                          r"installed gguf package \(.+\) does not know; upgrade it"):
         read_file_header(_written(tmp_path / "odd.gguf", odd))
+
+
+def test_a_crafted_gguf_header_is_refused_at_its_cap_not_read_into_memory(tmp_path, monkeypatch):
+    """A header is what an API request names (``plan?model=org/repo/big.gguf``) and is read into
+    memory: one that declares more values than a real header holds (a vocabulary is under a
+    million) is refused before they are read, and one larger than ``MAX_HEADER_BYTES`` (real ones
+    are 10-20 MB) before more is fetched, in one line naming the file, local or remote alike."""
+    import struct
+
+    import gguf
+    import numpy as np
+
+    from quantselect.engines import gguf_header
+    from quantselect.engines.gguf_header import read_file_header, read_header
+
+    # An array of 2**40 strings in a file of a few bytes more (a remote file's size is the Hub's word).
+    crafted = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 21) + b"tokenizer.ggml.tokens"
+               + struct.pack("<IIQ", 9, 8, 2**40) + struct.pack("<Q", 1) + b"a" * 4096)
+    asked: list[int] = []
+
+    def fetch(offset: int, n: int) -> bytes:
+        asked.append(n)
+        return crafted[offset:offset + n]
+
+    with pytest.raises(InputError, match=r"^org/repo/big\.gguf@abc: its header holds more than 8,388,608 values: "
+                                         r"not a GGUF file quantselect reads$"):
+        read_header(fetch, "org/repo/big.gguf@abc", 50 << 30)
+    assert asked == [1 << 20]  # the first read only
+    # A header of bytes past the cap: a real file written by the gguf package, the cap lowered.
+    writer = gguf.GGUFWriter(tmp_path / "big.gguf", "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"token-{i}" for i in range(20_000)])
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert len(read_file_header(tmp_path / "big.gguf").fields["tokenizer.ggml.tokens"]) == 20_000
+    monkeypatch.setattr(gguf_header, "MAX_HEADER_BYTES", 64 << 10)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path))}/big\.gguf: its header is larger than 0.0625 MiB: "
+                                         r"not a GGUF file quantselect reads$"):
+        read_file_header(tmp_path / "big.gguf")
+    monkeypatch.setattr(gguf_header, "MAX_HEADER_VALUES", 10_000)
+    with pytest.raises(InputError, match=r"its header holds more than 10,000 values"):
+        read_file_header(tmp_path / "big.gguf")
 
 
 def _written(path: Path, data: bytes) -> Path:

@@ -264,7 +264,9 @@ def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog)
         assert post_json(f"http://hooks.example:{hook.port}/h", {"n": 1}, "one") and hook.posted == [{"n": 1}]
         assert not post_json(elsewhere.url, {"n": 2}, "two", attempts=1)
         assert (elsewhere.requests, hook.requests) == (1, 1)  # the redirect was not followed
-        assert f"could not post two to {elsewhere.url}: 302 Found (a redirect, not followed)" in caplog.text
+        # the URL is a secret (a Slack or Teams hook's path is its token): logged without it
+        assert f"could not post two to http://127.0.0.1:{elsewhere.port}/…: 302 Found (a redirect, not followed)" in caplog.text
+        assert elsewhere.url not in caplog.text
         assert not post_json(f"http://metadata.example:{hook.port}/h", {"n": 3}, "three", attempts=1)
         assert hook.requests == 1 and ("metadata.example resolves to 169.254.169.254, a link-local or cloud metadata "
                                        "address, which is never a webhook: not posted") in caplog.text
@@ -282,6 +284,11 @@ def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog)
                     "http://[2002:a9fe:a9fe::]/"):
             with pytest.raises(ForbiddenError, match="is a link-local or cloud metadata address, never a webhook"):
                 validate_notify(url)
+        # %-escapes, which urllib decodes after these checks (a proxy would be asked for 169.254.169.254)
+        for url in ("https://169%2E254%2E169%2E254/latest", "http://169.254.169.%32%35%34/",
+                    "https://x%40169.254.169.254@hooks.slack.com/services/T/B/X"):
+            with pytest.raises(InputError, match=r"^notify '[^']+': write its host and user without %-escapes$"):
+                validate_notify(url, None if "slack" not in url else ("hooks.slack.com",))
         for url in ("http://10.0.0.7/h", "http://[::1]:8080/h", "https://hooks.slack.com/services/T/B/X"):
             assert validate_notify(url) == url
         hosts = get_settings({"QUANTSELECT_NOTIFY_HOSTS": " hooks.slack.com, *.Example.com ,10.0.0.7"}).notify_hosts
@@ -306,8 +313,8 @@ def test_a_webhook_is_posted_to_its_own_host_only(tmp_path, monkeypatch, caplog)
         monkeypatch.setenv("QUANTSELECT_NOTIFY_HOSTS", "hooks.slack.com")
         Service()._announce_end(job.id)  # the driver's settings, as it ends the job
         assert hook.requests == 1
-        assert (f"job {job.id}: its end was not announced: notify '{hook.url}': 127.0.0.1 is not a host this server "
-                "posts to") in caplog.text
+        assert (f"job {job.id}: its end was not announced: notify 'http://127.0.0.1:{hook.port}/…': 127.0.0.1 is not "
+                "a host this server posts to") in caplog.text and hook.url not in caplog.text
     finally:
         hook.close()
         elsewhere.close()
@@ -343,7 +350,7 @@ def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, c
         job = Service().list_jobs()[0]
         assert len(hook.posted) == 2 and hook.posted[0] == hook.posted[1]  # the 503, then the retry
         posted = hook.posted[-1]
-        assert posted["job"]["id"] == job.id and posted["job"]["status"] == "succeeded" and posted["job"]["notify"] == hook.url
+        assert posted["job"]["id"] == job.id and posted["job"]["status"] == "succeeded" and posted["job"]["notify"] == f"http://127.0.0.1:{hook.port}/…"
         rec = job.recommended
         assert posted["text"] == (f"quantselect job {job.id} ({tiny_llama} on {EXAMPLES / 'piqa-300.jsonl'}) succeeded: "
                                   f"{rec['candidate']} recommended, {rec['relative_score']:.1%} of the baseline's quality, "
@@ -365,7 +372,8 @@ def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, c
     gone = svc.repo.create_job(replace(spec, model=str(tiny_llama), model_path=str(tiny_llama),
                                        candidates=resolve_candidates(["int8"])))
     assert svc.run_job(gone.id).status == "succeeded"  # its hook no longer answers: logged, nothing else
-    assert f"could not post job {gone.id}'s end to {hook.url}" in caplog.text
+    assert f"could not post job {gone.id}'s end to http://127.0.0.1:{hook.port}/…" in caplog.text
+    assert hook.url not in caplog.text  # its path is the hook's token
     res = CliRunner().invoke(cli, ["submit", str(tiny_llama), str(EXAMPLES / "piqa-300.jsonl"), "--notify", "slack"])
     assert res.exit_code == 2 and res.output == ("Error: notify 'slack': give an http(s) URL to post the job's end to, "
                                                  "such as https://hooks.slack.com/services/T000/B000/XXXX\n")

@@ -24,6 +24,7 @@ from quantselect.domain.results import (
 )
 from quantselect.errors import ConflictError, InputError, NotFoundError, QuantselectError
 from quantselect.service import Service, SubmitRequest
+from quantselect.settings import is_loopback
 
 log = logging.getLogger(__name__)
 SERVER_STOPPED = "interrupted: the API server that ran it stopped"
@@ -93,7 +94,9 @@ class PruneRequest(BaseModel):
     dry_run: bool = Field(False, description="Say what would be removed; remove nothing.")
 
 
-def create_app(service: Service | None = None, *, connect_ray: bool = True) -> FastAPI:
+def create_app(service: Service | None = None, *, connect_ray: bool = True, listen: str | None = None) -> FastAPI:
+    """The app; ``listen``: the address the server listens on (`quantselect api --host`), which
+    decides whether requests must name this machine (``LoopbackHosts``)."""
     svc = service or Service()
     # Jobs run side by side on the cluster (each its own driver thread); more wait, queued.
     executor = ThreadPoolExecutor(max_workers=svc.settings.api_max_jobs, thread_name_prefix="quantselect-job")
@@ -179,6 +182,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True) -> F
                                                      "token the server was started with"))] if token else [])
     if token:
         app.add_middleware(BearerGate, secret=lambda: token, open_paths=OPEN_PATHS, refusal=_token_refusal)
+    elif listen is not None and is_loopback(listen):
+        app.add_middleware(LoopbackHosts)
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
@@ -386,6 +391,31 @@ def prometheus_text(gauges: list[tuple[str, str, str | None, dict[str, int] | in
 
 
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class LoopbackHosts:
+    """With no token, on a loopback address, only requests to this machine by name: ``Host``
+    127.0.0.1, localhost or [::1] (any port). A web page the user opens could otherwise read and
+    submit jobs by DNS rebinding (its own name re-pointed to 127.0.0.1: the browser sends that name)."""
+
+    NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name not in self.NAMES:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await JSONResponse({"detail": f"Host {host!r} is not this machine: with no QUANTSELECT_API_TOKEN, "
+                                    "this server answers requests to 127.0.0.1, localhost or [::1] only; set a token "
+                                    "to serve other names"}, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _token_refusal(why: str) -> JSONResponse:

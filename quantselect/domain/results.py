@@ -90,29 +90,52 @@ def validate_policy(p: str) -> str:
 
 def validate_notify(url: str | None, hosts: tuple[str, ...] | None = None) -> str | None:
     """A webhook URL a job posts its end to: http or https, with a host; one of ``hosts`` when given
-    (``QUANTSELECT_NOTIFY_HOSTS``), and never a link-local or cloud metadata address."""
+    (``QUANTSELECT_NOTIFY_HOSTS``), and never a link-local or cloud metadata address. Errors name it
+    as ``shown_url`` does: the URL is a secret (a Slack or Teams hook's path is its token)."""
     from urllib.parse import urlsplit
 
     from quantselect.errors import ForbiddenError, InputError
 
     if url is None:
         return None
-    parts = urlsplit(url.strip())
+    parts, shown = urlsplit(url.strip()), shown_url(url)
     try:
         host = parts.hostname
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
         host = None
     if parts.scheme not in ("http", "https") or not host:
-        raise InputError(f"notify {url!r}: give an http(s) URL to post the job's end to, such as "
+        raise InputError(f"notify {shown!r}: give an http(s) URL to post the job's end to, such as "
                          "https://hooks.slack.com/services/T000/B000/XXXX")
+    if "%" in parts.netloc:  # urllib connects to the host %-decoded, after these checks read it encoded
+        raise InputError(f"notify {shown!r}: write its host and user without %-escapes")
     if metadata_address(host):
-        raise ForbiddenError(f"notify {url!r}: {host} is a link-local or cloud metadata address, never a webhook; "
+        raise ForbiddenError(f"notify {shown!r}: {host} is a link-local or cloud metadata address, never a webhook; "
                              "give the hook's own URL")
     if hosts is not None and not host_allowed(host, hosts):
-        raise ForbiddenError(f"notify {url!r}: {host} is not a host this server posts to (QUANTSELECT_NOTIFY_HOSTS: "
+        raise ForbiddenError(f"notify {shown!r}: {host} is not a host this server posts to (QUANTSELECT_NOTIFY_HOSTS: "
                              f"{', '.join(hosts)}); use a hook on one of them")
     return url.strip()
+
+
+def shown_url(url: str) -> str:
+    """``url`` as answers and logs show it: its scheme, host and port, "…" for the rest (a user and
+    password, a path or query, which may be its token: Slack's and Teams' hooks are)."""
+    import re
+    from urllib.parse import urlsplit
+
+    url = url.strip()
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if parts.scheme and host:
+        head = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{f':{port}' if port else ''}"
+        rest = parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment
+        return head + ("/…" if rest else "/" if parts.path else "")
+    head = re.split(r"[/?#@:%]", url, maxsplit=1)[0]  # not a URL: no more than its first word
+    return head + ("…" if head != url else "")
 
 
 def host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
@@ -373,7 +396,7 @@ class Job:
             "stage": self.stage,
             "deploy_error": self.deploy_error,
             "candidate_timeout_seconds": self.candidate_timeout,
-            "notify": self.notify,
+            "notify": shown_url(self.notify) if self.notify else None,  # the full URL is a secret
             "recommended": self.recommended,
         }
 

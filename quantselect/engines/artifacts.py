@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import warnings
@@ -75,6 +76,14 @@ def key(model_path: str | Path, config: Any, calibration: Any, device: str) -> s
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return f"{config.type_name}-{digest}"
+
+
+# What ``key`` names, and what a build left (``_build``'s ``<key>.tmp``; a folder whose removal was
+# cut short, its marker gone first): the leftovers ``scan`` lists. Anything else under the artifacts
+# folder (QUANTSELECT_ARTIFACTS_DIR may be a shared mount) is not ours: never listed, never removed.
+_LEFTOVER = re.compile(r"[a-z0-9_]+-[0-9a-f]{16}(\.tmp)?")
+# ``labelfree.Reference.save``'s temporary file: ``.<name>.npz.<pid>.tmp``
+_REFERENCE_LEFTOVER = re.compile(r"\..+\.npz\.[0-9]+\.tmp")
 
 
 def _calibration_digest(samples: Any) -> str:
@@ -316,7 +325,8 @@ def _publish(dest: Path, fill: Callable[[Path], None], files: dict[str, str]) ->
 
 # ---- the cache: what is there, and removing it ------------------------------------------------
 def scan(root: str | Path) -> list[CacheEntry]:
-    """Every artifact, reference and half-written leftover under the artifacts folder ``root``."""
+    """Every artifact, reference and half-written leftover under the artifacts folder ``root``;
+    nothing else there (``_LEFTOVER``)."""
     root = Path(root)
     out: list[CacheEntry] = []
     if not root.is_dir():
@@ -333,12 +343,12 @@ def scan(root: str | Path) -> list[CacheEntry]:
             params = " ".join(f"{k}={v}" for k, v in (config.get("_data") or {}).items())
             out.append(CacheEntry(ARTIFACT, p.name, str(p), folder_bytes(p), mtime(p / MARKER),
                                   " ".join(filter(None, [config.get("_type"), params])) or None, meta.get("model")))
-        else:  # a build a killed process left (``<key>.tmp``)
+        elif _LEFTOVER.fullmatch(p.name):  # a build a killed process left (``<key>.tmp``)
             out.append(CacheEntry(INCOMPLETE, p.name, str(p), folder_bytes(p), mtime(p)))
     refs = root / REFERENCES
     for p in sorted(refs.iterdir()) if refs.is_dir() else ():
-        if p.is_file():
-            kind = REFERENCE if p.suffix == ".npz" and not p.name.startswith(".") else INCOMPLETE
+        if p.is_file() and (p.suffix == ".npz" and not p.name.startswith(".") or _REFERENCE_LEFTOVER.fullmatch(p.name)):
+            kind = REFERENCE if p.suffix == ".npz" else INCOMPLETE
             out.append(CacheEntry(kind, p.name, str(p), p.stat().st_size, mtime(p)))
     return out
 

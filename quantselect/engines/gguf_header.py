@@ -26,6 +26,11 @@ VERSIONS = (2, 3)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 _FIRST_READ = 1 << 20  # then twice as much each time: a 10 MB header (a 150k-token vocabulary) in 4 reads
+# What a header may hold, so that a crafted one (a Hub file an API request names) cannot take the
+# memory of the process reading it: real headers are 10-20 MB and under a million values (a 262k
+# vocabulary's tokens, scores and types, its merges), each parsed value a Python object
+MAX_HEADER_BYTES = 256 << 20
+MAX_HEADER_VALUES = 1 << 23  # key-values, tensors, their dimensions and array elements together
 
 
 @dataclass(frozen=True)
@@ -67,19 +72,32 @@ class _Stream:
     """Sequential reads over ``fetch(offset, n)`` (fewer bytes only at the end of the file),
     buffered in reads that double in size."""
 
-    def __init__(self, fetch: Callable[[int, int], bytes], where: str, size: int | None) -> None:
+    def __init__(self, fetch: Callable[[int, int], bytes], where: str, size: int | None, buf: bytearray) -> None:
         self._fetch, self.where, self.size = fetch, where, size
-        self._buf = bytearray()
+        self._buf = buf
         self._eof = False
         self.pos = 0
+        self.values = 0
         self.order = "<"
+
+    def _too_big(self, what: str) -> InputError:
+        return InputError(f"{self.where}: its header {what}: not a GGUF file quantselect reads")
+
+    def count(self, n: int) -> int:
+        """``n`` more values declared, refused before any is read when there are too many."""
+        self.values += n
+        if self.values > MAX_HEADER_VALUES:
+            raise self._too_big(f"holds more than {MAX_HEADER_VALUES:,} values")
+        return n
 
     def take(self, n: int) -> memoryview:
         want = self.pos + n
         if self.size is not None and want > self.size:  # a corrupt length: fail before fetching the rest
             raise InputError(f"{self.where}: not a readable GGUF file (it ends inside its header, at byte {self.size})")
+        if want > MAX_HEADER_BYTES:
+            raise self._too_big(f"is larger than {MAX_HEADER_BYTES / 2**20:g} MiB")
         while len(self._buf) < want and not self._eof:
-            ask = max(want - len(self._buf), _FIRST_READ, len(self._buf))
+            ask = min(max(want - len(self._buf), _FIRST_READ, len(self._buf)), MAX_HEADER_BYTES - len(self._buf))
             if self.size is not None:
                 ask = min(ask, self.size - len(self._buf))
             got = self._fetch(len(self._buf), ask)
@@ -96,9 +114,7 @@ class _Stream:
         return struct.unpack(self.order + fmt, self.take(size))[0]
 
     def string(self) -> str:
-        n = self.scalar("Q")
-        if n > 1 << 30:
-            raise InputError(f"{self.where}: not a readable GGUF file (a string of {n} bytes at byte {self.pos - 8})")
+        n = self.scalar("Q")  # a length past the file or MAX_HEADER_BYTES is refused before it is read
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
     def value(self, kind: int) -> Any:
@@ -107,7 +123,7 @@ class _Stream:
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
-            inner, n = self.scalar("I"), self.scalar("Q")
+            inner, n = self.scalar("I"), self.count(self.scalar("Q"))
             if inner in _SCALARS:  # one read for the whole array
                 fmt = _SCALARS[inner]
                 return list(struct.unpack(f"{self.order}{n}{fmt}", self.take(n * struct.calcsize(fmt))))
@@ -115,12 +131,14 @@ class _Stream:
         raise InputError(f"{self.where}: not a readable GGUF file (value type {kind} at byte {self.pos - 4})")
 
 
-def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None = None) -> Header:
+def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None = None,
+                read: bytearray | None = None) -> Header:
     """The header of the GGUF file of ``size`` bytes that ``fetch(offset, n)`` reads (``where``
-    names it in errors)."""
+    names it in errors); ``read``, when given, is filled with the bytes fetched (at least the
+    header's ``size``: a caller that keeps them needs no second copy)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    s = _Stream(fetch, where, size)
+    s = _Stream(fetch, where, size, bytearray() if read is None else read)
     if bytes(s.take(4)) != b"GGUF":
         raise InputError(f"{where}: not a readable GGUF file (it does not start with 'GGUF')")
     version = s.scalar("I")
@@ -129,7 +147,7 @@ def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None
     if version not in VERSIONS:
         raise InputError(f"{where}: not a readable GGUF file (version {version}; versions "
                          f"{' and '.join(map(str, VERSIONS))} are read)")
-    n_tensors, n_fields = s.scalar("Q"), s.scalar("Q")
+    n_tensors, n_fields = s.count(s.scalar("Q")), s.count(s.scalar("Q"))
     fields: dict[str, Any] = {}
     for _ in range(n_fields):
         key = s.string()
@@ -137,7 +155,7 @@ def read_header(fetch: Callable[[int, int], bytes], where: str, size: int | None
     tensors = []
     for _ in range(n_tensors):
         name = s.string()
-        dims = s.scalar("I")
+        dims = s.count(s.scalar("I"))
         shape = tuple(s.scalar("Q") for _ in range(dims))
         kind = s.scalar("I")
         try:

@@ -175,14 +175,14 @@ def _gguf_header_from_hub(repo: str, file: str, revision: str | None) -> Path:
     url, got = hf_hub_url(repo, file, revision=commit), bytearray()
 
     def fetch(offset: int, n: int) -> bytes:  # never past the end: read_header knows the size
-        part = _ranged_get(url, offset, n)
-        got.extend(part)
-        return part
+        return _ranged_get(url, offset, n)
 
-    header = read_header(fetch, f"{repo}/{file}@{commit}", meta.size)
+    # the bytes read kept as read_header buffered them (a crafted header is refused at its cap)
+    header = read_header(fetch, f"{repo}/{file}@{commit}", meta.size, read=got)
     copy.parent.mkdir(parents=True, exist_ok=True)
     tmp = copy.with_name(f".{copy.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(bytes(got[:header.size]))
+    del got[header.size:]
+    tmp.write_bytes(got)
     tmp.replace(copy)
     return copy
 

@@ -1177,11 +1177,15 @@ class Service:
             head = f"127.0.0.1:{self.settings.local_ray_port}"
             return Check("ray", OK, "no cluster set: each job starts a local Ray; the one `deploy` and `api` keep "
                                     f"at {head} is {'running' if local_head_is_up(self.settings) else 'not running'}")
+        variable = "QUANTSELECT_RAY_ADDRESS" if self.settings.ray_address else "RAY_ADDRESS"
+        if address.startswith(("http://", "https://")):  # every job would fail in cluster.connect
+            return Check("ray", FAIL, f"{variable} {address} is a dashboard URL, which jobs cannot join: give "
+                                      "HOST:6379 or ray://HOST:10001, or submit to it with --address")
         answers = address_answers(address)
         if answers is None:
             return Check("ray", INFO, f"joins {address} (not checked: it names no port)")
         if not answers:
-            return Check("ray", FAIL, f"nothing answers at {address} (QUANTSELECT_RAY_ADDRESS): start the cluster, "
+            return Check("ray", FAIL, f"nothing answers at {address} ({variable}): start the cluster, "
                                       "or fix or unset the variable")
         return Check("ray", OK, f"joins {address}, which answers")
 

@@ -87,6 +87,16 @@ def test_a_ray_address_is_checked_and_deployments_open_to_the_network_are_warned
     assert "k" * 32 not in json.dumps(checks)
 
 
+def test_a_dashboard_url_as_the_ray_address_fails_naming_the_variable_set(qs_home, monkeypatch):
+    """Ray's docs export RAY_ADDRESS=http://HOST:8265 for `ray job submit`; every job would fail on it."""
+    monkeypatch.delenv("QUANTSELECT_RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    code, checks = _doctor()
+    assert code == 1 and checks["ray"] == {"name": "ray", "status": "fail", "detail": (
+        "RAY_ADDRESS http://127.0.0.1:8265 is a dashboard URL, which jobs cannot join: give HOST:6379 or "
+        "ray://HOST:10001, or submit to it with --address")}
+
+
 def test_the_rest_api_answers_the_servers_own_checks():
     from fastapi.testclient import TestClient
 

@@ -180,7 +180,7 @@ def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -
             why = job.deploy_error.removeprefix(f"job {job_id}: ")
             raise QuantselectError(f"job {job_id} succeeded but was not deployed: {why} "
                                    f"(`quantselect deploy {job_id} --candidate NAME` serves one)")
-        _print_deployment(job.base_url, job.deployed_candidate)
+        _print_deployment(job.base_url, job.deployed_candidate, job.model_path)
 
 
 def _print_results(svc: Any, job_id: str, threshold: float | None = None, markdown: bool = False) -> None:
@@ -195,17 +195,22 @@ def _print_results(svc: Any, job_id: str, threshold: float | None = None, markdo
     click.echo(f"```\n{text}\n```" if markdown else text)
 
 
-def _print_deployment(url: str | None, candidate: str | None) -> None:
+def _print_deployment(url: str | None, candidate: str | None, model_path: str | None = None) -> None:
+    from quantselect.engines.models import has_chat_template
+
     model = url.rstrip("/").split("/")[-2] if url else ""
     click.echo(f"\nServing {candidate} at {url}  (OpenAI-compatible)")
     click.echo("Try it:")
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                       "max_tokens": 32, "temperature": 0})
+    # a model without a chat template (a base model) answers chat with a 400: show it a completion
+    chat = has_chat_template(model_path) is not False if model_path else True
+    route, asked = ("chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}) \
+        if chat else ("completions", {"prompt": "The capital of France is"})
+    body = json.dumps({"model": model, **asked, "max_tokens": 32, "temperature": 0})
     from quantselect.settings import get_settings, is_loopback
 
     settings = get_settings()
     key = ' -H "Authorization: Bearer $QUANTSELECT_SERVE_API_KEY"' if settings.serve_api_key else ""
-    click.echo(f"  curl -s {url}/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")
+    click.echo(f"  curl -s {url}/{route} -H 'Content-Type: application/json'{key} -d '{body}'")
     if not key and not is_loopback(settings.serve_host):
         click.echo(f"warning: it answers whoever reaches {settings.serve_host}:{settings.serve_port}: set "
                    "QUANTSELECT_SERVE_API_KEY and deploy again to ask its clients for a key", err=True)
@@ -652,7 +657,8 @@ def deploy(job_id: str, candidate: str | None, engine: str | None) -> None:
     served before is stopped once the new one answers."""
     svc = _service()
     url = svc.deploy(job_id, candidate, engine)
-    _print_deployment(url, svc.get_job(job_id).deployed_candidate)
+    job = svc.get_job(job_id)
+    _print_deployment(url, job.deployed_candidate, job.model_path)
 
 
 @cli.command()

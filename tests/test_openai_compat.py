@@ -169,6 +169,20 @@ def test_chat_needs_a_chat_template(serve_here, tiny_llama, tmp_path):
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def test_the_try_it_line_after_a_deploy_is_a_request_the_model_answers(tiny_llama, tmp_path, capsys):
+    """The curl line `deploy` prints: chat for a model with a chat template, a completion for one
+    without (chat would be the 400 above)."""
+    from quantselect.cli import _print_deployment
+
+    base = Path(shutil.copytree(tiny_llama, tmp_path / "base"))
+    (base / "chat_template.jinja").unlink()
+    url = "http://127.0.0.1:8000/models/int8/v1"
+    for folder, route, field in ((tiny_llama, "chat/completions", '"messages"'), (base, "completions", '"prompt"')):
+        _print_deployment(url, "int8", str(folder))
+        curl = [line for line in capsys.readouterr().out.splitlines() if "curl" in line]
+        assert len(curl) == 1 and f"curl -s {url}/{route} -H" in curl[0] and field in curl[0], curl
+
+
 def test_prompts_given_as_token_ids(tiny, tiny_llama):
     """As OpenAI takes them (lm-eval's local-completions sends ids): the same answer as the text's;
     an id outside the vocabulary is a 400 before anything runs (on CUDA it would fail the replica)."""

@@ -426,3 +426,15 @@ def test_a_context_past_any_model_is_refused_and_past_this_model_is_a_note():
     res = CliRunner().invoke(cli, ["plan", str(CONFIGS / "llama-3.1-8b.json"), "--context", "1000000000"])
     assert res.exit_code == 2 and "more than the planner takes" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_an_mla_config_without_v_head_dim_takes_the_width_per_head():
+    """MiniCPM3-4B's config.json (its published fields) has MLA's ranks but no v_head_dim: its model
+    derives it as hidden_size / heads, and so does the planner (it was refused as a missing field)."""
+    cfg = {"architectures": ["MiniCPM3ForCausalLM"], "model_type": "minicpm3", "hidden_size": 2560,
+           "intermediate_size": 6400, "num_attention_heads": 40, "num_hidden_layers": 62, "num_key_value_heads": 40,
+           "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "q_lora_rank": 768, "kv_lora_rank": 256,
+           "vocab_size": 73448, "max_position_embeddings": 32768}
+    shape = shape_from_config(cfg)
+    assert shape.head_dim == 64 and shape.params == pytest.approx(4.07e9, rel=0.01)  # published: 4B
+    assert shape.kv_cache_bytes(32768, 1) == 62 * (256 + 32) * 32768 * 2

@@ -294,7 +294,7 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
         # (num_nextn_predict_layers) are left out: transformers and vLLM load them only to speculate
         mla = {"kv_lora_rank": need("kv_lora_rank"), "q_lora_rank": get("q_lora_rank") or 0,
                "qk_nope_head_dim": need("qk_nope_head_dim"), "qk_rope_head_dim": need("qk_rope_head_dim")}
-        head_dim = need("v_head_dim")
+        head_dim = get("v_head_dim") or hidden // heads  # MiniCPM3 leaves it out (its model derives it so)
     window, sliding = _sliding(cfg, layers, model_type)
     if not sliding:
         window, sliding = _chunked(cfg, layers, model_type)

@@ -45,8 +45,8 @@ def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster,
     # (what a poll catches depends on timing: measuring takes seconds, 6 items of a tiny model not)
     doing = [line.split(": ", 1)[1] for line in shown if " running: " in line]
     assert any(d.startswith("measuring ") for d in doing), sorted(shown)
-    assert all(re.match(r"(quantizing( \d+/\d+ layers)?|evaluating \d+/6 items|measuring (prefill|decode at batch "
-                        r"(1|16)) \([123]/3\))( \(|$)", d) for d in doing), doing
+    assert all(re.match(r"(waiting for a GPU|quantizing( \d+/\d+ layers)?|evaluating \d+/6 items|measuring "
+                        r"(prefill|decode at batch (1|16)) \([123]/3\))( \(|$)", d) for d in doing), doing
     assert {r.phase for r in svc.results(job.id)} == {None}  # once they end
     results = {r.name: r for r in svc.results(job.id)}
     assert results["int4"].status == "failed" and "group size 256 does not divide" in results["int4"].error

@@ -336,3 +336,136 @@ def test_candidates_dropped_before_a_failed_baseline_stay_cancelled(ray_cluster,
     assert outcome["int8"] == ("failed", "not run: the baseline failed")
     assert outcome["int4"] == ("cancelled", CANCELLED_ALONE)
     assert [r.name for r in seen] == ["baseline", "int8", "int4"]
+
+
+def test_a_candidate_not_placed_yet_is_said_to_wait_for_what_its_task_asks():
+    from quantselect.orchestration.sweep import waiting_phase
+
+    assert waiting_phase({"CPU": 0, "GPU": 1}) == waiting_phase({"CPU": 0, "GPU": 0.25}) == "waiting for a GPU"
+    assert waiting_phase({"CPU": 0, "GPU": 2}) == "waiting for 2 GPUs"
+    assert waiting_phase({"CPU": 1, "GPU": 0}) == "waiting for a CPU"
+    assert waiting_phase({"CPU": 4, "GPU": 0}) == "waiting for 4 CPUs"
+
+
+def test_a_request_no_live_node_can_hold_is_named_with_the_largest_node():
+    """What a task asks for against each live node's total resources (not what is free now): a
+    task runs on one node, so two nodes of 2 GPUs never hold a task asking for 4."""
+    from quantselect.orchestration.cluster import unplaceable
+
+    nodes = [_node(8, 2), _node(8, 2), _node(64, 8, alive=False)]
+    assert unplaceable({"CPU": 0, "GPU": 2}, nodes) is None
+    assert unplaceable({"CPU": 0, "GPU": 0.25}, nodes) is None
+    assert unplaceable({"CPU": 0, "GPU": 4}, nodes) == "it asks for 4 GPUs on one node and the largest live node has 2"
+    assert unplaceable({"CPU": 0, "GPU": 1}, [_node(8), _node(4)]) == \
+        "it asks for 1 GPU on one node and the largest live node has 0"
+    assert unplaceable({"CPU": 6, "GPU": 0}, [_node(4), _node(4)]) == \
+        "it asks for 6 CPUs on one node and the largest live node has 4"
+    assert unplaceable({"CPU": 4, "GPU": 0}, [_node(4), _node(4)]) is None
+
+
+def _hold_gpus(ray, n: int):
+    """An actor holding ``n`` of the cluster's logical GPUs until it is killed (another job's worker, say)."""
+
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = ray.remote(num_cpus=0, num_gpus=n)(Holder).remote()
+    ray.get(holder.ready.remote())
+    return holder
+
+
+def _release(ray, holder) -> None:
+    ray.kill(holder)
+    deadline = time.monotonic() + 30  # the GPUs come back asynchronously
+    while ray.available_resources().get("GPU") != ray.cluster_resources().get("GPU"):
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+
+
+def test_a_candidate_waiting_for_a_gpu_says_so_in_status_while_the_other_runs(ray_cluster, tiny_llama):
+    """One GPU free, two candidates of a whole GPU each: while the baseline runs, int8 -- submitted,
+    queued by Ray -- is stored (and shown by `status`) as waiting for a GPU; its worker's first
+    report replaces that, and its recorded start is its worker's, after the baseline finished."""
+    from quantselect.cli import _status_lines
+    from quantselect.service import Events
+
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=6,
+                                   candidates=["int8"], use_cache=False))
+    seen: list[dict[str, tuple[str, str | None]]] = []
+    lines: set[str] = set()
+
+    def progress(snapshot: dict) -> None:
+        seen.append({r.name: (r.status, r.phase) for r in svc.results(job.id)})
+        if seen[-1]["int8"][1] == "waiting for a GPU":
+            lines.update(_status_lines(svc, svc.get_job(job.id)).values())
+
+    holder = _hold_gpus(ray_cluster, 1)
+    try:
+        assert svc.run_job(job.id, Events(on_progress=progress)).status == "succeeded"
+    finally:
+        _release(ray_cluster, holder)
+    both = [s for s in seen if s["int8"] == ("running", "waiting for a GPU")
+            and s["baseline"][0] == "running" and not (s["baseline"][1] or "waiting").startswith("waiting")]
+    assert both, seen
+    assert "  int8       running: waiting for a GPU" in lines, lines
+    assert any(s["int8"][1] and not s["int8"][1].startswith("waiting") for s in seen), seen  # then it ran
+    results = {r.name: r for r in svc.results(job.id)}
+    assert results["baseline"].finished_at <= results["int8"].started_at
+    assert {r.phase for r in results.values()} == {None}
+
+
+def test_a_candidate_no_node_can_hold_fails_while_one_waiting_for_a_busy_gpu_is_not_timed(ray_cluster, tmp_path,
+                                                                                         monkeypatch):
+    """No autoscaler adds a node here: a candidate asking for 4 GPUs of a node on a cluster whose
+    node has 2 fails once it has been so for UNPLACEABLE_FOR (a node that left may come back),
+    saying so, instead of waiting forever; the baseline, whose GPU is busy
+    (held by another actor) for longer than the candidate timeout, waits -- saying so -- and is timed
+    only from its worker's start (it fails on its own: the model is not there)."""
+    from quantselect.domain.dataset import load_dataset
+    from quantselect.orchestration import sweep
+    from quantselect.orchestration.sweep import SweepHooks, run_sweep
+
+    timeout, hold, grace = 15.0, 20.0, 6.0
+    monkeypatch.setattr(sweep, "UNPLACEABLE_FOR", grace)
+    holder = _hold_gpus(ray_cluster, 2)
+    snapshots: list[tuple[float, dict]] = []
+    begun = time.monotonic()
+
+    def progress(snapshot: dict) -> None:
+        snapshots.append((time.monotonic() - begun, snapshot))
+        if not released and time.monotonic() - begun > hold:
+            _release(ray_cluster, holder)
+            released.append(time.monotonic() - begun)
+
+    released: list[float] = []
+    outcomes: list = []
+    ended: dict[str, float] = {}
+
+    def outcome_of(result) -> None:
+        outcomes.append(result)
+        ended[result.name] = time.monotonic() - begun
+
+    hooks = SweepHooks(on_outcome=outcome_of, on_progress=progress,
+                       should_stop=lambda: time.monotonic() - begun > 120)  # before the fix int8 waits forever
+    requests = {"baseline": planner.Request(gpus=1.0, need=None), "int8": planner.Request(gpus=4.0, need=None)}
+    try:
+        results = run_sweep(str(tmp_path / "no-model"), resolve_candidates(["int8"]),
+                            load_dataset(EXAMPLES / "piqa-300.jsonl", limit=4), hooks, requests=requests,
+                            candidate_timeout=timeout, poll_seconds=0.2)
+    finally:
+        if not released:
+            _release(ray_cluster, holder)
+    assert not hooks.stopped, snapshots[-1:]
+    outcome = {r.name: r for r in results}
+    assert outcome["int8"].status == "failed"
+    assert outcome["int8"].error == "cannot be placed: it asks for 4 GPUs on one node and the largest live node has 2"
+    assert [r.name for r in outcomes][0] == "int8"  # while the baseline waited
+    assert grace <= ended["int8"] < hold, ended
+    assert outcome["baseline"].status == "failed" and "still running" not in outcome["baseline"].error
+    waited = [at for at, snap in snapshots if snap.get("baseline") == ("waiting for a GPU", 0, 0)]
+    assert waited and max(waited) > timeout, snapshots
+    from ray.util import placement_group_table
+
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())

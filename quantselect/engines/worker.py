@@ -120,8 +120,11 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
     ``done_items``: items an earlier attempt already scored (kept, not scored again); ``on_items``
     receives each chunk of ``stream_chunk`` newly scored items, so that a killed worker or driver
     loses at most one chunk."""
-    quiet_libraries()
     report = report or (lambda phase, done, total: None)
+    # first, before the slow imports: it replaces the driver's "waiting for a GPU" (and starts the
+    # candidate's timeout); GPTQ / AWQ then count their layers
+    report("quantizing", 0, 0)
+    quiet_libraries()
     emit = on_items or (lambda items: None)
     done = {i.index: i for i in (done_items or [])}
     result = CandidateResult(name=candidate.name, config=candidate.config.to_dict(),
@@ -137,7 +140,6 @@ def run_candidate(model_path: str, candidate: Candidate, dataset: TaskDataset, *
 
         if threads:
             torch.set_num_threads(threads)
-        report("quantizing", 0, 0)  # GPTQ / AWQ then count their layers
         result.device = "cpu" if (device or quantize.default_device()) == "cpu" else f"cuda:{torch.cuda.get_device_name()}"
         loaded = quantize.load_candidate(model_path, candidate.config, device, calibration=calibration,
                                          artifacts_dir=artifacts_dir, models_dir=models_dir,

@@ -155,6 +155,24 @@ def largest_node_cpus(nodes: list[dict] | None = None) -> float:
     return max((float(n["Resources"].get("CPU", 0)) for n in alive_nodes(nodes)), default=0.0)
 
 
+def unplaceable(asked: dict[str, float], nodes: list[dict] | None = None) -> str | None:
+    """Why no live node could ever hold a task asking for ``asked`` (``{"CPU": 0, "GPU": 2}``): its
+    resources against each node's total, not what is free now (busy resources free up, a node that
+    is too small never grows); None when one could."""
+    alive = alive_nodes(nodes)
+    asked = {k: v for k, v in asked.items() if v}
+    if any(all(n["Resources"].get(k, 0) >= v for k, v in asked.items()) for n in alive):
+        return None
+    most = {k: max((n["Resources"].get(k, 0) for n in alive), default=0) for k in asked}
+    short = [k for k in asked if most[k] < asked[k]] or list(asked)  # else: no one node has all of it
+    return (f"it asks for {' and '.join(_amount(asked[k], k) for k in short)} on one node and the largest "
+            f"live node has {' and '.join(f'{most[k]:g}' for k in short)}")
+
+
+def _amount(n: float, resource: str) -> str:
+    return f"{n:g} {resource}{'s' if n > 1 else ''}"
+
+
 def accelerator_types(resources: dict[str, float]) -> list[str]:
     """The GPU types Ray recognised, from its resources (``accelerator_type:H100`` -> ``H100``)."""
     return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]

@@ -6,7 +6,9 @@ Placement: on a cluster with GPUs each candidate asks for the share of a GPU its
 needs (several small candidates share one GPU), whole GPUs of one node through a placement group
 when it needs more than one, and is refused before the sweep when no node has enough. The longest
 (calibrated) candidates start first; at most as many tasks are in flight as can run at once, plus
-one; the driver waits on all of them together (``ray.wait``), never on one.
+one; the driver waits on all of them together (``ray.wait``), never on one. A submitted candidate
+that Ray has not started yet is shown "waiting for a GPU" (its candidate timeout starts with its
+worker's first report); one that no live node could ever hold is failed, not left waiting.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ from quantselect.domain.durations import format_duration
 
 ProgressSnapshot = dict[str, tuple[str, int, int]]  # candidate -> (phase, done, total)
 PROGRESS_EVERY = 5.0  # seconds between two progress calls when nothing changed
+FIT_EVERY = 5.0  # seconds between two checks that the live nodes can still hold each candidate in flight
+# how long a candidate no live node can hold may stay so before it fails: a node that left (a crash,
+# a preempted VM its cluster replaces) may come back
+UNPLACEABLE_FOR = 120.0
+# A submitted candidate whose worker has not reported this long after is shown waiting for its
+# resources (sooner, every candidate would say so for the second its worker process takes to start).
+WAITING_AFTER = 5.0
+
+
+def waiting_phase(asked: dict[str, float]) -> str:
+    """``waiting for a GPU`` (a share of one, or one), ``waiting for 2 GPUs``, ``waiting for 4 CPUs``."""
+    kind, n = ("GPU", asked.get("GPU") or 0) if asked.get("GPU") else ("CPU", asked.get("CPU") or 0)
+    return f"waiting for a {kind}" if n <= 1 else f"waiting for {n:g} {kind}s"
 
 
 @dataclass(frozen=True)
@@ -272,7 +287,11 @@ class _Runner:
         self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
         self.max_retries, self.timeout, self.timeout_source = max_retries, timeout, timeout_source
-        self.began: dict[str, float] = {}  # when each candidate's worker first reported
+        self.began: dict[str, float] = {}  # when each candidate's worker first reported (waiting is not timed)
+        self.asked: dict[str, dict[str, float]] = {}  # the resources each candidate's task asks for
+        self.submitted: dict[str, float] = {}  # when each candidate in flight whose worker never reported was submitted
+        self.fit_at = 0.0
+        self.unplaced_since: dict[str, float] = {}
         self.last: ProgressSnapshot = {}
         self.last_at = 0.0
         self.attempts: dict[str, int] = {}
@@ -281,8 +300,13 @@ class _Runner:
         import ray
 
         snap, fresh, self.attempts = ray.get(self.board.drain.remote())
+        now = time.monotonic()
         for name in snap:
-            self.began.setdefault(name, time.monotonic())
+            self.began.setdefault(name, now)
+            self.submitted.pop(name, None)
+        for name, at in self.submitted.items():  # not placed by Ray yet: said, so that a job that stands still says why
+            if now - at >= WAITING_AFTER:
+                snap[name] = (waiting_phase(self.asked[name]), 0, 0)
         if self.hooks.on_items:
             for name, items in fresh.items():
                 self.hooks.on_items(name, items)
@@ -293,6 +317,7 @@ class _Runner:
     def _stopped(self, cand: Candidate, status: str, error: str, **fields: Any) -> CandidateResult:
         """The outcome of a candidate stopped here (or never started), handed to the driver."""
         self.board.forget.remote(cand.name)
+        self.submitted.pop(cand.name, None)
         result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=status, error=error,
                                  finished_at=datetime.now(timezone.utc), **fields)
         self.hooks.on_outcome(result)
@@ -300,6 +325,25 @@ class _Runner:
 
     def _overdue(self, name: str) -> bool:
         return self.timeout is not None and name in self.began and time.monotonic() - self.began[name] > self.timeout
+
+    def _unplaceable(self, running: dict[Any, tuple[Candidate, Any]]) -> dict[str, str]:
+        """The candidates in flight that no live node has been able to hold for ``UNPLACEABLE_FOR``
+        (checked every few seconds): asked for more than the largest node has, or its node left. Ray would keep them pending forever (it waits
+        for an autoscaler), and their waiting is not timed."""
+        from quantselect.orchestration.cluster import alive_nodes, unplaceable
+
+        if not running or time.monotonic() - self.fit_at < FIT_EVERY:
+            return {}
+        now = self.fit_at = time.monotonic()
+        nodes = alive_nodes()
+        why = {c.name: unplaceable(self.asked[c.name], nodes) for c, _ in running.values()}
+        for name, text in why.items():
+            if text:
+                self.unplaced_since.setdefault(name, now)
+            else:
+                self.unplaced_since.pop(name, None)
+        return {name: f"cannot be placed: {text}" for name, text in why.items()
+                if text and now - self.unplaced_since[name] >= UNPLACEABLE_FOR}
 
     def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
         import ray
@@ -333,6 +377,7 @@ class _Runner:
                 opts = {"num_cpus": 0, "num_gpus": req.whole_gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
             else:
                 opts = {"num_cpus": 0, "num_gpus": req.gpus}
+            self.asked[cand.name] = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"]}
             return task.options(name=f"qs:{cand.name}", **opts), pg
 
         try:
@@ -340,17 +385,20 @@ class _Runner:
                 if self.hooks.should_stop():
                     self.hooks.stopped = True
                     break
-                dropped = set(self.hooks.dropped())
+                dropped, unplaced = set(self.hooks.dropped()), self._unplaceable(running)
                 for cand in [c for c in queue if c.name in dropped]:
                     queue.remove(cand)
                     outcomes.append(self._stopped(cand, CANCELLED, CANCELLED_ALONE))
-                for ref, (cand, pg) in [(r, v) for r, v in running.items() if v[0].name in dropped or self._overdue(v[0].name)]:
+                for ref, (cand, pg) in [(r, v) for r, v in running.items()
+                                        if v[0].name in dropped or v[0].name in unplaced or self._overdue(v[0].name)]:
                     ray.cancel(ref, force=True)  # its worker process is killed: its GPU is free now
                     if pg is not None:
                         remove_placement_group(pg)
                     del running[ref]
                     if cand.name in dropped:
                         outcomes.append(self._stopped(cand, CANCELLED, CANCELLED_ALONE))
+                    elif cand.name in unplaced:
+                        outcomes.append(self._stopped(cand, FAILED, unplaced[cand.name], attempts=self.attempts.get(cand.name)))
                     else:
                         outcomes.append(self._stopped(
                             cand, FAILED, f"stopped: still running after {format_duration(self.timeout)} "
@@ -360,6 +408,7 @@ class _Runner:
                 while queue and len(running) < max_in_flight:
                     cand = queue.pop(0)
                     fn, pg = submit(cand)
+                    self.submitted[cand.name] = time.monotonic()
                     ref = fn.remote(self.model_path, cand, self.dataset_ref, self.board, base.threads, baseline,
                                     early_stop, self.measure, **self.extra)
                     running[ref] = (cand, pg)
@@ -378,6 +427,7 @@ class _Runner:
                                                  error=f"worker failed after {tries} attempt(s): {type(e).__name__}: {msg}",
                                                  attempts=tries, finished_at=datetime.now(timezone.utc))
                     self.board.forget.remote(cand.name)
+                    self.submitted.pop(cand.name, None)
                     outcomes.append(result)
                     self.hooks.on_outcome(result)
         finally:

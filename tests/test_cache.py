@@ -149,6 +149,22 @@ def test_a_prune_removes_only_what_quantselect_wrote_in_a_shared_artifacts_folde
     assert not os.path.exists(made) and listed() == {}
 
 
+def test_a_model_folder_someone_put_in_the_models_folder_is_not_a_conversion_to_prune(tmp_path, monkeypatch):
+    """$QUANTSELECT_HOME/models holds GGUF conversions (``<stem>-<12 hex>``); a user's own model
+    folder put there is not listed as a half-written conversion, and `cache prune --all` keeps it."""
+    monkeypatch.setenv("QUANTSELECT_HOME", str(tmp_path / "home"))
+    models = tmp_path / "home" / "models"
+    theirs = models / "my-llama" / "config.json"
+    ours = models / "llama.q4_k_m-0123456789ab.tmp" / "model.safetensors"  # a killed conversion
+    for f in (theirs, ours):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    assert set(listed()) == {"llama.q4_k_m-0123456789ab.tmp"}
+    res = cache("prune", "--all")
+    assert res.exit_code == 0 and "Removed 1 entr" in res.output, res.output
+    assert theirs.read_text() == "{}" and not ours.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "say what to remove: KEY..., --older-than AGE"),
     (["nope"], "no entry 'nope' in the cache"),

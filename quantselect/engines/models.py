@@ -626,9 +626,14 @@ def scan_converted(models_dir: Path) -> list[CacheEntry]:
                 marker = {}
             out.append(CacheEntry(MODEL, p.name, str(p), folder_bytes(p), mtime(done),
                                   f"{marker.get('dtype', 'float32')} (from GGUF)", marker.get("source")))
-        else:
+        elif _CONVERSION.fullmatch(p.name):  # ours (``_converted_folder``'s name): a conversion left half-way
             out.append(CacheEntry(INCOMPLETE, p.name, str(p), folder_bytes(p), mtime(p)))
     return out
+
+
+# what ``_converted_folder`` names (``<file stem>-<12 hex>``, ``.tmp`` while it is written): anything
+# else in the models folder (a model someone put there) is not ours, never listed or pruned
+_CONVERSION = re.compile(r".+-[0-9a-f]{12}(\.tmp)?")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -4,10 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is pinned. PyPI's Linux wheel is the CUDA build (several GB with its nvidia-* packages), so a
-# machine without nvidia-smi also looks in PyTorch's CPU index (its 2.13.0+cpu wins); where that index
-# cannot be reached pip says so and takes what the other indexes have. TORCH_INDEX= turns it off.
+# machine without nvidia-smi also looks in PyTorch's CPU index (its 2.13.0+cpu wins) when that index's
+# name resolves (else pip would retry it for torch and each of its dependencies, as on a machine that
+# reaches PyPI only). TORCH_INDEX= turns it off; evaluated only when the venv is (re)built.
 TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(if $(shell getent hosts download.pytorch.org 2>/dev/null),https://download.pytorch.org/whl/cpu))
 SMOLLM2_VERSION ?= 0.1.2
 STAMP := $(VENV)/.installed
 # The tests start a throw-away PostgreSQL 15 from these binaries (Debian's postgresql-15 package).

@@ -135,3 +135,45 @@ def test_a_multimodal_wrappers_context_is_its_text_configs():
     from quantselect.engines.evaluate import _max_length
 
     assert _max_length(SimpleNamespace(config=Gemma3Config())) == 131072
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_next"])
+def test_a_batch_holds_the_kv_cache_it_measures_per_token(tiny_models, family):
+    """What the server's KV cache budget counts with, measured on the model: the bytes a row's cache
+    grows by per token (the planner's count from its config: K and V of each KV head in each
+    attention layer, at the model's dtype) and those it holds whatever its length (a hybrid's
+    linear-attention states); a batch of left-padded rows holds at most rows x (width x the first + the second)."""
+    import torch
+
+    from quantselect.domain import planner
+    from quantselect.engines.decode import BatchDecoder, cache_bytes
+
+    if family == "qwen3_next":
+        from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen3NextForCausalLM(Qwen3NextConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+            linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"])).eval()
+        attention_layers = 1
+    else:
+        model = load_candidate(str(tiny_models[family]), CATALOG["baseline"], "cpu").model
+        attention_layers = model.config.num_hidden_layers
+    batch = BatchDecoder(model)
+    per_token, per_row, plain = batch.kv_cache_growth()
+    shape = planner.shape_from_config(model.config.to_dict())
+    assert per_token == shape.kv_per_token_layer * attention_layers * model.dtype.itemsize, family
+    assert plain == (family in ("llama", "qwen2", "qwen3")) and (per_row == 0 if plain else per_row > 0), family
+    assert batch.rows == 0
+    with torch.inference_mode():
+        batch.add([[5] * 3, [6] * 9])
+        if plain:  # (the others take no row into a running batch)
+            batch.add([[7] * 5])
+        for _ in range(4):
+            batch.step([1] * batch.rows)
+        batch.keep(list(range(1, batch.rows)))
+        held, grown = cache_bytes(batch._cache), batch.rows * batch._mask.shape[1] * per_token
+    # (a sliding-window layer's cache also holds its window as a tensor: the same in every batch)
+    assert held == grown if plain else grown < held <= grown + batch.rows * per_row, (family, held, grown, per_row)

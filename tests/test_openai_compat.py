@@ -29,7 +29,8 @@ def _routes(router):
 
 @pytest.fixture(scope="module")
 def serve_here():
-    """``serve_here(name, model_dir)``: a TestClient on the app, serving that model as ``name``."""
+    """``serve_here(name, model_dir)``: a TestClient on the app, serving that model as ``name`` (its
+    batch's KV cache holding ``kv_cache_tokens``, if given)."""
     import quantselect.serving.app as app
 
     server_class = next(c for c in app.QuantizedModelServer.func_or_class.__mro__ if "_chat_ids" in vars(c))
@@ -44,8 +45,8 @@ def serve_here():
     for lookup in lookups:
         app.api.dependency_overrides[lookup] = server
 
-    def serve_here(name: str, model_dir: Path, **client) -> TestClient:
-        servers[name] = server_class(name, str(model_dir), CATALOG["baseline"].to_dict())
+    def serve_here(name: str, model_dir: Path, kv_cache_tokens: int | None = None, **client) -> TestClient:
+        servers[name] = server_class(name, str(model_dir), CATALOG["baseline"].to_dict(), kv_cache_tokens=kv_cache_tokens)
         return TestClient(app.api, base_url=f"http://{name}", **client)
 
     yield serve_here
@@ -260,3 +261,76 @@ def test_top_p_zero_keeps_the_top_token(tiny):
     greedy = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
     r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=1.5, top_p=0)
     assert r.choices[0].text == greedy.choices[0].text
+
+
+def _peak(http: TestClient) -> int:
+    return http.get("/healthz").json()["batch"]["peak_rows"]
+
+
+def test_the_batch_admits_what_its_kv_cache_budget_holds(serve_here, tiny_llama):
+    """The batch takes a sequence only when every running row's worst case (prompt plus the tokens it
+    may still produce, the rows left-padded to the longest) and its own fit the replica's KV cache
+    budget; else it waits, in the order it came. Budget 60, max_tokens 10: A (20 ids) and B (30) fit
+    alone, not together (2 rows x 40); C (1 id) fits beside A (2 x 30) but came after B, and does not
+    overtake it. The batch never held two rows: each started once the one before it had left."""
+    a, b, c = [5] * 20, [6] * 30, [7]
+    small = serve_here("budget60", tiny_llama, kv_cache_tokens=60)
+    assert small.get("/healthz").json()["batch"]["kv_cache_tokens"] == 60
+    alone = [small.post("/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0}).json()
+             for p in (a, b, c)]
+    assert _peak(small) == 1
+    # two requests at once, each its own thread: the second waits for the first, then decodes as alone
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda p: small.post("/v1/completions", json={"prompt": p, "max_tokens": 10,
+                                                                           "temperature": 0}).json(), (a, b)))
+    assert [r["choices"][0]["text"] for r in both] == [r["choices"][0]["text"] for r in alone[:2]], both
+    assert _peak(small) == 1
+    # three prompts of one request, queued together: first come, first served
+    three = small.post("/v1/completions", json={"prompt": [a, b, c], "max_tokens": 10, "temperature": 0}).json()
+    assert [ch["text"] for ch in three["choices"]] == [r["choices"][0]["text"] for r in alone], three
+    assert _peak(small) == 1
+    roomy = serve_here("budget120", tiny_llama, kv_cache_tokens=120)  # 3 rows x 40: together
+    assert roomy.post("/v1/completions", json={"prompt": [a, b, c], "max_tokens": 10, "temperature": 0}).status_code == 200
+    assert _peak(roomy) == 3
+
+
+def test_a_request_the_kv_cache_budget_cannot_hold_is_refused(serve_here, tiny_llama):
+    """One sequence whose own worst case exceeds the whole budget would wait forever (or, without a
+    budget, run the replica out of memory): a 400 before anything runs, streamed or not, naming what
+    to ask for. A chat answer without max_tokens (which would run to the model's context) is cut to
+    what the budget leaves its prompt instead."""
+    http = serve_here("budget40", tiny_llama, kv_cache_tokens=40)
+    says = ("This request needs 41 tokens of KV cache (30 of prompt, 11 to generate); this replica holds 40: "
+            "ask for fewer max_tokens or a shorter prompt.")
+    for stream in (False, True):
+        for prompt in ([6] * 30, [[1], [6] * 30]):  # one of its prompts is enough
+            r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 11, "stream": stream})
+            _refused(r, says)
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+        r = http.post("/v1/completions", json={"prompt": [6] * 45, "max_tokens": 1, "stream": stream})
+        _refused(r, "This request needs 46 tokens of KV cache (45 of prompt, 1 to generate); this replica holds 40")
+    assert _peak(http) == 0  # nothing ran
+    assert http.post("/v1/completions", json={"prompt": [6] * 30, "max_tokens": 10}).status_code == 200
+    r = _openai(http).chat.completions.create(model="budget40", messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert r.usage.total_tokens <= 40 and r.usage.completion_tokens >= 1, r.usage
+    if r.choices[0].finish_reason == "length":  # (unless the model stopped before)
+        assert r.usage.total_tokens == 40, r.usage
+
+
+def test_the_kv_cache_budget_is_set_where_the_application_is_built(monkeypatch):
+    """QUANTSELECT_SERVE_KV_CACHE_TOKENS, read by build_app (deploy, a Serve config's app_builder) and
+    given to the replicas; a value that is not a number of tokens fails there, naming it."""
+    from quantselect.errors import InputError
+    from quantselect.serving.app import build_app
+
+    config = CATALOG["baseline"].to_dict()
+    monkeypatch.delenv("QUANTSELECT_SERVE_KV_CACHE_TOKENS", raising=False)
+    assert build_app("x", "/m", config)._bound_deployment.init_args[-1] is None  # unset: a share of free memory
+    monkeypatch.setenv("QUANTSELECT_SERVE_KV_CACHE_TOKENS", "4096")
+    assert build_app("x", "/m", config)._bound_deployment.init_args[-1] == 4096
+    for bad in ("64k", "0", "-5"):
+        monkeypatch.setenv("QUANTSELECT_SERVE_KV_CACHE_TOKENS", bad)
+        with pytest.raises(InputError, match=f"QUANTSELECT_SERVE_KV_CACHE_TOKENS='{bad}': give the tokens"):
+            build_app("x", "/m", config)

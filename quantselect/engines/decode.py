@@ -120,6 +120,38 @@ class Decoder:
                 logits = self.step(int(logits.argmax()))
 
 
+def cache_bytes(cache: Any) -> int:
+    """Bytes a KV cache holds: every tensor of every layer (keys and values, a linear-attention layer's states)."""
+    import torch
+
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
+               if isinstance(t, torch.Tensor))
+
+
+def free_memory(model: Any) -> int:
+    """Bytes the process may still allocate where ``model`` lives. On GPUs: the least free of those
+    holding its layers, times their number (``device_map="auto"`` balances the layers, and each GPU
+    caches its own layers' keys and values). On CPU: the system's available memory, within the
+    cgroup's limit where one is set (in a container the OOM killer counts there, while /proc/meminfo
+    shows the node's)."""
+    import psutil
+    import torch
+
+    gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    if gpus:
+        return min(int(torch.cuda.mem_get_info(d)[0]) for d in gpus) * len(gpus)
+    free = int(psutil.virtual_memory().available)
+    try:  # cgroup v2; its page cache (inactive files: the model's, just read) is reclaimable, as the kubelet counts
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        stat = dict(line.split() for line in open("/sys/fs/cgroup/memory.stat"))
+        if limit != "max":
+            free = min(free, int(limit) - used + int(stat.get("inactive_file", 0)))
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
 class BatchDecoder:
     """Rows of sequences sharing one dynamic KV cache: ``add`` prefills new sequences and appends them
     as rows, ``step`` feeds one token per row, ``keep`` drops the finished rows. Caches whose layers
@@ -142,6 +174,25 @@ class BatchDecoder:
         from transformers.cache_utils import DynamicLayer
 
         return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    def kv_cache_growth(self) -> tuple[int, int, bool]:
+        """Measured on an empty batch (left empty): the bytes a row's cache grows by per token (what
+        this model's transformers cache really stores: fp32 on CPU, MLA's keys and values expanded per
+        head rather than vLLM's latent; a sliding-window layer as if it kept every token), the bytes a
+        row holds whatever its length (a linear-attention layer's states), and whether its layers are
+        plain (``can_add``)."""
+        import torch
+
+        assert self._cache is None, "measured on an empty batch"
+        try:
+            with torch.inference_mode():
+                self.add([[0]])
+                one = cache_bytes(self._cache)
+                self.step([0])
+                per_token = cache_bytes(self._cache) - one
+                return per_token, one - per_token, self.can_add()
+        finally:
+            self.keep([])
 
     def add(self, prompts: list[list[int]]) -> Any:
         """Prefill ``prompts`` (one forward pass, left-padded) and append them as the last rows;

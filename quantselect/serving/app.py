@@ -219,6 +219,12 @@ MAX_ROWS = 16  # sequences a replica decodes at once: the serving batch the cost
 # An answer without max_tokens on a replica with a static cache is bounded by the cache (prompt plus
 # answer: 8,192 tokens) when that leaves it this many; else by the model's context, on the batch.
 STATIC_DEFAULT_ROOM = 2048
+# The share of the memory left free once the model is loaded that the batch's KV cache may take at its
+# worst: it is held twice while new rows merge in (BatchDecoder._merge builds the merged cache before it
+# drops the old one), and a prefill's activations need room too. QUANTSELECT_SERVE_KV_CACHE_TOKENS, read
+# where the application is built, gives the budget in tokens instead.
+KV_CACHE_FRACTION = 0.4
+KV_CACHE_TOKENS_ENV = "QUANTSELECT_SERVE_KV_CACHE_TOKENS"
 
 
 class _Sequence:
@@ -341,17 +347,44 @@ class _Sequence:
 
 class _Batch:
     """The replica's batched decoding: a thread that feeds every running sequence one token per step
-    (``BatchDecoder``); waiting sequences join between two steps, up to ``max_rows``, and finished or
-    abandoned ones leave."""
+    (``BatchDecoder``); waiting sequences join between two steps, up to ``max_rows`` and as long as
+    the cache fits ``tokens`` at its worst (as vLLM admits requests into its KV cache), first come
+    first served; finished or abandoned ones leave."""
 
-    def __init__(self, model: Any, lock: threading.Lock, max_rows: int) -> None:
-        from quantselect.engines.decode import BatchDecoder
+    def __init__(self, model: Any, lock: threading.Lock, max_rows: int, tokens: Optional[int] = None) -> None:
+        from quantselect.engines.decode import BatchDecoder, free_memory
 
         self.decoder, self.lock, self.max_rows = BatchDecoder(model), lock, max_rows
+        per_token, per_row, self.plain = self.decoder.kv_cache_growth()
+        if tokens is None:  # what the rows' fixed states (a linear-attention layer's) leave
+            tokens = int(free_memory(model) * KV_CACHE_FRACTION - max_rows * per_row) // max(per_token, 1)
+            log.info("the batch's KV cache holds %d tokens of %d bytes (and %d bytes per row)", tokens, per_token, per_row)
+        self.tokens = max(tokens, 1)
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.head: Optional[_Sequence] = None  # the first waiting sequence, out of the queue: it did not fit yet
         self.rows: list[_Sequence] = []
         self.peak = 0  # the most sequences decoded together so far
         threading.Thread(target=self._run, name="quantselect-batch", daemon=True).start()
+
+    def fits(self, seqs: list[_Sequence]) -> bool:
+        """Whether these rows' cache fits ``tokens`` at its worst: rows times the widest it may grow to
+        (rows are left-padded to one width). With plain layers the columns no row attends to are
+        trimmed, so the widest prompt plus answer; else (nothing trimmed, nothing joins) the longest
+        prompt plus the longest answer."""
+        if self.plain:
+            width = max(len(s.ids) + s.max_tokens for s in seqs)
+        else:
+            width = max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)
+        return len(seqs) * width <= self.tokens
+
+    def _first(self) -> Optional[_Sequence]:
+        """The first waiting sequence whose client is still there, or None."""
+        while self.head is None or self.head.cancelled:
+            if self.waiting.empty():
+                self.head = None
+                return None
+            self.head = self.waiting.get()
+        return self.head
 
     def submit(self, seq: _Sequence) -> None:
         self.waiting.put(seq)
@@ -370,12 +403,18 @@ class _Batch:
     def _iteration(self) -> None:
         import torch
 
-        new: list[_Sequence] = [] if self.rows else [self.waiting.get()]  # idle: wait for a request
-        if not self.rows or self.decoder.can_add():
-            while len(self.rows) + len(new) < self.max_rows and not self.waiting.empty():
-                new.append(self.waiting.get())
-        new = [s for s in new if not s.cancelled]
+        if not self.rows and self.head is None:
+            self.head = self.waiting.get()  # idle: wait for a request
+        new: list[_Sequence] = []
+        if not self.rows or self.decoder.can_add():  # the first that does not fit waits, and those behind it
+            while len(self.rows) + len(new) < self.max_rows and (seq := self._first()) is not None \
+                    and self.fits(self.rows + new + [seq]):
+                new.append(seq)
+                self.head = None
         if not new and not self.rows:
+            if self.head is not None:  # (never: _limit refuses what cannot fit alone) rather than wait forever
+                self.head.fail(RuntimeError(f"needs more than the batch's {self.tokens} tokens of KV cache"))
+                self.head = None
             return
         with self.lock, torch.inference_mode():
             if new:  # the newcomers' prompts in one pass; the running rows wait for it
@@ -456,7 +495,7 @@ class _StaticWorker:
 @serve.ingress(api)
 class QuantizedModelServer:
     def __init__(self, name: str, model_path: str, config: dict, use_gpu: bool = False, engine: Optional[str] = None,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, kv_cache_tokens: Optional[int] = None):
         import torch
 
         from quantselect.engines.decode import Decoder
@@ -500,7 +539,6 @@ class QuantizedModelServer:
         self.static = Decoder(self.loaded.model, static=True, compiled=self.loaded.device == "cuda") \
             if engine == "static" else None
         self.static_worker = _StaticWorker(self.static, self.lock) if self.static is not None else None
-        self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS)
         self.threads = torch.get_num_threads()
         # (a multimodal wrapper, Gemma 3's, keeps it in its text config)
         self.context = int(getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 30)
@@ -508,6 +546,8 @@ class QuantizedModelServer:
         if self.static is not None and self.static.compiled:
             self.static_worker.call(self.static.warm_up)  # in the thread that decodes: its CUDA graphs
             self.engine += ", compiled step"
+        # after the static cache: the batch's budget is a share of the memory left free
+        self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS, kv_cache_tokens)
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
@@ -528,14 +568,29 @@ class QuantizedModelServer:
                            "invalid_request_error", "invalid_prompt")
         return prompt or self.empty
 
-    def _start(self, ids: list[int], req: _Sampling, max_tokens: Optional[int]) -> "_Sequence":
-        """Start generating an answer to ``ids``; its ``results()`` yield (text delta, finish reason or
-        None, completion tokens so far), the last item with a reason. The batch takes it at once, the
-        static cache (one request at a time) once the requests before it are done."""
-        if max_tokens is None:  # the room the context leaves; on the static cache, its own when that is ample
+    def _limit(self, ids: list[int], max_tokens: Optional[int]) -> int:
+        """An answer's token limit: ``max_tokens`` within the room the context leaves the prompt; not
+        given, that room (on the static cache its own, when ample), on the batch cut to what its KV
+        cache leaves the prompt. An answer for the batch that could not fit its cache even alone is
+        refused before anything runs (it would wait forever)."""
+        room = self.context - len(ids)  # _respond has checked the prompt fits
+        if max_tokens is None:
             static_room = self.static.max_len - len(ids) if self.static is not None else 0
-            max_tokens = static_room if static_room >= STATIC_DEFAULT_ROOM else self.context - len(ids)
-        max_tokens = min(max_tokens, self.context - len(ids))  # _respond has checked the prompt fits
+            if static_room >= STATIC_DEFAULT_ROOM:
+                return static_room
+            max_tokens = max(1, self.batch.tokens - len(ids))
+        max_tokens = min(max_tokens, room)
+        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.tokens:
+            raise ApiError(400, f"This request needs {len(ids) + max_tokens} tokens of KV cache ({len(ids)} of prompt, "
+                                f"{max_tokens} to generate); this replica holds {self.batch.tokens}: ask for fewer "
+                                "max_tokens or a shorter prompt.", "invalid_request_error", "context_length_exceeded")
+        return max_tokens
+
+    def _start(self, ids: list[int], req: _Sampling, max_tokens: int) -> "_Sequence":
+        """Start generating an answer to ``ids`` of at most ``max_tokens`` (``_limit``); its ``results()``
+        yield (text delta, finish reason or None, completion tokens so far), the last item with a
+        reason. The batch takes it once its KV cache holds it, the static cache (one request at a time)
+        once the requests before it are done."""
         seq = _Sequence(self.tok, self.eos, ids, req, max_tokens, self.loaded.device)
         if self.static is not None and self.static.fits(len(ids), max_tokens):
             self.static_worker.submit(seq)
@@ -550,13 +605,14 @@ class QuantizedModelServer:
             if len(p) >= self.context:
                 raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
                                f"{len(p)}. Shorten it.", "invalid_request_error", "context_length_exceeded")
+        limits = [self._limit(p, max_tokens) for p in ids]
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": self.name}
         if req.stream:
-            return StreamingResponse(self._stream(req, ids, chat, max_tokens, head), media_type="text/event-stream")
+            return StreamingResponse(self._stream(req, ids, chat, limits, head), media_type="text/event-stream")
         choices, used, answers = [], 0, []
         try:
-            answers += [self._start(p, req, max_tokens) for p in ids]  # all prompts batched
+            answers += [self._start(p, req, n) for p, n in zip(ids, limits)]  # all prompts batched
             for i, answer in enumerate(answers):
                 parts = [item async for item in answer.aresults()]
                 text, reason, used = "".join(d for d, _, _ in parts), parts[-1][1], used + parts[-1][2]
@@ -568,7 +624,7 @@ class QuantizedModelServer:
         n_prompt = sum(len(p) for p in ids)
         return {**head, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
-    async def _stream(self, req: _Sampling, ids: list[list[int]], chat: bool, max_tokens: Optional[int],
+    async def _stream(self, req: _Sampling, ids: list[list[int]], chat: bool, limits: list[int],
                       head: dict) -> AsyncIterator[str]:
         """The answers as server-sent events. An async generator: a client that disconnects cancels it
         at once (Serve cancels the request), and ``finally`` takes its answers off the engines (a
@@ -576,7 +632,7 @@ class QuantizedModelServer:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         used, answers, error = 0, [], None
         try:
-            answers += [self._start(p, req, max_tokens) for p in ids]
+            answers += [self._start(p, req, n) for p, n in zip(ids, limits)]
             for i, answer in enumerate(answers):
                 if chat:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
@@ -607,7 +663,8 @@ class QuantizedModelServer:
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "device": self.loaded.device, "engine": self.loaded.engine,
-                "decoding": self.engine, "batch": {"max_rows": MAX_ROWS, "rows": len(self.batch.rows), "peak_rows": self.batch.peak},
+                "decoding": self.engine, "batch": {"max_rows": MAX_ROWS, "rows": len(self.batch.rows), "peak_rows": self.batch.peak,
+                          "kv_cache_tokens": self.batch.tokens},
                 "threads": self.threads, "api_key": self.api_key is not None}
 
     def _card(self) -> dict:
@@ -663,14 +720,28 @@ def check_engine(engine: Optional[str]) -> None:
                          "or dynamic (requests batched)")
 
 
+def kv_cache_tokens(env: Optional[dict] = None) -> Optional[int]:
+    """QUANTSELECT_SERVE_KV_CACHE_TOKENS: the batch's KV cache budget in tokens (unset: a share of the
+    memory the replica finds free)."""
+    raw = ((os.environ if env is None else env).get(KV_CACHE_TOKENS_ENV) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputError(f"{KV_CACHE_TOKENS_ENV}={raw!r}: give the tokens a replica's batched KV cache may hold, "
+                         "a positive integer such as 65536 (or leave it unset: a share of its free memory)")
+    return int(raw)
+
+
 def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
               engine: Optional[str] = None, api_key: Optional[str] = None, gpus: int = 1) -> serve.Application:
     """Pure builder: the Serve application serving ``model_path`` quantized as ``config``; ``engine``:
     ``static`` or ``dynamic`` KV cache (default: static on one GPU, dynamic on CPU or several GPUs);
     ``api_key``: the key its /v1 routes ask for (None: none); ``gpus``: GPUs per replica with
-    ``use_gpu``, the layers split over them (a candidate too large for one, as its job ran it)."""
+    ``use_gpu``, the layers split over them (a candidate too large for one, as its job ran it). The
+    batch's KV cache budget is QUANTSELECT_SERVE_KV_CACHE_TOKENS where it is built, if set."""
     config_from_dict(config)  # fail here, with an InputError, rather than in a replica
     check_engine(engine)
+    tokens = kv_cache_tokens()
     if gpus < 1:
         raise InputError(f"gpus {gpus}: give at least 1 GPU per replica")
     if use_gpu and gpus > 1 and engine == "static":
@@ -678,7 +749,7 @@ def build_app(name: str, model_path: str, config: dict, use_gpu: bool = False,
                          "its layers live on different devices, which the compiled static step does not take")
     resources = {"num_cpus": 0, **({"num_gpus": gpus} if use_gpu else {})}
     return QuantizedModelServer.options(ray_actor_options=resources).bind(name, model_path, config, use_gpu, engine,
-                                                                          api_key)
+                                                                          api_key, tokens)
 
 
 class AppArgs(BaseModel):

@@ -177,3 +177,33 @@ def test_a_batch_holds_the_kv_cache_it_measures_per_token(tiny_models, family):
         held, grown = cache_bytes(batch._cache), batch.rows * batch._mask.shape[1] * per_token
     # (a sliding-window layer's cache also holds its window as a tensor: the same in every batch)
     assert held == grown if plain else grown < held <= grown + batch.rows * per_row, (family, held, grown, per_row)
+
+
+def test_the_memory_a_cgroup_leaves_is_read_on_v1_and_v2_up_its_path(tmp_path):
+    """A container's limit bounds the serving batch's budget: the least room over the process's cgroup
+    and those above it, page cache counted free; cgroup v2 (one hierarchy) and v1 (the memory
+    controller's own), as /proc/self/cgroup names them; none when no level sets a limit."""
+    from quantselect.engines.decode import cgroup_room
+
+    def cgroup(folder, limit, used, inactive, v1=False):
+        folder.mkdir(parents=True, exist_ok=True)
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 else \
+            ("memory.max", "memory.current", "inactive_file")
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{used}\n")
+        (folder / "memory.stat").write_text(f"active_file 5\n{names[2]} {inactive}\n")
+
+    v2, proc = tmp_path / "v2", tmp_path / "cgroup"
+    cgroup(v2, "max", 50 << 30, 0)  # the root: no limit
+    cgroup(v2 / "kubepods.slice", 16 << 30, 10 << 30, 1 << 30)  # the pod's limit: 7 GiB left
+    cgroup(v2 / "kubepods.slice" / "ray", "max", 9 << 30, 1 << 30)  # none of its own
+    proc.write_text("0::/kubepods.slice/ray\n")
+    assert cgroup_room(str(proc), str(v2)) == 7 << 30
+    proc.write_text("0::/\n")  # in a cgroup namespace: the root folder is its own cgroup
+    assert cgroup_room(str(proc), str(v2)) is None
+    v1 = tmp_path / "v1"
+    cgroup(v1 / "memory", 9223372036854771712, 1 << 30, 0, v1=True)  # v1's "no limit"
+    cgroup(v1 / "memory" / "docker" / "abc", 4 << 30, 3 << 30, 1 << 29, v1=True)
+    proc.write_text("4:memory:/docker/abc\n3:cpuset:/\n")
+    assert cgroup_room(str(proc), str(v1)) == (1 << 30) + (1 << 29)
+    assert cgroup_room(str(tmp_path / "none"), str(v1)) is None

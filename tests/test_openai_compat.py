@@ -296,6 +296,38 @@ def test_the_batch_admits_what_its_kv_cache_budget_holds(serve_here, tiny_llama)
     assert _peak(roomy) == 3
 
 
+def test_a_short_answer_beside_a_long_one_costs_the_cache_only_while_it_runs(tiny_llama):
+    """Rows are trimmed as they leave: a 4-token answer beside a 40-token one holds the long row's width
+    for 4 steps, not its final width (else one long answer, a chat without max_tokens say, would keep
+    every other request out of the batch); two long ones still do not fit together."""
+    import threading
+    from types import SimpleNamespace as Row
+
+    from transformers import AutoModelForCausalLM
+
+    from quantselect.serving.app import _Batch
+
+    batch = _Batch(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), threading.Lock(), 16, tokens=60)
+    long, short = Row(ids=[5] * 10, out=[], max_tokens=40), Row(ids=[6] * 5, out=[], max_tokens=4)
+    assert batch.plain and batch.fits([long, short])  # peak: 2 x 14 at step 4, then 1 x 50
+    assert not batch.fits([long, Row(ids=[6] * 5, out=[], max_tokens=30)])  # 2 x 40 at step 30
+    running = Row(ids=[5] * 4, out=[0] * 6, max_tokens=26)  # 10 wide, 20 steps left
+    assert batch.fits([running, Row(ids=[6] * 20, out=[], max_tokens=5)])  # 2 x 25 at step 5, then 1 x 30
+    assert not batch.fits([running, Row(ids=[6] * 26, out=[], max_tokens=5)])  # 2 x 31 at step 5
+
+
+def test_the_batch_budget_does_not_cut_an_answer_the_static_cache_takes(tiny_llama):
+    """On the static engine (the GPU default; here on CPU) an answer without max_tokens gets the room
+    the static cache leaves its prompt, not the batch's smaller budget (which cut it, down to 1 token)."""
+    import quantselect.serving.app as app
+
+    server_class = next(c for c in app.QuantizedModelServer.func_or_class.__mro__ if "_chat_ids" in vars(c))
+    server = server_class("static", str(tiny_llama), CATALOG["baseline"].to_dict(), engine="static", kv_cache_tokens=60)
+    assert server.static.max_len == 512  # the tiny model's context
+    assert server._limit([5] * 59, None) == 512 - 59 and server._limit([5] * 30, None) == 512 - 30
+    assert server._limit([5] * 30, 8) == 8
+
+
 def test_a_request_the_kv_cache_budget_cannot_hold_is_refused(serve_here, tiny_llama):
     """One sequence whose own worst case exceeds the whole budget would wait forever (or, without a
     budget, run the replica out of memory): a 400 before anything runs, streamed or not, naming what

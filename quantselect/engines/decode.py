@@ -141,15 +141,42 @@ def free_memory(model: Any) -> int:
     if gpus:
         return min(int(torch.cuda.mem_get_info(d)[0]) for d in gpus) * len(gpus)
     free = int(psutil.virtual_memory().available)
-    try:  # cgroup v2; its page cache (inactive files: the model's, just read) is reclaimable, as the kubelet counts
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
-        stat = dict(line.split() for line in open("/sys/fs/cgroup/memory.stat"))
-        if limit != "max":
-            free = min(free, int(limit) - used + int(stat.get("inactive_file", 0)))
-    except (OSError, ValueError):
-        pass
-    return max(free, 0)
+    room = cgroup_room()
+    return max(free if room is None else min(free, room), 0)
+
+
+def cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroups still let it take: the least over its cgroup and the ones
+    above it (cgroup v2, or v1's memory controller), their page cache (inactive files: the model's,
+    just read) counted as reclaimable, as the kubelet counts it; None where none sets a limit."""
+    from pathlib import Path
+
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2's one hierarchy
+            base, files = Path(root), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = Path(root) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / path.strip("/")  # in a cgroup namespace the path is "/": the base is the cgroup
+        for at in [folder, *folder.parents]:
+            try:
+                limit = (at / files[0]).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # (v1 writes a huge number for no limit)
+                    used = int((at / files[1]).read_text())
+                    stat = dict(entry.split() for entry in (at / "memory.stat").read_text().splitlines())
+                    rooms.append(int(limit) - used + int(stat.get(files[2], 0)))
+            except (OSError, ValueError):
+                pass
+            if at == base:
+                break
+    return min(rooms) if rooms else None
 
 
 class BatchDecoder:

@@ -224,6 +224,7 @@ STATIC_DEFAULT_ROOM = 2048
 # drops the old one), and a prefill's activations need room too. QUANTSELECT_SERVE_KV_CACHE_TOKENS, read
 # where the application is built, gives the budget in tokens instead.
 KV_CACHE_FRACTION = 0.4
+MIN_KV_CACHE_TOKENS = 2048  # a batch-only replica whose free memory holds fewer refuses to start (unless told a budget)
 KV_CACHE_TOKENS_ENV = "QUANTSELECT_SERVE_KV_CACHE_TOKENS"
 
 
@@ -355,10 +356,13 @@ class _Batch:
         from quantselect.engines.decode import BatchDecoder, free_memory
 
         self.decoder, self.lock, self.max_rows = BatchDecoder(model), lock, max_rows
+        self.free: Optional[int] = None  # the bytes found free, when the budget was not given
         per_token, per_row, self.plain = self.decoder.kv_cache_growth()
         if tokens is None:  # what the rows' fixed states (a linear-attention layer's) leave
-            tokens = int(free_memory(model) * KV_CACHE_FRACTION - max_rows * per_row) // max(per_token, 1)
+            free = free_memory(model)
+            tokens = int(free * KV_CACHE_FRACTION - max_rows * per_row) // max(per_token, 1)
             log.info("the batch's KV cache holds %d tokens of %d bytes (and %d bytes per row)", tokens, per_token, per_row)
+            self.free = free
         self.tokens = max(tokens, 1)
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.head: Optional[_Sequence] = None  # the first waiting sequence, out of the queue: it did not fit yet
@@ -367,15 +371,17 @@ class _Batch:
         threading.Thread(target=self._run, name="quantselect-batch", daemon=True).start()
 
     def fits(self, seqs: list[_Sequence]) -> bool:
-        """Whether these rows' cache fits ``tokens`` at its worst: rows times the widest it may grow to
-        (rows are left-padded to one width). With plain layers the columns no row attends to are
-        trimmed, so the widest prompt plus answer; else (nothing trimmed, nothing joins) the longest
-        prompt plus the longest answer."""
-        if self.plain:
-            width = max(len(s.ids) + s.max_tokens for s in seqs)
-        else:
-            width = max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)
-        return len(seqs) * width <= self.tokens
+        """Whether these rows' cache fits ``tokens`` at its worst (each row running to its
+        ``max_tokens``). Rows are left-padded to one width. With plain layers the columns no row attends
+        to are trimmed as rows leave, so ``t`` steps on the cache holds the rows still decoding times the
+        widest of them; that grows until a row ends, so its peak is at a step where one ends (a short
+        answer beside a long one costs only while it runs). Else (nothing trimmed, nothing joins) every
+        row is as wide as the longest prompt plus the longest answer."""
+        if not self.plain:
+            return len(seqs) * (max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)) <= self.tokens
+        now = [(len(s.ids) + len(s.out), s.max_tokens - len(s.out)) for s in seqs]  # (width, steps left)
+        return all(sum(1 for _, r in now if r >= t) * max(w + t for w, r in now if r >= t) <= self.tokens
+                   for t in {r for _, r in now})
 
     def _first(self) -> Optional[_Sequence]:
         """The first waiting sequence whose client is still there, or None."""
@@ -548,6 +554,10 @@ class QuantizedModelServer:
             self.engine += ", compiled step"
         # after the static cache: the batch's budget is a share of the memory left free
         self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS, kv_cache_tokens)
+        if self.static is None and self.batch.free is not None and self.batch.tokens < MIN_KV_CACHE_TOKENS:
+            # the batch answers every request here: a replica that would refuse (almost) all of them with a 400
+            raise RuntimeError(f"the batch's KV cache would hold only {self.batch.tokens} tokens ({self.batch.free / 2**30:.1f} "
+                               f"GiB free where the model was loaded): free memory, or set {KV_CACHE_TOKENS_ENV}")
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 
     # -- generation ----------------------------------------------------------------------------
@@ -576,9 +586,10 @@ class QuantizedModelServer:
         room = self.context - len(ids)  # _respond has checked the prompt fits
         if max_tokens is None:
             static_room = self.static.max_len - len(ids) if self.static is not None else 0
-            if static_room >= STATIC_DEFAULT_ROOM:
-                return static_room
-            max_tokens = max(1, self.batch.tokens - len(ids))
+            cap = self.batch.tokens - len(ids)  # the most the batch's cache holds beside the prompt
+            if static_room >= STATIC_DEFAULT_ROOM or 0 < static_room and cap <= static_room:
+                return static_room  # (the static cache answers it: the batch's budget is not its limit)
+            max_tokens = max(1, cap)
         max_tokens = min(max_tokens, room)
         if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.tokens:
             raise ApiError(400, f"This request needs {len(ids) + max_tokens} tokens of KV cache ({len(ids)} of prompt, "

@@ -24,7 +24,7 @@ class Settings:
     serve_port: int
     local_ray_port: int = 6379
     artifacts_override: Path | None = None
-    gpu_memory: str | None = None  # one GPU's memory ("80GiB") when Ray's accelerator type does not tell
+    gpu_memory: float | None = None  # one GPU's memory in bytes (QUANTSELECT_GPU_MEMORY=80GiB) when Ray's type does not tell
     db_retry_seconds: float = 120.0  # how long writes wait for an unreachable database
     max_retries: int = 1  # retries of a candidate whose worker process or node died
     heartbeat_stale_seconds: float = 30.0  # a driver silent this long is gone: its job may be resumed
@@ -85,18 +85,16 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
 MIN_TOKEN_CHARS = 16
 
 
-def _gpu_memory(env: Mapping[str, str]) -> str | None:
-    """QUANTSELECT_GPU_MEMORY, checked here: read first by a job's driver, a typo would fail the job
-    after it was stored (and its model fetched)."""
+def _gpu_memory(env: Mapping[str, str]) -> float | None:
+    """QUANTSELECT_GPU_MEMORY in bytes, read here: read first by a job's driver, a typo would fail the
+    job after it was stored (and its model fetched)."""
     from quantselect.domain.planner import parse_memory
 
     raw = (env.get("QUANTSELECT_GPU_MEMORY") or "").strip()
-    if raw:
-        try:
-            parse_memory(raw)
-        except InputError:
-            raise InputError(f"QUANTSELECT_GPU_MEMORY={raw!r}: expected one GPU's memory, such as 80GiB or 24GB") from None
-    return raw or None
+    try:
+        return parse_memory(raw) if raw else None
+    except InputError:
+        raise InputError(f"QUANTSELECT_GPU_MEMORY={raw!r}: expected one GPU's memory, such as 80GiB or 24GB") from None
 
 
 def _folder(env: Mapping[str, str], name: str) -> Path | None:

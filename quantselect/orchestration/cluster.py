@@ -213,10 +213,7 @@ def gpu_memory_bytes(settings: Settings, nodes: list[dict] | None = None) -> flo
     from quantselect.domain.gpus import accelerator_memory_gib
 
     if settings.gpu_memory:
-        try:
-            return planner.parse_memory(settings.gpu_memory)
-        except Exception as e:  # noqa: BLE001 - a config error, said in one line
-            raise QuantselectError(f"QUANTSELECT_GPU_MEMORY: {e}") from None
+        return settings.gpu_memory
     sizes = []
     for node in alive_nodes(nodes):
         kinds = accelerator_types(node["Resources"])

@@ -314,10 +314,15 @@ class _Runner:
             self.hooks.on_progress(snap)
             self.last, self.last_at = snap, time.monotonic()
 
+    def _forget(self, name: str) -> None:
+        """A candidate that ended: nothing more of it to show."""
+        self.board.forget.remote(name)
+        self.submitted.pop(name, None)
+        self.unplaced_since.pop(name, None)
+
     def _stopped(self, cand: Candidate, status: str, error: str, **fields: Any) -> CandidateResult:
         """The outcome of a candidate stopped here (or never started), handed to the driver."""
-        self.board.forget.remote(cand.name)
-        self.submitted.pop(cand.name, None)
+        self._forget(cand.name)
         result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=status, error=error,
                                  finished_at=datetime.now(timezone.utc), **fields)
         self.hooks.on_outcome(result)
@@ -328,8 +333,8 @@ class _Runner:
 
     def _unplaceable(self, running: dict[Any, tuple[Candidate, Any]]) -> dict[str, str]:
         """The candidates in flight that no live node has been able to hold for ``UNPLACEABLE_FOR``
-        (checked every few seconds): asked for more than the largest node has, or its node left. Ray would keep them pending forever (it waits
-        for an autoscaler), and their waiting is not timed."""
+        (checked every few seconds): asked for more than the largest node has, or its node left. Ray
+        would keep them pending forever (it waits for an autoscaler), and their waiting is not timed."""
         from quantselect.orchestration.cluster import alive_nodes, unplaceable
 
         if not running or time.monotonic() - self.fit_at < FIT_EVERY:
@@ -426,8 +431,7 @@ class _Runner:
                         result = CandidateResult(name=cand.name, config=cand.config.to_dict(), status=FAILED,
                                                  error=f"worker failed after {tries} attempt(s): {type(e).__name__}: {msg}",
                                                  attempts=tries, finished_at=datetime.now(timezone.utc))
-                    self.board.forget.remote(cand.name)
-                    self.submitted.pop(cand.name, None)
+                    self._forget(cand.name)
                     outcomes.append(result)
                     self.hooks.on_outcome(result)
         finally:

@@ -153,6 +153,17 @@ def test_candidates_resolution_and_serialization():
         Int4WeightOnly(group_size=0)
 
 
+def test_a_half_precision_candidate_stored_at_float32_reads_back_as_the_full_precision_it_was():
+    # before half precision took only bfloat16/float16, a job could store dtype=float32: it must still load
+    from quantselect.domain.candidates import FullPrecision, HalfPrecision
+
+    old = {"_type": "half_precision", "_version": 1, "_data": {"dtype": "float32", "kv_cache": "fp8"}}
+    assert config_from_dict(old) == FullPrecision(kv_cache="fp8")
+    assert config_from_dict(HalfPrecision("float16").to_dict()) == HalfPrecision("float16")
+    with pytest.raises(InputError, match="must be bfloat16 or float16"):
+        config_from_dict({"_type": "half_precision", "_version": 1, "_data": {"dtype": "int8"}})
+
+
 @pytest.mark.parametrize("t", [0, -0.1, 1.51])
 def test_threshold_range(t):
     with pytest.raises(InputError, match="must be in"):

@@ -383,12 +383,15 @@ class Candidate:
 
 def config_from_dict(d: dict[str, Any]) -> CandidateConfig:
     cls = CONFIG_TYPES.get(d.get("_type", ""))
+    data = d.get("_data") or {}
+    if cls is HalfPrecision and data.get("dtype") in ("float32", "float", "fp32"):  # stored before stop 26, when the
+        cls, data = FullPrecision, {k: v for k, v in data.items() if k != "dtype"}  # reference was "half" at fp32
+        d = {**d, "_version": cls.version}
     if cls is None:
         raise InputError(f"unknown candidate config type {d.get('_type')!r}")
     if d.get("_version") != cls.version:
         raise InputError(f"candidate config {cls.type_name} version {d.get('_version')} is not supported")
     known = {f.name for f in fields(cls)}
-    data = d.get("_data") or {}
     unknown = set(data) - known
     if unknown:
         raise InputError(f"candidate config {cls.type_name}: unknown field(s) {', '.join(sorted(unknown))}")

@@ -35,6 +35,7 @@ class Settings:
     serve_api_key: str | None = None  # the API key a deployment's OpenAI clients must send (None: none asked)
     api_paths: tuple[Path, ...] | None = None  # the folders REST requests may name files under (None: any)
     notify_hosts: tuple[str, ...] | None = None  # the hosts a job's webhook may be on (None: any but link-local)
+    api_hosts: tuple[str, ...] = ()  # names a token-less REST API on loopback answers besides this machine's own
 
     @property
     def models_dir(self) -> Path:
@@ -79,6 +80,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         serve_api_key=_token(env, "QUANTSELECT_SERVE_API_KEY"),
         api_paths=_folders(env, "QUANTSELECT_API_PATHS"),
         notify_hosts=_hosts(env, "QUANTSELECT_NOTIFY_HOSTS"),
+        api_hosts=_hosts(env, "QUANTSELECT_API_HOSTS") or (),
     )
 
 

@@ -503,7 +503,7 @@ def test_without_a_token_a_server_on_loopback_answers_only_requests_naming_this_
                 client.get("/api/v1/jobs", headers={"Host": "127.0.0.1.evil.example"})):
         assert res.status_code == 400 and res.json()["detail"].startswith("Host '") and res.json()["detail"].endswith(
             "is not this machine: with no QUANTSELECT_API_TOKEN, this server answers requests to 127.0.0.1, "
-            "localhost or [::1] only; set a token to serve other names"), res.text
+            "localhost or [::1] only; set a token, or add the name to QUANTSELECT_API_HOSTS, to serve other names"), res.text
     for host in ("127.0.0.1:8080", "localhost", "LOCALHOST:80", "[::1]:8080"):
         assert client.get("/api/v1/jobs", headers={"Host": host}).json() == [], host  # nothing was submitted
     assert CliRunner().invoke(cli, ["api", "--host", "0.0.0.0"]).exit_code == 0  # warned: any Host
@@ -513,6 +513,25 @@ def test_without_a_token_a_server_on_loopback_answers_only_requests_naming_this_
     res = TestClient(app, base_url="http://quantselect.internal").get(
         "/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
     assert res.status_code == 200 and res.json() == []
+
+
+def test_a_token_less_server_on_loopback_also_answers_the_names_in_api_hosts(monkeypatch):
+    """A reverse proxy on this machine that passes its own Host on (quantselect.internal): listed in
+    QUANTSELECT_API_HOSTS, that name is served without a token; any other still gets the one-line 400."""
+    from quantselect.api.app import create_app
+    from quantselect.errors import InputError
+
+    monkeypatch.setenv("QUANTSELECT_API_HOSTS", "quantselect.internal, *.lab.example")
+    app = create_app(connect_ray=False, listen="127.0.0.1")
+    for host in ("quantselect.internal", "QUANTSELECT.INTERNAL:443", "api.lab.example", "localhost:8080"):
+        assert TestClient(app, base_url=f"http://{host}").get("/api/v1/jobs").json() == [], host
+    for host in ("evil.example", "lab.example.evil.example", "quantselect.internal.evil.example"):
+        res = TestClient(app, base_url=f"http://{host}").get("/api/v1/jobs")
+        assert res.status_code == 400 and "QUANTSELECT_API_HOSTS" in res.json()["detail"], (host, res.text)
+        assert "localhost or [::1], quantselect.internal, *.lab.example only" in res.json()["detail"]
+    monkeypatch.setenv("QUANTSELECT_API_HOSTS", "http://quantselect.internal/")
+    with pytest.raises(InputError, match="QUANTSELECT_API_HOSTS='http://quantselect.internal/': "):
+        create_app(connect_ray=False, listen="127.0.0.1")
 
 
 def test_a_token_is_compared_as_the_bytes_the_client_sends():

@@ -183,7 +183,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
     if token:
         app.add_middleware(BearerGate, secret=lambda: token, open_paths=OPEN_PATHS, refusal=_token_refusal)
     elif listen is not None and is_loopback(listen):
-        app.add_middleware(LoopbackHosts)
+        app.add_middleware(LoopbackHosts, also=svc.settings.api_hosts)
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
@@ -395,25 +395,33 @@ OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", 
 
 class LoopbackHosts:
     """With no token, on a loopback address, only requests to this machine by name: ``Host``
-    127.0.0.1, localhost or [::1] (any port). A web page the user opens could otherwise read and
-    submit jobs by DNS rebinding (its own name re-pointed to 127.0.0.1: the browser sends that name)."""
+    127.0.0.1, localhost or [::1] (any port), or one of ``also`` (QUANTSELECT_API_HOSTS: the name a
+    local reverse proxy passes on). A web page the user opens could otherwise read and submit jobs by
+    DNS rebinding (its own name re-pointed to 127.0.0.1: the browser sends that name)."""
 
     NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, also: tuple[str, ...] = ()) -> None:
+        self.app, self.also = app, also
+
+    def _allowed(self, name: str) -> bool:
+        from quantselect.domain.results import host_allowed
+
+        return name in self.NAMES or bool(name and self.also and host_allowed(name.strip("[]"), self.also))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
             name = host[:host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
-            if name not in self.NAMES:
+            if not self._allowed(name):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
+                also = f", {', '.join(self.also)}" if self.also else ""
                 await JSONResponse({"detail": f"Host {host!r} is not this machine: with no QUANTSELECT_API_TOKEN, "
-                                    "this server answers requests to 127.0.0.1, localhost or [::1] only; set a token "
-                                    "to serve other names"}, status_code=400)(scope, receive, send)
+                                    f"this server answers requests to 127.0.0.1, localhost or [::1]{also} only; set a "
+                                    "token, or add the name to QUANTSELECT_API_HOSTS, to serve other names"},
+                                   status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

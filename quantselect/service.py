@@ -1375,19 +1375,35 @@ def post_json(url: str, payload: dict[str, Any], what: str, attempts: int = 3, t
     """POST ``payload`` as JSON, trying ``attempts`` times (1 s, 2 s apart); False, logged, when every
     try failed (no answer, or a status other than 2xx). Redirects are not followed, and nothing is
     sent to a host whose name resolves to a link-local or cloud metadata address: checked on the
-    address connected to, or, through a proxy (``https_proxy``...), on the name resolved here."""
+    address connected to, or, through a proxy (``https_proxy``...), on the name resolved here. A user
+    and password in the URL (%-decoded) are sent as basic authentication, never in the URL posted to."""
+    import base64
     import json
     import urllib.error
     import urllib.request
+    from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # its message may quote the URL, a secret
+        log.warning("could not post %s to %s: not a URL", what, shown_url(url))
+        return False
+    # urllib would take `user:password@host` for the host: as curl and requests do, they go apart, in an
+    # Authorization header, to the URL without them (which a proxy would be asked for)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    auth = "Basic " + base64.b64encode(unquote_to_bytes(user) + b":" + unquote_to_bytes(password)).decode()
+    target = urlunsplit(parts._replace(netloc=hostport)) if at else url
     body = json.dumps(payload, default=str).encode()
     opener = _webhook_opener()
     last: object = None
     for attempt in range(attempts):
         try:
-            _refuse_proxied_metadata(url)
-            request = urllib.request.Request(url, data=body, method="POST",
+            _refuse_proxied_metadata(target)
+            request = urllib.request.Request(target, data=body, method="POST",
                                              headers={"Content-Type": "application/json", "User-Agent": "quantselect"})
+            if user or password:  # unredirected: were a redirect followed, never to another host
+                request.add_unredirected_header("Authorization", auth)
             with opener.open(request, timeout=timeout):
                 return True
         except urllib.error.HTTPError as e:

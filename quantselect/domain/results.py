@@ -98,17 +98,20 @@ def validate_notify(url: str | None, hosts: tuple[str, ...] | None = None) -> st
 
     if url is None:
         return None
-    parts, shown = urlsplit(url.strip()), shown_url(url)
+    shown = shown_url(url)
     try:
+        parts = urlsplit(url.strip())
         host = parts.hostname
         parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        host = None
-    if parts.scheme not in ("http", "https") or not host:
+    except ValueError:  # also urlsplit's, on a bracketed host that is no IPv6 address
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
         raise InputError(f"notify {shown!r}: give an http(s) URL to post the job's end to, such as "
                          "https://hooks.slack.com/services/T000/B000/XXXX")
-    if "%" in parts.netloc:  # urllib connects to the host %-decoded, after these checks read it encoded
-        raise InputError(f"notify {shown!r}: write its host and user without %-escapes")
+    # urllib connects to the host %-decoded, after these checks read it encoded. A user and password
+    # may be escaped (a password's '@' or ':' must be): post_json sends them apart, never connecting by them
+    if "%" in parts.netloc.rpartition("@")[2]:
+        raise InputError(f"notify {shown!r}: write its host without %-escapes")
     if metadata_address(host):
         raise ForbiddenError(f"notify {shown!r}: {host} is a link-local or cloud metadata address, never a webhook; "
                              "give the hook's own URL")
@@ -125,12 +128,12 @@ def shown_url(url: str) -> str:
     from urllib.parse import urlsplit
 
     url = url.strip()
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         host, port = parts.hostname, parts.port
-    except ValueError:
-        host = port = None
-    if parts.scheme and host:
+    except ValueError:  # also urlsplit's, on a bracketed host that is no IPv6 address
+        parts, host, port = None, None, None
+    if parts is not None and parts.scheme and host:
         head = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{f':{port}' if port else ''}"
         rest = parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment
         return head + ("/…" if rest else "/" if parts.path else "")

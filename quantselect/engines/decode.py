@@ -22,6 +22,7 @@ positions, so a row's logits are those of the sequence decoded alone.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,13 @@ class Decoder:
 
 def cache_bytes(cache: Any) -> int:
     """Bytes a KV cache holds: every tensor of every layer (keys and values, a linear-attention layer's states)."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def layer_bytes(layer: Any) -> int:
     import torch
 
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
-               if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
 
 
 def free_memory(model: Any) -> int:
@@ -179,6 +183,22 @@ def cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -
     return min(rooms) if rooms else None
 
 
+@dataclass(frozen=True)
+class KVCost:
+    """What a row of ``BatchDecoder``'s cache holds: ``per_token`` bytes per column (every layer's, while
+    shorter than every window), ``per_row`` whatever its length (a linear-attention layer's states), less
+    what its sliding-window layers do not keep: ``windows``, (window, their bytes per token) by window."""
+
+    per_token: int
+    per_row: int
+    plain: bool
+    windows: tuple[tuple[int, int], ...] = ()
+
+    def row_bytes(self, width: int) -> int:
+        """The bytes a row ``width`` columns wide holds, beyond ``per_row``."""
+        return width * self.per_token - sum(b * max(width - window, 0) for window, b in self.windows)
+
+
 class BatchDecoder:
     """Rows of sequences sharing one dynamic KV cache: ``add`` prefills new sequences and appends them
     as rows, ``step`` feeds one token per row, ``keep`` drops the finished rows. Caches whose layers
@@ -203,21 +223,31 @@ class BatchDecoder:
         return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
 
     def kv_cache_growth(self) -> tuple[int, int, bool]:
-        """Measured on an empty batch (left empty): the bytes a row's cache grows by per token (what
-        this model's transformers cache really stores: fp32 on CPU, MLA's keys and values expanded per
-        head rather than vLLM's latent; a sliding-window layer as if it kept every token), the bytes a
-        row holds whatever its length (a linear-attention layer's states), and whether its layers are
-        plain (``can_add``)."""
+        """``kv_cache_cost()``'s bytes per token and per row, and whether its layers are plain."""
+        cost = self.kv_cache_cost()
+        return cost.per_token, cost.per_row, cost.plain
+
+    def kv_cache_cost(self) -> "KVCost":
+        """Measured on an empty batch (left empty), layer by layer: what this model's transformers
+        cache really stores (fp32 on CPU, MLA's keys and values expanded per head rather than vLLM's
+        latent), where its sliding-window layers stop growing, and whether its layers are plain
+        (``can_add``: sliding layers are not, so no row joins a running batch)."""
         import torch
 
         assert self._cache is None, "measured on an empty batch"
         try:
             with torch.inference_mode():
                 self.add([[0]])
-                one = cache_bytes(self._cache)
+                one = [layer_bytes(layer) for layer in self._cache.layers]
                 self.step([0])
-                per_token = cache_bytes(self._cache) - one
-                return per_token, one - per_token, self.can_add()
+                grown = [layer_bytes(layer) - b for layer, b in zip(self._cache.layers, one)]
+                windows: dict[int, int] = {}
+                for layer, b in zip(self._cache.layers, grown):
+                    # a sliding layer stops at its window (DynamicSlidingWindowLayer keeps one token
+                    # less between steps: counted at the window, on the safe side)
+                    if b and (window := layer.get_max_length()) > 0:
+                        windows[window] = windows.get(window, 0) + b
+                return KVCost(sum(grown), sum(one) - sum(grown), self.can_add(), tuple(sorted(windows.items())))
         finally:
             self.keep([])
 

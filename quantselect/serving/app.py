@@ -357,13 +357,19 @@ class _Batch:
 
         self.decoder, self.lock, self.max_rows = BatchDecoder(model), lock, max_rows
         self.free: Optional[int] = None  # the bytes found free, when the budget was not given
-        per_token, per_row, self.plain = self.decoder.kv_cache_growth()
+        self.cost = cost = self.decoder.kv_cache_cost()
+        self.plain = cost.plain
         if tokens is None:  # what the rows' fixed states (a linear-attention layer's) leave
             free = free_memory(model)
-            tokens = int(free * KV_CACHE_FRACTION - max_rows * per_row) // max(per_token, 1)
-            log.info("the batch's KV cache holds %d tokens of %d bytes (and %d bytes per row)", tokens, per_token, per_row)
+            tokens = int(free * KV_CACHE_FRACTION - max_rows * cost.per_row) // max(cost.per_token, 1)
+            log.info("the batch's KV cache holds %d tokens of %d bytes (and %d bytes per row; sliding-window layers' "
+                     "(window, bytes per token): %s)", tokens, cost.per_token, cost.per_row, cost.windows)
             self.free = free
+        # The budget is ``tokens`` of ``per_token`` bytes: tokens as every layer keeps them. A sliding-window
+        # layer keeps only its window, so a row may be longer: ``longest``, the widest that fits alone.
         self.tokens = max(tokens, 1)
+        self.bytes = self.tokens * max(cost.per_token, 1)
+        self.longest = self._longest()
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.head: Optional[_Sequence] = None  # the first waiting sequence, out of the queue: it did not fit yet
         self.rows: list[_Sequence] = []
@@ -371,17 +377,27 @@ class _Batch:
         threading.Thread(target=self._run, name="quantselect-batch", daemon=True).start()
 
     def fits(self, seqs: list[_Sequence]) -> bool:
-        """Whether these rows' cache fits ``tokens`` at its worst (each row running to its
+        """Whether these rows' cache fits the budget at its worst (each row running to its
         ``max_tokens``). Rows are left-padded to one width. With plain layers the columns no row attends
         to are trimmed as rows leave, so ``t`` steps on the cache holds the rows still decoding times the
         widest of them; that grows until a row ends, so its peak is at a step where one ends (a short
         answer beside a long one costs only while it runs). Else (nothing trimmed, nothing joins) every
-        row is as wide as the longest prompt plus the longest answer."""
+        row is as wide as the longest prompt plus the longest answer. A row's bytes for its width are
+        ``KVCost.row_bytes``: its sliding-window layers stop growing at their window."""
+        row = self.cost.row_bytes
         if not self.plain:
-            return len(seqs) * (max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)) <= self.tokens
+            return len(seqs) * row(max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)) <= self.bytes
         now = [(len(s.ids) + len(s.out), s.max_tokens - len(s.out)) for s in seqs]  # (width, steps left)
-        return all(sum(1 for _, r in now if r >= t) * max(w + t for w, r in now if r >= t) <= self.tokens
+        return all(sum(1 for _, r in now if r >= t) * row(max(w + t for w, r in now if r >= t)) <= self.bytes
                    for t in {r for _, r in now})
+
+    def _longest(self) -> int:
+        """The widest row that fits alone (``row_bytes`` never shrinks as it widens); 2^40 if it stops growing."""
+        low, high = 0, 1 << 40
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.cost.row_bytes(mid) <= self.bytes else (low, mid - 1)
+        return low
 
     def _first(self) -> Optional[_Sequence]:
         """The first waiting sequence whose client is still there, or None."""
@@ -419,7 +435,7 @@ class _Batch:
                 self.head = None
         if not new and not self.rows:
             if self.head is not None:  # (never: _limit refuses what cannot fit alone) rather than wait forever
-                self.head.fail(RuntimeError(f"needs more than the batch's {self.tokens} tokens of KV cache"))
+                self.head.fail(RuntimeError(f"needs more than the batch's KV cache of {self.longest} tokens"))
                 self.head = None
             return
         with self.lock, torch.inference_mode():
@@ -582,18 +598,19 @@ class QuantizedModelServer:
         """An answer's token limit: ``max_tokens`` within the room the context leaves the prompt; not
         given, that room (on the static cache its own, when ample), on the batch cut to what its KV
         cache leaves the prompt. An answer for the batch that could not fit its cache even alone is
-        refused before anything runs (it would wait forever)."""
+        refused before anything runs (it would wait forever). The batch's ``longest`` row counts as its
+        ``fits`` does (sliding-window layers keep only their window)."""
         room = self.context - len(ids)  # _respond has checked the prompt fits
         if max_tokens is None:
             static_room = self.static.max_len - len(ids) if self.static is not None else 0
-            cap = self.batch.tokens - len(ids)  # the most the batch's cache holds beside the prompt
+            cap = self.batch.longest - len(ids)  # the most the batch's cache holds beside the prompt
             if static_room >= STATIC_DEFAULT_ROOM or 0 < static_room and cap <= static_room:
                 return static_room  # (the static cache answers it: the batch's budget is not its limit)
             max_tokens = max(1, cap)
         max_tokens = min(max_tokens, room)
-        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.tokens:
+        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.longest:
             raise ApiError(400, f"This request needs {len(ids) + max_tokens} tokens of KV cache ({len(ids)} of prompt, "
-                                f"{max_tokens} to generate); this replica holds {self.batch.tokens}: ask for fewer "
+                                f"{max_tokens} to generate); this replica holds {self.batch.longest}: ask for fewer "
                                 "max_tokens or a shorter prompt.", "invalid_request_error", "context_length_exceeded")
         return max_tokens
 

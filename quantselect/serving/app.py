@@ -570,9 +570,9 @@ class QuantizedModelServer:
             self.engine += ", compiled step"
         # after the static cache: the batch's budget is a share of the memory left free
         self.batch = _Batch(self.loaded.model, self.lock, MAX_ROWS, kv_cache_tokens)
-        if self.static is None and self.batch.free is not None and self.batch.tokens < MIN_KV_CACHE_TOKENS:
+        if self.static is None and self.batch.free is not None and self.batch.longest < MIN_KV_CACHE_TOKENS:
             # the batch answers every request here: a replica that would refuse (almost) all of them with a 400
-            raise RuntimeError(f"the batch's KV cache would hold only {self.batch.tokens} tokens ({self.batch.free / 2**30:.1f} "
+            raise RuntimeError(f"the batch's KV cache would hold only {self.batch.longest} tokens ({self.batch.free / 2**30:.1f} "
                                f"GiB free where the model was loaded): free memory, or set {KV_CACHE_TOKENS_ENV}")
         self.engine += ", one request at a time" if self.static is not None else f", batches of up to {MAX_ROWS}"
 

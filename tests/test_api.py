@@ -780,9 +780,11 @@ def test_a_job_whose_driver_was_submitted_to_an_unreachable_cluster_is_answered_
     address = f"http://127.0.0.1:{free_port()}"
     svc.repo.set_ray_submission(job.id, address, f"quantselect-{job.id}")
     with TestClient(create_app(svc, connect_ray=False)) as client:
-        t0 = time.monotonic()
         res = client.get(f"/api/v1/jobs/{job.id}")
-        assert time.monotonic() - t0 < 30 and res.status_code == 200, res.text
+        assert res.status_code == 200, res.text
         assert res.json()["status"] == "queued"
-        assert res.json()["driver_note"].startswith(f"cannot ask the Ray cluster at {address} about the job's driver")
+        note = res.json()["driver_note"]
+        assert note.startswith(f"cannot ask the Ray cluster at {address} about the job's driver, Ray job "
+                               f"quantselect-{job.id}: "), note
+        assert "failed to connect" in note.lower(), note  # why: nobody listens there (said, not the job failed)
         assert client.get(f"/api/v1/jobs/{local.id}").json()["driver_note"] is None

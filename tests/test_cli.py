@@ -45,6 +45,20 @@ def test_import_and_help_stay_light():
     for command in ("demo", "submit", "jobs", "status", "results", "recommend", "compare", "deploy", "undeploy",
                     "api", "db", "candidates", "plan", "gpus", "doctor"):
         assert command in help_out.stdout
+    # Rendering the help (a default or a choice list computed from the cluster, the catalog, the
+    # engines...) must not import them either: each command's, then what got imported.
+    code = ("import contextlib, io, sys; from quantselect.cli import cli\n"
+            "for args in ([], ['submit'], ['api'], ['deploy'], ['demo'], ['plan']):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n"
+            "            cli.main([*args, '--help'], prog_name='quantselect', standalone_mode=False)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    assert out.getvalue().startswith(' '.join(['Usage: quantselect', *args])), (args, out.getvalue())\n"
+            "print(','.join(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr[-2000:]
 
 
 def test_output_a_pipe_cuts_short_ends_quietly():

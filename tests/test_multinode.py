@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class TwoNodes:
         if raylet is not None:
             _kill_tree(raylet)
         subprocess.run(["pkill", "-9", "-f", self.temp], check=False)
+        shutil.rmtree(self.temp, ignore_errors=True)  # the head's session: logs, sockets, spilled objects
 
 
 def task_name(proc: psutil.Process) -> str | None:

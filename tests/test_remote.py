@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ def head_node():
         yield f"http://127.0.0.1:{dash}"
     finally:
         subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)  # its session's logs and sockets
 
 
 def test_submit_with_address_runs_the_driver_on_the_cluster(head_node, tiny_llama):
@@ -98,6 +100,7 @@ def test_a_stale_ray_address_file_does_not_hijack_a_local_run(tmp_path_factory):
         assert "cpus" in out.stdout
     finally:
         subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_persistent_local_head_is_reached_on_loopback_even_if_ray_was_imported_first():
@@ -118,13 +121,13 @@ def test_the_persistent_local_head_is_reached_on_loopback_even_if_ray_was_import
     finally:
         subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
         subprocess.run(["pkill", "-9", "-f", f"port={env['QUANTSELECT_LOCAL_RAY_PORT']}"], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_model_only_the_cluster_can_read_is_checked_by_the_driver(ray_cluster, tiny_llama, tmp_path):
     """`submit --address` with a model path this machine cannot read: submit checks the rest, the
     driver checks the model (failing the job with the reason, and where), and computes the cache
     keys it could not, so that a later job of the same model reuses its results."""
-    import shutil
     from dataclasses import replace
 
     from quantselect.errors import InputError, QuantselectError

@@ -288,8 +288,15 @@ def test_a_deployment_with_an_api_key_answers_only_clients_that_send_it(tiny_lla
 
 
 def test_deploy_validates_before_touching_ray(serve_port):
-    from quantselect.serving.deploy import deploy, undeploy
+    from ray import serve
 
+    from quantselect.serving.deploy import deploy, ensure_serve, undeploy
+
+    def deployed() -> dict[str, set[str]]:
+        return {app: set(status.deployments) for app, status in serve.status().applications.items()}
+
+    ensure_serve("127.0.0.1", serve_port)  # a proxy on serve_port, whichever test ran before (for the conflict)
+    before = deployed()
     for bad in ("", "Upper", "-x", "a_b", "a/b", "x" * 64):
         with pytest.raises(InputError):
             deploy(bad, "/nowhere", CATALOG["int8"].to_dict(), port=serve_port)
@@ -299,6 +306,7 @@ def test_deploy_validates_before_touching_ray(serve_port):
         deploy("ok", "/nowhere", CATALOG["int8"].to_dict(), port=serve_port + 1)
     with pytest.raises(NotFoundError):
         undeploy("never-deployed")
+    assert deployed() == before  # nothing deployed (nor removed) by the refused calls
 
 
 def test_undeploy_removes_the_route(tiny_llama, serve_port):

@@ -303,6 +303,13 @@ def submit(model: str, dataset: str, threshold: float, candidates: str | None, t
         raise InputError("--no-wait needs --address: without it the job runs in this process")
     if stop and no_stop:
         raise InputError("give --stop or --no-stop, not both")
+    if candidates is not None and not candidates.replace(",", "").strip():  # an empty shell variable
+        raise InputError("--candidates is empty: name candidates (see `quantselect candidates`) or leave the option "
+                         "out for the default set")
+    if address:  # before the job is written (and checked alike by a dry run)
+        from quantselect.orchestration.cluster import check_jobs_address
+
+        check_jobs_address(address)
     svc = _service()
     req = SubmitRequest(model=model, dataset=dataset, mapping=FieldMapping.parse(mapping, labels), metric=metric,
                         limit=limit, sample=sample, threshold=threshold, gpu_hour_usd=gpu_hour_usd,
@@ -440,6 +447,9 @@ def resume(job_id: str, address: str | None, wait: bool | None) -> None:
     if wait is False and not address:
         raise InputError("--no-wait needs --address: without it the job runs in this process")
     if address:
+        from quantselect.orchestration.cluster import check_jobs_address
+
+        check_jobs_address(address)
         sid = svc.submit_remote(job_id, address, resume=True)
         click.echo(f"Resumed job {job_id} on the Ray cluster at {address} as Ray job {sid}")
         _warn_of_the_password(svc)
@@ -455,7 +465,19 @@ def delete(job_ids: tuple[str, ...]) -> None:
     """Delete finished jobs: their records, results and per-item results. A queued or running job
     is refused (cancel it first), and so is a served one (undeploy it first); quantized models stay
     on disk until `cache prune` (which then sees no job using them)."""
+    from quantselect.errors import NotFoundError
+
     svc = _service()
+    job_ids = tuple(dict.fromkeys(job_ids))  # `delete A A`: A once
+    unknown = []
+    for job_id in job_ids:  # all looked up first: a typo among them deletes nothing, rather than those before it
+        try:
+            svc.get_job(job_id)
+        except NotFoundError:
+            unknown.append(job_id)
+    if unknown:
+        raise NotFoundError(f"job{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} not found: nothing "
+                            "deleted (`quantselect jobs` lists them)")
     for job_id in job_ids:
         svc.delete(job_id)
         click.echo(f"Deleted job {job_id}.")
@@ -578,9 +600,14 @@ def _status_lines(svc: Any, job: Any, note: str | None = None) -> dict[str, str]
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
               show_default=True, help="csv: one row per candidate (or item), every field; markdown: the table and "
                                       "the recommendation to paste into a pull request or an issue.")
-@click.option("--items", "with_items", is_flag=True, help="Export every per-item result instead (JSON, or CSV).")
+@click.option("--items", "with_items", is_flag=True,
+              help="Export every per-item result instead: JSON, or CSV with --format csv.")
 def results(job_id: str, fmt: str, with_items: bool) -> None:
     """Measurements per candidate (quality, memory, speed, cost)."""
+    if with_items and fmt in ("table", "markdown") and \
+            click.get_current_context().get_parameter_source("fmt") != click.core.ParameterSource.DEFAULT:
+        raise InputError(f"--items exports JSON or CSV, not {fmt}: give --format json or csv, or leave --format out "
+                         "(JSON)")
     svc = _service()
     if with_items:
         items = svc.item_results(job_id)
@@ -711,7 +738,7 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def api(host: str, port: int) -> None:
     """Serve the REST API (OpenAPI docs at /docs). With $QUANTSELECT_API_TOKEN set, every /api/v1
     request must carry it: `Authorization: Bearer TOKEN`; without it, on 127.0.0.1, only requests
@@ -721,6 +748,7 @@ def api(host: str, port: int) -> None:
     from quantselect.api.app import create_app
     from quantselect.settings import is_loopback
 
+    _check_listen(host, port)  # before uvicorn: its start-up joins (or starts, lasting) a local Ray head first
     svc = _service()
     if svc.settings.api_token:
         click.echo("Every /api/v1 request must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.", err=True)
@@ -731,6 +759,25 @@ def api(host: str, port: int) -> None:
         click.echo("warning: requests may name any file this server can read as a dataset (and read it back in "
                    "their results); QUANTSELECT_API_PATHS=/data:/models limits them to those folders", err=True)
     uvicorn.run(create_app(svc, listen=host), host=host, port=port, log_level="info")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will, and let go: a name that does not resolve, an address not
+    this machine's, a port in use or one only root may take is one line, exit 2, with nothing started."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # uvicorn's choice of family
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port left in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.errno == errno.EADDRINUSE:
+                raise InputError(f"--port {port}: address already in use on {host}; give another port") from None
+            if e.errno == errno.EACCES:
+                raise InputError(f"--port {port}: {why} (ports below 1024 need root); give another port") from None
+            raise InputError(f"--host {host}: cannot listen there: {why}") from None
 
 
 @cli.group()

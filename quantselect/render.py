@@ -226,7 +226,8 @@ def preview_text(p: dict[str, Any]) -> str:
     rows = []
     for c in p["candidates"]:
         data = c["config"].get("_data") or {}
-        what = " ".join(f"{k}={v}" for k, v in data.items() if k != "path" and v not in (0, "", None)) or "-"
+        what = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()
+                        if k != "path" and (v not in (0, "", None) or v is False)) or "-"  # double_quant=false
         where = "yes" if c["unavailable_here"] is None else f"no: {c['unavailable_here']}"
         stored = "reused (same inputs)" if c["stored_result"] else ""
         rows.append([c["name"], what, fmt_bytes(c["weights_bytes"]), fmt_bytes(c["gpu_need_bytes"]), where, stored])
@@ -236,7 +237,7 @@ def preview_text(p: dict[str, Any]) -> str:
         if (c["config"].get("_data") or {}).get("path"):
             lines.append(f"{c['name']}: a checkpoint read from {c['config']['_data']['path']}")
     if not p.get("params"):
-        lines.append("(no memory estimates: the model's config.json is read on the cluster)")
+        lines.append(f"(no memory estimates: {p.get('no_estimates') or 'the model config was not read'})")
     if any(c["stored_result"] for c in p["candidates"]):
         lines.append("A stored result is reused when it was measured on the same kind of device; --no-cache runs it again.")
     return "\n".join(lines)

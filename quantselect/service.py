@@ -157,7 +157,10 @@ class Service:
         (``_model_on_driver``, ``_checkpoints_on_driver``). A request from afar (``readable``) names
         this machine's files by absolute paths: ``owner/name`` is always the Hub's."""
         from quantselect.engines.models import names_from_afar
+        from quantselect.orchestration.cluster import ray_address
 
+        if not req.model_on_cluster:  # the driver runs here and joins it: a bad one fails it after the job is written
+            ray_address(self.settings)
         with names_from_afar(req.readable is not None):
             return self._build_spec(req)
 
@@ -238,11 +241,14 @@ class Service:
             local = str(from_hub(local, weights=False))
         here = model_is_here(local)
         found = model_config_here(local) if here else None
+        # why there are no memory estimates (then a whole GPU each): said, as `plan` says it
+        no_estimates = None if found else ("the model's config could not be read" if here
+                                           else "the model's config.json is read on the cluster")
         if found:
             try:
                 shape = planner.shape_from_config(*found)
-            except InputError:  # then no estimates (a whole GPU each), as for a model not here
-                shape = None
+            except InputError as e:
+                shape, no_estimates = None, str(e)
         # as submit computes them: a Hub commit's are known here even when only the cluster reads its files
         known = here or hub_identity(spec.model_path)
         keys = cache_keys(replace(spec, model_path=local)) if spec.use_cache and known else {}
@@ -257,6 +263,7 @@ class Service:
                          "stored_result": bool(keys.get(c.name)) and self.repo.has_cached(keys[c.name], exclude_job="")})
         cal = spec.calibration
         return {"model": spec.model, "model_path": spec.model_path, "params": shape.params if shape else None,
+                "no_estimates": no_estimates,
                 "dataset": d.source, "kind": d.kind, "metric": d.metric, "n_items": len(d),
                 "max_new_tokens": d.max_new_tokens, "stop": list(d.stop) if d.stop is not None else None,
                 "chat_template": d.chat_template,

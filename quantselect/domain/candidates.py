@@ -441,6 +441,8 @@ def parse_candidate(spec: str) -> Candidate:
         if key not in known:
             options = ", ".join(known) or "none"
             raise InputError(f"candidate {spec!r}: unknown parameter {key!r} (parameters of {name}: {options})")
+        if key in changes:  # which one was meant? (the last would win silently)
+            raise InputError(f"candidate {spec!r}: {key} given twice; give it once")
         default = known[key].default
         try:
             if isinstance(default, bool):
@@ -466,6 +468,9 @@ def parse_candidate(spec: str) -> Candidate:
 def resolve_candidates(names: list[str] | tuple[str, ...] | None) -> list[Candidate]:
     """Turn user-given names into candidates; the baseline is always first, listed or not."""
     names = list(DEFAULT_CANDIDATES if names is None else names)
+    if names and not any(n.strip() for n in names):  # an empty shell variable, `--candidates "$C"`: not a choice
+        raise InputError("candidates are empty: name candidates (see `quantselect candidates`), or leave them out "
+                         "for the default set")
     seen: dict[str, Candidate] = {}
     for raw in names:
         if not raw.strip():

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantselect.errors import QuantselectError
+from quantselect.errors import InputError, QuantselectError
 from quantselect.settings import Settings
 
 
@@ -37,12 +37,7 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
       deployment keeps answering after the CLI exits.
     - otherwise: an in-process local cluster that ends with this process.
     """
-    # Inside a Ray job (submitted with --address) Ray sets RAY_ADDRESS: join that cluster.
-    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):  # the Jobs API's dashboard URL (Ray's docs
-        # set RAY_ADDRESS to it for `ray job submit`): ray.init takes no such address
-        raise QuantselectError(f"Ray address {address} is a dashboard URL: give HOST:6379 or ray://HOST:10001 in "
-                               "QUANTSELECT_RAY_ADDRESS (or RAY_ADDRESS), or submit to it with --address")
+    address = ray_address(settings)
     if not address:
         _local_env()
     import ray
@@ -62,6 +57,36 @@ def connect(settings: Settings, *, persistent: bool = False) -> None:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     except ConnectionError as e:
         raise QuantselectError(f"cannot connect to Ray at {address or 'the local head'}: {e}") from None
+
+
+def ray_address(settings: Settings) -> str | None:
+    """The cluster this process joins: QUANTSELECT_RAY_ADDRESS, else RAY_ADDRESS (inside a Ray job,
+    submitted with --address, Ray sets it); None for a local Ray. One ``ray.init`` cannot take is an
+    InputError naming what to give, asked without importing Ray: `submit` checks it before it writes
+    the job (a driver would otherwise fail on it after converting the model)."""
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    if address.startswith(("http://", "https://")):  # the Jobs API's dashboard URL (Ray's docs
+        # set RAY_ADDRESS to it for `ray job submit`): ray.init takes no such address
+        raise InputError(f"Ray address {address} is a dashboard URL: give HOST:6379 or ray://HOST:10001 in "
+                         "QUANTSELECT_RAY_ADDRESS (or RAY_ADDRESS), or submit to it with --address")
+    found = re.fullmatch(r"(ray://)?(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+)(?::(\d{1,5}))?/?", address)
+    if address not in ("auto", "local") and not (found and (found[1] or found[3]) and 0 < int(found[3] or 1) < 65536):
+        variable = "QUANTSELECT_RAY_ADDRESS" if settings.ray_address else "RAY_ADDRESS"
+        raise InputError(f"{variable}={address!r} is no Ray address: give the head's HOST:6379 (GCS port), or "
+                         "ray://HOST:10001, or unset it for a local Ray")
+    return address
+
+
+def check_jobs_address(address: str) -> None:
+    """``submit``/``resume --address``: the Ray dashboard's URL, ``http(s)://HOST[:PORT][/PATH]``, which
+    the Jobs API client takes; any other spelling is refused before the job is written (Ray's own
+    error, "Invalid address format", comes after it, and says nothing of what to give)."""
+    found = re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[^\s/:?#@\[\]]+)(?::(\d{1,5}))?(/[^\s?#]*)?", address)
+    if not found or not 0 < int(found[2] or 80) < 65536:
+        raise InputError(f"--address {address}: give the Ray dashboard's URL, http://HOST:8265 (the Jobs API; "
+                         "QUANTSELECT_RAY_ADDRESS is the one that takes HOST:6379)")
 
 
 def _ray_cli() -> str:

@@ -1285,18 +1285,21 @@ class Service:
         import json
 
         from quantselect.domain import planner
+        from quantselect.domain.dataset import stat_errors
         from quantselect.engines.models import from_hub, gguf_file, gguf_model_config, gguf_quantization, hub_name, shown
 
         model = hub_name(model)
         if readable is not None:
             only_under(readable, models=[model])
         path = from_hub(model, config_only=True) or Path(model).expanduser()
-        gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
+        with stat_errors("model", model):
+            gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
+            config = path / "config.json" if path.is_dir() else path
+            found = config.is_file()
         if gguf is not None:
             cfg, where = gguf_model_config(gguf), shown(gguf)
         else:
-            config = path / "config.json" if path.is_dir() else path
-            if not config.is_file():
+            if not found:
                 raise InputError(f"{model}: no config.json there (give a model folder, its config.json or a .gguf file)")
             try:
                 cfg = json.loads(config.read_text())
@@ -1635,6 +1638,7 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     whose header is its config) and recorded pinned to the commit read, ``owner/name@commit``: the
     job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
+    from quantselect.domain.dataset import stat_errors
     from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, hub_name, pinned, shown
 
     out = []
@@ -1648,7 +1652,9 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
         except InputError as e:
             raise InputError(f"candidate {c.name}: {e}") from None
         hub = pinned(c.config.path, path) if hub_id(c.config.path) else None
-        if path.is_file() and path.suffix.lower() == ".gguf":
+        with stat_errors(f"candidate {c.name}:", path):
+            is_file, is_dir = path.is_file(), path.is_dir()
+        if is_file and path.suffix.lower() == ".gguf":
             q = gguf_quantization(path)
             _check_same_model(c.name, shown(path), {**gguf_model_config(path), "vocab_size": q["vocab_size"]},
                               model_path)
@@ -1656,14 +1662,17 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
                                                  group_size=0, file_type=q["file_type"],
                                                  bits_per_weight=q["bits_per_weight"])))
             continue
-        if path.is_file():
+        if is_file:
             raise InputError(f"candidate {c.name}: {path}: a checkpoint is a Hugging Face model folder or a .gguf file")
-        if not path.is_dir():
+        if not is_dir:
             raise InputError(f"candidate {c.name}: {path}: no such checkpoint folder or .gguf file here (its "
                              "quantization is read at submit: on a cluster, submit where the same path is mounted)")
         cfg = read_model_config(path)
         if cfg is None:
             raise InputError(f"candidate {c.name}: {path}: not a Hugging Face model folder (no readable config.json)")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", {}), dict):  # read as dicts below
+            what = "field 'text_config' is" if isinstance(cfg, dict) else "it is"
+            raise InputError(f"candidate {c.name}: {path / 'config.json'}: {what} not a JSON object")
         _check_same_model(c.name, path, cfg, model_path)
         method, bits, group = checkpoint_quantization(cfg)
         out.append(Candidate(c.name, replace(c.config, path=hub or str(path.resolve()), method=method, bits=bits,

@@ -57,12 +57,24 @@ def test_a_failing_candidate_is_marked_failed_and_the_job_completes(ray_cluster,
     assert rec.chosen in ("baseline", "int8") and "failed" in rec.verdict("int4").reason
 
 
-def test_a_failed_baseline_fails_the_job_with_the_reason(ray_cluster, tmp_path):
-    """A model folder whose weights are unreadable: every candidate fails, the job says why."""
-    model = tmp_path / "broken"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
-    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+def _broken_model(tiny_llama: Path, tmp_path: Path) -> Path:
+    """A folder every submit-time check passes (config, tokenizer, a readable safetensors header) whose
+    weights transformers then refuses to load: one tensor has the wrong shape."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "broken"))
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.embed_tokens.weight"] = torch.zeros(3, 3)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+def test_a_failed_baseline_fails_the_job_with_the_reason(ray_cluster, tiny_llama, tmp_path):
+    """A model folder whose weights cannot be loaded: every candidate fails, the job says why."""
+    model = _broken_model(tiny_llama, tmp_path)
     svc = Service()
     spec = JobSpec(model=str(model), model_path=str(model),
                    dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=2), candidates=resolve_candidates([]))
@@ -354,10 +366,7 @@ def test_a_job_posts_its_end_to_its_webhook(ray_cluster, tiny_llama, tmp_path, c
         assert posted["text"] == (f"quantselect job {job.id} ({tiny_llama} on {EXAMPLES / 'piqa-300.jsonl'}) succeeded: "
                                   f"{rec['candidate']} recommended, {rec['relative_score']:.1%} of the baseline's quality, "
                                   f"${rec['cost_per_1m_tokens_usd']:.4g} per 1M tokens")
-        model = tmp_path / "broken"
-        model.mkdir()
-        (model / "config.json").write_text('{"model_type": "llama"}')
-        (model / "model.safetensors").write_bytes(b"not a safetensors file")
+        model = _broken_model(tiny_llama, tmp_path)
         svc = Service()
         spec = JobSpec(model=str(model), model_path=str(model), dataset=load_dataset(EXAMPLES / "piqa-300.jsonl", limit=2),
                        candidates=resolve_candidates([]), notify=hook.url)

@@ -55,6 +55,7 @@ import io
 import json
 import re
 import string
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -397,6 +398,20 @@ def _field(record: dict[str, Any], name: str, where: str) -> Any:
     return record[name]
 
 
+@contextmanager
+def stat_errors(what: str, path: str | Path):
+    """Around asking whether a path the user named is there (``is_file()``, ``exists()``): an error
+    the file system answers instead of yes or no -- a name too long for it, a folder that may not be
+    entered -- which those let through, is a one-line input error naming ``what`` it is and the path
+    (shortened: it may be thousands of characters)."""
+    try:
+        yield
+    except OSError as e:
+        name = str(path)
+        shown = name if len(name) <= 120 else f"{name[:80]}...{name[-20:]} ({len(name)} characters)"
+        raise InputError(f"{what} {shown}: cannot read it ({e.strerror or e})") from None
+
+
 def load_dataset(
     path: str | Path,
     mapping: FieldMapping | None = None,
@@ -412,7 +427,9 @@ def load_dataset(
     docstring)."""
     path = Path(path)
     mapping = mapping or FieldMapping()
-    if not path.is_file():
+    with stat_errors("dataset", path):
+        found = path.is_file()
+    if not found:
         raise InputError(f"{path}: dataset file not found")
     raw = _read_records(path, limit)
     if mapping.labels_file:
@@ -524,7 +541,9 @@ def _read_parquet(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
 
 
 def _read_labels(path: Path, n: int) -> list[int]:
-    if not path.is_file():
+    with stat_errors("labels", path):
+        found = path.is_file()
+    if not found:
         raise InputError(f"{path}: labels file not found")
     labels = []
     for i, line in enumerate(_lines(_read_text(path)), start=1):
@@ -711,7 +730,9 @@ def load_calibration_file(path: str | Path) -> list[str | list[dict[str, str]]]:
     ``text`` field per line, or is a task dataset (its prompts and answers are used; conversations
     stay conversations, rendered through the chat template by the worker)."""
     path = Path(path)
-    if not path.is_file():
+    with stat_errors("calibration", path):
+        found = path.is_file()
+    if not found:
         raise InputError(f"{path}: calibration file not found")
     if path.suffix.lower() == ".txt":
         texts: list[Any] = [ln.strip() for ln in _lines(_read_text(path)) if ln.strip()]

@@ -260,8 +260,13 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     their mixtures of experts, GPT-2-style models...); fields a multimodal wrapper's ``text_config``
     omits take its family's defaults (transformers writes a sub-config's differences from them only;
     a model's own config.json, or a GGUF header, lacking one is refused, naming the field)."""
+    if not isinstance(cfg, dict):  # a JSON file, but [1, 2] or null
+        raise InputError(f"{where}: not a JSON object")
     outer = cfg
-    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's config inside
+    cfg = cfg.get("text_config")  # multimodal wrappers keep the language model's config inside
+    cfg = outer if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: field 'text_config' is not a JSON object")
     model_type = cfg.get("model_type") or TEXT_MODEL_TYPE.get(outer.get("model_type") or "", outer.get("model_type"))
     if cfg is not outer:
         cfg = {**FAMILY_DEFAULTS.get(model_type or "", {}), **cfg}

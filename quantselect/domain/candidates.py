@@ -280,33 +280,62 @@ FP8_METHODS = ("fp8", "fbgemm_fp8", TORCHAO_FP8, COMPRESSED_FP8)
 GGUF = "gguf"
 
 
-def checkpoint_quantization(config: dict[str, Any]) -> tuple[str, int, int]:
-    """(method, bits, group size) of a checkpoint from its ``config.json``: its
-    ``quantization_config`` (GPTQ/AWQ ``bits``/``group_size``, bitsandbytes 4/8-bit, fp8, torchao's
-    config type), or a plain checkpoint's dtype."""
-    q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+def checkpoint_quantization(config: dict[str, Any], where: str = "config.json") -> tuple[str, int, int]:
+    """(method, bits, group size) of a checkpoint from its ``config.json`` (``where``, named in the
+    errors): its ``quantization_config`` (GPTQ/AWQ ``bits``/``group_size``, bitsandbytes 4/8-bit,
+    fp8, torchao's config type), or a plain checkpoint's dtype."""
+    text = config.get("text_config")
+    q = config.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
     if not q:
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         return "none", 32 if "32" in dtype else 16, 0
+    q = _object(q, "quantization_config", where)
     method = str(q.get("quant_method", "unknown")).lower()
     if method == "torchao":
-        return _torchao_quantization(q)
-    group = int(q.get("group_size") or q.get("q_group_size") or 0)
+        return _torchao_quantization(q, where)
+    group = _count(q.get("group_size") or q.get("q_group_size"), "quantization_config.group_size", where)
     if method == "bitsandbytes":
         return method, 4 if q.get("load_in_4bit") else 8, 64 if q.get("load_in_4bit") else 0
     if method in FP8_METHODS or "fp8" in str(q.get("quant_type", "")).lower():
         return method, 8, 0
     bits = q.get("bits") or q.get("w_bit") or q.get("weight_bits")
     if bits is None and method == "compressed-tensors":  # its weights' num_bits, first group
-        first = next(iter((q.get("config_groups") or {}).values()), {})
-        weights, inputs = first.get("weights") or {}, first.get("input_activations") or {}
-        bits, group = weights.get("num_bits"), int(weights.get("group_size") or 0)
+        groups = _object(q.get("config_groups") or {}, "quantization_config.config_groups", where)
+        name, first = next(iter(groups.items()), ("", {}))
+        at = f"quantization_config.config_groups.{name}"
+        first = _object(first, at, where)
+        weights = _object(first.get("weights") or {}, f"{at}.weights", where)
+        inputs = _object(first.get("input_activations") or {}, f"{at}.input_activations", where)
+        bits, group = weights.get("num_bits"), _count(weights.get("group_size"), f"{at}.weights.group_size", where)
         if all(t.get("type") == "float" and t.get("num_bits") == 8 for t in (weights, inputs)):
             return COMPRESSED_FP8, 8, 0  # llm-compressor's FP8 (W8A8): computed in fp8
-    return method, int(bits or 8), max(group, 0)
+    return method, _count(bits, "quantization_config.bits", where) or 8, max(group, 0)
 
 
-def _torchao_quantization(q: dict[str, Any]) -> tuple[str, int, int]:
+def _object(value: Any, field: str, where: str) -> dict[str, Any]:
+    """A field of a checkpoint's config.json read as an object: another type is the file's error, in one line."""
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: field {field!r} is {_shown(value)}, not a JSON object")
+    return value
+
+
+def _count(value: Any, field: str, where: str) -> int:
+    """A bit width or group size of a checkpoint's config.json: an integer (or its digits in a string);
+    missing (None, 0) is 0."""
+    if not value:
+        return 0
+    digits = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not re.fullmatch(r"\s*-?[0-9]{1,9}\s*", digits):
+        raise InputError(f"{where}: field {field!r} is {_shown(value)}, not an integer")
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:36]}..."
+
+
+def _torchao_quantization(q: dict[str, Any], where: str = "config.json") -> tuple[str, int, int]:
     """A torchao checkpoint's (method, bits, group size), from its serialized config
     (``quant_type: {"default": {"_type": "Int4WeightOnlyConfig", "_data": {...}}}``, as transformers'
     ``TorchAoConfig`` writes it). A config type not known here is refused: guessing its bits would
@@ -314,16 +343,18 @@ def _torchao_quantization(q: dict[str, Any]) -> tuple[str, int, int]:
     qt = q.get("quant_type")
     default = qt.get("default") if isinstance(qt, dict) else None
     kind = str(default.get("_type", "")) if isinstance(default, dict) else ""
-    data = (default.get("_data") if isinstance(default, dict) else None) or {}
+    at = "quantization_config.quant_type.default._data"
+    data = _object((default.get("_data") if isinstance(default, dict) else None) or {}, at, where)
 
     def inner(value: Any) -> Any:  # a serialized torch/torchao object: {"_type", "_data"}
         return value.get("_data") if isinstance(value, dict) else value
 
     granularity = data.get("granularity")
     if isinstance(granularity, dict) and granularity.get("_type") == "PerGroup":
-        group = int((inner(granularity) or {}).get("group_size") or 0)
+        per_group = _object(inner(granularity) or {}, f"{at}.granularity._data", where)
+        group = _count(per_group.get("group_size"), f"{at}.granularity._data.group_size", where)
     else:
-        group = int(data.get("group_size") or 0)  # PerRow / PerAxis: per channel
+        group = _count(data.get("group_size"), f"{at}.group_size", where)  # PerRow / PerAxis: per channel
     if kind == "Int4WeightOnlyConfig":
         return "torchao", 4, group or 128  # torchao's default group size
     if kind == "Float8DynamicActivationInt4WeightConfig":  # int4 weights, fp8 activations

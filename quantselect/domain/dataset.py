@@ -55,11 +55,12 @@ import io
 import json
 import re
 import string
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from quantselect.errors import InputError
 
@@ -425,17 +426,19 @@ def load_dataset(
     """Load a task dataset (JSONL; a JSON array in a .json file; CSV; Parquet), validating every item.
     ``metric``, ``max_new_tokens`` and ``stop`` left as None take the defaults (see the module
     docstring)."""
-    path = Path(path)
+    path = _local(path, "dataset")
     mapping = mapping or FieldMapping()
     with stat_errors("dataset", path):
         found = path.is_file()
     if not found:
         raise InputError(f"{path}: dataset file not found")
-    raw = _read_records(path, limit)
+    # with labels, every item is read: their counts must agree before the limit cuts the items
+    raw = _read_records(path, None if mapping.labels_file else limit)
     if mapping.labels_file:
-        labels = _read_labels(Path(mapping.labels_file), len(raw))
+        labels = _read_labels(_local(mapping.labels_file, "labels"), len(raw))
         for (where, rec), label in zip(raw, labels):
             rec["answer"] = label
+        raw = raw[:limit] if limit else raw
     records = [(where, mapping.apply(rec, where)) for where, rec in raw]
     return _validate(records, source=str(path), metric=metric, max_new_tokens=max_new_tokens, stop=stop,
                      chat_template=chat_template)
@@ -450,6 +453,15 @@ def parse_records(
         raise InputError(f"{source}: expected a list of items")
     return _validate([(f"{source}[{i}]", r) for i, r in enumerate(records)], source=source, metric=metric,
                      max_new_tokens=max_new_tokens, stop=stop, chat_template=chat_template)
+
+
+def _local(name: str | Path, what: str) -> Path:
+    """The path of a file the user named (``what``: dataset, labels, calibration); an address
+    (``https://``, ``s3://``), which Path would mangle into a missing file, is refused as such."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", str(name)):
+        raise InputError(f"{name}: URLs are not read ({what}): download it, or give a file of a Hub dataset, "
+                         "hf://datasets/OWNER/NAME/PATH")
+    return Path(name)
 
 
 def _read_text(path: Path) -> str:
@@ -474,13 +486,9 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
     text = _read_text(path)
     out: list[tuple[str, dict[str, Any]]] = []
     if path.suffix.lower() == ".csv":
-        # newline="": a quoted cell keeps its line breaks; a row may span lines, so it is named by
-        # the line it starts on
-        rows = csv.reader(io.StringIO(text, newline=""))
-        header = next(rows, [])
-        end = rows.line_num
-        for row in rows:
-            start, end = end + 1, rows.line_num
+        rows = _csv_rows(path, text)
+        _, header = next(rows, (0, []))
+        for start, row in rows:
             if not row:  # a blank line
                 continue
             if len(row) != len(header):
@@ -490,37 +498,100 @@ def _read_records(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
             rec: dict[str, Any] = dict(zip(header, row))
             for name in ("choices", "messages", "conversations"):  # lists in a CSV cell are JSON
                 if isinstance(rec.get(name), str) and rec[name].startswith("["):
-                    try:
-                        rec[name] = json.loads(rec[name])
-                    except json.JSONDecodeError:
-                        raise InputError(f"{path}:{start}: field {name!r} is not a JSON list") from None
+                    rec[name] = _json(rec[name], f"{path}:{start}: field {name!r}")
             out.append((f"{path}:{start}", rec))
             if limit and len(out) >= limit:
                 break
         return out
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of items
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records = _json(text, str(path), lines=True)
         for n, rec in enumerate(records[:limit] if limit else records):
             if not isinstance(rec, dict):
                 raise InputError(f"{path}[{n}]: expected a JSON object, got {type(rec).__name__}")
             out.append((f"{path}[{n}]", rec))
         return out
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+        _not_one_object(path, text)
     for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        rec = _json(line, f"{path}:{n}")
         if not isinstance(rec, dict):
             raise InputError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         out.append((f"{path}:{n}", rec))
         if limit and len(out) >= limit:
             break
     return out
+
+
+# A cell may hold a long document: the csv module's default limit (128 KiB a cell) fails it. This
+# one fits a C long everywhere (csv.field_size_limit takes one), and is set for the whole process.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line a row starts on, its cells) of a CSV text, the header first. ``newline=""``: a quoted
+    cell keeps its line breaks, so a row may span lines. Strict: a stray quote is an error, where the
+    lenient reader runs on to the next quote and silently merges rows into one."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            at = f" on line {rows.line_num}" if rows.line_num > start else ""
+            raise InputError(f"{path}:{start}: malformed CSV ({e}{at}); a cell that starts with a quote ends with "
+                             'one, and a quote inside it is doubled ("")') from None
+        end = rows.line_num
+        yield start, row
+
+
+def _json(text: str, where: str, lines: bool = False) -> Any:
+    """``text`` parsed as JSON; what Python's parser raises as an input error naming ``where`` (with
+    the line in a multi-line ``text``, ``lines``): malformed JSON, nesting too deep for its recursion,
+    an integer longer than it converts (``sys.get_int_max_str_digits``, 4300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # e.msg may end with "at" ("Unterminated string starting at"), the column then following it
+        at = f"{where}:{e.lineno}" if lines else where
+        raise InputError(f"{at}: malformed JSON ({e.msg}{'' if e.msg.endswith(' at') else ' at'} "
+                         f"column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read (over ~{sys.getrecursionlimit()} levels)") from None
+    except ValueError as e:  # the int conversion's limit: name the field and line of the long number
+        most = sys.get_int_max_str_digits()
+        found = re.search(r'(?:"((?:[^"\\]|\\.)*)"\s*:\s*)?-?(\d{%d,})' % (most + 1), text) if most else None
+        if found is None:
+            raise InputError(f"{where}: {str(e).split(';')[0]}") from None
+        line = f"{where}:{text.count(chr(10), 0, found.start()) + 1}" if lines else where
+        name = f"field {found[1]!r} holds " if found[1] is not None else ""
+        raise InputError(f"{line}: {name}a number of {len(found[2])} digits, more than the {most} that can be "
+                         "read; quote it if it is text") from None
+
+
+def _not_one_object(path: Path, text: str) -> None:
+    """A .json file that is one object wrapping the items (``{"items": [...]}``), or one object
+    written over several lines, rather than an array of items or JSON Lines (one item a line, which
+    some .json files are): said as such, not as an item that lacks its fields."""
+    try:
+        whole = json.loads(text)
+    except (ValueError, RecursionError):  # JSON Lines (or malformed): read, and said, line by line
+        return
+    if not isinstance(whole, dict):
+        return
+    lists = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+             and k not in ("messages", "conversations")]
+    items = {"prompt", "text", "messages", "conversations"} & set(whole)
+    if sum(bool(ln.strip()) for ln in _lines(text)) > 1 or (lists and not items):
+        inside = f"; are the items its {lists[0]!r}? give that list" if lists else ""
+        raise InputError(f"{path}: one JSON object; expected a JSON array of items (or JSON Lines, an item a "
+                         f"line){inside}")
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[tuple[str, dict[str, Any]]]:
@@ -541,6 +612,9 @@ def _read_parquet(path: Path, limit: int | None) -> list[tuple[str, dict[str, An
 
 
 def _read_labels(path: Path, n: int) -> list[int]:
+    """The labels of a dataset of ``n`` items (all of its file's, before any limit): exactly one a
+    line, as the items. A count that differs is a label left out or added, which shifts every later
+    one onto the wrong item."""
     with stat_errors("labels", path):
         found = path.is_file()
     if not found:
@@ -549,13 +623,12 @@ def _read_labels(path: Path, n: int) -> list[int]:
     for i, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
-        try:
-            labels.append(int(line))
-        except ValueError:
-            raise InputError(f"{path}:{i}: label {line.strip()!r} is not an integer") from None
-    if len(labels) < n:
-        raise InputError(f"{path}: has {len(labels)} labels for {n} items")
-    return labels[:n]
+        if not re.fullmatch(r"\s*[-+]?[0-9]{1,18}\s*", line):  # (int() takes "1_0", "²" and 5000 digits, slowly)
+            raise InputError(f"{path}:{i}: label {line.strip()[:40]!r} is not an integer (a choice's index)")
+        labels.append(int(line))
+    if len(labels) != n:
+        raise InputError(f"{path}: {len(labels)} labels for {n} items: one label per line, in the dataset's order")
+    return labels
 
 
 def _validate(
@@ -589,6 +662,14 @@ def _validate(
             metric = "top1_agreement"
         elif all("####" in (i.reference or "") for i in items):
             metric = "final_number"
+        elif 2 * sum("####" in (i.reference or "") for i in items) > len(items):
+            # GSM8K's answer lines, one of them mistyped ("### 18"): not a reason to score every item
+            # by exact match of its whole worked answer
+            n = sum("####" in (i.reference or "") for i in items)
+            where, ref = next((w, i.reference or "") for (w, _), i in zip(records, items)
+                              if "####" not in (i.reference or ""))
+            raise InputError(f"{where}: reference ending {ref[-40:]!r} has no '####' answer line, which {n} of "
+                             f"{len(items)} references have; fix it, or choose the scoring with --metric")
         elif items[0].messages is not None and any(len((i.reference or "").split()) > SHORT_ANSWER_WORDS
                                                    for i in items):
             metric = "top1_agreement"  # replies in a chat log are samples, not the one right answer
@@ -635,7 +716,7 @@ def _item(rec: dict[str, Any], where: str) -> tuple[str, Item]:
             if not isinstance(c, str) or not c.strip():
                 raise InputError(f"{where}: field 'choices' has an empty or non-string choice")
         answer = rec.get("answer")
-        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):  # not "--1" or "²"
+        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", answer):  # not "--1", "²", 5000 digits
             answer = int(answer)
         if not isinstance(answer, int) or isinstance(answer, bool):
             raise InputError(f"{where}: field 'answer' must be the integer index of the right choice")
@@ -729,7 +810,7 @@ def load_calibration_file(path: str | Path) -> list[str | list[dict[str, str]]]:
     """Calibration samples from a file: ``.txt`` has one sample per non-empty line; ``.jsonl`` has a
     ``text`` field per line, or is a task dataset (its prompts and answers are used; conversations
     stay conversations, rendered through the chat template by the worker)."""
-    path = Path(path)
+    path = _local(path, "calibration")
     with stat_errors("calibration", path):
         found = path.is_file()
     if not found:

@@ -267,6 +267,9 @@ def shape_from_config(cfg: dict[str, Any], where: str = "config.json") -> Shape:
     cfg = outer if cfg is None else cfg
     if not isinstance(cfg, dict):
         raise InputError(f"{where}: field 'text_config' is not a JSON object")
+    for c, name in ((outer, "model_type"), (cfg, "text_config.model_type")):  # looked up below: hashable
+        if c.get("model_type") is not None and not isinstance(c["model_type"], str):
+            raise InputError(f"{where}: field {name!r} must be a string, such as \"llama\"")
     model_type = cfg.get("model_type") or TEXT_MODEL_TYPE.get(outer.get("model_type") or "", outer.get("model_type"))
     if cfg is not outer:
         cfg = {**FAMILY_DEFAULTS.get(model_type or "", {}), **cfg}

@@ -375,12 +375,27 @@ def hub_data_file(name: str | None) -> Path | None:
                          "(e.g. hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet)")
     from urllib.parse import unquote
 
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     repo, file = found["repo"], found["file"]
     revision = unquote(found["rev"]) if found["rev"] else None  # refs%2Fpr%2F1, as the Hub's file system writes it
     _plain_segments(name, "not a file name of a Hugging Face Hub dataset", repo, file, revision)
     with _hub_errors(name, repo, revision, file, "dataset"):
+        if not constants.HF_HUB_OFFLINE:
+            # Asked once first, as a model's files are (snapshot_download): hf_hub_download retries a Hub
+            # out of reach or down for ~25 s, a warning a retry, before the cache or its error answers.
+            try:
+                get_hf_file_metadata(hf_hub_url(repo, file, repo_type="dataset", revision=revision))
+            except Exception as e:
+                if not (hub_unreachable(e) or _hub_failed(e)):
+                    raise
+                try:  # the cache answers, or the Hub's error stands
+                    return Path(hf_hub_download(repo, file, repo_type="dataset", revision=revision,
+                                                local_files_only=True))
+                except errors.LocalEntryNotFoundError:
+                    if hub_unreachable(e):  # said as a model out of reach is: what to do instead
+                        raise errors.LocalEntryNotFoundError(f"{type(e).__name__}: {_first_line(e)}") from None
+                    raise e from None
         return Path(hf_hub_download(repo, file, repo_type="dataset", revision=revision))
 
 
@@ -475,8 +490,9 @@ def check_model(model: str, weights: bool = True, quantized: bool = False) -> st
         text = cfg.get("text_config")
         q = cfg.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
         if q or (path / MARKER).is_file():
-            method = q.get("quant_method") if isinstance(q, dict) else None
-            raise InputError(f"{model}: already quantized ({method or 'a quantselect artifact'}); give the original "
+            method = (q.get("quant_method") if isinstance(q, dict) else None) or (
+                "a quantselect artifact" if (path / MARKER).is_file() else "it has a quantization_config")
+            raise InputError(f"{model}: already quantized ({method}); give the original "
                              f"model, and evaluate this one as a candidate LABEL={model}")
         # (a checkpoint need not have one: it is scored with the model's)
         if not any(any(path.glob(p)) for p in TOKENIZER_PATTERNS):
@@ -515,24 +531,36 @@ def _safetensors_unreadable(file: Path) -> str | None:
     return f"truncated: {size} bytes, its tensors end at byte {end}" if end > size else None
 
 
-def check_architecture(config_file: Path) -> None:
+def check_architecture(config_file: Path, prefix: str = "") -> None:
     """The model must be a causal language model transformers can load (a decoder: Llama, Mistral,
-    Qwen, Gemma, ...), said from ``config.json`` before anything is loaded."""
+    Qwen, Gemma, ...), said from ``config.json`` before anything is loaded; a checkpoint candidate's
+    too (``prefix`` of the messages: "candidate NAME: ")."""
     try:
         cfg = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{config_file}: not a readable JSON config ({e})") from None
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    except (OSError, ValueError, RecursionError) as e:  # (ValueError: an integer of over 4300 digits too)
+        raise InputError(f"{prefix}{config_file}: not a readable JSON config ({_first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{prefix}{config_file}: not a JSON object")
+    model_type = cfg.get("model_type")
     if not model_type:
-        raise InputError(f"{config_file}: field 'model_type' is missing; is this a Hugging Face model folder?")
+        raise InputError(f"{prefix}{config_file}: field 'model_type' is missing; is this a Hugging Face model folder?")
+    # fields read below as a string, a list of strings and an object (a multimodal model's language model)
+    if not isinstance(model_type, str):
+        raise InputError(f"{prefix}{config_file}: field 'model_type' must be a string, such as \"llama\"")
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"{prefix}{config_file}: field 'architectures' must be a list of class names, such as "
+                         "[\"LlamaForCausalLM\"]")
+    if not isinstance(cfg.get("text_config", {}), dict):  # (null too, as a checkpoint's: read as an object)
+        raise InputError(f"{prefix}{config_file}: field 'text_config' is not a JSON object")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal):
         what = f"architecture {', '.join(archs)}" if archs else f"model_type {model_type!r}"
-        raise InputError(f"{config_file}: {what} is not a causal language model transformers {_tf_version()} can load "
-                         "for generation (supported: Llama, Mistral, Qwen2/3, Gemma and other *ForCausalLM models)")
+        raise InputError(f"{prefix}{config_file}: {what} is not a causal language model transformers "
+                         f"{_tf_version()} can load for generation (supported: Llama, Mistral, Qwen2/3, Gemma and "
+                         "other *ForCausalLM models)")
 
 
 def _tf_version() -> str:
@@ -614,7 +642,7 @@ def model_config_here(model: str) -> tuple[dict, str] | None:
     path = Path(model).expanduser()
     try:
         return json.loads((path / "config.json").read_text()), str(path / "config.json")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

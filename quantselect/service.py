@@ -1534,6 +1534,9 @@ def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool,
     return {**kept, "QUANTSELECT_DB_URL": db_url}
 
 
+PATH_MAX = 4096  # Linux's: the longest path a file can be opened by
+
+
 def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[str] = ()) -> None:
     """Refuse (``ForbiddenError``) a file or folder of this machine outside the ``readable`` folders
     (links followed), whether it exists or not, so that the answer says nothing of what is there.
@@ -1544,8 +1547,8 @@ def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[
     here = [f for f in files if f and not f.startswith("hf://")] + [
         m for m in models if m != DEMO and not hub_id(m)]
     for name in here:
-        try:
-            real = Path(os.path.realpath(Path(name).expanduser()))
+        try:  # (longer than any path this machine has: realpath takes time quadratic in its segments)
+            real = Path(os.path.realpath(Path(name).expanduser())) if len(name) <= PATH_MAX else None
         except (ValueError, OSError, RuntimeError):  # a NUL byte, ~nosuchuser, say: nothing this machine holds
             real = None
         if real is None or not any(real.is_relative_to(f) for f in folders):

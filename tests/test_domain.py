@@ -160,8 +160,10 @@ def test_a_half_precision_candidate_stored_at_float32_reads_back_as_the_full_pre
     old = {"_type": "half_precision", "_version": 1, "_data": {"dtype": "float32", "kv_cache": "fp8"}}
     assert config_from_dict(old) == FullPrecision(kv_cache="fp8")
     assert config_from_dict(HalfPrecision("float16").to_dict()) == HalfPrecision("float16")
-    with pytest.raises(InputError, match="must be bfloat16 or float16"):
-        config_from_dict({"_type": "half_precision", "_version": 1, "_data": {"dtype": "int8"}})
+    for dtype in ("float64", "double", "torch.float32", "FP32"):  # any torch dtype was taken then
+        assert config_from_dict({"_type": "half_precision", "_version": 1, "_data": {"dtype": dtype}}) == FullPrecision()
+    for dtype, read in (("BF16", "bfloat16"), ("torch.float16", "float16"), ("half", "float16")):
+        assert config_from_dict({"_type": "half_precision", "_version": 1, "_data": {"dtype": dtype}}) == HalfPrecision(read)
 
 
 @pytest.mark.parametrize("t", [0, -0.1, 1.51])

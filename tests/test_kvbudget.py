@@ -36,6 +36,7 @@ def tiny_gemma(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 def test_a_sliding_window_model_s_batch_admits_what_its_cache_really_holds(tiny_gemma):
     """Budget 30 tokens (as if every layer kept each one): a row 100 wide costs its full layer 100
     tokens and each sliding layer only its window, ~23 -- one fits (it was refused: 100 > 30), two do not.
+    Its prompt counts in full (while it is read, a sliding layer holds the whole prompt): 20 do, 31 not.
     Decoded for real, the cache holds what the budget counted (a sliding layer keeps one token less
     than its window between steps), within the budget."""
     import torch
@@ -50,8 +51,9 @@ def test_a_sliding_window_model_s_batch_admits_what_its_cache_really_holds(tiny_
     assert not batch.plain  # sliding layers: no row joins a running batch (BatchDecoder.can_add)
     assert cost.per_token == 6 * 2 * 2 * 16 * 4  # every layer's K and V below the window, fp32
     assert cost.windows == ((WINDOW, 5 * 2 * 2 * 16 * 4),)
-    row = Row(ids=[5] * 40, out=[], max_tokens=60)
+    row = Row(ids=[5] * 20, out=[], max_tokens=80)
     assert batch.fits([row]) and not batch.fits([row, row])
+    assert not batch.fits([Row(ids=[5] * 31, out=[], max_tokens=1)])  # its prefill alone holds 31 tokens' worth
     assert batch.longest == (30 * cost.per_token - 5 * 256 * WINDOW) // 256  # 140: the full layer's tokens
 
     decoder = BatchDecoder(model)
@@ -67,29 +69,35 @@ def test_a_sliding_window_model_s_batch_admits_what_its_cache_really_holds(tiny_
 
 
 def test_a_long_request_on_a_sliding_window_model_is_served_and_the_400_counts_the_same(tiny_gemma):
-    """The request limit uses the batch's cost model: 40 + 100 tokens fit a 30-token budget (the
-    longest sequence it holds is 140), 40 + 101 is refused naming that; without max_tokens the answer
-    is cut to what the budget leaves. The long one decodes on the batch past its window."""
+    """The request limit uses the batch's cost model: 20 + 120 tokens fit a 30-token budget (the
+    longest sequence it holds is 140), 20 + 121 is refused naming that, and so is a prompt over 30
+    tokens (read, it holds every layer's keys); without max_tokens the answer is cut to what the budget
+    leaves. The long one decodes on the batch past its window."""
     import quantselect.serving.app as app
     from quantselect.serving.app import ApiError, CompletionRequest
 
     server_class = next(c for c in app.QuantizedModelServer.func_or_class.__mro__ if "_chat_ids" in vars(c))
     server = server_class("gemma", str(tiny_gemma), CATALOG["baseline"].to_dict(), kv_cache_tokens=30)
     assert server.static is None and server.batch.tokens == 30
-    assert server._limit([5] * 40, 100) == 100 and server._limit([5] * 40, None) == 100
+    assert server._limit([5] * 20, 120) == 120 and server._limit([5] * 20, None) == 120
     with pytest.raises(ApiError) as e:
-        server._limit([5] * 40, 101)
+        server._limit([5] * 20, 121)
     assert e.value.status == 400 and e.value.code == "context_length_exceeded" and e.value.message == (
-        "This request needs 141 tokens of KV cache (40 of prompt, 101 to generate); this replica holds 140: "
+        "This request needs 141 tokens of KV cache (20 of prompt, 121 to generate); this replica holds 140: "
         "ask for fewer max_tokens or a shorter prompt.")
-    seq = server._start([5] * 40, CompletionRequest(prompt="x", temperature=0, max_tokens=60), 60)
+    with pytest.raises(ApiError) as e:
+        server._limit([5] * 31, 1)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded" and e.value.message == (
+        "This request's prompt of 31 tokens needs more KV cache while it is read than this replica holds "
+        "(30 tokens): send a shorter prompt.")
+    seq = server._start([5] * 20, CompletionRequest(prompt="x", temperature=0, max_tokens=60), 60)
     *_, (_, reason, used) = seq.results()
     assert reason in ("length", "stop") and 1 <= used <= 60 and server.batch.peak == 1
 
 
 def test_a_model_whose_every_layer_slides_holds_rows_of_any_length():
     """Mistral v0.1: every layer keeps only its window, so a row's cache stops growing there; the
-    budget bounds the rows, not their length (the context does)."""
+    budget bounds the rows, not their length (the context does), and their prompts as they are read."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -101,8 +109,9 @@ def test_a_model_whose_every_layer_slides_holds_rows_of_any_length():
                                              sliding_window=WINDOW)).eval()
     batch = _Batch(model, threading.Lock(), 16, tokens=30)
     assert batch.cost.windows == ((WINDOW, batch.cost.per_token),) and batch.longest == 1 << 40
-    long = Row(ids=[5] * 200, out=[], max_tokens=50)
-    assert batch.fits([long] * 3) and not batch.fits([long] * 4)  # 3 rows x 8 tokens of 30
+    long = Row(ids=[5] * 8, out=[], max_tokens=200)
+    assert batch.fits([long] * 3) and not batch.fits([long] * 4)  # 3 rows x 8 tokens of 30 (prompts, then windows)
+    assert not batch.fits([Row(ids=[5] * 31, out=[], max_tokens=1)])  # a prompt is held whole while it is read
 
 
 def test_long_prompts_join_the_batch_in_prefill_passes_of_bounded_size(tiny_llama, monkeypatch):

@@ -412,12 +412,25 @@ class Candidate:
         return cls(name=d["name"], config=config_from_dict(d["config"]))
 
 
+def _stored_dtype(dtype: Any) -> Any:
+    """A stored half-precision dtype as torch names it: ``torch.bfloat16``, ``BF16``, ``half`` read as
+    bfloat16, bfloat16, float16."""
+    if not isinstance(dtype, str):
+        return dtype
+    name = dtype.strip().lower().removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(name, name)
+
+
 def config_from_dict(d: dict[str, Any]) -> CandidateConfig:
     cls = CONFIG_TYPES.get(d.get("_type", ""))
     data = d.get("_data") or {}
-    if cls is HalfPrecision and data.get("dtype") in ("float32", "float", "fp32"):  # stored before stop 26, when the
-        cls, data = FullPrecision, {k: v for k, v in data.items() if k != "dtype"}  # reference was "half" at fp32
+    if cls is HalfPrecision and _stored_dtype(data.get("dtype")) not in ("bfloat16", "float16"):
+        # stored before stop 26, when half precision took any torch dtype (float32, float64...): read back as the
+        # full precision it was
+        cls, data = FullPrecision, {k: v for k, v in data.items() if k != "dtype"}
         d = {**d, "_version": cls.version}
+    elif cls is HalfPrecision and "dtype" in data:
+        data = {**data, "dtype": _stored_dtype(data["dtype"])}
     if cls is None:
         raise InputError(f"unknown candidate config type {d.get('_type')!r}")
     if d.get("_version") != cls.version:

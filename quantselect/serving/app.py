@@ -390,8 +390,11 @@ class _Batch:
         row is as wide as the longest prompt plus the longest answer. A row's bytes for its width are
         ``KVCost.row_bytes``: its sliding-window layers stop growing at their window."""
         row = self.cost.row_bytes
-        if not self.plain:
-            return len(seqs) * row(max(len(s.ids) for s in seqs) + max(s.max_tokens for s in seqs)) <= self.bytes
+        if not self.plain:  # prefilled together: until the first step a sliding layer's window is a view of the
+            # keys and values of the whole prompt, so the pass holds every layer's, for every prompt token
+            width = max(len(s.ids) for s in seqs)
+            return len(seqs) * width * self.cost.per_token <= self.bytes and \
+                len(seqs) * row(width + max(s.max_tokens for s in seqs)) <= self.bytes
         now = [(len(s.ids) + len(s.out), s.max_tokens - len(s.out)) for s in seqs]  # (width, steps left)
         return all(sum(1 for _, r in now if r >= t) * row(max(w + t for w, r in now if r >= t)) <= self.bytes
                    for t in {r for _, r in now})
@@ -619,6 +622,10 @@ class QuantizedModelServer:
                 return static_room  # (the static cache answers it: the batch's budget is not its limit)
             max_tokens = max(1, cap)
         max_tokens = min(max_tokens, room)
+        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) > self.batch.tokens:
+            raise ApiError(400, f"This request's prompt of {len(ids)} tokens needs more KV cache while it is read than "
+                                f"this replica holds ({self.batch.tokens} tokens): send a shorter prompt.",
+                           "invalid_request_error", "context_length_exceeded")
         if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.longest:
             raise ApiError(400, f"This request needs {len(ids) + max_tokens} tokens of KV cache ({len(ids)} of prompt, "
                                 f"{max_tokens} to generate); this replica holds {self.batch.longest}: ask for fewer "

@@ -284,14 +284,12 @@ class Service:
 
     def submit_remote(self, job_id: str, address: str, resume: bool = False) -> str:
         """Run the job's driver on a Ray cluster through the Ray Jobs API."""
-        from ray.job_submission import JobSubmissionClient
-
         env = driver_env(os.environ, self.settings.db_url, deploy=self.repo.get_job(job_id).deploy,
                          folders={"QUANTSELECT_HOME": self.settings.home,
                                   "QUANTSELECT_ARTIFACTS_DIR": self.settings.artifacts_dir})
         deadline = time.monotonic() + 180  # a loaded head can take minutes to start its job agent
         try:
-            client = JobSubmissionClient(address)
+            client = jobs_client(address)
             while True:
                 try:
                     sid = client.submit_job(
@@ -358,17 +356,15 @@ class Service:
                     kwargs.setdefault("timeout", timeout)
                     return super()._do_request(*args, **kwargs)
 
-            client = self._ray_clients[(address, timeout)] = Client(address)
+            client = self._ray_clients[(address, timeout)] = jobs_client(address, Client)
         return client
 
     def follow_remote(self, address: str, submission_id: str, on_text: Callable[[str], None], every: float = 1.0) -> str:
         """The output of a job's driver on a Ray cluster (its progress lines, then its results or its
         error), handed to ``on_text`` as it comes, until that driver ends; returns the Ray job's final
         status (SUCCEEDED, FAILED, STOPPED)."""
-        from ray.job_submission import JobSubmissionClient
-
         try:
-            client = JobSubmissionClient(address)
+            client = jobs_client(address)
             shown = 0
             while True:
                 status = client.get_job_status(submission_id)  # then the logs: complete once it has ended
@@ -540,7 +536,7 @@ class Service:
                             partial=partial, max_retries=self.settings.max_retries,
                             **self._candidate_timeout(spec),
                             stream_chunk=self.settings.stream_chunk, models_dir=str(self.settings.models_dir),
-                            autoscaler_node_gpus=self.settings.autoscaler_node_gpus)
+                            autoscaler_node_gpus=self._autoscaler_gpus())
         return None if hooks.stopped else results
 
     def _candidate_timeout(self, spec: JobSpec) -> dict[str, Any]:
@@ -674,7 +670,7 @@ class Service:
             from quantselect.orchestration.cluster import connect, device_patterns
 
             connect(self.settings, persistent=spec.deploy)
-            devices = device_patterns(autoscaler_gpus=self.settings.autoscaler_node_gpus)
+            devices = device_patterns(autoscaler_gpus=self._autoscaler_gpus())
         for cand in spec.candidates:
             if cand.name not in keys:
                 continue
@@ -731,6 +727,18 @@ class Service:
         touch(path)  # used: `cache prune --older-than` keeps it
         return reference
 
+    def _autoscaler_gpus(self) -> int | None:
+        """QUANTSELECT_AUTOSCALER_NODE_GPUS where this process joins a cluster: a local Ray has no
+        autoscaler (the variable kept in a shell for the cluster would leave a local job waiting)."""
+        from quantselect.orchestration.cluster import ray_address
+
+        n = self.settings.autoscaler_node_gpus
+        if n and not ray_address(self.settings):
+            log.warning("QUANTSELECT_AUTOSCALER_NODE_GPUS=%d is ignored: this job runs on a local Ray, which no "
+                        "autoscaler grows", n)
+            return None
+        return n
+
     def _placements(self, spec: JobSpec, model_config: dict[str, Any] | None) -> tuple[dict[str, Any], list[CandidateResult]]:
         """Each candidate's GPU share from its memory estimate; candidates that fit on no node of the
         cluster are refused here, before the sweep, with the numbers (the baseline's refusal fails the job).
@@ -738,7 +746,7 @@ class Service:
         from quantselect.domain import planner
         from quantselect.orchestration.cluster import gpu_memory_bytes, gpus_per_node
 
-        nodes = gpus_per_node() + [self.settings.autoscaler_node_gpus or 0]
+        nodes = gpus_per_node() + [self._autoscaler_gpus() or 0]
         if not any(nodes):
             return {}, []
         try:
@@ -1211,8 +1219,18 @@ class Service:
         if not n:
             return Check("autoscaler", INFO, "QUANTSELECT_AUTOSCALER_NODE_GPUS unset: a job plans for the GPU nodes up "
                                              "when it starts (set it where an autoscaler adds GPU nodes on demand)")
+        from quantselect.orchestration.cluster import ray_address
+
+        try:
+            joined = ray_address(self.settings)
+        except InputError:  # (the ray check says what is wrong with it)
+            joined = None
+        if not joined:
+            return Check("autoscaler", WARN, f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n} is ignored: jobs here run on a "
+                                             "local Ray, which no autoscaler grows (set QUANTSELECT_RAY_ADDRESS, or "
+                                             "unset it)")
         found = (f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n}: jobs plan for nodes of {n} GPU{'s' if n > 1 else ''} "
-                 "the autoscaler adds, and their candidates wait for one")
+                 "the autoscaler adds, and their candidates wait for one (up to 30 min)")
         if self.settings.gpu_memory:
             return Check("autoscaler", INFO, found)
         return Check("autoscaler", WARN, f"{found}; while no GPU node is up its GPU memory is unknown, so every "
@@ -1489,6 +1507,25 @@ def _connect_checked(address: tuple[str, int], timeout: Any = None, source_addre
         except OSError as e:
             last = e
     raise last
+
+
+_ENVIRON = threading.Lock()
+
+
+def jobs_client(address: str, cls: Any = None) -> Any:
+    """Ray's Jobs API client for ``address``. Ray's own takes RAY_API_SERVER_ADDRESS, else RAY_ADDRESS,
+    over the address it is given: a shell set up for another cluster's dashboard would get the job, and
+    one that joins a cluster by HOST:6379 (as QUANTSELECT_RAY_ADDRESS may) would ask that head's GCS.
+    They are set aside while it is made (it reads them then, only)."""
+    if cls is None:
+        from ray.job_submission import JobSubmissionClient as cls
+
+    with _ENVIRON:
+        kept = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ}
+        try:
+            return cls(address)
+        finally:
+            os.environ.update(kept)
 
 
 def _webhook_opener() -> Any:

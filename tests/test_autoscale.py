@@ -90,6 +90,10 @@ def test_doctor_lists_the_setting_and_warns_without_the_gpu_memory(monkeypatch):
     monkeypatch.delenv("QUANTSELECT_GPU_MEMORY", raising=False)
     assert _doctor()["autoscaler"]["detail"].startswith(f"{VARIABLE} unset: ")
     monkeypatch.setenv(VARIABLE, "4")
+    check = _doctor()["autoscaler"]  # kept in a shell for the cluster, with jobs on a local Ray: no autoscaler
+    assert check["status"] == "warn" and check["detail"].startswith(f"{VARIABLE} 4 is ignored: jobs here run on a "
+                                                                      "local Ray"), check
+    monkeypatch.setenv("QUANTSELECT_RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     check = _doctor()["autoscaler"]
     assert check["status"] == "warn", check
     assert check["detail"].startswith(f"{VARIABLE} 4: ") and "set QUANTSELECT_GPU_MEMORY" in check["detail"]
@@ -196,3 +200,29 @@ def test_candidates_wait_for_the_gpu_node_the_autoscaler_adds_and_run_there(scal
     gpu_node = scale_from_zero.gpu_node_id()
     assert {r.node_id for r in results.values()} == {gpu_node}, results
     assert all(r.gpu_ids == ["0"] for r in results.values()), [(r.name, r.gpu_ids) for r in results.values()]
+
+
+def test_a_candidate_waits_for_the_autoscaler_only_so_long(scale_from_zero, tiny_llama, monkeypatch, caplog):
+    """A node the autoscaler never adds (its quota or max_workers reached): the candidate waiting for it
+    fails after AUTOSCALED_WITHIN (30 min; shortened here) saying so, rather than waiting for ever;
+    and on a local Ray (no address) the setting is ignored: the candidates run on its CPUs."""
+    from quantselect.service import Service, SubmitRequest
+
+    monkeypatch.setenv(VARIABLE, "1")
+    svc = Service()
+    job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4,
+                                   candidates=[], use_cache=False))
+    env = {**_ray_env(), "QUANTSELECT_RAY_ADDRESS": f"127.0.0.1:{scale_from_zero.port}",
+           "QUANTSELECT_HOME": os.environ["QUANTSELECT_HOME"], VARIABLE: "1"}
+    driver = DRIVER.replace("sweep.FIT_EVERY = 2.0, 0.5", "sweep.FIT_EVERY, sweep.AUTOSCALED_WITHIN = 2.0, 0.5, 6.0")
+    out = subprocess.run([sys.executable, "-c", driver, job.id], env=env, capture_output=True, text=True, timeout=400)
+    (baseline,) = svc.results(job.id)
+    assert baseline.status == "failed" and baseline.error == (
+        "cannot be placed: it asks for 1 GPU on one node and the largest live node has 0, and no node of 1 GPU the "
+        "autoscaler adds (QUANTSELECT_AUTOSCALER_NODE_GPUS) came up in 6s"), (baseline.error, out.stdout[-2000:])
+    assert svc.get_job(job.id).status == "failed"
+
+    local = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=4,
+                                     candidates=[], use_cache=False))
+    assert svc.run_job(local.id).status == "succeeded"  # this process: a local Ray, the variable set
+    assert f"{VARIABLE}=1 is ignored: this job runs on a local Ray" in caplog.text

@@ -65,12 +65,16 @@ def test_a_driver_that_ends_before_it_claims_the_job_fails_it_saying_why(head_no
     """A driver that ends on the cluster before it claims its job (a bad environment there, a crash at
     import, a stopped Ray job, a restarted head) left the job queued for ever, and `status --follow`
     waiting for ever: `status` asks the cluster about the Ray job stored at submission and fails the
-    job, naming that Ray job, how it ended and the driver's last words."""
+    job, naming that Ray job, how it ended and the driver's last words. RAY_API_SERVER_ADDRESS and
+    RAY_ADDRESS, which Ray's Jobs client takes over the address it is given, are set aside."""
     from quantselect.service import Service, SubmitRequest
 
     svc = Service()
     job = svc.submit(SubmitRequest(model=str(tiny_llama), dataset=str(EXAMPLES / "piqa-300.jsonl"), limit=6,
                                    candidates=["int8"]))
+    # Ray's Jobs client takes these over the address it is given: a shell set up for another cluster
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     monkeypatch.setenv("QUANTSELECT_MAX_RETRIES", "many")  # the driver gets it on the cluster, and cannot start
     sid = svc.submit_remote(job.id, head_node)
     monkeypatch.delenv("QUANTSELECT_MAX_RETRIES")

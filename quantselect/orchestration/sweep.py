@@ -35,6 +35,9 @@ FIT_EVERY = 5.0  # seconds between two checks that the live nodes can still hold
 # how long a candidate no live node can hold may stay so before it fails: a node that left (a crash,
 # a preempted VM its cluster replaces) may come back
 UNPLACEABLE_FOR = 120.0
+# how long a candidate only a node the autoscaler would add can hold waits for one (provisioning a GPU
+# node takes minutes; one that never comes, quota or max_workers reached, would leave it waiting for ever)
+AUTOSCALED_WITHIN = 1800.0
 # A submitted candidate whose worker has not reported this long after is shown waiting for its
 # resources (sooner, every candidate would say so for the second its worker process takes to start).
 WAITING_AFTER = 5.0
@@ -345,21 +348,30 @@ class _Runner:
         """The candidates in flight that no live node has been able to hold for ``UNPLACEABLE_FOR``
         (checked every few seconds): asked for more than the largest node has, or its node left. Ray
         would keep them pending forever (it waits for an autoscaler), and their waiting is not timed.
-        A node the autoscaler adds counts as one that could hold them."""
+        One that a node the autoscaler adds could hold waits for it up to ``AUTOSCALED_WITHIN``."""
         from quantselect.orchestration.cluster import alive_nodes, unplaceable
 
         if not running or time.monotonic() - self.fit_at < FIT_EVERY:
             return {}
         now = self.fit_at = time.monotonic()
         nodes = alive_nodes()
-        why = {c.name: unplaceable(self.asked[c.name], nodes, self.autoscaler_gpus) for c, _ in running.values()}
-        for name, text in why.items():
-            if text:
-                self.unplaced_since.setdefault(name, now)
+        why: dict[str, tuple[str, float]] = {}  # what holds it back, and for how long it may
+        for c, _ in running.values():
+            live = unplaceable(self.asked[c.name], nodes)
+            if live and self.autoscaler_gpus and not unplaceable(self.asked[c.name], nodes, self.autoscaler_gpus):
+                n = self.autoscaler_gpus
+                why[c.name] = (f"{live}, and no node of {n} GPU{'s' if n > 1 else ''} the autoscaler adds "
+                               f"(QUANTSELECT_AUTOSCALER_NODE_GPUS) came up in {format_duration(AUTOSCALED_WITHIN)}",
+                               AUTOSCALED_WITHIN)
+            elif live:
+                why[c.name] = (unplaceable(self.asked[c.name], nodes, self.autoscaler_gpus) or live, UNPLACEABLE_FOR)
+        for c, _ in running.values():
+            if c.name in why:
+                self.unplaced_since.setdefault(c.name, now)
             else:
-                self.unplaced_since.pop(name, None)
-        return {name: f"cannot be placed: {text}" for name, text in why.items()
-                if text and now - self.unplaced_since[name] >= UNPLACEABLE_FOR}
+                self.unplaced_since.pop(c.name, None)
+        return {name: f"cannot be placed: {text}" for name, (text, grace) in why.items()
+                if now - self.unplaced_since[name] >= grace}
 
     def __call__(self, candidates: list[Candidate], baseline=None, early_stop=None) -> list[CandidateResult]:
         import ray

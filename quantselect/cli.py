@@ -70,7 +70,7 @@ def cli() -> None:
 
     State lives under $QUANTSELECT_HOME (default ~/.quantselect); the database is
     $QUANTSELECT_DB_URL (default SQLite under the home); $QUANTSELECT_RAY_ADDRESS joins a Ray
-    cluster (unset: a local one)."""
+    cluster (unset: $RAY_ADDRESS, else a local one)."""
     # Libraries' import-time notes a user cannot act on: torchao's CUDA-only extensions that do not
     # load on a CPU, torch's deprecation notes about torchao's enums. Errors still show.
     for name in ("torchao", "torch.utils._pytree"):
@@ -175,11 +175,17 @@ def _run_and_report(svc: Any, job_id: str, deploy: bool, resume: bool = False) -
         raise QuantselectError(f"job {job_id} was cancelled; `quantselect resume {job_id}` continues it")
     _print_results(svc, job_id)
     if deploy:
-        job = svc.get_job(job_id)
-        if job.deploy_error:  # the results stand; what to do next is in the message
-            why = job.deploy_error.removeprefix(f"job {job_id}: ")
-            raise QuantselectError(f"job {job_id} succeeded but was not deployed: {why} "
-                                   f"(`quantselect deploy {job_id} --candidate NAME` serves one)")
+        _deployment_outcome(svc.get_job(job_id))
+
+
+def _deployment_outcome(job: Any) -> None:
+    """After a succeeded job's results: where it is served, or (it asked to be and was not) why, an
+    error: a script waiting on it must not go on as if it were served."""
+    if job.deploy and job.deploy_error:  # the results stand; what to do next is in the message
+        why = job.deploy_error.removeprefix(f"job {job.id}: ")
+        raise QuantselectError(f"job {job.id} succeeded but was not deployed: {why} "
+                               f"(`quantselect deploy {job.id} --candidate NAME` serves one)")
+    if job.base_url:
         _print_deployment(job.base_url, job.deployed_candidate, job.model_path)
 
 
@@ -416,6 +422,7 @@ def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
             click.echo(f"[{time.monotonic() - start:7.1f}s] {line.strip()}")
     if job.status == SUCCEEDED and not svc.driver_silent_for(job):
         _print_results(svc, job_id)
+        _deployment_outcome(job)
     elif job.status == SUCCEEDED:
         raise QuantselectError(f"job {job_id} succeeded but was not deployed: its driver is gone")
     elif job.status == RUNNING:
@@ -428,7 +435,7 @@ def _follow(svc: Any, job_id: str, every: float = 2.0) -> None:
 
 
 @cli.command("run-job", hidden=True)
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--resume", is_flag=True, help="Continue a job whose driver died.")
 def run_job(job_id: str, resume: bool) -> None:
     """Run a stored job (the driver; used by the Ray Jobs API entrypoint)."""
@@ -437,7 +444,7 @@ def run_job(job_id: str, resume: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--address", default=None, help="Ray dashboard address (http://HOST:8265): run the driver there via the Jobs API.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the job (the default without --address).")
 def resume(job_id: str, address: str | None, wait: bool | None) -> None:
@@ -484,23 +491,41 @@ def delete(job_ids: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--candidate", "candidates", multiple=True, metavar="NAME",
               help="Cancel only this candidate (repeatable): the job goes on without it.")
 def cancel(job_id: str, candidates: tuple[str, ...]) -> None:
     """Cancel JOB: its driver stops its workers within seconds (freeing their GPUs) and marks it cancelled.
     With --candidate, only those candidates: the others run on, and a resume leaves them cancelled."""
     svc = _service()
-    for name in candidates:
-        svc.cancel_candidate(job_id, name)
-        click.echo(f"Job {job_id}: {name} cancelled; its driver stops its worker within seconds, the others run on")
     if candidates:
-        return
+        return _cancel_candidates(svc, job_id, tuple(dict.fromkeys(candidates)))  # `--candidate a --candidate a`: once
     job = svc.cancel(job_id)
     if job.status == CANCELLED:
         click.echo(f"Job {job_id}: cancelled")
     else:
         click.echo(f"Job {job_id}: cancel requested; its driver ({job.driver}) stops it within seconds")
+
+
+def _cancel_candidates(svc: Any, job_id: str, names: tuple[str, ...]) -> None:
+    """Several are all looked up first: a cancel cannot be undone, so a typo, the baseline or one
+    finished among them cancels none, rather than those before it (one alone: the service says why)."""
+    from quantselect.domain.results import PENDING
+    from quantselect.errors import ConflictError, NotFoundError
+
+    if len(names) > 1 and svc.get_job(job_id).status not in FINISHED:  # a finished job: the first says so
+        status = {r.name: r.status for r in svc.results(job_id)}
+        unknown = [repr(n) for n in names if n not in status]
+        if unknown:
+            raise NotFoundError(f"job {job_id} has no candidate {', '.join(unknown)}: nothing cancelled "
+                                f"(`quantselect status {job_id}` lists them)")
+        refused = [f"{n} (the baseline: `quantselect cancel {job_id}` cancels the whole job)" if n == BASELINE
+                   else f"{n} (already {status[n]})" for n in names if n == BASELINE or status[n] not in (PENDING, RUNNING)]
+        if refused:
+            raise ConflictError(f"job {job_id}: cannot cancel {', '.join(refused)}: nothing cancelled")
+    for name in names:
+        svc.cancel_candidate(job_id, name)
+        click.echo(f"Job {job_id}: {name} cancelled; its driver stops its worker within seconds, the others run on")
 
 
 @cli.command()
@@ -537,14 +562,16 @@ def _answer(recommended: dict[str, Any] | None) -> str:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--follow", "-f", is_flag=True,
               help="Keep watching a job that runs elsewhere (a cluster, the API server): print each change as "
                    "it happens, then the results; exits non-zero unless the job succeeded.")
-@click.option("--every", type=click.FloatRange(min=0.1), default=2.0, show_default=True, metavar="SECONDS",
-              help="With --follow: how often to look.")
+@click.option("--every", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="With --follow: how often to look, from 0.1 to 3600.")
 def status(job_id: str, follow: bool, every: float) -> None:
     """A job's status and its candidates' statuses."""
+    if not 0.1 <= every <= 3600:  # nan and inf too (which a FloatRange lets through, or says in three lines)
+        raise InputError(f"--every {every}: give the seconds between looks, from 0.1 to 3600")
     svc = _service()
     if follow:
         return _follow(svc, job_id, every)
@@ -596,7 +623,7 @@ def _status_lines(svc: Any, job: Any, note: str | None = None) -> dict[str, str]
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
               show_default=True, help="csv: one row per candidate (or item), every field; markdown: the table and "
                                       "the recommendation to paste into a pull request or an issue.")
@@ -635,7 +662,7 @@ def _echo_csv(rows: list[dict[str, Any]]) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--threshold", type=float, default=None, help="Recompute for another threshold (default: the job's).")
 @click.option("--confidence", type=float, default=None, help="Recompute at another confidence (default: the job's).")
 @click.option("--policy", type=click.Choice(POLICIES), default=None, help="Recompute under another policy (default: the job's).")
@@ -656,12 +683,13 @@ def recommend(job_id: str, threshold: float | None, confidence: float | None, po
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.argument("candidate")
 @click.option("--against", default=BASELINE, show_default=True, help="The candidate to compare with.")
 @click.option("--limit", type=click.IntRange(min=0), default=10, show_default=True,
               help="Items shown each way (worse, better).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "table", "json"]), default="text", show_default=True,
+              help="table: the same as text (the word the other commands use).")
 def compare(job_id: str, candidate: str, against: str, limit: int, fmt: str) -> None:
     """The items CANDIDATE scored differently from the baseline (or --against), worst drops first:
     each prompt, what was expected, and what each one answered."""
@@ -674,7 +702,7 @@ def compare(job_id: str, candidate: str, against: str, limit: int, fmt: str) -> 
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--candidate", default=None, help="Serve this candidate instead of the recommended one.")
 @click.option("--engine", type=click.Choice(["static", "dynamic"]), default=None,
               help="Decoding: static (a static KV cache, compiled on a GPU, one request at a time; the GPU "
@@ -689,7 +717,7 @@ def deploy(job_id: str, candidate: str | None, engine: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--candidate", default=None, help="Export this candidate instead of the recommended one.")
 def export(job_id: str, dest: str, candidate: str | None) -> None:
@@ -700,7 +728,7 @@ def export(job_id: str, dest: str, candidate: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 def undeploy(job_id: str) -> None:
     """Stop serving a job's deployed candidate (the local Ray head keeps running: `ray stop` ends it)."""
     click.echo(f"Stopped serving {_service().undeploy(job_id)}.")
@@ -708,7 +736,7 @@ def undeploy(job_id: str) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--gpu", default=None, help="Target GPU: H100-80GB (default), A100-80GB, L40S, L4, A10G, RTX-4090.")
+@click.option("--gpu", "--target-gpu", "gpu", default=None, help="Target GPU: H100-80GB (default), A100-80GB, L40S, L4, A10G, RTX-4090.")
 @click.option("--gpu-memory", default=None, help="Or its memory, e.g. 24GiB.")
 @click.option("--context", type=click.IntRange(min=1), default=None, help="Tokens of context per sequence (default: min(model's, 8192)).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences served at once.")
@@ -737,12 +765,16 @@ def plan(model: str, gpu: str | None, gpu_memory: str | None, context: int | Non
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. 127.0.0.1: this machine only; 0.0.0.0: every interface (set "
+                   "QUANTSELECT_API_TOKEN).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port to listen on (one in use is refused before anything starts).")
 def api(host: str, port: int) -> None:
-    """Serve the REST API (OpenAPI docs at /docs). With $QUANTSELECT_API_TOKEN set, every /api/v1
-    request must carry it: `Authorization: Bearer TOKEN`; without it, on 127.0.0.1, only requests
-    to 127.0.0.1, localhost or [::1] are answered (no web page reaches it by DNS rebinding)."""
+    """Serve the REST API (OpenAPI docs at /docs). With $QUANTSELECT_API_TOKEN set, every request
+    but /healthz and the docs must carry it: `Authorization: Bearer TOKEN`; without it, on
+    127.0.0.1, only requests to 127.0.0.1, localhost or [::1] are answered, and to the names in
+    $QUANTSELECT_API_HOSTS too (no web page reaches it by DNS rebinding)."""
     import uvicorn
 
     from quantselect.api.app import create_app
@@ -751,7 +783,8 @@ def api(host: str, port: int) -> None:
     _check_listen(host, port)  # before uvicorn: its start-up joins (or starts, lasting) a local Ray head first
     svc = _service()
     if svc.settings.api_token:
-        click.echo("Every /api/v1 request must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.", err=True)
+        click.echo("Every request but /healthz and the docs must carry `Authorization: Bearer $QUANTSELECT_API_TOKEN`.",
+                   err=True)
     elif not is_loopback(host):
         click.echo(f"warning: serving on {host}:{port} with no QUANTSELECT_API_TOKEN: whoever reaches this port can "
                    "submit and delete jobs and read their datasets; set one (`openssl rand -hex 32`)", err=True)
@@ -842,9 +875,13 @@ def cache_prune(keys: tuple[str, ...], older_than: str | None, everything: bool,
 def candidates(fmt: str) -> None:
     """Every candidate, its parameters, whether it can run on this machine, and why not.
 
-    Change a parameter with NAME:key=value, e.g. `--candidates int4-gptq:group_size=64,int4:group_size=64`;
-    add kv_cache=fp8 to any candidate to measure it with an fp8 KV cache.
-    Add a checkpoint quantized elsewhere with LABEL=PATH, e.g. `--candidates int8,hub-awq=/models/llama-awq`."""
+    Change a parameter with NAME:key=value; add kv_cache=fp8 to any candidate to measure it with an
+    fp8 KV cache; add a checkpoint quantized elsewhere with LABEL=PATH. For example:
+
+    \b
+      --candidates int4-gptq:group_size=64,int4:group_size=64
+      --candidates int8,hub-awq=/models/llama-awq
+    """
     from quantselect.render import table
 
     rows = _service().candidates()

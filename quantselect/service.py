@@ -1225,12 +1225,12 @@ class Service:
             joined = ray_address(self.settings)
         except InputError:  # (the ray check says what is wrong with it)
             joined = None
-        if not joined:
-            return Check("autoscaler", WARN, f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n} is ignored: jobs here run on a "
-                                             "local Ray, which no autoscaler grows (set QUANTSELECT_RAY_ADDRESS, or "
-                                             "unset it)")
-        found = (f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n}: jobs plan for nodes of {n} GPU{'s' if n > 1 else ''} "
-                 "the autoscaler adds, and their candidates wait for one (up to 30 min)")
+        plan = (f"plan for nodes of {n} GPU{'s' if n > 1 else ''} the autoscaler adds, and their candidates wait for "
+                "one (up to 30 min)")
+        # unjoined is no mistake: a laptop that submits with --address hands it to the driver on the cluster
+        found = f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n}: jobs {plan}" if joined else (
+            f"QUANTSELECT_AUTOSCALER_NODE_GPUS {n} applies to jobs submitted with --address and where "
+            f"QUANTSELECT_RAY_ADDRESS is set (jobs run here, on a local Ray, ignore it): they {plan}")
         if self.settings.gpu_memory:
             return Check("autoscaler", INFO, found)
         return Check("autoscaler", WARN, f"{found}; while no GPU node is up its GPU memory is unknown, so every "

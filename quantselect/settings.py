@@ -39,6 +39,8 @@ class Settings:
     api_paths: tuple[Path, ...] | None = None  # the folders REST requests may name files under (None: any)
     notify_hosts: tuple[str, ...] | None = None  # the hosts a job's webhook may be on (None: any but link-local)
     api_hosts: tuple[str, ...] = ()  # names a token-less REST API on loopback answers besides this machine's own
+    gptq_cuda_kernel: str | None = None  # GPTQModel's kernel for GPTQ artifacts on a GPU (None: gptq_triton)
+    awq_cuda_kernel: str | None = None  # and for AWQ ones (None: gemm_triton)
 
     @property
     def models_dir(self) -> Path:
@@ -85,7 +87,33 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_paths=_folders(env, "QUANTSELECT_API_PATHS"),
         notify_hosts=_hosts(env, "QUANTSELECT_NOTIFY_HOSTS"),
         api_hosts=_hosts(env, "QUANTSELECT_API_HOSTS") or (),
+        gptq_cuda_kernel=cuda_kernel(env, "gptq"),
+        awq_cuda_kernel=cuda_kernel(env, "awq"),
     )
+
+
+# The kernels GPTQModel 7.6 can load a GPTQ / AWQ artifact with on an NVIDIA GPU, by the names its
+# BACKEND takes (GPTQ: also without "gptq_"); AWQ's are those transformers' AwqConfig also accepts
+# (gemv and gemv_fast need another checkpoint format; the CPU and XPU kernels are left out).
+CUDA_KERNEL_CHOICES = {
+    "gptq": ("gptq_triton", "gptq_marlin", "gptq_machete", "gptq_exllama_v2", "gptq_bitblas", "gptq_swordfish",
+             "gptq_torch", "auto"),
+    "awq": ("gemm_triton", "gemm", "marlin", "machete", "exllama_v2", "torch_awq", "auto"),
+}
+
+
+def cuda_kernel(env: Mapping[str, str], method: str) -> str | None:
+    """QUANTSELECT_GPTQ_CUDA_KERNEL / QUANTSELECT_AWQ_CUDA_KERNEL, lower-cased. Read by the worker that
+    loads an artifact, and checked here first: a typo would otherwise fail only once the whole
+    quantization on a GPU was done."""
+    name = f"QUANTSELECT_{method.upper()}_CUDA_KERNEL"
+    raw = env.get(name) or ""
+    value = raw.strip().lower()
+    choices = CUDA_KERNEL_CHOICES[method]
+    if value and value not in choices and not (method == "gptq" and f"gptq_{value}" in choices):
+        raise InputError(f"{name}={raw!r}: give one of {', '.join(choices)}" + (" (gptq_ may be left out)" if
+                         method == "gptq" else "") + f", or unset it for {choices[0]}")
+    return value or None
 
 
 MIN_TOKEN_CHARS = 16

@@ -90,9 +90,14 @@ def test_doctor_lists_the_setting_and_warns_without_the_gpu_memory(monkeypatch):
     monkeypatch.delenv("QUANTSELECT_GPU_MEMORY", raising=False)
     assert _doctor()["autoscaler"]["detail"].startswith(f"{VARIABLE} unset: ")
     monkeypatch.setenv(VARIABLE, "4")
-    check = _doctor()["autoscaler"]  # kept in a shell for the cluster, with jobs on a local Ray: no autoscaler
-    assert check["status"] == "warn" and check["detail"].startswith(f"{VARIABLE} 4 is ignored: jobs here run on a "
-                                                                      "local Ray"), check
+    # set on a laptop that submits with --address (the driver on the cluster gets it): said, not taken for a mistake
+    check = _doctor()["autoscaler"]
+    assert check["detail"].startswith(f"{VARIABLE} 4 applies to jobs submitted with --address and where "
+                                      "QUANTSELECT_RAY_ADDRESS is set (jobs run here, on a local Ray, ignore it)"), check
+    assert check["status"] == "warn" and "set QUANTSELECT_GPU_MEMORY" in check["detail"], check
+    monkeypatch.setenv("QUANTSELECT_GPU_MEMORY", "24GiB")
+    assert _doctor()["autoscaler"]["status"] == "info"
+    monkeypatch.delenv("QUANTSELECT_GPU_MEMORY")
     monkeypatch.setenv("QUANTSELECT_RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     check = _doctor()["autoscaler"]
     assert check["status"] == "warn", check

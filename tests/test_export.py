@@ -98,7 +98,7 @@ def test_export_refuses_what_it_cannot_write_in_one_line(finished_job, svc, tmp_
     (tmp_path / "full" / "keep.txt").write_text("mine")
     cases = [
         ([job_id, str(tmp_path / "full")], "already exists; name a new (or empty) folder"),
-        ([job_id, str(tmp_path / "x"), "--candidate", "int4"], "candidate 'int4' did not succeed"),
+        ([job_id, str(tmp_path / "x"), "--candidate", "int4"], f"job '{job_id}' has no candidate 'int4'"),
         (["nope", str(tmp_path / "x")], "not found"),
         ([job_id, str(tmp_path / "x"), "--candidate", "w8a8"], "quantized in memory only on cpu"),
     ]

@@ -333,6 +333,7 @@ class FieldMapping:
     def parse(cls, pairs: Iterable[str], labels_file: str | None = None) -> "FieldMapping":
         """Parse ``key=value`` strings as given to ``--map``."""
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # key -> the pair that gave it: a second one is refused, not the last kept
         for pair in pairs:
             key, sep, value = pair.partition("=")
             key = key.strip()
@@ -340,6 +341,10 @@ class FieldMapping:
                 raise InputError(
                     f"--map {pair!r}: expected KEY=VALUE with KEY one of {', '.join(cls.KEYS)}"
                 )
+            if key in given:
+                raise InputError(f"--map {key}= given twice ({given[key]!r}, {pair!r}): give it once"
+                                 + (" (choices=F1,F2 takes every choice)" if key == "choices" else ""))
+            given[key] = pair
             if key == "choices":
                 values[key] = tuple(v.strip() for v in value.split(",") if v.strip())
             elif key == "prompt":

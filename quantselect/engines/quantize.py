@@ -300,7 +300,10 @@ def gptqmodel_reload_kwargs(folder: Any, device: str) -> dict[str, Any]:
         return {}
     qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
     method = str(qc.get("quant_method", "")).lower()
-    backend = os.environ.get(f"QUANTSELECT_{method.upper()}_CUDA_KERNEL") or CUDA_KERNELS.get(method)
+    from quantselect.settings import CUDA_KERNEL_CHOICES, cuda_kernel
+
+    # the worker's own environment (a driver on a cluster hands its QUANTSELECT_* on), checked again
+    backend = (cuda_kernel(os.environ, method) if method in CUDA_KERNEL_CHOICES else None) or CUDA_KERNELS.get(method)
     if method == "gptq":
         from transformers import GPTQConfig
 

@@ -4,6 +4,7 @@ layers; knows nothing of click or HTTP. Heavy modules are imported inside the me
 from __future__ import annotations
 
 import logging
+import errno
 import os
 import re
 import socket
@@ -181,8 +182,10 @@ class Service:
         policy = validate_policy(req.policy)
         candidates = resolve_candidates(req.candidates)
         if req.readable is not None:
-            only_under(req.readable, req.dataset, req.mapping and req.mapping.labels_file, req.calibration,
-                       models=[req.model, *(hub_name(c.config.path) for c in candidates if isinstance(c.config, Prequantized))])
+            only_under(req.readable, {"dataset": req.dataset, "labels": req.mapping and req.mapping.labels_file,
+                                      "calibration": req.calibration},
+                       models={"model": req.model, **{f"candidate {c.name}:": hub_name(c.config.path) for c in candidates
+                                                      if isinstance(c.config, Prequantized)}})
         if req.candidate_timeout is not None and not 0 < req.candidate_timeout < float("inf"):
             raise InputError(f"candidate timeout {req.candidate_timeout}: give a duration longer than 0 (in seconds)")
         if req.limit is not None and req.limit < 1:
@@ -1331,7 +1334,7 @@ class Service:
 
         model = hub_name(model)
         if readable is not None:
-            only_under(readable, models=[model])
+            only_under(readable, models={"model": model})
         path = from_hub(model, config_only=True) or Path(model).expanduser()
         with stat_errors("model", model):
             gguf = gguf_file(model) or gguf_file(str(path))  # the demo's; a .gguf path, or one of a Hub repository
@@ -1574,18 +1577,24 @@ def driver_env(environ: Mapping[str, str], db_url: str, deploy: bool,
 PATH_MAX = 4096  # Linux's: the longest path a file can be opened by
 
 
-def only_under(readable: tuple[Path, ...], *files: str | None, models: Sequence[str] = ()) -> None:
+def only_under(readable: tuple[Path, ...], files: Mapping[str, str | None] | None = None,
+               models: Mapping[str, str] | None = None) -> None:
     """Refuse (``ForbiddenError``) a file or folder of this machine outside the ``readable`` folders
     (links followed), whether it exists or not, so that the answer says nothing of what is there.
-    ``hf://`` files, and ``models`` named by their Hub id or ``demo``, are not this machine's."""
+    ``files`` and ``models`` by what they are (``dataset``, ``model``...). ``hf://`` files, and models
+    named by their Hub id or ``demo``, are not this machine's."""
+    from quantselect.domain.dataset import stat_errors
     from quantselect.engines.models import DEMO, hub_id
 
     folders = [Path(os.path.realpath(f)) for f in readable]
-    here = [f for f in files if f and not f.startswith("hf://")] + [
-        m for m in models if m != DEMO and not hub_id(m)]
-    for name in here:
-        try:  # (longer than any path this machine has: realpath takes time quadratic in its segments)
-            real = Path(os.path.realpath(Path(name).expanduser())) if len(name) <= PATH_MAX else None
+    here = [(what, f) for what, f in (files or {}).items() if f and not f.startswith("hf://")] + [
+        (what, m) for what, m in (models or {}).items() if m != DEMO and not hub_id(m)]
+    for what, name in here:
+        if len(name) > PATH_MAX:  # no file has it (and realpath would take time quadratic in its segments)
+            with stat_errors(what, name):
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        try:
+            real = Path(os.path.realpath(Path(name).expanduser()))
         except (ValueError, OSError, RuntimeError):  # a NUL byte, ~nosuchuser, say: nothing this machine holds
             real = None
         if real is None or not any(real.is_relative_to(f) for f in folders):

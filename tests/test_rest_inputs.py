@@ -176,7 +176,8 @@ def test_openapi_documents_the_errors_as_sent_and_the_ranges_the_service_enforce
 
 def test_blank_models_head_probes_long_inputs_and_host_headers(tmp_path, monkeypatch):
     """`model: ""` was a 403 ": outside the folders this server reads" (with QUANTSELECT_API_PATHS) or
-    "folder has no config.json"; HEAD /healthz a 405; a 5 MB model name came back whole in the 403;
+    "folder has no config.json"; HEAD /healthz a 405; a 5 MB model name came back whole in the 403 (now
+    a 422, no path being that long; a 4,000-character one is still a 403, cut);
     `Host: [::1]evil` passed as [::1]."""
     monkeypatch.setenv("QUANTSELECT_API_PATHS", str(tmp_path))
     with TestClient(_app()) as client:
@@ -189,7 +190,11 @@ def test_blank_models_head_probes_long_inputs_and_host_headers(tmp_path, monkeyp
         res = client.head("/healthz")
         assert res.status_code == 200 and res.content == b""
         res = client.post("/api/v1/jobs/preview", json={"model": "m" * 5_000_000, "items": piqa_items(4)})
-        assert res.status_code == 403 and len(res.json()["detail"]) <= 1001, len(res.text)
+        assert res.status_code == 422 and len(res.json()["detail"]) <= 1001, len(res.text)  # no path is that long
+        assert res.json()["detail"].startswith("model mmm") and res.json()["detail"].endswith(
+            "(5000000 characters): cannot read it (File name too long)"), res.text
+        res = client.post("/api/v1/jobs/preview", json={"model": "m" * 4000, "items": piqa_items(4)})
+        assert res.status_code == 403 and len(res.json()["detail"]) <= 1001, len(res.text)  # outside: cut in the answer
         assert res.json()["detail"].startswith("mmm") and res.json()["detail"].endswith("…")
     monkeypatch.delenv("QUANTSELECT_API_PATHS")
     monkeypatch.setenv("QUANTSELECT_API_HOSTS", "quantselect.internal")

@@ -622,14 +622,14 @@ class QuantizedModelServer:
                 return static_room  # (the static cache answers it: the batch's budget is not its limit)
             max_tokens = max(1, cap)
         max_tokens = min(max_tokens, room)
-        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) > self.batch.tokens:
-            raise ApiError(400, f"This request's prompt of {len(ids)} tokens needs more KV cache while it is read than "
-                                f"this replica holds ({self.batch.tokens} tokens): send a shorter prompt.",
-                           "invalid_request_error", "context_length_exceeded")
         if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) + max_tokens > self.batch.longest:
             raise ApiError(400, f"This request needs {len(ids) + max_tokens} tokens of KV cache ({len(ids)} of prompt, "
                                 f"{max_tokens} to generate); this replica holds {self.batch.longest}: ask for fewer "
                                 "max_tokens or a shorter prompt.", "invalid_request_error", "context_length_exceeded")
+        if (self.static is None or not self.static.fits(len(ids), max_tokens)) and len(ids) > self.batch.tokens:
+            raise ApiError(400, f"This request's prompt of {len(ids)} tokens needs more KV cache while it is read than "
+                                f"this replica holds ({self.batch.tokens} tokens): send a shorter prompt.",
+                           "invalid_request_error", "context_length_exceeded")
         return max_tokens
 
     def _start(self, ids: list[int], req: _Sampling, max_tokens: int) -> "_Sequence":

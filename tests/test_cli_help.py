@@ -7,22 +7,16 @@ import json
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from quantselect.cli import cli
 from quantselect.domain.dataset import FieldMapping
 from quantselect.errors import InputError
 from quantselect.settings import get_settings
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
+from tests.test_cli_inputs import refused, run
 
 
 def one_line_error(res, start: str) -> str:
-    assert res.exit_code == 2, res.output
-    line = res.output.strip()
-    assert "\n" not in line and "Traceback" not in line, res.output
+    line = refused(res, start)  # the one-line exit-2 refusal, and click's "Error: " before it
     assert line.startswith(f"Error: {start}"), res.output
     return line
 
